@@ -1,0 +1,306 @@
+"""Frames: the messages of the wire protocol, and their encoding.
+
+One binary websocket message carries exactly one frame::
+
+    +--------+--------+----------------------------+-----------------+
+    | type   | flags  | stream id (u32, big end.)  | payload ...     |
+    +--------+--------+----------------------------+-----------------+
+
+Each frame is a frozen dataclass; ``FRAME_TYPES`` is the one table mapping type
+codes to classes (a test pins it). ``AgentFrame`` and ``ServerFrame`` are the
+two direction unions: what an agent may send, and what a server may send.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .errors import FrameTooLarge, ProtocolError
+from .heads import (
+    RequestHead,
+    ResponseHead,
+    decode_request_head,
+    decode_response_head,
+    encode_request_head,
+    encode_response_head,
+)
+from .limits import (
+    FRAME_HEADER_SIZE,
+    MAX_CONTROL_SIZE,
+    MAX_DATA_SIZE,
+    MAX_FRAME_SIZE,
+    MAX_STREAM_ID,
+    MAX_TUNNELS_PER_AGENT,
+)
+
+#: Flag bit: this frame is the last one the sender sends on its half of the stream.
+FLAG_END_STREAM = 0x01
+
+
+@dataclass(frozen=True)
+class Hello:
+    """Agent -> server, first frame: the version spoken and the tunnels wanted.
+
+    Each tunnel is a JSON object with at least ``name``; unknown keys are
+    ignored so later versions can add settings without a new frame.
+    """
+
+    TYPE: ClassVar[int] = 0x01
+    version: int
+    tunnels: tuple[dict[str, Any], ...]
+    agent: str = ""
+
+
+@dataclass(frozen=True)
+class Welcome:
+    """Server -> agent, answer to HELLO: the granted tunnels with their public URLs."""
+
+    TYPE: ClassVar[int] = 0x02
+    version: int
+    session: str
+    tunnels: tuple[dict[str, Any], ...]
+    limits: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Open:
+    """Server -> agent: a new stream carrying a public request's head."""
+
+    TYPE: ClassVar[int] = 0x03
+    stream_id: int
+    head: RequestHead
+    end_stream: bool = False
+
+
+@dataclass(frozen=True)
+class Response:
+    """Agent -> server: the local service's response head on a stream."""
+
+    TYPE: ClassVar[int] = 0x04
+    stream_id: int
+    head: ResponseHead
+    end_stream: bool = False
+
+
+@dataclass(frozen=True)
+class Data:
+    """Either way: body bytes on a stream, raw; ``end_stream`` closes the sender's half."""
+
+    TYPE: ClassVar[int] = 0x05
+    stream_id: int
+    data: bytes
+    end_stream: bool = False
+
+
+@dataclass(frozen=True)
+class Window:
+    """Either way: the receiver grants ``increment`` more bytes of credit on a stream."""
+
+    TYPE: ClassVar[int] = 0x06
+    stream_id: int
+    increment: int
+
+
+@dataclass(frozen=True)
+class Reset:
+    """Either way: the stream is cancelled, both halves, with a reason code."""
+
+    TYPE: ClassVar[int] = 0x07
+    stream_id: int
+    code: int
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Ping:
+    """Either way, stream 0: heartbeat; the peer answers with PONG and the same payload."""
+
+    TYPE: ClassVar[int] = 0x08
+    payload: bytes = b""
+
+
+@dataclass(frozen=True)
+class Pong:
+    """Either way, stream 0: answer to PING."""
+
+    TYPE: ClassVar[int] = 0x09
+    payload: bytes = b""
+
+
+Frame = Hello | Welcome | Open | Response | Data | Window | Reset | Ping | Pong
+AgentFrame = Hello | Response | Data | Window | Reset | Ping | Pong
+ServerFrame = Welcome | Open | Data | Window | Reset | Ping | Pong
+
+#: The one table of type codes. Never renumber: it is the wire format.
+FRAME_TYPES: dict[int, type[Frame]] = {
+    cls.TYPE: cls for cls in (Hello, Welcome, Open, Response, Data, Window, Reset, Ping, Pong)
+}
+AGENT_FRAMES: tuple[type[Frame], ...] = (Hello, Response, Data, Window, Reset, Ping, Pong)
+SERVER_FRAMES: tuple[type[Frame], ...] = (Welcome, Open, Data, Window, Reset, Ping, Pong)
+
+# Reset codes. The numbers are wire format; docs/protocol.md lists them.
+RESET_CANCEL = 1  # the public client went away, or the sender gave up
+RESET_TARGET_UNREACHABLE = 2  # the agent could not connect to its target
+RESET_TARGET_TIMEOUT = 3  # the target did not answer in time
+RESET_TARGET_ERROR = 4  # the target broke the connection mid-response
+RESET_REFUSED = 5  # the agent will not take the stream (over a limit, bad head)
+RESET_PROTOCOL = 6  # the stream broke the protocol
+RESET_INTERNAL = 7  # a bug on the sending side
+
+#: Characters of a RESET reason kept: a reason is one line for a log, not a document.
+MAX_RESET_REASON = 1024
+
+_JSON_SEPARATORS = (",", ":")
+
+
+def _json(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=_JSON_SEPARATORS, sort_keys=True).encode()
+
+
+def _unjson(payload: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(payload)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError("control payload is not JSON") from exc
+    if not isinstance(obj, dict):
+        raise ProtocolError("control payload is not a JSON object")
+    return obj
+
+
+def _tunnel_list(value: Any) -> tuple[dict[str, Any], ...]:
+    if not isinstance(value, list) or len(value) > MAX_TUNNELS_PER_AGENT:
+        raise ProtocolError(f"tunnels must be a list of at most {MAX_TUNNELS_PER_AGENT}")
+    if not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in value):
+        raise ProtocolError("each tunnel must be an object with a string name")
+    return tuple(value)
+
+
+def _payload(frame: Frame) -> bytes:
+    if isinstance(frame, Hello):
+        return frame.version.to_bytes(2, "big") + _json(
+            {"tunnels": list(frame.tunnels), "agent": frame.agent}
+        )
+    if isinstance(frame, Welcome):
+        return frame.version.to_bytes(2, "big") + _json(
+            {"session": frame.session, "tunnels": list(frame.tunnels), "limits": frame.limits}
+        )
+    if isinstance(frame, Open):
+        return encode_request_head(frame.head)
+    if isinstance(frame, Response):
+        return encode_response_head(frame.head)
+    if isinstance(frame, Data):
+        if len(frame.data) > MAX_DATA_SIZE:
+            raise FrameTooLarge(f"DATA of {len(frame.data)} bytes, over {MAX_DATA_SIZE}")
+        return frame.data
+    if isinstance(frame, Window):
+        return frame.increment.to_bytes(4, "big")
+    if isinstance(frame, Reset):
+        return frame.code.to_bytes(2, "big") + frame.reason[:MAX_RESET_REASON].encode()
+    return frame.payload  # Ping, Pong
+
+
+def _stream_id(frame: Frame) -> int:
+    return getattr(frame, "stream_id", 0)
+
+
+def encode(frame: Frame) -> bytes:
+    """Encode one frame into the bytes of one binary websocket message."""
+    flags = FLAG_END_STREAM if getattr(frame, "end_stream", False) else 0
+    header = bytes((frame.TYPE, flags)) + _stream_id(frame).to_bytes(4, "big")
+    return header + _payload(frame)
+
+
+def decode(message: bytes) -> Frame:
+    """Decode one websocket message into a frame.
+
+    Raises ``ProtocolError`` (or its subclass ``FrameTooLarge``) for anything
+    that is not exactly one well-formed frame; never anything else.
+    """
+    if len(message) > MAX_FRAME_SIZE:
+        raise FrameTooLarge(f"frame of {len(message)} bytes, over {MAX_FRAME_SIZE}")
+    if len(message) < FRAME_HEADER_SIZE:
+        raise ProtocolError("frame shorter than its header")
+    type_code, flags = message[0], message[1]
+    stream_id = int.from_bytes(message[2:6], "big")
+    payload = message[FRAME_HEADER_SIZE:]
+    cls = FRAME_TYPES.get(type_code)
+    if cls is None:
+        raise ProtocolError(f"unknown frame type 0x{type_code:02x}")
+    if flags & ~FLAG_END_STREAM:
+        raise ProtocolError(f"unknown flags 0x{flags:02x}")
+    end_stream = bool(flags & FLAG_END_STREAM)
+    on_stream = cls in (Open, Response, Data, Window, Reset)
+    if on_stream and stream_id == 0:
+        raise ProtocolError(f"{cls.__name__} on stream 0")
+    if not on_stream and stream_id != 0:
+        raise ProtocolError(f"{cls.__name__} on stream {stream_id}, expected 0")
+    if end_stream and cls not in (Open, Response, Data):
+        raise ProtocolError(f"END_STREAM flag on {cls.__name__}")
+    return _decode_payload(cls, stream_id, payload, end_stream)
+
+
+def _decode_payload(cls: type[Frame], stream_id: int, payload: bytes, end_stream: bool) -> Frame:
+    if cls is Hello or cls is Welcome:
+        if len(payload) < 2 or len(payload) > MAX_CONTROL_SIZE:
+            raise ProtocolError(f"{cls.__name__} payload of invalid size")
+        version = int.from_bytes(payload[:2], "big")
+        body = _unjson(payload[2:])
+        tunnels = _tunnel_list(body.get("tunnels"))
+        if cls is Hello:
+            agent = body.get("agent", "")
+            if not isinstance(agent, str):
+                raise ProtocolError("agent must be a string")
+            return Hello(version, tunnels, agent)
+        session, limits = body.get("session"), body.get("limits", {})
+        if not isinstance(session, str) or not isinstance(limits, dict):
+            raise ProtocolError("WELCOME needs a session string and a limits object")
+        return Welcome(version, session, tunnels, limits)
+    if cls is Open:
+        return Open(stream_id, decode_request_head(payload), end_stream)
+    if cls is Response:
+        return Response(stream_id, decode_response_head(payload), end_stream)
+    if cls is Data:
+        if len(payload) > MAX_DATA_SIZE:
+            raise FrameTooLarge(f"DATA of {len(payload)} bytes, over {MAX_DATA_SIZE}")
+        return Data(stream_id, payload, end_stream)
+    if cls is Window:
+        if len(payload) != 4:
+            raise ProtocolError("WINDOW payload must be 4 bytes")
+        increment = int.from_bytes(payload, "big")
+        if increment == 0:
+            raise ProtocolError("WINDOW increment of 0")
+        return Window(stream_id, increment)
+    if cls is Reset:
+        if len(payload) < 2 or len(payload) > MAX_CONTROL_SIZE:
+            raise ProtocolError("RESET payload of invalid size")
+        try:
+            reason = payload[2:].decode()
+        except UnicodeDecodeError as exc:
+            raise ProtocolError("RESET reason is not UTF-8") from exc
+        return Reset(stream_id, int.from_bytes(payload[:2], "big"), reason)
+    if len(payload) > MAX_CONTROL_SIZE:
+        raise FrameTooLarge("PING/PONG payload too large")
+    return Ping(payload) if cls is Ping else Pong(payload)
+
+
+__all__ = [
+    "AGENT_FRAMES",
+    "FLAG_END_STREAM",
+    "FRAME_TYPES",
+    "MAX_STREAM_ID",
+    "SERVER_FRAMES",
+    "AgentFrame",
+    "Data",
+    "Frame",
+    "Hello",
+    "Open",
+    "Ping",
+    "Pong",
+    "Reset",
+    "Response",
+    "ServerFrame",
+    "Welcome",
+    "Window",
+]

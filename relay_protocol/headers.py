@@ -1,0 +1,43 @@
+"""Header rules shared by server and agent: which headers never cross a hop."""
+
+from __future__ import annotations
+
+from .heads import Headers
+
+#: Hop-by-hop headers (RFC 9110 7.6.1): they describe one connection, so a
+#: proxy removes them, plus any header the Connection header names.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+
+
+def strip_hop_by_hop(headers: Headers) -> Headers:
+    """Drop hop-by-hop headers and those listed in Connection; keep order and repeats."""
+    named = {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == b"connection"
+        for token in value.split(b",")
+    }
+    return tuple(
+        (name, value)
+        for name, value in headers
+        if (lowered := name.lower()) not in HOP_BY_HOP
+        and lowered not in named
+        and not lowered.startswith(b"proxy-")
+    )
+
+
+def without(headers: Headers, *names: bytes) -> Headers:
+    """Drop every header whose lower-cased name is in ``names``."""
+    return tuple((n, v) for n, v in headers if n.lower() not in names)

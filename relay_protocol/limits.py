@@ -1,0 +1,55 @@
+"""Every size and count limit of the wire protocol, with its reason.
+
+The decoder checks each of these before it allocates anything for a frame.
+Changing one changes the protocol: bump ``PROTOCOL_VERSION`` and docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+#: Version spoken in HELLO and WELCOME. Peers refuse any other version.
+PROTOCOL_VERSION = 1
+
+#: Bytes of the fixed frame header: type (1), flags (1), stream id (4).
+FRAME_HEADER_SIZE = 6
+
+#: Largest body chunk in one DATA frame. 64 KiB keeps one websocket message
+#: small enough to interleave many streams fairly on one connection.
+MAX_DATA_SIZE = 64 * 1024
+
+#: Largest encoded request or response head (method, target, headers). Twice
+#: the largest header block the public ingress accepts, so any request that
+#: got past ingress fits.
+MAX_HEAD_SIZE = 64 * 1024
+
+#: Largest header count in one head: well above what browsers and webhook
+#: providers send (tens), low enough to bound the work of one frame.
+MAX_HEADER_COUNT = 256
+
+#: Largest control payload (HELLO, WELCOME, RESET reason, PING).
+MAX_CONTROL_SIZE = 64 * 1024
+
+#: Largest websocket message either side accepts: one frame of the largest kind.
+MAX_FRAME_SIZE = FRAME_HEADER_SIZE + max(MAX_DATA_SIZE, MAX_HEAD_SIZE, MAX_CONTROL_SIZE)
+
+#: Credit each direction of each stream starts with. With 64 KiB frames it keeps
+#: four frames in flight, enough to fill a fast loopback or LAN link, while
+#: capping what a slow reader can make the other side buffer per stream.
+INITIAL_WINDOW = 256 * 1024
+
+#: Concurrent streams on one agent connection. Bounds the memory one agent can
+#: pin (streams x window = 256 MiB in the worst case) and is far above the
+#: 200 concurrent requests the tests drive through one agent.
+MAX_CONCURRENT_STREAMS = 1000
+
+#: Largest stream id: ids are 32-bit and never reused on one connection.
+MAX_STREAM_ID = 2**32 - 1
+
+#: Tunnels one agent connection may ask for in HELLO.
+MAX_TUNNELS_PER_AGENT = 16
+
+#: Seconds between heartbeats (PING) from either side when nothing else flows.
+HEARTBEAT_INTERVAL = 10.0
+
+#: Seconds of silence after which a side declares the connection dead. Three
+#: missed heartbeats: a half-open connection is noticed within 30 s.
+HEARTBEAT_TIMEOUT = 3 * HEARTBEAT_INTERVAL
