@@ -1,0 +1,64 @@
+"""The agent's configuration object, and the login file ``relay-agent login`` writes."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from .errors import AgentConfigError
+from .target import Target
+
+DEFAULT_SERVER = "http://localhost:8000"
+#: Seconds a request to the local service may take (head and body) before the
+#: agent gives up and resets the stream; the server has its own --timeout.
+DEFAULT_TARGET_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    server: str
+    token: str
+    target: Target
+    names: tuple[str, ...] = ()
+    host_header: str = "rewrite"  # "rewrite", "preserve", or a literal value
+    target_timeout: float = DEFAULT_TARGET_TIMEOUT
+
+    @property
+    def agent_url(self) -> str:
+        """The websocket URL of the server's agent endpoint."""
+        server = self.server.rstrip("/")
+        if server.startswith("https://"):
+            return "wss://" + server[len("https://") :] + "/_relay/agent"
+        if server.startswith("http://"):
+            return "ws://" + server[len("http://") :] + "/_relay/agent"
+        raise AgentConfigError(f"server URL {self.server!r} must start with http:// or https://")
+
+
+def login_file() -> Path:
+    """Where ``login`` saves the server and token (the user's config dir)."""
+    return Path(click.get_app_dir("relay")) / "agent.json"
+
+
+def save_login(server: str, token: str) -> Path:
+    path = login_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"server": server, "token": token}, f)
+    os.chmod(path, 0o600)
+    return path
+
+
+def load_login() -> dict[str, str]:
+    """The saved login, or {} if there is none."""
+    try:
+        data = json.loads(login_file().read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise AgentConfigError(f"cannot read {login_file()}: {exc}; run relay-agent login again") from exc
+    return {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}

@@ -1,0 +1,127 @@
+"""``/_relay/agent``: where agents connect, authenticate and claim their names."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import WSMsgType, web
+
+from relay_protocol import PROTOCOL_VERSION, Hello, ProtocolError, Welcome
+from relay_protocol.limits import (
+    INITIAL_WINDOW,
+    MAX_CONCURRENT_STREAMS,
+    MAX_DATA_SIZE,
+    MAX_FRAME_SIZE,
+)
+
+from . import tokens
+from .errors import AuthError, NameRefused
+from .names import PublicOrigin, is_valid_name, name_allowed
+from .public_errors import relay_error
+from .registry import Registry
+from .session import (
+    CLOSE_FORBIDDEN,
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_UNAUTHORIZED,
+    CLOSE_VERSION,
+    AgentSession,
+)
+from .store import Store
+
+log = logging.getLogger("relay.server")
+
+#: Seconds an agent has to send HELLO after the upgrade: a connection that
+#: says nothing must not hold a socket and a task for ever.
+HANDSHAKE_TIMEOUT = 10.0
+
+
+class AgentEndpoint:
+    def __init__(self, *, secret: bytes, store: Store, registry: Registry, origin: PublicOrigin):
+        self.secret = secret
+        self.store = store
+        self.registry = registry
+        self.origin = origin
+
+    def _authenticate(self, header: str | None) -> tokens.Claims:
+        claims = tokens.verify(self.secret, tokens.bearer(header))
+        if self.store.is_revoked(claims.token_id):
+            raise AuthError("token revoked")
+        return claims
+
+    def _grant(self, claims: tokens.Claims, hello: Hello) -> list[str]:
+        """The names this agent gets; raises ``NameRefused`` naming the first bad one."""
+        names = [str(t["name"]) for t in hello.tunnels] or [claims.user]
+        for name in names:
+            if not is_valid_name(name):
+                raise NameRefused(f"invalid tunnel name {name[:64]!r}: use a DNS label")
+            if not name_allowed(name, claims.names):
+                raise NameRefused(f"token does not allow the name {name!r}")
+            owner = self.store.name_owner(name)
+            if owner is not None and owner != claims.user:
+                raise NameRefused(f"name {name!r} belongs to another user")
+        for name in names:
+            if self.store.claim_name(name, claims.user) != claims.user:
+                raise NameRefused(f"name {name!r} belongs to another user")
+        return list(dict.fromkeys(names))
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_SIZE, autoping=True)
+        if not ws.can_prepare(request).ok:
+            return relay_error("bad-request", "this endpoint takes a websocket upgrade from relay-agent")
+        await ws.prepare(request)
+        session = AgentSession(ws, "", [])
+        peer = request.remote
+        try:
+            claims = await asyncio.to_thread(self._authenticate, request.headers.get("Authorization"))
+        except AuthError as exc:
+            log.info("agent from %s refused: %s", peer, exc)
+            await session.close(CLOSE_UNAUTHORIZED, str(exc))
+            return ws
+        try:
+            msg = await ws.receive(timeout=HANDSHAKE_TIMEOUT)
+            if msg.type is not WSMsgType.BINARY:
+                raise ProtocolError("expected a binary HELLO frame")
+            hello = session.receive_handshake(msg.data)
+        except (TimeoutError, ProtocolError) as exc:
+            await session.close(CLOSE_PROTOCOL_ERROR, f"bad handshake: {exc or 'timeout'}")
+            return ws
+        if hello.version != PROTOCOL_VERSION:
+            await session.close(
+                CLOSE_VERSION,
+                f"protocol version {hello.version} unsupported; server speaks {PROTOCOL_VERSION}",
+            )
+            return ws
+        try:
+            names = await asyncio.to_thread(self._grant, claims, hello)
+        except NameRefused as exc:
+            log.info("agent %s (user %s) refused: %s", peer, claims.user, exc)
+            await session.close(CLOSE_FORBIDDEN, str(exc))
+            return ws
+        session.user, session.names = claims.user, names
+        await session.welcome(
+            Welcome(
+                PROTOCOL_VERSION,
+                session.id,
+                tuple({"name": n, "urls": self.origin.urls(n)} for n in names),
+                {
+                    "max_streams": MAX_CONCURRENT_STREAMS,
+                    "initial_window": INITIAL_WINDOW,
+                    "max_data": MAX_DATA_SIZE,
+                },
+            )
+        )
+        self.registry.add(session)
+        log.info(
+            "session %s: agent %s connected, user %s, names %s",
+            session.id,
+            peer,
+            claims.user,
+            ",".join(names),
+        )
+        try:
+            await session.run()
+        finally:
+            self.registry.remove(session)
+            log.info("session %s: agent disconnected", session.id)
+        return ws

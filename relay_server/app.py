@@ -1,0 +1,110 @@
+"""The aiohttp application (``create_app``) and the process around it (``run``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from . import tokens
+from .agent_endpoint import AgentEndpoint
+from .config import ServerConfig
+from .ingress import MAX_HEADER_LINE, MAX_REQUEST_HEADERS, Ingress
+from .names import PublicOrigin
+from .registry import InFlight, Registry
+from .session import CLOSE_GOING_AWAY
+from .store import Store
+
+log = logging.getLogger("relay.server")
+
+CONFIG = web.AppKey("config", ServerConfig)
+STORE = web.AppKey("store", Store)
+REGISTRY = web.AppKey("registry", Registry)
+INFLIGHT = web.AppKey("inflight", InFlight)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+def create_app(config: ServerConfig, store: Store | None = None) -> web.Application:
+    """Build the server application. Raises ``ConfigError`` for a bad public URL or secret."""
+    origin = PublicOrigin.parse(config.public_url)
+    secret = tokens.load_secret(config.data_dir)
+    store = store or Store(config.data_dir)
+    registry = Registry()
+    inflight = InFlight()
+    app = web.Application(
+        handler_args={
+            # Bodies pass byte for byte: never inflate what the client compressed.
+            "auto_decompress": False,
+            "max_line_size": MAX_HEADER_LINE,
+            "max_field_size": MAX_HEADER_LINE,
+            "max_headers": MAX_REQUEST_HEADERS,
+        },
+    )
+    app[CONFIG] = config
+    app[STORE] = store
+    app[REGISTRY] = registry
+    app[INFLIGHT] = inflight
+    agents = AgentEndpoint(secret=secret, store=store, registry=registry, origin=origin)
+    ingress = Ingress(
+        origin=origin,
+        registry=registry,
+        inflight=inflight,
+        store=store,
+        timeout=config.timeout,
+        apex_routes={"/healthz": healthz, "/_relay/agent": agents.handle},
+    )
+    app.router.add_route("*", "/{tail:.*}", ingress.handle)
+    app.on_shutdown.append(_drain)
+    app.cleanup_ctx.append(_store_ctx)
+    return app
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    app[STORE].close()
+
+
+async def _drain(app: web.Application) -> None:
+    """On shutdown: refuse new tunnel requests, let in-flight ones finish (bounded),
+    then close every agent connection with GOING_AWAY so agents reconnect elsewhere."""
+    inflight = app[INFLIGHT]
+    inflight.draining = True
+    if not await inflight.wait_idle(app[CONFIG].shutdown_grace):
+        log.warning(
+            "shutdown: %d requests still in flight after %ss", inflight.count, app[CONFIG].shutdown_grace
+        )
+    sessions = app[REGISTRY].sessions()
+    await asyncio.gather(*(s.close(CLOSE_GOING_AWAY, "server shutting down") for s in sessions))
+
+
+async def serve(config: ServerConfig, app: web.Application, ready: asyncio.Event | None = None) -> None:
+    """Serve ``app`` until SIGTERM or SIGINT, then shut down gracefully."""
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,  # a client that goes away cancels its stream at the agent
+        access_log=None,
+        shutdown_timeout=config.shutdown_grace + 5,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    host, port = runner.addresses[0][:2]
+    log.info("relay-server listening on http://%s:%s, public URL %s", host, port, config.public_url)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+        log.info("shutting down: finishing in-flight requests")
+    finally:
+        await runner.cleanup()
+        log.info("stopped")

@@ -1,0 +1,253 @@
+"""``relay-server``: translates options into a ``ServerConfig`` or a store call; no logic here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+import time
+from pathlib import Path
+
+import click
+
+from relay_protocol import RelayError
+
+from . import tokens
+from .app import create_app, serve
+from .config import DEFAULT_PORT, DEFAULT_TIMEOUT, ServerConfig
+from .durations import parse_duration
+from .names import default_patterns, is_valid_name, is_valid_pattern
+from .store import Store
+
+DEFAULT_TOKEN_TTL = "30d"
+DEV_USER = "dev"
+
+data_dir_option = click.option(
+    "--data-dir",
+    envvar="RELAY_DATA_DIR",
+    default="relay-data",
+    show_default=True,
+    show_envvar=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory of the secret and the SQLite store.",
+)
+
+
+def _fail(exc: Exception) -> click.ClickException:
+    return click.ClickException(str(exc))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="relay")
+def main() -> None:
+    """relay-server: the public side of relay, a self-hosted tunnel relay for webhooks."""
+
+
+@main.command("serve")
+@click.option(
+    "--host",
+    envvar="RELAY_HOST",
+    default="127.0.0.1",
+    show_envvar=True,
+    help="Address to listen on (put a reverse proxy such as Caddy in front).",
+)
+@click.option(
+    "--port",
+    envvar="RELAY_PORT",
+    default=DEFAULT_PORT,
+    type=click.IntRange(0, 65535),
+    show_envvar=True,
+    help="Port to listen on.",
+)
+@data_dir_option
+@click.option(
+    "--public-url",
+    envvar="RELAY_PUBLIC_URL",
+    default=None,
+    show_envvar=True,
+    help="Scheme and domain of the URLs handed out; tunnels get NAME.<domain>."
+    "  [default: http://localhost:PORT]",
+)
+@click.option(
+    "--dev",
+    envvar="RELAY_DEV",
+    is_flag=True,
+    show_envvar=True,
+    help="Development mode: print a ready token and the agent command.",
+)
+@click.option(
+    "--timeout",
+    envvar="RELAY_TIMEOUT",
+    default=DEFAULT_TIMEOUT,
+    type=click.FloatRange(min=0.1),
+    show_envvar=True,
+    help="Seconds to wait for the local service's response before 504.",
+)
+@click.option(
+    "--log-level",
+    envvar="RELAY_LOG_LEVEL",
+    default="info",
+    show_envvar=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="Log verbosity.",
+)
+def serve_command(
+    host: str,
+    port: int,
+    data_dir: Path,
+    public_url: str | None,
+    dev: bool,
+    timeout: float,
+    log_level: str,
+) -> None:
+    """Run the relay server: public tunnel URLs and the agent endpoint."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServerConfig(
+        host=host,
+        port=port,
+        data_dir=data_dir,
+        public_url=(public_url or f"http://localhost:{port}").rstrip("/"),
+        dev=dev,
+        timeout=timeout,
+    )
+    try:
+        store = Store(config.data_dir)
+        app = create_app(config, store)
+        if dev:
+            _print_dev_banner(config, store)
+    except RelayError as exc:
+        raise _fail(exc) from exc
+    except OSError as exc:
+        raise click.ClickException(f"cannot use data dir {data_dir}: {exc}") from exc
+    try:
+        asyncio.run(serve(config, app))
+    except OSError as exc:  # port in use, permission denied
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+
+
+def _print_dev_banner(config: ServerConfig, store: Store) -> None:
+    secret = tokens.load_secret(config.data_dir)
+    token, claims = tokens.issue(
+        secret, DEV_USER, default_patterns(DEV_USER), parse_duration(DEFAULT_TOKEN_TTL)
+    )
+    store.record_token(claims)
+    command = shlex.join(
+        [
+            "relay-agent",
+            "connect",
+            "--server",
+            config.public_url,
+            "--token",
+            token,
+            "--forward",
+            "localhost:8080",
+        ]
+    )
+    click.echo(f"relay-server (dev) on {config.public_url}, data in {config.data_dir}/")
+    click.echo(f"Token for user {DEV_USER!r} (expires in {DEFAULT_TOKEN_TTL}):\n\n  {token}\n")
+    click.echo(f"Connect an agent (in another shell; .venv/bin/ holds relay-agent):\n\n  {command}\n")
+    click.echo(f"Then: curl {config.public_url}/t/{DEV_USER}/\n", nl=True)
+
+
+@main.group("token")
+def token_group() -> None:
+    """Create, list and revoke agent tokens."""
+
+
+@token_group.command("create")
+@click.argument("user")
+@click.option(
+    "--name",
+    "names",
+    multiple=True,
+    help="Tunnel name or pattern (alice-*) the token may claim; repeatable.  [default: USER and USER-*]",
+)
+@click.option("--expires", default=DEFAULT_TOKEN_TTL, help="Lifetime: 90s, 15m, 12h, 30d.")
+@data_dir_option
+def token_create(user: str, names: tuple[str, ...], expires: str, data_dir: Path) -> None:
+    """Print a new token for USER on stdout (and nothing else)."""
+    if not is_valid_name(user):
+        raise click.BadParameter("must be a DNS label: a-z, 0-9 and '-'", param_hint="USER")
+    bad = [n for n in names if not is_valid_pattern(n)]
+    if bad:
+        raise click.BadParameter(f"{bad[0]!r} is not a DNS label or pattern", param_hint="--name")
+    try:
+        ttl = parse_duration(expires)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--expires") from exc
+    try:
+        secret = tokens.load_secret(data_dir)
+        token, claims = tokens.issue(secret, user, list(names) or default_patterns(user), ttl)
+        store = Store(data_dir)
+        store.record_token(claims)
+        store.close()
+    except (RelayError, OSError) as exc:
+        raise _fail(exc) from exc
+    click.echo(token)
+
+
+def _when(stamp: float | None) -> str:
+    return "-" if stamp is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp))
+
+
+@token_group.command("list")
+@data_dir_option
+def token_list(data_dir: Path) -> None:
+    """List tokens (ids, users, names, expiry); never the tokens themselves."""
+    try:
+        records = Store(data_dir).list_tokens()
+    except RelayError as exc:
+        raise _fail(exc) from exc
+    now = time.time()
+    click.echo(f"{'ID':32}  {'USER':16}  {'NAMES':24}  {'EXPIRES':16}  STATUS")
+    for r in records:
+        status = "revoked" if r.revoked_at else ("expired" if r.expires_at < now else "active")
+        click.echo(
+            f"{r.token_id:32}  {r.user:16}  {','.join(r.names):24}  {_when(r.expires_at):16}  {status}"
+        )
+
+
+@token_group.command("revoke")
+@click.argument("token_id")
+@data_dir_option
+def token_revoke(token_id: str, data_dir: Path) -> None:
+    """Revoke a token by its id (from `token list`); agents using it are refused."""
+    try:
+        revoked = Store(data_dir).revoke_token(token_id)
+    except RelayError as exc:
+        raise _fail(exc) from exc
+    if not revoked:
+        raise click.ClickException(f"no active token has the id {token_id!r}")
+    click.echo(f"revoked {token_id}", err=True)
+
+
+@main.group("names")
+def names_group() -> None:
+    """List claimed tunnel names, or free one (admin)."""
+
+
+@names_group.command("list")
+@data_dir_option
+def names_list(data_dir: Path) -> None:
+    """List claimed names and their owners."""
+    try:
+        records = Store(data_dir).list_names()
+    except RelayError as exc:
+        raise _fail(exc) from exc
+    click.echo(f"{'NAME':32}  {'USER':16}  CLAIMED")
+    for r in records:
+        click.echo(f"{r.name:32}  {r.user:16}  {_when(r.claimed_at)}")
+
+
+@names_group.command("release")
+@click.argument("name")
+@data_dir_option
+def names_release(name: str, data_dir: Path) -> None:
+    """Free NAME so that any user may claim it again."""
+    try:
+        released = Store(data_dir).release_name(name)
+    except RelayError as exc:
+        raise _fail(exc) from exc
+    if not released:
+        raise click.ClickException(f"nobody holds the name {name!r}")
+    click.echo(f"released {name}", err=True)

@@ -1,0 +1,23 @@
+"""The server's configuration: one frozen object the CLI builds and ``run`` takes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_PORT = 8000
+#: Seconds the server waits for the local service's response head before a 504.
+DEFAULT_TIMEOUT = 30.0
+#: Seconds SIGTERM waits for in-flight requests before closing agent connections.
+DEFAULT_SHUTDOWN_GRACE = 10.0
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    data_dir: Path = Path("relay-data")
+    public_url: str = f"http://localhost:{DEFAULT_PORT}"
+    dev: bool = False
+    timeout: float = DEFAULT_TIMEOUT
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
