@@ -89,7 +89,8 @@ class Connection:
         self.max_streams = max_streams
         self._streams: dict[int, _Stream] = {}
         self._last_stream_id = 0  # highest stream id opened so far (by the server)
-        self._handshaken = False
+        self._hello_seen = False  # HELLO sent or received: at most one per connection
+        self._handshaken = False  # WELCOME sent or received: no handshake frame after it
         self._may_receive = AGENT_FRAMES if role is Role.SERVER else SERVER_FRAMES
         self._may_send = SERVER_FRAMES if role is Role.SERVER else AGENT_FRAMES
 
@@ -121,9 +122,11 @@ class Connection:
         if not isinstance(frame, self._may_send):
             raise LocalProtocolError(f"a {self.role.value} never sends {type(frame).__name__}")
         if isinstance(frame, (Hello, Welcome)):
-            if self._handshaken:
+            if self._handshaken or (isinstance(frame, Hello) and self._hello_seen):
                 raise LocalProtocolError("handshake already done")
-            if isinstance(frame, Welcome):
+            if isinstance(frame, Hello):
+                self._hello_seen = True
+            else:
                 self._handshaken = True
         elif isinstance(frame, Open):
             if len(self._streams) >= self.max_streams:
@@ -189,9 +192,11 @@ class Connection:
         if not isinstance(frame, self._may_receive):
             raise ProtocolError(f"a {self.role.value} never receives {type(frame).__name__}")
         if isinstance(frame, (Hello, Welcome)):
-            if self._handshaken:
+            if self._handshaken or (isinstance(frame, Hello) and self._hello_seen):
                 raise ProtocolError("second handshake frame")
-            if isinstance(frame, Welcome):
+            if isinstance(frame, Hello):
+                self._hello_seen = True
+            else:
                 self._handshaken = True
             return frame
         if isinstance(frame, (Ping, Pong)):

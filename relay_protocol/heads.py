@@ -15,11 +15,12 @@ from .limits import MAX_HEAD_SIZE, MAX_HEADER_COUNT
 Headers = tuple[tuple[bytes, bytes], ...]
 
 # RFC 9110 token: the characters a method or header name may use.
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# Patterns end in \Z, not $: "$" also matches before a trailing "\n".
+_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 # Field values may not carry CR, LF or NUL: they would split or end the head.
 _BAD_VALUE = re.compile(rb"[\r\n\x00]")
 # An origin-form target (RFC 9112 3.2.1): starts with "/", no whitespace or controls.
-_TARGET = re.compile(rb"^/[\x21-\x7e\x80-\xff]*$")
+_TARGET = re.compile(rb"^/[\x21-\x7e\x80-\xff]*\Z")
 
 
 def _check_headers(headers: Headers) -> None:
@@ -53,6 +54,8 @@ class RequestHead:
             raise ProtocolError(f"invalid method {self.method[:32]!r}")
         if not _TARGET.match(self.target):
             raise ProtocolError("request target must be origin-form (start with '/')")
+        if not (self.client.isascii() and self.event_id.isascii()):
+            raise ProtocolError("client address and event id must be ASCII")
         if len(self.client) > 255 or len(self.event_id) > 255:
             raise FrameTooLarge("client address or event id over 255 bytes")
         _check_headers(self.headers)
