@@ -14,6 +14,7 @@ from .agent_endpoint import AgentEndpoint
 from .config import ServerConfig
 from .ingress import MAX_HEADER_LINE, MAX_REQUEST_HEADERS, Ingress
 from .names import PublicOrigin
+from .public_errors import relay_error
 from .registry import InFlight, Registry
 from .session import CLOSE_GOING_AWAY
 from .store import Store
@@ -37,7 +38,29 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
     store = store or Store(config.data_dir)
     registry = Registry()
     inflight = InFlight()
+    agents = AgentEndpoint(secret=secret, store=store, registry=registry, origin=origin)
+    ingress = Ingress(
+        origin=origin,
+        registry=registry,
+        inflight=inflight,
+        store=store,
+        timeout=config.timeout,
+        apex_routes={"/healthz": healthz, "/_relay/agent": agents.handle},
+    )
+
+    # Ingress is a middleware in front of an empty router: aiohttp's router
+    # would answer CONNECT (authority-form) and absolute-form targets itself,
+    # and would route those by the URL's host instead of the Host header.
+    @web.middleware
+    async def everything(request: web.Request, handler: object) -> web.StreamResponse:
+        try:
+            return await ingress.handle(request)
+        except Exception:  # a bug: log it, never show a traceback to the client
+            log.exception("internal error on %s %s", request.method, request.path)
+            return relay_error("internal-error", "the relay server failed on this request")
+
     app = web.Application(
+        middlewares=[everything],
         handler_args={
             # Bodies pass byte for byte: never inflate what the client compressed.
             "auto_decompress": False,
@@ -50,16 +73,6 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
     app[STORE] = store
     app[REGISTRY] = registry
     app[INFLIGHT] = inflight
-    agents = AgentEndpoint(secret=secret, store=store, registry=registry, origin=origin)
-    ingress = Ingress(
-        origin=origin,
-        registry=registry,
-        inflight=inflight,
-        store=store,
-        timeout=config.timeout,
-        apex_routes={"/healthz": healthz, "/_relay/agent": agents.handle},
-    )
-    app.router.add_route("*", "/{tail:.*}", ingress.handle)
     app.on_shutdown.append(_drain)
     app.cleanup_ctx.append(_store_ctx)
     return app

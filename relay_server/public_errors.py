@@ -19,6 +19,7 @@ STATUS = {
     "body-too-large": 413,
     "too-many-requests": 429,
     "headers-too-large": 431,
+    "internal-error": 500,
     "local-unreachable": 502,
     "tunnel-offline": 503,
     "local-timeout": 504,

@@ -1,0 +1,42 @@
+# The two commands of the README: `make run` and `make test`, on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PORT ?= 8000
+DATA_DIR ?= relay-data
+
+.PHONY: run test lint unit e2e clean
+
+$(BIN)/python:
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "relay needs Python 3.11 or newer"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Runtime install: what `make run` needs.
+$(VENV)/.run-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# Test install: the package plus pytest, hypothesis, ruff and mypy.
+$(VENV)/.test-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@ $(VENV)/.run-installed
+
+run: $(VENV)/.run-installed
+	$(BIN)/relay-server serve --dev --port $(PORT) --data-dir $(DATA_DIR)
+
+lint: $(VENV)/.test-installed
+	$(BIN)/ruff check relay_protocol relay_server relay_agent tests
+	$(BIN)/mypy relay_protocol relay_server relay_agent
+
+test: lint
+	$(BIN)/pytest -q
+
+unit: $(VENV)/.test-installed
+	$(BIN)/pytest -q tests --ignore=tests/e2e
+
+e2e: $(VENV)/.test-installed
+	$(BIN)/pytest -q tests/e2e
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
