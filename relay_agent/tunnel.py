@@ -31,7 +31,7 @@ from relay_protocol import (
     Welcome,
     Window,
 )
-from relay_protocol.frames import RESET_INTERNAL
+from relay_protocol.frames import RESET_CANCEL, RESET_INTERNAL, RESET_TARGET_TIMEOUT
 from relay_protocol.limits import HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, MAX_DATA_SIZE, MAX_FRAME_SIZE
 
 from .backoff import backoff, should_retry
@@ -200,7 +200,7 @@ class _Session:
                 self.tunnel.client, self.tunnel.config, stream.head, stream.has_body, stream
             )
         except ForwardFailed as exc:
-            status = {2: 502, 3: 504}.get(exc.code, 502)
+            status = 504 if exc.code == RESET_TARGET_TIMEOUT else 502  # what the client sees
             log.info("stream %d: %s", stream.id, exc)
             with contextlib.suppress(StreamGone):
                 await stream.reset(exc.code, str(exc))
@@ -214,6 +214,9 @@ class _Session:
                 await stream.reset(RESET_INTERNAL, f"agent error: {type(exc).__name__}")
         finally:
             self.streams.pop(stream.id, None)
+            if self.conn.is_open(stream.id):  # answered before the request body ended
+                with contextlib.suppress(StreamGone):
+                    await self.send(Reset(stream.id, RESET_CANCEL, "response complete"))
             self.tunnel.on_request(stream.head, status, time.monotonic() - started)
 
     async def _heartbeat(self) -> None:
