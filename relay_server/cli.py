@@ -160,9 +160,17 @@ def token_group() -> None:
     "--name",
     "names",
     multiple=True,
+    envvar="RELAY_TOKEN_NAMES",
+    show_envvar=True,
     help="Tunnel name or pattern (alice-*) the token may claim; repeatable.  [default: USER and USER-*]",
 )
-@click.option("--expires", default=DEFAULT_TOKEN_TTL, help="Lifetime: 90s, 15m, 12h, 30d.")
+@click.option(
+    "--expires",
+    envvar="RELAY_TOKEN_EXPIRES",
+    show_envvar=True,
+    default=DEFAULT_TOKEN_TTL,
+    help="Lifetime: 90s, 15m, 12h, 30d.",
+)
 @data_dir_option
 def token_create(user: str, names: tuple[str, ...], expires: str, data_dir: Path) -> None:
     """Print a new token for USER on stdout (and nothing else)."""
