@@ -10,17 +10,17 @@ from urllib.parse import urlsplit
 from .errors import ConfigError
 
 # A DNS label (RFC 1123), lower case: the name must work as a subdomain.
-_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 # A name pattern in a token: a label where '*' may stand for any run of label characters.
-_PATTERN = re.compile(r"^[a-z0-9*]([a-z0-9*-]{0,61}[a-z0-9*])?$")
+_PATTERN = re.compile(r"[a-z0-9*]([a-z0-9*-]{0,61}[a-z0-9*])?")
 
 
 def is_valid_name(name: str) -> bool:
-    return bool(_LABEL.match(name))
+    return bool(_LABEL.fullmatch(name))
 
 
 def is_valid_pattern(pattern: str) -> bool:
-    return bool(_PATTERN.match(pattern))
+    return bool(_PATTERN.fullmatch(pattern))
 
 
 def name_allowed(name: str, patterns: list[str]) -> bool:
@@ -53,8 +53,14 @@ class PublicOrigin:
     @classmethod
     def parse(cls, url: str) -> PublicOrigin:
         parts = urlsplit(url)
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError as exc:
+            raise ConfigError(f"public URL {url!r} has an invalid port") from exc
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"public URL {url!r} must look like https://relay.example.com")
+        if parts.username is not None or parts.password is not None:
+            raise ConfigError(f"public URL {url!r} must not carry a user name or password")
         if parts.path.strip("/") or parts.query or parts.fragment:
             raise ConfigError(f"public URL {url!r} must have no path, query or fragment")
         return cls(parts.scheme, parts.netloc.lower(), normalize_host(parts.netloc))
@@ -73,6 +79,6 @@ class PublicOrigin:
         suffix = "." + self.host
         if host.endswith(suffix):
             label = host[: -len(suffix)]
-            if "." not in label:
+            if label and "." not in label:
                 return label
         return None

@@ -7,8 +7,10 @@ accepted, HS256, whatever a token's header says.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -36,25 +38,31 @@ class Claims:
 
 
 def load_secret(data_dir: Path) -> bytes:
-    """The signing secret: RELAY_SECRET if set, else the data dir's file, made on first use."""
+    """The signing secret: RELAY_SECRET if set, else the data dir's file, made on first use.
+
+    Raises ``ConfigError`` for a secret shorter than ``MIN_SECRET_LENGTH``.
+    """
     env = os.environ.get(SECRET_ENV)
     if env:
         if len(env) < MIN_SECRET_LENGTH:
             raise ConfigError(f"{SECRET_ENV} must be at least {MIN_SECRET_LENGTH} characters")
         return env.encode()
     path = data_dir / SECRET_FILE
-    try:
-        return path.read_bytes().strip()
-    except FileNotFoundError:
-        pass
-    data_dir.mkdir(parents=True, exist_ok=True)
-    value = secrets.token_hex(SECRET_BYTES).encode()
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process made it first: use theirs
-        return path.read_bytes().strip()
-    with os.fdopen(fd, "wb") as f:
-        f.write(value + b"\n")
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        # Written whole to a private file, then linked into place: another
+        # process never sees a half-written secret, and the first one wins.
+        fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=".secret-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_hex(SECRET_BYTES).encode() + b"\n")
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
+    value = path.read_bytes().strip()
+    if len(value) < MIN_SECRET_LENGTH:
+        raise ConfigError(f"{path} holds a secret under {MIN_SECRET_LENGTH} characters: remove it")
     return value
 
 

@@ -79,22 +79,12 @@ def test_public_origin_refuses_bad_urls(url: str) -> None:
         PublicOrigin.parse(url)
 
 
-@pytest.mark.xfail(
-    reason="bug: PublicOrigin.parse never reads parts.port, so an invalid port is accepted "
-    "and handed out in every tunnel URL",
-    strict=True,
-)
 @pytest.mark.parametrize("url", ["http://relay.test:99999", "http://relay.test:abc"])
 def test_public_origin_refuses_an_invalid_port(url: str) -> None:
     with pytest.raises(ConfigError):
         PublicOrigin.parse(url)
 
 
-@pytest.mark.xfail(
-    reason="bug: PublicOrigin.parse keeps userinfo in authority and host ('u@relay.test'), "
-    "so no Host header ever matches and the handed-out URLs carry the userinfo",
-    strict=True,
-)
 def test_public_origin_refuses_userinfo() -> None:
     with pytest.raises(ConfigError):
         PublicOrigin.parse("http://u@relay.test")
@@ -128,10 +118,6 @@ def test_subdomain_of_compares_against_the_host_without_port() -> None:
     assert ORIGIN_WITH_PORT.subdomain_of(normalize_host("Alice.Relay.Test:8443")) == "alice"
 
 
-@pytest.mark.xfail(
-    reason="bug: subdomain_of('.relay.test') returns '' (an empty label) instead of None",
-    strict=True,
-)
 def test_subdomain_of_refuses_an_empty_label() -> None:
     assert ORIGIN.subdomain_of(".relay.test") is None
 
@@ -176,11 +162,6 @@ def test_invalid_names(name: str) -> None:
     assert not is_valid_name(name)
 
 
-@pytest.mark.xfail(
-    reason="bug: names._LABEL and _PATTERN end in '$', which also matches before a trailing "
-    "newline, so 'alice\\n' passes as a name (and a token's 'alice-*' grants 'alice-x\\n')",
-    strict=True,
-)
 def test_a_trailing_newline_is_not_part_of_a_valid_name() -> None:
     assert not is_valid_name("alice\n")
     assert not is_valid_pattern("alice\n")

@@ -207,12 +207,6 @@ def test_load_secret_reuses_an_existing_file(tmp_path: Path) -> None:
     assert load_secret(tmp_path) == b"x" * 40
 
 
-@pytest.mark.xfail(
-    reason="bug: load_secret returns whatever the secret file holds, even b'' or a few bytes; "
-    "an empty file (a second process reading it between O_EXCL create and write) makes every "
-    "verify() raise jwt.InvalidKeyError, which is not an AuthError",
-    strict=True,
-)
 @pytest.mark.parametrize("content", [b"", b"\n", b"short\n"])
 def test_load_secret_refuses_an_empty_or_short_file(tmp_path: Path, content: bytes) -> None:
     (tmp_path / tokens.SECRET_FILE).write_bytes(content)
