@@ -13,9 +13,6 @@ from .errors import AgentConfigError
 from .target import Target
 
 DEFAULT_SERVER = "http://localhost:8000"
-#: Seconds a request to the local service may take (head and body) before the
-#: agent gives up and resets the stream; the server has its own --timeout.
-DEFAULT_TARGET_TIMEOUT = 300.0
 
 
 @dataclass(frozen=True)
@@ -25,7 +22,6 @@ class AgentConfig:
     target: Target
     names: tuple[str, ...] = ()
     host_header: str = "rewrite"  # "rewrite", "preserve", or a literal value
-    target_timeout: float = DEFAULT_TARGET_TIMEOUT
 
     @property
     def agent_url(self) -> str:

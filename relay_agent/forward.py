@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Protocol
 
@@ -12,13 +13,32 @@ from yarl import URL
 
 from relay_protocol import RequestHead, ResponseHead
 from relay_protocol.frames import RESET_TARGET_ERROR, RESET_TARGET_TIMEOUT, RESET_TARGET_UNREACHABLE
-from relay_protocol.headers import strip_hop_by_hop
-from relay_protocol.limits import MAX_CONCURRENT_STREAMS, MAX_DATA_SIZE
+from relay_protocol.headers import header_value, is_websocket_upgrade, strip_hop_by_hop
+from relay_protocol.limits import MAX_CONCURRENT_STREAMS, MAX_WEBSOCKET_MESSAGE
+from relay_protocol.messages import Kind, Message, MessageDecoder, encode_message
 
 from .config import AgentConfig
 
+#: Seconds to connect to the local service before answering 502.
+CONNECT_TIMEOUT = 10.0
+#: Seconds the local service may stay silent mid-request before the agent gives
+#: up (504). Longer than the server's default idle limit, which acts first.
+TARGET_READ_TIMEOUT = 600.0
+
 # aiohttp adds these when the request lacks them; a tunnel must not.
 _NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
+
+#: Seconds to wait for the other side's CLOSE once one side of a websocket closed.
+CLOSE_GRACE = 5.0
+#: Close codes that report a condition and may not be sent in a CLOSE frame (RFC 6455 7.4.1).
+_NOT_SENDABLE = frozenset({1005, 1006, 1015})
+_KIND_OF = {
+    aiohttp.WSMsgType.TEXT: Kind.TEXT,
+    aiohttp.WSMsgType.BINARY: Kind.BINARY,
+    aiohttp.WSMsgType.PING: Kind.PING,
+    aiohttp.WSMsgType.PONG: Kind.PONG,
+}
 
 
 class Link(Protocol):
@@ -44,7 +64,11 @@ def client_session() -> aiohttp.ClientSession:
         connector=aiohttp.TCPConnector(limit=MAX_CONCURRENT_STREAMS, limit_per_host=0),
         auto_decompress=False,  # bodies pass byte for byte, Content-Encoding and all
         cookie_jar=aiohttp.DummyCookieJar(),  # cookies belong to the public clients, not to us
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+        # No total limit: the server bounds the wait for a response head
+        # (--timeout) and resets the stream; this only catches a dead target.
+        timeout=aiohttp.ClientTimeout(
+            total=None, sock_connect=CONNECT_TIMEOUT, sock_read=TARGET_READ_TIMEOUT
+        ),
         skip_auto_headers=_NO_AUTO_HEADERS,
     )
 
@@ -67,31 +91,103 @@ async def forward(
 ) -> int:
     """Send ``head`` (and the body ``link`` yields) to the target, stream the answer
     back through ``link``. Returns the status. Raises ``ForwardFailed``."""
+    if is_websocket_upgrade(head.method, head.headers):
+        return await forward_websocket(session, config, head, link)
     url = URL(config.target.url_for(head.target), encoded=True)
     try:
-        async with asyncio.timeout(config.target_timeout):
-            async with session.request(
-                head.method,
-                url,
-                headers=_headers(head, config),
-                data=link.body() if has_body else None,
-                allow_redirects=False,
-                compress=False,
-            ) as response:
-                no_body = head.method == "HEAD" or response.status in (204, 304)
-                await link.respond(
-                    ResponseHead(response.status, strip_hop_by_hop(tuple(response.raw_headers))),
-                    end=no_body,
-                )
-                if no_body:
-                    return response.status
-                async for chunk in response.content.iter_chunked(MAX_DATA_SIZE):
-                    await link.send_body(chunk)
-                await link.send_body(b"", end=True)
+        async with session.request(
+            head.method,
+            url,
+            headers=_headers(head, config),
+            data=link.body() if has_body else None,
+            allow_redirects=False,
+            compress=False,
+        ) as response:
+            no_body = head.method == "HEAD" or response.status in (204, 304)
+            await link.respond(
+                ResponseHead(response.status, strip_hop_by_hop(tuple(response.raw_headers))),
+                end=no_body,
+            )
+            if no_body:
                 return response.status
+            # readany() hands over whatever arrived, so a slow drip (server-sent
+            # events) reaches the public client chunk by chunk, never batched.
+            while chunk := await response.content.readany():
+                await link.send_body(chunk)
+            await link.send_body(b"", end=True)
+            return response.status
     except TimeoutError as exc:
-        raise ForwardFailed(RESET_TARGET_TIMEOUT, f"no answer within {config.target_timeout:g}s") from exc
+        raise ForwardFailed(RESET_TARGET_TIMEOUT, f"no answer within {TARGET_READ_TIMEOUT:g}s") from exc
     except aiohttp.ClientConnectorError as exc:
         raise ForwardFailed(RESET_TARGET_UNREACHABLE, f"cannot connect to {config.target.base_url}") from exc
     except (aiohttp.ClientError, OSError) as exc:
         raise ForwardFailed(RESET_TARGET_ERROR, f"{type(exc).__name__}: {exc}") from exc
+
+
+async def forward_websocket(
+    session: aiohttp.ClientSession, config: AgentConfig, head: RequestHead, link: Link
+) -> int:
+    """Open a websocket to the target for an upgrade request and relay its messages
+    through ``link`` until either side closes. Returns 101, or the refusal status."""
+    url = URL(config.target.url_for(head.target, websocket=True), encoded=True)
+    offered = header_value(head.headers, b"sec-websocket-protocol") or b""
+    protocols = [p.strip() for p in offered.decode("latin-1").split(",") if p.strip()]
+    headers = _headers(head, config)
+    for name in ("Upgrade", "Sec-WebSocket-Protocol"):
+        headers.popall(name, None)
+    try:
+        ws = await session.ws_connect(
+            url,
+            headers=headers,
+            protocols=protocols,
+            autoping=False,  # pings and pongs are relayed end to end, not answered here
+            max_msg_size=MAX_WEBSOCKET_MESSAGE,
+            compress=0,
+        )
+    except aiohttp.WSServerHandshakeError as exc:
+        refusal = tuple((k.encode("latin-1"), v.encode("latin-1")) for k, v in (exc.headers or {}).items())
+        await link.respond(ResponseHead(exc.status, strip_hop_by_hop(refusal)), end=True)
+        return exc.status
+    except aiohttp.ClientConnectorError as exc:
+        raise ForwardFailed(RESET_TARGET_UNREACHABLE, f"cannot connect to {config.target.base_url}") from exc
+    except (aiohttp.ClientError, OSError) as exc:
+        raise ForwardFailed(RESET_TARGET_ERROR, f"{type(exc).__name__}: {exc}") from exc
+    async with ws:
+        chosen = ((b"Sec-WebSocket-Protocol", ws.protocol.encode("latin-1")),) if ws.protocol else ()
+        await link.respond(ResponseHead(101, chosen), end=False)
+        to_target = asyncio.create_task(_server_to_target(ws, link))
+        try:
+            await _target_to_server(ws, link)
+            # The target closed: the server may still be relaying the client's last words.
+            await asyncio.wait({to_target}, timeout=CLOSE_GRACE)
+        finally:
+            to_target.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await to_target
+    return 101
+
+
+async def _server_to_target(ws: aiohttp.ClientWebSocketResponse, link: Link) -> None:
+    decoder = MessageDecoder()
+    async for chunk in link.body():
+        for message in decoder.feed(chunk):
+            if message.kind is Kind.CLOSE:
+                code, reason = message.close_code()
+                await ws.close(code=code if code not in _NOT_SENDABLE else 1000, message=reason.encode())
+                return
+            await ws.send_frame(message.payload, aiohttp.WSMsgType(message.kind))
+
+
+async def _target_to_server(ws: aiohttp.ClientWebSocketResponse, link: Link) -> None:
+    while True:
+        msg = await ws.receive()
+        if msg.type in _KIND_OF:
+            data = msg.data.encode() if msg.type is aiohttp.WSMsgType.TEXT else msg.data
+            await link.send_body(encode_message(Message(_KIND_OF[msg.type], data)))
+            continue
+        if msg.type is aiohttp.WSMsgType.CLOSE:
+            close = Message.close(msg.data, msg.extra or "")
+        else:  # CLOSING, CLOSED (our own close completed), ERROR
+            close = Message.close(ws.close_code or 1000)
+        await link.send_body(encode_message(close), end=True)
+        return

@@ -24,11 +24,14 @@ class Target:
     def base_url(self) -> str:
         return f"{self.scheme}://{self.authority}"
 
-    def url_for(self, target: bytes) -> str:
+    def url_for(self, target: bytes, websocket: bool = False) -> str:
         """The URL for a request target; only ever this host and port, whatever the target says."""
         if not target.startswith(b"/"):
             raise AgentConfigError("request target is not a path")
-        return self.base_url + target.decode("utf-8", "surrogateescape")
+        base = self.base_url
+        if websocket:
+            base = ("wss" if self.scheme == "https" else "ws") + base[len(self.scheme) :]
+        return base + target.decode("utf-8", "surrogateescape")
 
 
 def parse_target(text: str) -> Target:

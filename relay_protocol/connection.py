@@ -141,9 +141,7 @@ class Connection:
             if stream is None:
                 raise LocalProtocolError(f"stream {frame.stream_id} is not open")
             if isinstance(frame, Data) and len(frame.data) > stream.send_credit:
-                raise LocalProtocolError(
-                    f"{len(frame.data)} bytes over the credit of {stream.send_credit}"
-                )
+                raise LocalProtocolError(f"{len(frame.data)} bytes over the credit of {stream.send_credit}")
             self._advance_send(frame)
         elif isinstance(frame, Reset):
             self._streams.pop(frame.stream_id, None)
@@ -155,8 +153,7 @@ class Connection:
             nxt = TRANSITIONS.get((stream.send, step))
             if nxt is None:
                 raise LocalProtocolError(
-                    f"cannot send {step.value} on stream {frame.stream_id}"
-                    f" in state {stream.send.value}"
+                    f"cannot send {step.value} on stream {frame.stream_id} in state {stream.send.value}"
                 )
             stream.send = nxt
         if isinstance(frame, Data):
@@ -232,8 +229,7 @@ class Connection:
             nxt = TRANSITIONS.get((stream.recv, step))
             if nxt is None:
                 raise ProtocolError(
-                    f"unexpected {step.value} on stream {frame.stream_id}"
-                    f" in state {stream.recv.value}"
+                    f"unexpected {step.value} on stream {frame.stream_id} in state {stream.recv.value}"
                 )
             stream.recv = nxt
         if isinstance(frame, Data):

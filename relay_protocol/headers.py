@@ -41,3 +41,25 @@ def strip_hop_by_hop(headers: Headers) -> Headers:
 def without(headers: Headers, *names: bytes) -> Headers:
     """Drop every header whose lower-cased name is in ``names``."""
     return tuple((n, v) for n, v in headers if n.lower() not in names)
+
+
+#: Headers of one WebSocket handshake hop: each side of the relay runs its own
+#: handshake (key, accept, version, compression), so these never cross it.
+WEBSOCKET_HANDSHAKE = (
+    b"sec-websocket-key",
+    b"sec-websocket-accept",
+    b"sec-websocket-version",
+    b"sec-websocket-extensions",
+)
+
+
+def is_websocket_upgrade(method: str, headers: Headers) -> bool:
+    """True for a WebSocket opening handshake (GET with ``Upgrade: websocket``)."""
+    return method == "GET" and any(
+        name.lower() == b"upgrade" and value.strip().lower() == b"websocket" for name, value in headers
+    )
+
+
+def header_value(headers: Headers, name: bytes) -> bytes | None:
+    """The first value of header ``name`` (lower case), or None."""
+    return next((v for n, v in headers if n.lower() == name), None)

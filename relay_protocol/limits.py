@@ -53,3 +53,8 @@ HEARTBEAT_INTERVAL = 10.0
 #: Seconds of silence after which a side declares the connection dead. Three
 #: missed heartbeats: a half-open connection is noticed within 30 s.
 HEARTBEAT_TIMEOUT = 3 * HEARTBEAT_INTERVAL
+
+#: Largest WebSocket message relayed on an upgraded stream: aiohttp's own
+#: default limit, far above what browsers and webhook tools send, and it
+#: bounds what one message makes either side assemble in memory.
+MAX_WEBSOCKET_MESSAGE = 4 * 1024 * 1024

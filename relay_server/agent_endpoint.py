@@ -66,7 +66,8 @@ class AgentEndpoint:
         return list(dict.fromkeys(names))
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_SIZE, autoping=True)
+        # aiohttp refuses a message whose size equals max_msg_size: hence the + 1.
+        ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_SIZE + 1, autoping=True)
         if not ws.can_prepare(request).ok:
             return relay_error("bad-request", "this endpoint takes a websocket upgrade from relay-agent")
         await ws.prepare(request)

@@ -45,6 +45,7 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
         inflight=inflight,
         store=store,
         timeout=config.timeout,
+        idle_timeout=config.idle_timeout,
         apex_routes={"/healthz": healthz, "/_relay/agent": agents.handle},
     )
 

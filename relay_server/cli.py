@@ -14,7 +14,7 @@ from relay_protocol import RelayError
 
 from . import tokens
 from .app import create_app, serve
-from .config import DEFAULT_PORT, DEFAULT_TIMEOUT, ServerConfig
+from .config import DEFAULT_IDLE_TIMEOUT, DEFAULT_PORT, DEFAULT_TIMEOUT, ServerConfig
 from .durations import parse_duration
 from .names import default_patterns, is_valid_name, is_valid_pattern
 from .store import Store
@@ -84,6 +84,14 @@ def main() -> None:
     help="Seconds to wait for the local service's response before 504.",
 )
 @click.option(
+    "--idle-timeout",
+    envvar="RELAY_IDLE_TIMEOUT",
+    default=DEFAULT_IDLE_TIMEOUT,
+    type=click.FloatRange(min=0.1),
+    show_envvar=True,
+    help="Seconds a started response, websocket or event stream may stay silent before it is closed.",
+)
+@click.option(
     "--log-level",
     envvar="RELAY_LOG_LEVEL",
     default="info",
@@ -98,6 +106,7 @@ def serve_command(
     public_url: str | None,
     dev: bool,
     timeout: float,
+    idle_timeout: float,
     log_level: str,
 ) -> None:
     """Run the relay server: public tunnel URLs and the agent endpoint."""
@@ -109,6 +118,7 @@ def serve_command(
         public_url=(public_url or f"http://localhost:{port}").rstrip("/"),
         dev=dev,
         timeout=timeout,
+        idle_timeout=idle_timeout,
     )
     try:
         store = Store(config.data_dir)

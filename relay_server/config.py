@@ -8,6 +8,9 @@ from pathlib import Path
 DEFAULT_PORT = 8000
 #: Seconds the server waits for the local service's response head before a 504.
 DEFAULT_TIMEOUT = 30.0
+#: Seconds a stream may carry nothing once its response started (a stalled
+#: download, a silent websocket or event stream) before the relay closes it.
+DEFAULT_IDLE_TIMEOUT = 300.0
 #: Seconds SIGTERM waits for in-flight requests before closing agent connections.
 DEFAULT_SHUTDOWN_GRACE = 10.0
 
@@ -20,4 +23,5 @@ class ServerConfig:
     public_url: str = f"http://localhost:{DEFAULT_PORT}"
     dev: bool = False
     timeout: float = DEFAULT_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE

@@ -17,9 +17,14 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from relay_protocol import RequestHead, ResponseHead
+from relay_protocol import RelayError, RequestHead, ResponseHead
 from relay_protocol.frames import RESET_TARGET_TIMEOUT, RESET_TARGET_UNREACHABLE
-from relay_protocol.headers import strip_hop_by_hop, without
+from relay_protocol.headers import (
+    WEBSOCKET_HANDSHAKE,
+    is_websocket_upgrade,
+    strip_hop_by_hop,
+    without,
+)
 from relay_protocol.limits import MAX_DATA_SIZE
 
 from .names import PublicOrigin, is_valid_name, normalize_host
@@ -27,6 +32,7 @@ from .public_errors import relay_error
 from .registry import InFlight, Registry
 from .session import AgentSession, Stream, StreamFailed
 from .store import Store
+from .upgrade import relay_websocket
 
 log = logging.getLogger("relay.server")
 
@@ -127,6 +133,7 @@ class Ingress:
         inflight: InFlight,
         store: Store,
         timeout: float,
+        idle_timeout: float,
         apex_routes: dict[str, Handler],
     ) -> None:
         self.origin = origin
@@ -134,6 +141,7 @@ class Ingress:
         self.inflight = inflight
         self.store = store
         self.timeout = timeout
+        self.idle_timeout = idle_timeout
         self.apex_routes = apex_routes
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -168,8 +176,10 @@ class Ingress:
         with self.inflight.track():
             return await self.forward(request, session, where)
 
-    def _request_head(self, request: web.Request, where: TunnelRoute) -> RequestHead:
+    def _request_head(self, request: web.Request, where: TunnelRoute, upgrade: bool) -> RequestHead:
         headers = without(strip_hop_by_hop(tuple(request.raw_headers)), *_CONSUMED)
+        if upgrade:  # the agent runs its own handshake with the local service
+            headers = (*without(headers, *WEBSOCKET_HANDSHAKE), (b"Upgrade", b"websocket"))
         added = [
             (b"X-Forwarded-For", (request.remote or "").encode()),
             (b"X-Forwarded-Proto", self.origin.scheme.encode()),
@@ -188,13 +198,15 @@ class Ingress:
         self, request: web.Request, session: AgentSession, where: TunnelRoute
     ) -> web.StreamResponse:
         """Stream ``request`` to ``session``'s agent and its response back."""
+        upgrade = is_websocket_upgrade(request.method, tuple(request.raw_headers))
         try:
-            head = self._request_head(request, where)
-        except Exception as exc:  # ProtocolError from RequestHead: bad header bytes
+            head = self._request_head(request, where, upgrade)
+        except RelayError as exc:  # ProtocolError from RequestHead: bad header bytes
             return relay_error("bad-request", f"request cannot be forwarded: {exc}")
         has_body = request.body_exists
         try:
-            stream = await session.open(head, end_stream=not has_body)
+            # An upgrade keeps the request half open: websocket messages follow the 101.
+            stream = await session.open(head, end_stream=not (has_body or upgrade))
         except StreamFailed as exc:
             if session.closed:
                 return relay_error("tunnel-offline", f"no agent is connected for {where.name!r}")
@@ -210,6 +222,8 @@ class Ingress:
                 )
             except StreamFailed as exc:
                 return self._failure_response(exc, where.name)
+            if upgrade and response_head.status == 101:
+                return await relay_websocket(request, session, stream, response_head, self.idle_timeout)
             return await self._write_response(request, session, stream, response_head)
         finally:
             if pump is not None and not pump.done():
@@ -250,10 +264,14 @@ class Ingress:
             response.headers.add(_text(name), _text(value))
         await response.prepare(request)
         try:
-            while chunk := await stream.read():
+            while True:
+                async with asyncio.timeout(self.idle_timeout):
+                    chunk = await stream.read()
+                if not chunk:
+                    break
                 await response.write(chunk)
                 await session.consumed(stream, len(chunk))
-        except StreamFailed as exc:
+        except (StreamFailed, TimeoutError) as exc:
             # Too late for an error status: cut the connection so the client
             # sees a truncated response instead of a complete-looking one.
             log.info("stream %s failed mid-response: %s", stream.id, exc)
