@@ -19,6 +19,9 @@ from relay_protocol.messages import Kind, Message, MessageDecoder, encode_messag
 
 from .config import AgentConfig
 
+#: Characters of a failure kept for the RESET reason and the log: the target's
+#: garbage (a bad status line) must not flood either.
+MAX_REASON = 200
 #: Seconds to connect to the local service before answering 502.
 CONNECT_TIMEOUT = 10.0
 #: Seconds the local service may stay silent mid-request before the agent gives
@@ -54,7 +57,7 @@ class ForwardFailed(Exception):
     """The target failed; ``code`` is the RESET code to send."""
 
     def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
+        super().__init__(reason[:MAX_REASON] + ("..." if len(reason) > MAX_REASON else ""))
         self.code = code
 
 
