@@ -65,6 +65,9 @@ class Stream:
         self._chunks: asyncio.Queue[bytes | StreamFailed | None] = asyncio.Queue()
         self.credit_changed = asyncio.Event()
         self.failure: StreamFailed | None = None
+        # False once the stream is winding down on its own (a websocket close was
+        # relayed): the agent then finishes it, even if the public client is gone.
+        self.reset_on_finish = True
 
     async def read(self) -> bytes:
         """The next chunk of the response body; b"" at its end. Raises ``StreamFailed``."""
@@ -167,7 +170,7 @@ class AgentSession:
     async def finish(self, stream: Stream) -> None:
         """Forget ``stream``; reset it first if it did not end normally (client gone, timeout)."""
         self._streams.pop(stream.id, None)
-        if self._conn.is_open(stream.id) and not self.closed:
+        if stream.reset_on_finish and self._conn.is_open(stream.id) and not self.closed:
             with contextlib.suppress(RelayError, ConnectionError):
                 await self._send(Reset(stream.id, RESET_CANCEL, "public client went away"))
 

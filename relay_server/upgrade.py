@@ -109,9 +109,13 @@ async def _public_to_agent(
                 await _send(session, stream, Message(kind, data))
                 continue
             if msg.type is WSMsgType.CLOSE:
-                await _send(session, stream, Message.close(msg.data, msg.extra or ""), end=True)
+                close = Message.close(msg.data, msg.extra or "")
             else:  # CLOSING, CLOSED, ERROR: the client vanished without a CLOSE
-                await _send(session, stream, Message.close(WSCloseCode.GOING_AWAY), end=True)
+                close = Message.close(WSCloseCode.GOING_AWAY)
+            await _send(session, stream, close, end=True)
+            # The client may hang up at once (cancelling this handler): the agent
+            # still relays the close to the local service and ends the stream.
+            stream.reset_on_finish = False
             return
     except StreamFailed:
         return
