@@ -122,6 +122,22 @@ def _text(raw: bytes) -> str:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+class RelayedResponse(web.StreamResponse):
+    """A response carrying exactly the local service's headers.
+
+    aiohttp adds ``Content-Type: application/octet-stream`` to a body that has
+    none; a relay must not invent headers, so that default is taken back out.
+    (``_prepare_headers`` is aiohttp's hook between building and writing the
+    head; the httpbin fidelity tests catch any change to it.)
+    """
+
+    async def _prepare_headers(self) -> None:
+        had_type = "Content-Type" in self.headers
+        await super()._prepare_headers()
+        if not had_type:
+            self.headers.popall("Content-Type", None)
+
+
 class Ingress:
     """The catch-all request handler of the public server."""
 
@@ -259,7 +275,7 @@ class Ingress:
         stream: Stream,
         head: ResponseHead,
     ) -> web.StreamResponse:
-        response = web.StreamResponse(status=head.status)
+        response = RelayedResponse(status=head.status)
         for name, value in strip_hop_by_hop(head.headers):
             response.headers.add(_text(name), _text(value))
         await response.prepare(request)
