@@ -1,0 +1,206 @@
+"""Processes that die, restart, hang or are not there: what public clients see meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import time
+from collections.abc import Awaitable
+
+import aiohttp
+import pytest
+
+from .framework import REQUEST_LINE, Relay, Reply, Tunnel, free_port, through, until
+
+FORMS = ["subdomain", "path"]
+
+#: The issue asks for a 503 "well under a second" once no agent is connected; the bound
+#: is doubled so a loaded machine does not fail it.
+FAST = 2.0
+#: Seconds an agent gets to reconnect by itself after a server restart: its backoff
+#: starts at 0.5 s and doubles, so a few attempts fit.
+RECONNECT = 15.0
+
+
+async def timed(request: Awaitable[Reply]) -> tuple[Reply, float]:
+    started = time.monotonic()
+    reply = await request
+    return reply, time.monotonic() - started
+
+
+async def serves(http: aiohttp.ClientSession, tunnel: Tunnel, form: str = "subdomain") -> Reply | None:
+    """The reply if the tunnel serves a request right now, else None (for polling)."""
+    reply = await through(http, tunnel, form, "GET", "/alive")
+    return reply if reply.status == 200 else None
+
+
+def server_saw_disconnects(tunnel: Tunnel, count: int = 1) -> None:
+    """Wait until the server has noticed ``count`` agent disconnects (its log says so)."""
+    assert tunnel.server.process is not None
+    tunnel.server.process.wait_for_line(r"agent disconnected", stream="stderr", count=count)
+
+
+@pytest.mark.parametrize("form", FORMS)
+async def test_killed_agent_gives_a_fast_503(relay: Relay, http: aiohttp.ClientSession, form: str) -> None:
+    tunnel = relay.tunnel()
+    assert await serves(http, tunnel, form)
+
+    tunnel.agent.process.send(signal.SIGKILL)
+    assert await tunnel.agent.process.exited() == -signal.SIGKILL
+    reply, took = await timed(through(http, tunnel, form, "POST", "/hook", body=b"{}"))
+    assert reply.status == 503
+    assert reply.relay_error == "tunnel-offline"
+    assert took < FAST
+    assert "Traceback" not in reply.body.decode()
+
+    # It stays a fast 503, not a hang, for every later request.
+    for _ in range(3):
+        reply, took = await timed(through(http, tunnel, form, "GET", "/again"))
+        assert (reply.status, reply.relay_error) == (503, "tunnel-offline")
+        assert took < FAST
+
+
+async def test_agent_stopped_with_sigterm_exits_0_and_gives_503(
+    relay: Relay, http: aiohttp.ClientSession
+) -> None:
+    tunnel = relay.tunnel()
+    tunnel.agent.process.send(signal.SIGTERM)
+    assert await tunnel.agent.process.exited() == 0
+    reply, took = await timed(through(http, tunnel, "path", "GET", "/"))
+    assert (reply.status, reply.relay_error) == (503, "tunnel-offline")
+    assert took < FAST
+
+
+async def test_restarted_agent_serves_the_same_urls(relay: Relay, http: aiohttp.ClientSession) -> None:
+    tunnel = relay.tunnel()
+    first_urls = tunnel.agent.ready()
+    tunnel.agent.process.kill()
+    assert (await through(http, tunnel, "subdomain", "GET", "/")).status == 503
+
+    again = relay.agent(tunnel.server, tunnel.token, tunnel.target.forward)
+    assert again.ready() == first_urls
+    for form in FORMS:
+        reply = await through(http, tunnel, form, "GET", "/back?x=1")
+        assert reply.status == 200
+        assert reply.json()["path"] == "/back?x=1"
+
+
+async def test_two_agents_on_one_name_both_serve_in_turn(relay: Relay, http: aiohttp.ClientSession) -> None:
+    server = relay.server()
+    token = server.token("alice")
+    first = relay.tunnel(server, token=token, target=relay.target("first"))
+    second = relay.agent(server, token, relay.target("second").forward)
+    assert [url for url, _ in second.ready()] == [url for url, _ in first.agent.ready()]  # same URLs
+
+    labels = [
+        (await through(http, first, FORMS[i % 2], "GET", f"/turn/{i}")).json()["target"] for i in range(10)
+    ]
+    assert sorted(labels) == ["first"] * 5 + ["second"] * 5
+    assert all(a != b for a, b in itertools.pairwise(labels)), labels  # they alternate
+
+    # Zero-downtime restart: once the first agent is gone, the second serves everything.
+    first.agent.process.kill()
+    await asyncio.to_thread(server_saw_disconnects, first)
+    for i in range(6):
+        reply = await through(http, first, FORMS[i % 2], "GET", f"/after/{i}")
+        assert reply.status == 200
+        assert reply.json()["target"] == "second"
+
+
+async def test_agent_reconnects_by_itself_after_a_server_restart(
+    relay: Relay, http: aiohttp.ClientSession
+) -> None:
+    tunnel = relay.tunnel()
+    urls = tunnel.agent.forwarding()
+    assert await serves(http, tunnel)
+
+    assert tunnel.server.stop(signal.SIGTERM) == 0
+    # Same port, same data dir: the secret, the token and the claimed name carry over.
+    restarted = relay.server(port=tunnel.server.port, data_dir=tunnel.server.data_dir)
+    tunnel.server = restarted
+    reply = await until(lambda: serves(http, tunnel), RECONNECT, "the agent to reconnect")
+    assert reply.json()["target"] == "alice"
+    assert (await serves(http, tunnel, "path")) is not None
+
+    assert tunnel.agent.process.running()  # the very same agent process
+    assert tunnel.agent.forwarding() == urls  # and its URLs did not change
+
+
+@pytest.mark.xfail(
+    reason="bug: relay_server/app.py drains in-flight requests in an on_shutdown hook, but aiohttp's"
+    " AppRunner.cleanup() calls Server.pre_shutdown() first, which closes every RequestHandler; from then on"
+    " data_received() drops all bytes, so the agent's RESPONSE is never read: the request waits out the"
+    " 10 s grace and gets 503 tunnel-offline",
+    strict=True,
+)
+async def test_sigterm_finishes_the_request_in_flight(relay: Relay, http: aiohttp.ClientSession) -> None:
+    tunnel = relay.tunnel()
+    slow = asyncio.create_task(through(http, tunnel, "subdomain", "POST", "/slow?seconds=1.5", body=b"x"))
+    await until(lambda: tunnel.target.seen("/slow"), 10, "the slow request to reach the target")
+
+    tunnel.server.process.send(signal.SIGTERM)  # type: ignore[union-attr]
+    reply = await slow
+    assert reply.status == 200
+    assert reply.body == b"slept 1.5"
+    assert await tunnel.server.process.exited() == 0  # type: ignore[union-attr]
+    await tunnel.agent.process.line(r"disconnected from the server \(1001\b", stream="stderr")
+
+
+async def test_sigterm_tells_the_agent_going_away_and_it_comes_back(
+    relay: Relay, http: aiohttp.ClientSession
+) -> None:
+    tunnel = relay.tunnel()
+    assert await serves(http, tunnel)
+
+    tunnel.server.process.send(signal.SIGTERM)  # type: ignore[union-attr]
+    assert await tunnel.server.process.exited() == 0  # type: ignore[union-attr]
+    # The agent was told the server is going away (1001), and keeps trying to come back.
+    await tunnel.agent.process.line(r"disconnected from the server \(1001\b", stream="stderr")
+    assert tunnel.agent.process.running()
+    tunnel.server = relay.server(port=tunnel.server.port, data_dir=tunnel.server.data_dir)
+    await until(lambda: serves(http, tunnel), RECONNECT, "the agent to reconnect")
+
+
+@pytest.mark.parametrize("form", FORMS)
+async def test_local_service_down_gives_502(relay: Relay, http: aiohttp.ClientSession, form: str) -> None:
+    server = relay.server()
+    closed = free_port()  # nothing listens here
+    agent = relay.agent(server, server.token("alice"), f"127.0.0.1:{closed}")
+    assert agent.ready()[0][1] == f"http://127.0.0.1:{closed}"
+    tunnel = Tunnel(server, None, agent, "alice", "")  # type: ignore[arg-type]
+
+    reply = await through(http, tunnel, form, "POST", "/hook", body=b"{}")
+    assert reply.status == 502
+    assert reply.relay_error == "local-unreachable"
+    assert "Traceback" not in reply.body.decode()
+    await agent.process.line(REQUEST_LINE.format(method="POST", path="/hook", status=502))
+    assert agent.process.running()  # a dead target is no reason for the agent to quit
+
+
+@pytest.mark.parametrize("form", FORMS)
+async def test_local_service_too_slow_gives_504(relay: Relay, http: aiohttp.ClientSession, form: str) -> None:
+    server = relay.server("--timeout", "1")
+    tunnel = relay.tunnel(server)
+    reply, took = await timed(through(http, tunnel, form, "GET", "/slow?seconds=5"))
+    assert reply.status == 504
+    assert reply.relay_error == "local-timeout"
+    assert took < 4  # the relay's 1 s timeout ended it, not the target's 5 s
+    # The tunnel is fine afterwards.
+    assert await serves(http, tunnel, form)
+
+
+async def test_a_stale_connection_does_not_hold_the_name(relay: Relay, http: aiohttp.ClientSession) -> None:
+    tunnel = relay.tunnel()
+    # A frozen agent keeps its TCP connection open but answers nothing: a half-open peer.
+    tunnel.agent.process.send(signal.SIGSTOP)
+    try:
+        fresh = relay.agent(tunnel.server, tunnel.token, relay.target("fresh").forward)
+        assert [url for url, _ in fresh.ready()] == [url for url, _ in tunnel.agent.ready()]
+    finally:
+        tunnel.agent.process.send(signal.SIGCONT)
+    tunnel.agent.process.kill()
+    await asyncio.to_thread(server_saw_disconnects, tunnel)
+    reply = await through(http, tunnel, "path", "GET", "/who")
+    assert reply.status == 200
+    assert reply.json()["target"] == "fresh"
