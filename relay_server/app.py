@@ -74,7 +74,6 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
     app[STORE] = store
     app[REGISTRY] = registry
     app[INFLIGHT] = inflight
-    app.on_shutdown.append(_drain)
     app.cleanup_ctx.append(_store_ctx)
     return app
 
@@ -119,6 +118,11 @@ async def serve(config: ServerConfig, app: web.Application, ready: asyncio.Event
     try:
         await stop.wait()
         log.info("shutting down: finishing in-flight requests")
+        # Stop accepting, then drain while the agent connections still carry the
+        # answers: aiohttp's cleanup() closes every connection before its
+        # shutdown hooks run, which would cut the requests we wait for.
+        await site.stop()
+        await _drain(app)
     finally:
         await runner.cleanup()
         log.info("stopped")

@@ -11,6 +11,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,46 @@ MIGRATIONS: list[str] = [
         claimed_at REAL NOT NULL
     );
     """,
+    """
+    CREATE TABLE tunnels (
+        name TEXT PRIMARY KEY,
+        user TEXT NOT NULL,
+        settings TEXT NOT NULL,         -- JSON object, see relay_server.settings
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- arrival order
+        id TEXT NOT NULL UNIQUE,
+        tunnel TEXT NOT NULL,
+        user TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        method TEXT NOT NULL,
+        target BLOB NOT NULL,
+        headers TEXT NOT NULL,          -- JSON [[name, value], ...], bytes as latin-1
+        client TEXT NOT NULL,
+        body BLOB NOT NULL
+    );
+    CREATE INDEX events_by_user ON events (user, tunnel, seq);
+    CREATE TABLE deliveries (
+        event_seq INTEGER NOT NULL REFERENCES events(seq) ON DELETE CASCADE,
+        tunnel TEXT NOT NULL,
+        destination TEXT NOT NULL,
+        status TEXT NOT NULL,           -- queued | failed | delivered | dead
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL,
+        last_status INTEGER,
+        last_error TEXT,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (event_seq, destination)
+    );
+    CREATE INDEX deliveries_due ON deliveries (tunnel, destination, status, next_attempt_at, event_seq);
+    """,
 ]
+
+#: Delivery states. ``queued``: never tried; ``failed``: tried, a retry is
+#: scheduled; ``delivered``: the destination answered; ``dead``: given up.
+PENDING = ("queued", "failed")
+STATUSES = ("queued", "failed", "delivered", "dead")
 
 
 @dataclass(frozen=True)
@@ -56,6 +96,36 @@ class TokenRecord:
 
 
 @dataclass(frozen=True)
+class Event:
+    """A stored request: everything needed to deliver it again, byte for byte."""
+
+    seq: int
+    id: str
+    tunnel: str
+    user: str
+    received_at: float
+    method: str
+    target: bytes
+    headers: tuple[tuple[bytes, bytes], ...]
+    client: str
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One event's state at one destination."""
+
+    event_seq: int
+    tunnel: str
+    destination: str
+    status: str
+    attempts: int = 0
+    next_attempt_at: float | None = None
+    last_status: int | None = None
+    last_error: str | None = None
+
+
+@dataclass(frozen=True)
 class NameRecord:
     name: str
     user: str
@@ -65,21 +135,35 @@ class NameRecord:
 class Store:
     """SQLite store. Safe to share between the event loop and worker threads."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, max_bytes: int | None = None) -> None:
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(
-                data_dir / DB_FILE, isolation_level=None, check_same_thread=False, timeout=10
-            )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db = self._connect(data_dir, max_bytes)
             self._lock = threading.Lock()
             self._migrate()
+            # Reads get their own connection: WAL lets them run while a group
+            # commit holds the writer's lock through its fsync.
+            self._reader = self._connect(data_dir, None)
+            self._read_lock = threading.Lock()
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the store in {data_dir}: {exc}") from exc
 
+    @staticmethod
+    def _connect(data_dir: Path, max_bytes: int | None) -> sqlite3.Connection:
+        db = sqlite3.connect(data_dir / DB_FILE, isolation_level=None, check_same_thread=False, timeout=10)
+        db.execute("PRAGMA journal_mode=WAL")
+        # An acknowledged event must survive a power cut: fsync at every commit
+        # (group commit makes that one fsync per batch, not per request).
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+        if max_bytes is not None:
+            page_size = db.execute("PRAGMA page_size").fetchone()[0]
+            db.execute(f"PRAGMA max_page_count = {max(1, max_bytes // page_size)}")
+        return db
+
     def close(self) -> None:
         self._db.close()
+        self._reader.close()
 
     def _migrate(self) -> None:
         with self._lock:
@@ -107,10 +191,28 @@ class Store:
 
     def _read(self, sql: str, *args: object) -> list[Any]:
         try:
-            with self._lock:
-                return self._db.execute(sql, args).fetchall()
+            with self._read_lock:
+                return self._reader.execute(sql, args).fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"store read failed: {exc}") from exc
+
+    def transaction(self, ops: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
+        """Run ``ops`` in one transaction (one commit, one fsync); their results in order.
+
+        Raises ``StoreError`` (disk full, I/O error) with nothing written.
+        """
+        try:
+            with self._lock:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    results = [op(self._db) for op in ops]
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                return results
+        except sqlite3.Error as exc:
+            raise StoreError(f"store write failed: {exc}") from exc
 
     # -- users and tokens ------------------------------------------------------
 
@@ -167,3 +269,206 @@ class Store:
     def release_name(self, name: str) -> bool:
         """Free a claimed name (admin); False if nobody held it."""
         return self._write("DELETE FROM names WHERE name = ?", name).rowcount == 1
+
+    # -- tunnel settings -------------------------------------------------------
+
+    def tunnel_settings(self, name: str) -> dict[str, Any] | None:
+        rows = self._read("SELECT settings FROM tunnels WHERE name = ?", name)
+        return json.loads(rows[0][0]) if rows else None
+
+    def save_tunnel_settings(self, name: str, user: str, settings: dict[str, Any]) -> None:
+        self._write(
+            "INSERT INTO tunnels (name, user, settings, updated_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET settings = excluded.settings,"
+            " updated_at = excluded.updated_at",
+            name,
+            user,
+            json.dumps(settings, sort_keys=True),
+            time.time(),
+        )
+
+    def user_tunnels(self, user: str) -> list[tuple[str, dict[str, Any] | None]]:
+        """The names ``user`` holds, with their settings (None: never set)."""
+        rows = self._read(
+            "SELECT n.name, t.settings FROM names n LEFT JOIN tunnels t ON t.name = n.name"
+            " WHERE n.user = ? ORDER BY n.name",
+            user,
+        )
+        return [(r[0], json.loads(r[1]) if r[1] else None) for r in rows]
+
+    # -- events: writes, as operations for Store.transaction (group commit) ---------
+
+    @staticmethod
+    def insert_event_op(event: Event, deliveries: list[Delivery]) -> Callable[[sqlite3.Connection], int]:
+        """An operation storing ``event`` and its deliveries; it returns the event's seq."""
+
+        def op(db: sqlite3.Connection) -> int:
+            headers = json.dumps([[k.decode("latin-1"), v.decode("latin-1")] for k, v in event.headers])
+            cursor = db.execute(
+                "INSERT INTO events (id, tunnel, user, received_at, method, target, headers, client, body)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    event.id,
+                    event.tunnel,
+                    event.user,
+                    event.received_at,
+                    event.method,
+                    event.target,
+                    headers,
+                    event.client,
+                    event.body,
+                ),
+            )
+            seq = int(cursor.lastrowid or 0)
+            now = time.time()
+            db.executemany(
+                "INSERT INTO deliveries (event_seq, tunnel, destination, status, attempts, next_attempt_at,"
+                " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (seq, d.tunnel, d.destination, d.status, d.attempts, d.next_attempt_at, now)
+                    for d in deliveries
+                ],
+            )
+            return seq
+
+        return op
+
+    @staticmethod
+    def update_delivery_op(delivery: Delivery) -> Callable[[sqlite3.Connection], None]:
+        """An operation recording the outcome of an attempt (or a replay)."""
+
+        def op(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, last_status = ?,"
+                " last_error = ?, updated_at = ? WHERE event_seq = ? AND destination = ?",
+                (
+                    delivery.status,
+                    delivery.attempts,
+                    delivery.next_attempt_at,
+                    delivery.last_status,
+                    delivery.last_error,
+                    time.time(),
+                    delivery.event_seq,
+                    delivery.destination,
+                ),
+            )
+
+        return op
+
+    def make_due_now(self, tunnel: str, destination: str) -> None:
+        """Everything pending for a destination becomes due at once (its agent just connected)."""
+        self._write(
+            "UPDATE deliveries SET next_attempt_at = ? WHERE tunnel = ? AND destination = ?"
+            " AND status IN ('queued', 'failed') AND next_attempt_at > ?",
+            time.time(),
+            tunnel,
+            destination,
+            time.time(),
+        )
+
+    def purge(self, before: float) -> int:
+        """Delete events whose every delivery ended (delivered or dead) before ``before``."""
+        cursor = self._write(
+            "DELETE FROM events WHERE seq IN (SELECT event_seq FROM deliveries GROUP BY event_seq"
+            " HAVING SUM(status IN ('queued', 'failed')) = 0 AND MAX(updated_at) < ?)",
+            before,
+        )
+        return cursor.rowcount
+
+    # -- events: reads ----------------------------------------------------------------
+
+    _EVENT_COLUMNS = "e.seq, e.id, e.tunnel, e.user, e.received_at, e.method, e.target, e.headers, e.client"
+
+    @staticmethod
+    def _event(row: Any, body: bytes = b"") -> Event:
+        headers = tuple((k.encode("latin-1"), v.encode("latin-1")) for k, v in json.loads(row[7]))
+        return Event(row[0], row[1], row[2], row[3], row[4], row[5], bytes(row[6]), headers, row[8], body)
+
+    def due(
+        self, tunnel: str, destination: str, now: float, after_seq: int, limit: int
+    ) -> list[tuple[Event, Delivery]]:
+        """Pending deliveries due by ``now`` with seq above ``after_seq``, in arrival order, with bodies."""
+        rows = self._read(
+            f"SELECT {self._EVENT_COLUMNS}, e.body, d.status, d.attempts, d.next_attempt_at, d.last_status,"
+            " d.last_error FROM deliveries d JOIN events e ON e.seq = d.event_seq"
+            " WHERE d.tunnel = ? AND d.destination = ? AND d.status IN ('queued', 'failed')"
+            " AND d.next_attempt_at <= ? AND d.event_seq > ? ORDER BY d.event_seq LIMIT ?",
+            tunnel,
+            destination,
+            now,
+            after_seq,
+            limit,
+        )
+        return [
+            (
+                self._event(r, bytes(r[9])),
+                Delivery(r[0], tunnel, destination, r[10], r[11], r[12], r[13], r[14]),
+            )
+            for r in rows
+        ]
+
+    def next_due_at(self, tunnel: str, destination: str) -> float | None:
+        rows = self._read(
+            "SELECT MIN(next_attempt_at) FROM deliveries WHERE tunnel = ? AND destination = ?"
+            " AND status IN ('queued', 'failed')",
+            tunnel,
+            destination,
+        )
+        value = rows[0][0]
+        return None if value is None else float(value)
+
+    def pending_destinations(self) -> list[tuple[str, str]]:
+        rows = self._read(
+            "SELECT DISTINCT tunnel, destination FROM deliveries WHERE status IN ('queued', 'failed')"
+        )
+        return [(r[0], r[1]) for r in rows]
+
+    def pending_totals(self) -> dict[str, tuple[int, int]]:
+        """Per tunnel: events with a delivery still pending, and their body bytes."""
+        rows = self._read(
+            "SELECT e.tunnel, COUNT(*), SUM(LENGTH(e.body)) FROM events e WHERE e.seq IN"
+            " (SELECT event_seq FROM deliveries WHERE status IN ('queued', 'failed')) GROUP BY e.tunnel"
+        )
+        return {r[0]: (r[1], r[2] or 0) for r in rows}
+
+    def find_events(
+        self, user: str, tunnel: str | None, status: str | None, limit: int
+    ) -> list[tuple[Event, list[Delivery]]]:
+        """``user``'s events, newest first, without bodies; filtered by tunnel and delivery status."""
+        where, args = ["e.user = ?"], [user]
+        if tunnel:
+            where.append("e.tunnel = ?")
+            args.append(tunnel)
+        if status:
+            where.append("EXISTS (SELECT 1 FROM deliveries x WHERE x.event_seq = e.seq AND x.status = ?)")
+            args.append(status)
+        rows = self._read(
+            f"SELECT {self._EVENT_COLUMNS} FROM events e WHERE {' AND '.join(where)}"
+            " ORDER BY e.seq DESC LIMIT ?",
+            *args,
+            limit,
+        )
+        events = [self._event(r) for r in rows]
+        return [(e, self.deliveries(e.seq)) for e in events]
+
+    def find_event(
+        self, user: str, event_id: str, with_body: bool = False
+    ) -> tuple[Event, list[Delivery]] | None:
+        """One of ``user``'s events by id, or None (also when it belongs to someone else)."""
+        rows = self._read(
+            f"SELECT {self._EVENT_COLUMNS}, e.body FROM events e WHERE e.id = ? AND e.user = ?",
+            event_id,
+            user,
+        )
+        if not rows:
+            return None
+        event = self._event(rows[0], bytes(rows[0][9]) if with_body else b"")
+        return event, self.deliveries(event.seq)
+
+    def deliveries(self, event_seq: int) -> list[Delivery]:
+        rows = self._read(
+            "SELECT tunnel, destination, status, attempts, next_attempt_at, last_status, last_error"
+            " FROM deliveries WHERE event_seq = ? ORDER BY destination",
+            event_seq,
+        )
+        return [Delivery(event_seq, *r) for r in rows]

@@ -127,13 +127,6 @@ async def test_agent_reconnects_by_itself_after_a_server_restart(
     assert tunnel.agent.forwarding() == urls  # and its URLs did not change
 
 
-@pytest.mark.xfail(
-    reason="bug: relay_server/app.py drains in-flight requests in an on_shutdown hook, but aiohttp's"
-    " AppRunner.cleanup() calls Server.pre_shutdown() first, which closes every RequestHandler; from then on"
-    " data_received() drops all bytes, so the agent's RESPONSE is never read: the request waits out the"
-    " 10 s grace and gets 503 tunnel-offline",
-    strict=True,
-)
 async def test_sigterm_finishes_the_request_in_flight(relay: Relay, http: aiohttp.ClientSession) -> None:
     tunnel = relay.tunnel()
     slow = asyncio.create_task(through(http, tunnel, "subdomain", "POST", "/slow?seconds=1.5", body=b"x"))

@@ -49,7 +49,7 @@ def test_migrations_run_once(tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / DB_FILE)
     tables = sorted(r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
     db.close()
-    assert tables == ["names", "tokens", "users"]
+    assert {"names", "tokens", "users", "tunnels", "events", "deliveries"} <= set(tables)
 
 
 def test_store_is_in_wal_mode(tmp_path: Path) -> None:

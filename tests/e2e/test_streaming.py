@@ -1,0 +1,226 @@
+"""Streaming through the tunnel: event streams, 64 MiB bodies under flow control,
+backpressure both ways without head-of-line blocking, cancellation and timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import aiohttp
+import pytest
+
+from .framework import Relay, RelayServer, client_session, until
+from .streaming_targets import BLOCK, MIB, StreamingTarget
+
+#: The issue's bound on how much the peak RSS of server and agent may grow during a
+#: 64 MiB transfer: flow control must keep bodies streaming, never buffered whole.
+MAX_RSS_GROWTH = 48 * MIB
+TRANSFER_MIB = 64
+
+
+@pytest.fixture
+def target() -> Iterator[StreamingTarget]:
+    service = StreamingTarget()
+    service.start()
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+def _stack(relay: Relay, target: StreamingTarget, *server_options: str) -> tuple[RelayServer, int]:
+    server = relay.server(*server_options)
+    agent = relay.agent(server, server.token("bulk"), target.forward)
+    assert server.process is not None
+    return server, agent.process.pid
+
+
+def _url(server: RelayServer, path: str) -> str:
+    return f"http://127.0.0.1:{server.port}/t/bulk{path}"
+
+
+def _headers(server: RelayServer) -> dict[str, str]:
+    return {"Host": server.apex}
+
+
+class Peak:
+    """Peak resident memory of a process since ``reset()``, from /proc (Linux)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def _field(self, name: str) -> int:
+        with open(f"/proc/{self.pid}/status") as status:
+            for line in status:
+                if line.startswith(name + ":"):
+                    return int(line.split()[1]) * 1024
+        raise AssertionError(f"no {name} for pid {self.pid}")
+
+    def reset(self) -> None:
+        with open(f"/proc/{self.pid}/clear_refs", "w") as refs:
+            refs.write("5")  # resets VmHWM to the current RSS
+        self.start = self._field("VmRSS")
+
+    @property
+    def growth(self) -> int:
+        return self._field("VmHWM") - self.start
+
+
+async def _blocks(mib: int, sent: list[int]) -> AsyncIterator[bytes]:
+    for _ in range(mib * 16):
+        sent[0] += len(BLOCK)
+        yield BLOCK
+
+
+async def _settled(count: Callable[[], int], timeout: float = 20.0) -> int:
+    """Wait until ``count()`` stops growing (unchanged over 0.5 s): the pipeline is full."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last = -1
+    while (now := count()) != last:
+        if loop.time() > deadline:
+            raise TimeoutError(f"still growing after {timeout}s: {now}")
+        last = now
+        await asyncio.sleep(0.5)
+    return now
+
+
+async def test_events_arrive_as_they_are_sent(relay: Relay, target: StreamingTarget) -> None:
+    server, _ = _stack(relay, target, "--timeout", "1")
+    async with client_session() as http:
+        async with http.get(_url(server, "/sse?n=6&every=0.4"), headers=_headers(server)) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"] == "text/event-stream"
+            first = await resp.content.readuntil(b"\n\n")
+            # The first event is here while the service has not yet sent the last one.
+            sent_when_first_arrived = target.events_sent
+            rest = await resp.read()
+    assert first == b"id: 0\ndata: event 0\n\n"
+    assert sent_when_first_arrived < 6
+    assert rest.count(b"data: event") == 5
+    # The stream lasted 2 s, longer than --timeout 1: a stream that carries traffic is exempt.
+
+
+async def test_a_silent_stream_is_cut_after_the_idle_limit(relay: Relay, target: StreamingTarget) -> None:
+    server, _ = _stack(relay, target, "--idle-timeout", "1")
+    async with client_session() as http:
+        async with http.get(_url(server, "/sse?n=3&every=4"), headers=_headers(server)) as resp:
+            assert await resp.content.readuntil(b"\n\n") == b"id: 0\ndata: event 0\n\n"
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()
+    assert target.events_sent < 3
+
+
+async def test_64_mib_download_streams_in_bounded_memory(relay: Relay, target: StreamingTarget) -> None:
+    server, agent_pid = _stack(relay, target)
+    assert server.process is not None
+    peaks = [Peak(server.process.pid), Peak(agent_pid)]
+    for peak in peaks:
+        peak.reset()
+    digest = hashlib.sha256()
+    length = 0
+    async with client_session() as http:
+        async with http.get(_url(server, f"/down?mib={TRANSFER_MIB}"), headers=_headers(server)) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Length"] == str(TRANSFER_MIB * MIB)
+            async for chunk in resp.content.iter_chunked(1 << 20):
+                digest.update(chunk)
+                length += len(chunk)
+    assert length == TRANSFER_MIB * MIB
+    assert digest.hexdigest() == hashlib.sha256(BLOCK * TRANSFER_MIB * 16).hexdigest()
+    for peak in peaks:
+        assert peak.growth < MAX_RSS_GROWTH, f"pid {peak.pid} grew by {peak.growth / MIB:.1f} MiB"
+
+
+async def test_64_mib_upload_streams_in_bounded_memory(relay: Relay, target: StreamingTarget) -> None:
+    server, agent_pid = _stack(relay, target)
+    assert server.process is not None
+    peaks = [Peak(server.process.pid), Peak(agent_pid)]
+    for peak in peaks:
+        peak.reset()
+    sent = [0]
+    async with client_session() as http, http.post(
+        _url(server, "/up"), headers=_headers(server), data=_blocks(TRANSFER_MIB, sent)
+    ) as resp:
+        assert resp.status == 200
+        answer = await resp.json()
+    assert answer == {
+        "length": TRANSFER_MIB * MIB,
+        "sha256": hashlib.sha256(BLOCK * TRANSFER_MIB * 16).hexdigest(),
+    }
+    for peak in peaks:
+        assert peak.growth < MAX_RSS_GROWTH, f"pid {peak.pid} grew by {peak.growth / MIB:.1f} MiB"
+
+
+async def test_a_stalled_download_slows_the_service_and_blocks_no_other_stream(
+    relay: Relay, target: StreamingTarget
+) -> None:
+    server, agent_pid = _stack(relay, target)
+    assert server.process is not None
+    peaks = [Peak(server.process.pid), Peak(agent_pid)]
+    for peak in peaks:
+        peak.reset()
+    async with client_session() as http:
+        resp = await http.get(_url(server, f"/down?mib={TRANSFER_MIB}"), headers=_headers(server))
+        first = await resp.content.readexactly(MIB)  # then stop reading
+        assert first == (BLOCK * 16)[:MIB]
+        # The service stops being read: what it has sent stays far below 64 MiB
+        # (socket buffers plus one window per hop), instead of piling up in the relay.
+        await until(lambda: target.bytes_sent > 2 * MIB, 20, "the service to start sending")
+        stalled_at = await _settled(lambda: target.bytes_sent)
+        # Another stream on the same agent completes while the big one is stalled.
+        async with http.get(_url(server, "/small"), headers=_headers(server)) as small:
+            assert small.status == 200
+            assert await small.read() == b"small"
+        assert target.bytes_sent < TRANSFER_MIB * MIB // 2, f"{target.bytes_sent} bytes were pushed"
+        for peak in peaks:  # nobody holds the rest of the body in memory meanwhile
+            assert peak.growth < MAX_RSS_GROWTH, f"pid {peak.pid} grew by {peak.growth / MIB:.1f} MiB"
+        rest = await resp.read()
+        resp.release()
+    assert stalled_at < TRANSFER_MIB * MIB
+    assert len(first) + len(rest) == TRANSFER_MIB * MIB
+
+
+async def test_a_slow_reading_service_slows_the_upload_and_blocks_no_other_stream(
+    relay: Relay, target: StreamingTarget
+) -> None:
+    server, _ = _stack(relay, target)
+    target.hold_uploads.set()  # the service accepts the request but reads nothing
+    sent = [0]
+    async with client_session() as http:
+        upload = asyncio.create_task(
+            http.post(_url(server, "/up"), headers=_headers(server), data=_blocks(TRANSFER_MIB, sent))
+        )
+        await until(lambda: sent[0] > 2 * MIB, 20, "the client to start sending")
+        await _settled(lambda: sent[0])
+        async with http.get(_url(server, "/small"), headers=_headers(server)) as small:
+            assert await small.read() == b"small"
+        # The client is held back too: it could not push the whole body into the relay.
+        assert sent[0] < TRANSFER_MIB * MIB // 2, f"{sent[0]} bytes were accepted from the client"
+        target.hold_uploads.clear()
+        resp = await upload
+        answer = await resp.json()
+        resp.release()
+    assert answer["length"] == TRANSFER_MIB * MIB
+
+
+async def test_a_client_that_goes_away_cancels_the_local_request(
+    relay: Relay, target: StreamingTarget
+) -> None:
+    server, _ = _stack(relay, target)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(f"GET /t/bulk/hang HTTP/1.1\r\nHost: {server.apex}\r\n\r\n".encode())
+    await writer.drain()
+    await until(lambda: target.hanging == ["/hang"], 20, "the request to reach the service")
+    writer.close()
+    await until(lambda: target.cancelled == ["/hang"], 20, "the local request to be cancelled")
+
+
+async def test_a_hanging_service_gets_504_after_the_timeout(relay: Relay, target: StreamingTarget) -> None:
+    server, _ = _stack(relay, target, "--timeout", "1")
+    async with client_session() as http:
+        async with http.get(_url(server, "/hang"), headers=_headers(server)) as resp:
+            assert resp.status == 504
+            assert resp.headers["X-Relay-Error"] == "local-timeout"
+    await until(lambda: target.cancelled == ["/hang"], 20, "the agent to cancel the local request")
