@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
+import socket
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlencode
 
 import click
 import jwt
 
 from relay_protocol import RelayError, RequestHead, Welcome
 
-from .config import DEFAULT_SERVER, AgentConfig, load_login, save_login
+from . import api_client
+from .config import DEFAULT_SERVER, AgentConfig, load_login, save_login, token_user
 from .errors import Refused
 from .target import parse_target
 from .tunnel import Tunnel
@@ -65,6 +71,30 @@ def main() -> None:
     help="Host header sent to the local service: rewrite (to the target), preserve, or a value.",
 )
 @click.option(
+    "--mode",
+    envvar="RELAY_MODE",
+    type=click.Choice(["queue", "live"]),
+    default=None,
+    show_envvar=True,
+    help="queue: webhooks are stored and retried while this agent or the app is down;"
+    " live: a pure tunnel.  Stored on the server.  [default: keep the tunnel's setting (queue)]",
+)
+@click.option(
+    "--max-concurrency",
+    envvar="RELAY_MAX_CONCURRENCY",
+    type=click.IntRange(1, 256),
+    default=None,
+    show_envvar=True,
+    help="Queued deliveries in flight to the local service at once.  [default: keep the setting (8)]",
+)
+@click.option(
+    "--label",
+    envvar="RELAY_LABEL",
+    default=socket.gethostname(),
+    show_envvar=True,
+    help="This agent's label: fan-out destinations agent:LABEL pick agents by it.",
+)
+@click.option(
     "--log-level",
     envvar="RELAY_LOG_LEVEL",
     default="warning",
@@ -78,6 +108,9 @@ def connect_command(
     token: str | None,
     names: tuple[str, ...],
     host_header: str,
+    mode: str | None,
+    max_concurrency: int | None,
+    label: str,
     log_level: str,
 ) -> None:
     """Connect to the relay server and forward its requests to a local service."""
@@ -92,12 +125,16 @@ def connect_command(
     token = token or saved.get("token")
     if not token:
         raise click.ClickException("no token: pass --token, set RELAY_TOKEN, or run relay-agent login")
+    settings = {k: v for k, v in (("mode", mode), ("max_concurrency", max_concurrency)) if v is not None}
     config = AgentConfig(
         server=(server or saved.get("server") or DEFAULT_SERVER).rstrip("/"),
         token=token,
         target=target,
-        names=names,
+        # Without --name the tunnel is named after the token's user (its "sub").
+        names=names or ((token_user(token),) if settings else ()),
         host_header=host_header,
+        settings=settings,
+        label=label,
     )
     try:
         config.agent_url  # noqa: B018 - validates the server URL before connecting
@@ -154,3 +191,178 @@ def login_command(server: str, token: str) -> None:
     expires = claims.get("exp")
     when = time.strftime("%Y-%m-%d", time.localtime(expires)) if isinstance(expires, int) else "never"
     click.echo(f"Logged in to {server} as {claims.get('sub', '?')} (token expires {when}); saved to {path}")
+
+
+# -- the server's API: tunnel settings and events ----------------------------------------
+
+
+def api_options(command: Callable[..., None]) -> Callable[..., None]:
+    """--server and --token, defaulting to the saved login, for commands that call the API."""
+    command = click.option(
+        "--token",
+        envvar="RELAY_TOKEN",
+        default=None,
+        show_envvar=True,
+        help="Agent token.  [default: saved login]",
+    )(command)
+    return click.option(
+        "--server",
+        envvar="RELAY_SERVER",
+        default=None,
+        show_envvar=True,
+        help=f"Relay server URL.  [default: saved login, else {DEFAULT_SERVER}]",
+    )(command)
+
+
+def _api(
+    server: str | None, token: str | None, method: str, path: str, body: dict[str, Any] | None = None
+) -> Any:
+    try:
+        saved = load_login()
+        token = token or saved.get("token")
+        if not token:
+            raise click.ClickException("no token: pass --token, set RELAY_TOKEN, or run relay-agent login")
+        return api_client.call(server or saved.get("server") or DEFAULT_SERVER, token, method, path, body)
+    except RelayError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _settings_line(tunnel: dict[str, Any]) -> str:
+    s = tunnel["settings"]
+    retry = ",".join(str(code) for code in s["retry_on"])
+    return (
+        f"{tunnel['name']:24} {s['mode']:6} agents={tunnel['agents']} max-concurrency={s['max_concurrency']}"
+        f" retry-on={retry} destinations={','.join(s['destinations'])}"
+    )
+
+
+@main.group("tunnel")
+def tunnel_group() -> None:
+    """Show and change tunnel settings (stored on the server) without connecting."""
+
+
+@tunnel_group.command("show")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@api_options
+def tunnel_show(name: str | None, as_json: bool, server: str | None, token: str | None) -> None:
+    """Show the settings of NAME, or of all your tunnels."""
+    data = _api(server, token, "GET", f"tunnels/{name}" if name else "tunnels")
+    tunnels = [data] if name else data["tunnels"]
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for tunnel in tunnels:
+        click.echo(_settings_line(tunnel))
+
+
+@tunnel_group.command("set")
+@click.argument("name")
+@click.option("--mode", type=click.Choice(["queue", "live"]), default=None, help="queue or live.")
+@click.option(
+    "--retry-on", default=None, help="Statuses of the local service that are retried: 429,502,503,504."
+)
+@click.option(
+    "--max-concurrency", type=click.IntRange(1, 256), default=None, help="Deliveries in flight at once."
+)
+@click.option(
+    "--destination",
+    "destinations",
+    multiple=True,
+    help="Fan-out: agent:LABEL, agent:* or an http(s) URL; repeatable; replaces the list.",
+)
+@api_options
+def tunnel_set(
+    name: str,
+    mode: str | None,
+    retry_on: str | None,
+    max_concurrency: int | None,
+    destinations: tuple[str, ...],
+    server: str | None,
+    token: str | None,
+) -> None:
+    """Change settings of NAME; what is not given stays as it is."""
+    changes: dict[str, Any] = {}
+    if mode:
+        changes["mode"] = mode
+    if max_concurrency:
+        changes["max_concurrency"] = max_concurrency
+    if destinations:
+        changes["destinations"] = list(destinations)
+    if retry_on is not None:
+        try:
+            changes["retry_on"] = [int(code) for code in retry_on.split(",") if code.strip()]
+        except ValueError as exc:
+            raise click.BadParameter("a comma-separated list of statuses", param_hint="--retry-on") from exc
+    if not changes:
+        raise click.UsageError(
+            "nothing to change: give --mode, --retry-on, --max-concurrency or --destination"
+        )
+    click.echo(_settings_line(_api(server, token, "PATCH", f"tunnels/{name}", changes)))
+
+
+@main.group("events")
+def events_group() -> None:
+    """List, show and replay the webhooks your tunnels stored."""
+
+
+@events_group.command("list")
+@click.option("--name", default=None, help="Only this tunnel's events.")
+@click.option(
+    "--status",
+    type=click.Choice(["queued", "delivered", "failed", "dead"]),
+    default=None,
+    help="Only events with a delivery in this state.",
+)
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, help="Most events listed, newest first.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@api_options
+def events_list(
+    name: str | None, status: str | None, limit: int, as_json: bool, server: str | None, token: str | None
+) -> None:
+    """List events, newest first."""
+    query = urlencode({k: v for k, v in (("name", name), ("status", status), ("limit", limit)) if v})
+    data = _api(server, token, "GET", f"events?{query}")
+    if as_json:
+        click.echo(json.dumps(data["events"], indent=2))
+        return
+    click.echo(f"{'ID':34} {'TUNNEL':16} {'STATUS':9} {'TRIES':5} {'RECEIVED':24} REQUEST")
+    for event in data["events"]:
+        tries = max((d["attempts"] for d in event["deliveries"]), default=0)
+        click.echo(
+            f"{event['id']:34} {event['tunnel']:16} {event['status']:9} {tries:<5} "
+            f"{event['received_at']:24} {event['method']} {event['target']}"
+        )
+
+
+@events_group.command("show")
+@click.argument("event_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@api_options
+def events_show(event_id: str, as_json: bool, server: str | None, token: str | None) -> None:
+    """Show one event: its request, and its state at each destination."""
+    event = _api(server, token, "GET", f"events/{event_id}")
+    if as_json:
+        click.echo(json.dumps(event, indent=2))
+        return
+    click.echo(f"{event['id']}  {event['status']}  tunnel {event['tunnel']}  received {event['received_at']}")
+    click.echo(f"{event['method']} {event['target']}  from {event['client']}")
+    for name, value in event["headers"]:
+        click.echo(f"{name}: {value}")
+    click.echo("")
+    click.echo(event["body"] if event["body_encoding"] == "utf-8" else f"(base64) {event['body']}")
+    click.echo("")
+    for d in event["deliveries"]:
+        click.echo(
+            f"-> {d['destination']}: {d['status']} after {d['attempts']} attempt(s); last "
+            f"{d['last_status'] or d['last_error'] or '-'}; next {d['next_attempt_at'] or '-'}"
+        )
+
+
+@events_group.command("replay")
+@click.argument("event_id")
+@api_options
+def events_replay(event_id: str, server: str | None, token: str | None) -> None:
+    """Deliver an event again, with the same event id."""
+    answer = _api(server, token, "POST", f"events/{event_id}/replay")
+    click.echo(f"replaying {answer['event']} to {', '.join(answer['replayed'])}")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import click
+import jwt
 
 from .errors import AgentConfigError
 from .target import Target
@@ -22,6 +24,9 @@ class AgentConfig:
     target: Target
     names: tuple[str, ...] = ()
     host_header: str = "rewrite"  # "rewrite", "preserve", or a literal value
+    #: Tunnel settings to store on the server (mode, max_concurrency); empty: keep them.
+    settings: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
 
     @property
     def agent_url(self) -> str:
@@ -58,3 +63,16 @@ def load_login() -> dict[str, str]:
     except (OSError, ValueError) as exc:
         raise AgentConfigError(f"cannot read {login_file()}: {exc}; run relay-agent login again") from exc
     return {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
+
+
+def token_user(token: str) -> str:
+    """The user a token names (its ``sub``), read without checking the signature:
+    only the server can check it, and it will."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.InvalidTokenError as exc:
+        raise AgentConfigError("this is not a relay token (not a JWT)") from exc
+    user = claims.get("sub")
+    if not isinstance(user, str):
+        raise AgentConfigError("the token names no user")
+    return user

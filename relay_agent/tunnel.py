@@ -145,8 +145,9 @@ class _Session:
                     await self.ws.send(window)
 
     async def handshake(self) -> Welcome:
-        tunnels = tuple({"name": n} for n in self.tunnel.config.names)
-        await self.send(Hello(PROTOCOL_VERSION, tunnels, AGENT_NAME))
+        config = self.tunnel.config
+        tunnels = tuple({"name": n, **config.settings} for n in config.names)
+        await self.send(Hello(PROTOCOL_VERSION, tunnels, AGENT_NAME, config.label))
         message = await self.ws.recv()
         if not isinstance(message, bytes):
             raise ProtocolError("server sent a text frame")

@@ -51,6 +51,9 @@ class Hello:
     version: int
     tunnels: tuple[dict[str, Any], ...]
     agent: str = ""
+    #: The agent's label (its host name by default): fan-out destinations
+    #: ``agent:LABEL`` pick agents by it. Sent only when not empty.
+    label: str = ""
 
 
 @dataclass(frozen=True)
@@ -181,9 +184,10 @@ def _tunnel_list(value: Any) -> tuple[dict[str, Any], ...]:
 
 def _payload(frame: Frame) -> bytes:
     if isinstance(frame, Hello):
-        return frame.version.to_bytes(2, "big") + _json(
-            {"tunnels": list(frame.tunnels), "agent": frame.agent}
-        )
+        hello: dict[str, Any] = {"tunnels": list(frame.tunnels), "agent": frame.agent}
+        if frame.label:
+            hello["label"] = frame.label
+        return frame.version.to_bytes(2, "big") + _json(hello)
     if isinstance(frame, Welcome):
         return frame.version.to_bytes(2, "big") + _json(
             {"session": frame.session, "tunnels": list(frame.tunnels), "limits": frame.limits}
@@ -251,10 +255,10 @@ def _decode_payload(cls: type[Frame], stream_id: int, payload: bytes, end_stream
         body = _unjson(payload[2:])
         tunnels = _tunnel_list(body.get("tunnels"))
         if cls is Hello:
-            agent = body.get("agent", "")
-            if not isinstance(agent, str):
-                raise ProtocolError("agent must be a string")
-            return Hello(version, tunnels, agent)
+            agent, label = body.get("agent", ""), body.get("label", "")
+            if not isinstance(agent, str) or not isinstance(label, str):
+                raise ProtocolError("agent and label must be strings")
+            return Hello(version, tunnels, agent, label)
         session, limits = body.get("session"), body.get("limits", {})
         if not isinstance(session, str) or not isinstance(limits, dict):
             raise ProtocolError("WELCOME needs a session string and a limits object")

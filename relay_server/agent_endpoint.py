@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
@@ -16,7 +17,8 @@ from relay_protocol.limits import (
 )
 
 from . import tokens
-from .errors import AuthError, NameRefused
+from .delivery import Deliveries
+from .errors import AuthError, ConfigError, NameRefused
 from .names import PublicOrigin, is_valid_name, name_allowed
 from .public_errors import relay_error
 from .registry import Registry
@@ -27,6 +29,7 @@ from .session import (
     CLOSE_VERSION,
     AgentSession,
 )
+from .settings import is_valid_label
 from .store import Store
 
 log = logging.getLogger("relay.server")
@@ -37,11 +40,14 @@ HANDSHAKE_TIMEOUT = 10.0
 
 
 class AgentEndpoint:
-    def __init__(self, *, secret: bytes, store: Store, registry: Registry, origin: PublicOrigin):
+    def __init__(
+        self, *, secret: bytes, store: Store, registry: Registry, origin: PublicOrigin, deliveries: Deliveries
+    ):
         self.secret = secret
         self.store = store
         self.registry = registry
         self.origin = origin
+        self.deliveries = deliveries
 
     def _authenticate(self, header: str | None) -> tokens.Claims:
         claims = tokens.verify(self.secret, tokens.bearer(header))
@@ -64,6 +70,15 @@ class AgentEndpoint:
             if self.store.claim_name(name, claims.user) != claims.user:
                 raise NameRefused(f"name {name!r} belongs to another user")
         return list(dict.fromkeys(names))
+
+    async def _apply_settings(self, user: str, hello: Hello) -> None:
+        """``relay-agent connect --mode/--max-concurrency``: stored, so they hold when it leaves."""
+        for tunnel in hello.tunnels:
+            changes: dict[str, Any] = {k: tunnel[k] for k in ("mode", "max_concurrency") if k in tunnel}
+            if changes:
+                name = str(tunnel["name"])
+                settings = (await self.deliveries.settings(name)).updated(changes)
+                await self.deliveries.save_settings(name, user, settings)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         # aiohttp refuses a message whose size equals max_msg_size: hence the + 1.
@@ -99,7 +114,13 @@ class AgentEndpoint:
             log.info("agent %s (user %s) refused: %s", peer, claims.user, exc)
             await session.close(CLOSE_FORBIDDEN, str(exc))
             return ws
+        try:
+            await self._apply_settings(claims.user, hello)
+        except ConfigError as exc:
+            await session.close(CLOSE_FORBIDDEN, f"invalid tunnel setting: {exc}")
+            return ws
         session.user, session.names = claims.user, names
+        session.label = hello.label if is_valid_label(hello.label) else ""
         await session.welcome(
             Welcome(
                 PROTOCOL_VERSION,

@@ -11,7 +11,10 @@ from aiohttp import web
 
 from . import tokens
 from .agent_endpoint import AgentEndpoint
+from .api import Api
+from .commits import GroupCommitter
 from .config import ServerConfig
+from .delivery import Deliveries
 from .ingress import MAX_HEADER_LINE, MAX_REQUEST_HEADERS, Ingress
 from .names import PublicOrigin
 from .public_errors import relay_error
@@ -25,6 +28,8 @@ CONFIG = web.AppKey("config", ServerConfig)
 STORE = web.AppKey("store", Store)
 REGISTRY = web.AppKey("registry", Registry)
 INFLIGHT = web.AppKey("inflight", InFlight)
+DELIVERIES = web.AppKey("deliveries", Deliveries)
+COMMITS = web.AppKey("commits", GroupCommitter)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -35,18 +40,25 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
     """Build the server application. Raises ``ConfigError`` for a bad public URL or secret."""
     origin = PublicOrigin.parse(config.public_url)
     secret = tokens.load_secret(config.data_dir)
-    store = store or Store(config.data_dir)
+    store = store or Store(config.data_dir, config.store_max_bytes)
     registry = Registry()
     inflight = InFlight()
-    agents = AgentEndpoint(secret=secret, store=store, registry=registry, origin=origin)
+    commits = GroupCommitter(store)
+    deliveries = Deliveries(store=store, commits=commits, registry=registry, config=config.queue)
+    api = Api(secret=secret, store=store, registry=registry, deliveries=deliveries)
+    agents = AgentEndpoint(
+        secret=secret, store=store, registry=registry, origin=origin, deliveries=deliveries
+    )
     ingress = Ingress(
         origin=origin,
         registry=registry,
         inflight=inflight,
         store=store,
+        deliveries=deliveries,
         timeout=config.timeout,
         idle_timeout=config.idle_timeout,
         apex_routes={"/healthz": healthz, "/_relay/agent": agents.handle},
+        api=api.handle,
     )
 
     # Ingress is a middleware in front of an empty router: aiohttp's router
@@ -74,12 +86,19 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
     app[STORE] = store
     app[REGISTRY] = registry
     app[INFLIGHT] = inflight
+    app[DELIVERIES] = deliveries
+    app[COMMITS] = commits
     app.cleanup_ctx.append(_store_ctx)
     return app
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Group commit and deliveries run while the application does; the store closes last."""
+    app[COMMITS].start()
+    await app[DELIVERIES].start()
     yield
+    await app[DELIVERIES].stop()
+    await app[COMMITS].stop()
     app[STORE].close()
 
 

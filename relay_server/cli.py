@@ -15,8 +15,10 @@ from relay_protocol import RelayError
 from . import tokens
 from .app import create_app, serve
 from .config import DEFAULT_IDLE_TIMEOUT, DEFAULT_PORT, DEFAULT_TIMEOUT, ServerConfig
+from .delivery import QueueConfig
 from .durations import parse_duration
 from .names import default_patterns, is_valid_name, is_valid_pattern
+from .retry import RetryPolicy, parse_schedule
 from .store import Store
 
 DEFAULT_TOKEN_TTL = "30d"
@@ -92,6 +94,66 @@ def main() -> None:
     help="Seconds a started response, websocket or event stream may stay silent before it is closed.",
 )
 @click.option(
+    "--queue-max-body",
+    envvar="RELAY_QUEUE_MAX_BODY",
+    default=QueueConfig.max_body,
+    type=click.IntRange(min=0),
+    show_envvar=True,
+    help="Bytes: in queue mode, larger bodies are forwarded live instead of stored.",
+)
+@click.option(
+    "--quota-events",
+    envvar="RELAY_QUOTA_EVENTS",
+    default=QueueConfig.quota_events,
+    type=click.IntRange(min=1),
+    show_envvar=True,
+    help="Per tunnel: events waiting for delivery before new ones get 429.",
+)
+@click.option(
+    "--quota-bytes",
+    envvar="RELAY_QUOTA_BYTES",
+    default=QueueConfig.quota_bytes,
+    type=click.IntRange(min=1),
+    show_envvar=True,
+    help="Per tunnel: body bytes waiting for delivery before new events get 429.",
+)
+@click.option(
+    "--retention",
+    envvar="RELAY_RETENTION",
+    default="7d",
+    show_envvar=True,
+    help="How long delivered and dead events are kept for inspection and replay.",
+)
+@click.option(
+    "--retry-schedule",
+    envvar="RELAY_RETRY_SCHEDULE",
+    default="5s,30s,2m,10m,30m,1h,3h,6h,12h,24h",
+    show_envvar=True,
+    help="Delays before each retry of a failed delivery; after the last, the event is dead.",
+)
+@click.option(
+    "--max-age",
+    envvar="RELAY_MAX_AGE",
+    default="3d",
+    show_envvar=True,
+    help="An event still undelivered this long after it arrived is dead.",
+)
+@click.option(
+    "--allow-private-destinations",
+    envvar="RELAY_ALLOW_PRIVATE_DESTINATIONS",
+    is_flag=True,
+    show_envvar=True,
+    help="Let URL destinations reach loopback, private and link-local addresses.",
+)
+@click.option(
+    "--store-max-bytes",
+    envvar="RELAY_STORE_MAX_BYTES",
+    default=None,
+    type=click.IntRange(min=65536),
+    show_envvar=True,
+    help="Cap the store's size in bytes; when full, new events get 503.  [default: no cap]",
+)
+@click.option(
     "--log-level",
     envvar="RELAY_LOG_LEVEL",
     default="info",
@@ -107,6 +169,14 @@ def serve_command(
     dev: bool,
     timeout: float,
     idle_timeout: float,
+    queue_max_body: int,
+    quota_events: int,
+    quota_bytes: int,
+    retention: str,
+    retry_schedule: str,
+    max_age: str,
+    allow_private_destinations: bool,
+    store_max_bytes: int | None,
     log_level: str,
 ) -> None:
     """Run the relay server: public tunnel URLs and the agent endpoint."""
@@ -119,9 +189,20 @@ def serve_command(
         dev=dev,
         timeout=timeout,
         idle_timeout=idle_timeout,
+        queue=_queue_config(
+            queue_max_body,
+            quota_events,
+            quota_bytes,
+            retention,
+            retry_schedule,
+            max_age,
+            allow_private_destinations,
+            timeout,
+        ),
+        store_max_bytes=store_max_bytes,
     )
     try:
-        store = Store(config.data_dir)
+        store = Store(config.data_dir, config.store_max_bytes)
         app = create_app(config, store)
         if dev:
             _print_dev_banner(config, store)
@@ -133,6 +214,24 @@ def serve_command(
         asyncio.run(serve(config, app))
     except OSError as exc:  # port in use, permission denied
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+
+
+def _queue_config(
+    max_body: int,
+    quota_events: int,
+    quota_bytes: int,
+    retention: str,
+    schedule: str,
+    max_age: str,
+    allow_private: bool,
+    timeout: float,
+) -> QueueConfig:
+    try:
+        policy = RetryPolicy(parse_schedule(schedule), parse_duration(max_age))
+        kept = parse_duration(retention)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    return QueueConfig(max_body, quota_events, quota_bytes, kept, policy, timeout, allow_private)
 
 
 def _print_dev_banner(config: ServerConfig, store: Store) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from .delivery import QueueConfig
 
 DEFAULT_PORT = 8000
 #: Seconds the server waits for the local service's response head before a 504.
@@ -25,3 +27,6 @@ class ServerConfig:
     timeout: float = DEFAULT_TIMEOUT
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    #: Cap on the store's size (bytes); None: the disk is the limit.
+    store_max_bytes: int | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -27,6 +28,7 @@ from relay_protocol.headers import (
 )
 from relay_protocol.limits import MAX_DATA_SIZE
 
+from .delivery import Deliveries
 from .names import PublicOrigin, is_valid_name, normalize_host
 from .public_errors import relay_error
 from .registry import InFlight, Registry
@@ -60,6 +62,9 @@ _FORWARDED = (
 )
 # Also consumed by the relay: aiohttp answers "Expect: 100-continue" itself.
 _CONSUMED = (*_FORWARDED, b"expect")
+
+#: The JSON API lives under this path on the apex.
+API_PREFIX = "/_relay/api/"
 
 _PATH_PREFIX = re.compile(r"^/t/([^/?#]*)(.*)$", re.DOTALL)
 
@@ -148,17 +153,21 @@ class Ingress:
         registry: Registry,
         inflight: InFlight,
         store: Store,
+        deliveries: Deliveries,
         timeout: float,
         idle_timeout: float,
         apex_routes: dict[str, Handler],
+        api: Handler,
     ) -> None:
         self.origin = origin
         self.registry = registry
         self.inflight = inflight
         self.store = store
+        self.deliveries = deliveries
         self.timeout = timeout
         self.idle_timeout = idle_timeout
         self.apex_routes = apex_routes
+        self.api = api
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         raw_target = request.raw_path
@@ -176,6 +185,8 @@ class Ingress:
         except BadTarget as exc:
             return relay_error("bad-request", str(exc))
         if isinstance(where, ApexRoute):
+            if where.path.startswith(API_PREFIX):
+                return await self.api(request)
             handler = self.apex_routes.get(where.path)
             if handler is None:
                 return relay_error("not-found", "no such page on the relay server")
@@ -185,12 +196,33 @@ class Ingress:
         if self.inflight.draining:
             return relay_error("tunnel-offline", "the relay server is shutting down")
         session = self.registry.pick(where.name)
-        if session is None:
-            if await asyncio.to_thread(self.store.name_owner, where.name) is None:
-                return relay_error("unknown-tunnel", f"no tunnel is named {where.name!r}")
-            return relay_error("tunnel-offline", f"no agent is connected for {where.name!r}")
+        owner = session.user if session else await asyncio.to_thread(self.store.name_owner, where.name)
+        if owner is None:
+            return relay_error("unknown-tunnel", f"no tunnel is named {where.name!r}")
         with self.inflight.track():
-            return await self.forward(request, session, where)
+            upgrade = is_websocket_upgrade(request.method, tuple(request.raw_headers))
+            settings = await self.deliveries.settings(where.name)
+            read_ahead = b""
+            if self.deliveries.is_event(request, settings, upgrade):
+                try:
+                    head = self._request_head(request, where, upgrade)
+                except RelayError as exc:  # ProtocolError from RequestHead: bad header bytes
+                    return relay_error("bad-request", f"request cannot be forwarded: {exc}")
+                answer = await self.deliveries.accept(
+                    request,
+                    where.name,
+                    owner,
+                    head,
+                    settings,
+                    functools.partial(self._write_response, request),
+                )
+                if isinstance(answer, web.StreamResponse):
+                    return answer
+                read_ahead = answer  # over the queue limit: it goes live, with what was read
+                session = self.registry.pick(where.name)
+            if session is None:
+                return relay_error("tunnel-offline", f"no agent is connected for {where.name!r}")
+            return await self.forward(request, session, where, upgrade, read_ahead)
 
     def _request_head(self, request: web.Request, where: TunnelRoute, upgrade: bool) -> RequestHead:
         headers = without(strip_hop_by_hop(tuple(request.raw_headers)), *_CONSUMED)
@@ -211,15 +243,20 @@ class Ingress:
         )
 
     async def forward(
-        self, request: web.Request, session: AgentSession, where: TunnelRoute
+        self,
+        request: web.Request,
+        session: AgentSession,
+        where: TunnelRoute,
+        upgrade: bool,
+        read_ahead: bytes = b"",
     ) -> web.StreamResponse:
-        """Stream ``request`` to ``session``'s agent and its response back."""
-        upgrade = is_websocket_upgrade(request.method, tuple(request.raw_headers))
+        """Stream ``request`` (``read_ahead``: its first body bytes, already read)
+        to ``session``'s agent and its response back."""
         try:
             head = self._request_head(request, where, upgrade)
         except RelayError as exc:  # ProtocolError from RequestHead: bad header bytes
             return relay_error("bad-request", f"request cannot be forwarded: {exc}")
-        has_body = request.body_exists
+        has_body = request.body_exists or bool(read_ahead)
         try:
             # An upgrade keeps the request half open: websocket messages follow the 101.
             stream = await session.open(head, end_stream=not (has_body or upgrade))
@@ -227,7 +264,9 @@ class Ingress:
             if session.closed:
                 return relay_error("tunnel-offline", f"no agent is connected for {where.name!r}")
             return relay_error("too-many-requests", f"the agent is busy: {exc}")
-        pump = asyncio.create_task(self._pump_body(request, session, stream)) if has_body else None
+        pump = (
+            asyncio.create_task(self._pump_body(request, session, stream, read_ahead)) if has_body else None
+        )
         try:
             try:
                 async with asyncio.timeout(self.timeout):
@@ -248,8 +287,12 @@ class Ingress:
                     await pump
             await session.finish(stream)
 
-    async def _pump_body(self, request: web.Request, session: AgentSession, stream: Stream) -> None:
+    async def _pump_body(
+        self, request: web.Request, session: AgentSession, stream: Stream, read_ahead: bytes
+    ) -> None:
         try:
+            if read_ahead:
+                await session.send_body(stream, read_ahead)
             async for chunk in request.content.iter_chunked(MAX_DATA_SIZE):
                 await session.send_body(stream, chunk)
             await session.send_body(stream, b"", end=True)

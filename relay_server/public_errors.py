@@ -22,6 +22,7 @@ STATUS = {
     "internal-error": 500,
     "local-unreachable": 502,
     "tunnel-offline": 503,
+    "store-unavailable": 503,
     "local-timeout": 504,
 }
 

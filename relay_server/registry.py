@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .session import AgentSession
 
@@ -16,10 +16,14 @@ class Registry:
     def __init__(self) -> None:
         self._by_name: dict[str, list[AgentSession]] = {}
         self._turn: dict[str, int] = {}
+        #: Called with each session once it serves its names (queued deliveries wait on it).
+        self.on_connect: list[Callable[[AgentSession], None]] = []
 
     def add(self, session: AgentSession) -> None:
         for name in session.names:
             self._by_name.setdefault(name, []).append(session)
+        for callback in self.on_connect:
+            callback(session)
 
     def remove(self, session: AgentSession) -> None:
         for name in session.names:
@@ -30,9 +34,9 @@ class Registry:
                 self._by_name.pop(name, None)
                 self._turn.pop(name, None)
 
-    def pick(self, name: str) -> AgentSession | None:
-        """The next live session for ``name`` in turn, or None if no agent serves it."""
-        live = [s for s in self._by_name.get(name, ()) if not s.closed]
+    def pick(self, name: str, label: str = "*") -> AgentSession | None:
+        """The next live session for ``name`` (with ``label``, unless "*") in turn, or None."""
+        live = [s for s in self._by_name.get(name, ()) if not s.closed and label in ("*", s.label)]
         if not live:
             return None
         turn = self._turn.get(name, 0)

@@ -97,10 +97,11 @@ class Stream:
 class AgentSession:
     """A connected, authenticated agent serving one or more tunnel names."""
 
-    def __init__(self, ws: web.WebSocketResponse, user: str, names: list[str]) -> None:
+    def __init__(self, ws: web.WebSocketResponse, user: str, names: list[str], label: str = "") -> None:
         self.ws = ws
         self.user = user
         self.names = names
+        self.label = label
         self.id = os.urandom(6).hex()
         self.closed = False
         self._conn = Connection(Role.SERVER)

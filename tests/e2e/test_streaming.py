@@ -140,9 +140,10 @@ async def test_64_mib_upload_streams_in_bounded_memory(relay: Relay, target: Str
     for peak in peaks:
         peak.reset()
     sent = [0]
-    async with client_session() as http, http.post(
-        _url(server, "/up"), headers=_headers(server), data=_blocks(TRANSFER_MIB, sent)
-    ) as resp:
+    async with (
+        client_session() as http,
+        http.post(_url(server, "/up"), headers=_headers(server), data=_blocks(TRANSFER_MIB, sent)) as resp,
+    ):
         assert resp.status == 200
         answer = await resp.json()
     assert answer == {

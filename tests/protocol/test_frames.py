@@ -82,7 +82,7 @@ WIRE: list[tuple[Frame, bytes]] = [
     ),
     (
         Open(2, RequestHead("GET", b"/", ()), end_stream=True),
-        b"\x03\x01\x00\x00\x00\x02" b"\x03GET" b"\x00\x01/" b"\x00" b"\x00" b"\x00\x00",
+        b"\x03\x01\x00\x00\x00\x02\x03GET\x00\x01/\x00\x00\x00\x00",
     ),
     (
         Response(1, ResponseHead(200, ((b"Content-Type", b"text/plain"),))),
@@ -93,7 +93,7 @@ WIRE: list[tuple[Frame, bytes]] = [
     ),
     (
         Response(3, ResponseHead(204, ()), end_stream=True),
-        b"\x04\x01\x00\x00\x00\x03" b"\x00\xcc" b"\x00\x00",
+        b"\x04\x01\x00\x00\x00\x03\x00\xcc\x00\x00",
     ),
     (Data(1, b"hi"), b"\x05\x00\x00\x00\x00\x01hi"),
     (Data(1, b"", end_stream=True), b"\x05\x01\x00\x00\x00\x01"),
@@ -205,11 +205,12 @@ REJECTED: dict[str, bytes] = {
     "HELLO tunnel without name": b'\x01\x00\x00\x00\x00\x00\x00\x01{"tunnels":[{}]}',
     "HELLO tunnel name not str": b'\x01\x00\x00\x00\x00\x00\x00\x01{"tunnels":[{"name":1}]}',
     "HELLO too many tunnels": b"\x01\x00\x00\x00\x00\x00\x00\x01"
-    + b'{"tunnels":[' + b",".join([b'{"name":"a"}'] * 17) + b"]}",
+    + b'{"tunnels":['
+    + b",".join([b'{"name":"a"}'] * 17)
+    + b"]}",
     "HELLO agent not str": b'\x01\x00\x00\x00\x00\x00\x00\x01{"tunnels":[],"agent":5}',
     "WELCOME without session": b'\x02\x00\x00\x00\x00\x00\x00\x01{"tunnels":[]}',
-    "WELCOME limits not object": b'\x02\x00\x00\x00\x00\x00\x00\x01'
-    b'{"session":"s","tunnels":[],"limits":[]}',
+    "WELCOME limits not object": b'\x02\x00\x00\x00\x00\x00\x00\x01{"session":"s","tunnels":[],"limits":[]}',
     "OPEN truncated head": _open(b"\x03GET\x00\x01/\x00\x00\x00"),
     "OPEN field longer than payload": _open(b"\x09GET"),
     "OPEN header truncated": _open(HEAD_GET + b"\x00\x01\x00\x04Ho"),

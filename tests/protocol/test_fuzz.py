@@ -43,9 +43,7 @@ tokens = st.text(alphabet=TCHARS, min_size=1, max_size=16)
 header_names = tokens.map(str.encode)
 header_values = st.binary(max_size=40).map(lambda b: b.translate(None, b"\r\n\x00"))
 headers = st.lists(st.tuples(header_names, header_values), max_size=8).map(tuple)
-targets = st.binary(max_size=40).map(
-    lambda b: b"/" + bytes(c for c in b if 0x21 <= c <= 0x7E or c >= 0x80)
-)
+targets = st.binary(max_size=40).map(lambda b: b"/" + bytes(c for c in b if 0x21 <= c <= 0x7E or c >= 0x80))
 ascii_text = st.text(alphabet=st.characters(max_codepoint=127), max_size=40)
 stream_ids = st.integers(1, 2**32 - 1)
 

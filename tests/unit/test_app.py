@@ -150,10 +150,20 @@ async def test_unknown_tunnel_is_404(client: TestClient, path: str, host: str) -
 async def test_claimed_name_without_agent_is_503(client: TestClient) -> None:
     _store(client).claim_name("carol", "carol")
     for path, host in (("/hook", "carol.relay.test"), ("/t/carol/hook", "relay.test")):
-        async with client.post(path, headers={"Host": host}, data=b"{}") as resp:
+        async with client.get(path, headers={"Host": host}) as resp:
             assert resp.status == 503
             assert resp.headers["X-Relay-Error"] == "tunnel-offline"
             assert "no agent is connected for 'carol'" in await resp.text()
+
+
+async def test_a_webhook_without_agent_is_queued(client: TestClient) -> None:
+    _store(client).claim_name("carol", "carol")
+    for path, host in (("/hook", "carol.relay.test"), ("/t/carol/hook", "relay.test")):
+        async with client.post(path, headers={"Host": host}, data=b"{}") as resp:
+            assert resp.status == 202
+            answer = await resp.json()
+            assert answer["queued"] is True
+            assert resp.headers["X-Relay-Event"] == answer["event"]
 
 
 @pytest.mark.parametrize("method", ["CONNECT", "TRACE"])
