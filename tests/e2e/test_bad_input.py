@@ -161,7 +161,7 @@ async def test_unknown_tunnel_is_404(
         assert reply.relay_error == "unknown-tunnel"
 
 
-@pytest.mark.parametrize("path", ["/", "/nothing-here", "/t", "/_relay/api/nope", "/healthz/x"])
+@pytest.mark.parametrize("path", ["/", "/nothing-here", "/t", "/_relay/nope", "/healthz/x"])
 async def test_unknown_apex_page_is_404(alice: Tunnel, http: aiohttp.ClientSession, path: str) -> None:
     reply = await fetch(http, "GET", alice.server.url(path), alice.server.apex)
     assert_relay_error(reply, 404, "not-found")

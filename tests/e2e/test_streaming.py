@@ -31,7 +31,9 @@ def target() -> Iterator[StreamingTarget]:
 
 def _stack(relay: Relay, target: StreamingTarget, *server_options: str) -> tuple[RelayServer, int]:
     server = relay.server(*server_options)
-    agent = relay.agent(server, server.token("bulk"), target.forward)
+    # Live mode: these tests are about streaming; in queue mode a chunked POST of up
+    # to 10 MiB is read whole first, to be stored (tests/e2e/test_queue.py).
+    agent = relay.agent(server, server.token("bulk"), target.forward, extra=["--mode", "live"])
     assert server.process is not None
     return server, agent.process.pid
 
