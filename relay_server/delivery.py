@@ -162,7 +162,7 @@ class Deliveries:
         self._pending = {tunnel: [events, size] for tunnel, (events, size) in totals.items()}
         for tunnel, destination in await asyncio.to_thread(self.store.pending_destinations):
             self.dispatcher(tunnel, destination).wake()
-        self._spawn(self._purge_forever())
+        self.spawn(self._purge_forever())
 
     async def stop(self) -> None:
         for dispatcher in self._dispatchers.values():
@@ -175,7 +175,7 @@ class Deliveries:
         if self.http is not None:
             await self.http.close()
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
+    def spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -186,7 +186,7 @@ class Deliveries:
                 purged = await asyncio.to_thread(self.store.purge, time.time() - self.config.retention)
                 if purged:
                     log.info("purged %d events past their retention", purged)
-            await asyncio.sleep(PURGE_INTERVAL)
+            await asyncio.sleep(min(PURGE_INTERVAL, max(1.0, self.config.retention / 4)))
 
     # -- settings --------------------------------------------------------------------
 
@@ -213,7 +213,7 @@ class Deliveries:
         for name in session.names:
             for destination in (ANY_AGENT, f"agent:{session.label}"):
                 if (name, destination) in self._dispatchers:
-                    self._spawn(self._deliver_now(name, destination))
+                    self.spawn(self._deliver_now(name, destination))
 
     async def _deliver_now(self, tunnel: str, destination: str) -> None:
         """An agent came: everything waiting for it is due at once, in arrival order."""
@@ -270,6 +270,11 @@ class Deliveries:
             body,
         )
         session = None if settings.fan_out else self.registry.pick(tunnel)
+        dispatcher = self.dispatcher(tunnel, ANY_AGENT)
+        if session is not None and not dispatcher.has_slot(settings):
+            session = None  # a burst: the app gets at most max_concurrency at once, the rest wait
+        if session is not None:
+            dispatcher.in_flight.add(event.id)  # the slot is taken before the commit's await
         # With an agent at hand the first attempt is made here; the lease keeps
         # the dispatcher off it until the attempt is over (or the server died).
         lease = now + self.config.timeout + 30 if session else now
@@ -278,7 +283,11 @@ class Deliveries:
             seq = await self.commits.write(Store.insert_event_op(event, deliveries))
         except StoreError as exc:
             log.error("cannot store an event for %s: %s", tunnel, exc)
+            dispatcher.release(event.id)
             return relay_error("store-unavailable", "the relay cannot store this request now; retry later")
+        except BaseException:  # the sender went away: the dispatcher delivers it after the lease
+            dispatcher.release(event.id)
+            raise
         event = replace(event, seq=seq)
         pending[0] += 1
         pending[1] += len(body)
@@ -304,7 +313,6 @@ class Deliveries:
         write_response: Callable[[AgentSession, Stream, ResponseHead], Awaitable[web.StreamResponse]],
     ) -> web.StreamResponse:
         dispatcher = self.dispatcher(event.tunnel, delivery.destination)
-        dispatcher.in_flight.add(event.seq)
         try:
             stream, outcome, head = await self.attempt_agent(session, event, 1)
             await self.record(event, delivery, outcome, settings)
@@ -313,7 +321,7 @@ class Deliveries:
                     await session.finish(stream)
                 return self._queued(event)  # durable when down: the relay retries
         finally:
-            dispatcher.in_flight.discard(event.seq)
+            dispatcher.release(event.id)
         # Transparent when up: the sender gets the local service's own answer.
         try:
             return await write_response(session, stream, head)
@@ -437,8 +445,10 @@ class Dispatcher:
         self.deliveries = deliveries
         self.tunnel = tunnel
         self.destination = destination
-        self.in_flight: set[int] = set()
+        #: Events being attempted now, by the dispatcher or inline by the ingress.
+        self.in_flight: set[str] = set()
         self._wake = asyncio.Event()
+        self._freed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
     def wake(self) -> None:
@@ -450,6 +460,15 @@ class Dispatcher:
         if self.task is not None:
             self.task.cancel()
 
+    def has_slot(self, settings: TunnelSettings) -> bool:
+        return len(self.in_flight) < settings.max_concurrency
+
+    def release(self, event_id: str) -> None:
+        """An attempt on ``event_id`` is over: free its slot."""
+        self.in_flight.discard(event_id)
+        self._freed.set()
+        self._wake.set()
+
     @property
     def label(self) -> str | None:
         return self.destination[len("agent:") :] if self.destination.startswith("agent:") else None
@@ -457,10 +476,8 @@ class Dispatcher:
     async def _run(self) -> None:
         store = self.deliveries.store
         cursor = 0
-        attempts: set[asyncio.Task[None]] = set()
         while True:
             settings = await self.deliveries.settings(self.tunnel)
-            slots = settings.max_concurrency
             if self.label is not None and self.deliveries.registry.pick(self.tunnel, self.label) is None:
                 await self._sleep(None)  # no agent for it: wait to be woken by its arrival
                 continue
@@ -478,14 +495,13 @@ class Dispatcher:
                 continue
             for event, delivery in batch:
                 cursor = event.seq
-                if event.seq in self.in_flight:
+                if event.id in self.in_flight:
                     continue
-                while len(attempts) >= slots:
-                    await asyncio.wait(attempts, return_when=asyncio.FIRST_COMPLETED)
-                self.in_flight.add(event.seq)
-                task = asyncio.create_task(self._deliver(event, delivery, settings))
-                attempts.add(task)
-                task.add_done_callback(attempts.discard)
+                while not self.has_slot(settings):
+                    self._freed.clear()
+                    await self._freed.wait()
+                self.in_flight.add(event.id)
+                self.deliveries.spawn(self._deliver(event, delivery, settings))
 
     async def _sleep(self, until: float | None) -> None:
         """Wait until ``until`` (None: until woken), or until woken."""
@@ -505,8 +521,7 @@ class Dispatcher:
         except Exception:
             log.exception("delivery of %s to %s failed", event.id, self.destination)
         finally:
-            self.in_flight.discard(event.seq)
-            self._wake.set()
+            self.release(event.id)
 
     async def _via_agent(self, event: Event, attempt: int) -> Outcome:
         assert self.label is not None
