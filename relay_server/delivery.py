@@ -50,6 +50,10 @@ EVENT_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 BATCH = 100
 #: Seconds between purges of events past their retention.
 PURGE_INTERVAL = 60.0
+#: Seconds a webhook waits for a free delivery slot to be tried at once (and get
+#: the app's own answer) before it is queued (202): a short burst stays
+#: transparent, a long one drains at the app's pace.
+INLINE_SLOT_WAIT = 2.0
 #: Headers every delivery carries; the client's own values under these names are dropped.
 EVENT_HEADERS = (b"x-relay-event-id", b"x-relay-attempt", b"x-relay-received-at")
 
@@ -271,10 +275,8 @@ class Deliveries:
         )
         session = None if settings.fan_out else self.registry.pick(tunnel)
         dispatcher = self.dispatcher(tunnel, ANY_AGENT)
-        if session is not None and not dispatcher.has_slot(settings):
+        if session is not None and not await dispatcher.take_slot(event.id, settings, INLINE_SLOT_WAIT):
             session = None  # a burst: the app gets at most max_concurrency at once, the rest wait
-        if session is not None:
-            dispatcher.in_flight.add(event.id)  # the slot is taken before the commit's await
         # With an agent at hand the first attempt is made here; the lease keeps
         # the dispatcher off it until the attempt is over (or the server died).
         lease = now + self.config.timeout + 30 if session else now
@@ -462,6 +464,19 @@ class Dispatcher:
 
     def has_slot(self, settings: TunnelSettings) -> bool:
         return len(self.in_flight) < settings.max_concurrency
+
+    async def take_slot(self, event_id: str, settings: TunnelSettings, timeout: float) -> bool:
+        """Take a delivery slot for ``event_id``, waiting up to ``timeout``; False if none came."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.has_slot(settings):
+            self._freed.clear()
+            try:
+                await asyncio.wait_for(self._freed.wait(), deadline - loop.time())
+            except TimeoutError:
+                return False
+        self.in_flight.add(event_id)
+        return True
 
     def release(self, event_id: str) -> None:
         """An attempt on ``event_id`` is over: free its slot."""
