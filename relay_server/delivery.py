@@ -497,8 +497,9 @@ class Dispatcher:
                 await self._sleep(None)  # no agent for it: wait to be woken by its arrival
                 continue
             try:
+                # Without bodies: a batch waiting for slots must not hold 100 x 10 MiB.
                 batch = await asyncio.to_thread(
-                    store.due, self.tunnel, self.destination, time.time(), cursor, BATCH
+                    store.due, self.tunnel, self.destination, time.time(), cursor, BATCH, False
                 )
             except StoreError as exc:
                 log.warning("dispatcher %s/%s: %s", self.tunnel, self.destination, exc)
@@ -528,6 +529,7 @@ class Dispatcher:
     async def _deliver(self, event: Event, delivery: Delivery, settings: TunnelSettings) -> None:
         attempt = delivery.attempts + 1
         try:
+            event = replace(event, body=await asyncio.to_thread(self.deliveries.store.event_body, event.seq))
             if self.label is None:
                 outcome = await self.deliveries.attempt_url(self.destination, event, attempt)
             else:

@@ -54,11 +54,11 @@ class TunnelSettings:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}")
         retry_on = changes.get("retry_on", self.retry_on)
         if not isinstance(retry_on, list | tuple) or not all(
-            isinstance(s, int) and 100 <= s <= 599 for s in retry_on
+            _is_int(s) and 100 <= s <= 599 for s in retry_on
         ):
             raise ConfigError("retry_on must be a list of HTTP statuses")
         concurrency = changes.get("max_concurrency", self.max_concurrency)
-        if not isinstance(concurrency, int) or not 1 <= concurrency <= MAX_CONCURRENCY_LIMIT:
+        if not _is_int(concurrency) or not 1 <= concurrency <= MAX_CONCURRENCY_LIMIT:
             raise ConfigError(f"max_concurrency must be between 1 and {MAX_CONCURRENCY_LIMIT}")
         destinations = changes.get("destinations", self.destinations)
         if not isinstance(destinations, list | tuple) or not 1 <= len(destinations) <= MAX_DESTINATIONS:
@@ -86,3 +86,7 @@ def check_destination(destination: Any) -> None:
 
 def is_valid_label(label: str) -> bool:
     return 0 < len(label) <= 64 and all(c.isalnum() or c in "._-" for c in label)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a number

@@ -385,11 +385,13 @@ class Store:
         return Event(row[0], row[1], row[2], row[3], row[4], row[5], bytes(row[6]), headers, row[8], body)
 
     def due(
-        self, tunnel: str, destination: str, now: float, after_seq: int, limit: int
+        self, tunnel: str, destination: str, now: float, after_seq: int, limit: int, with_body: bool = True
     ) -> list[tuple[Event, Delivery]]:
-        """Pending deliveries due by ``now`` with seq above ``after_seq``, in arrival order, with bodies."""
+        """Pending deliveries due by ``now`` with seq above ``after_seq``, in arrival order
+        (without bodies if not ``with_body``: see ``event_body``)."""
+        body = "e.body" if with_body else "x''"
         rows = self._read(
-            f"SELECT {self._EVENT_COLUMNS}, e.body, d.status, d.attempts, d.next_attempt_at, d.last_status,"
+            f"SELECT {self._EVENT_COLUMNS}, {body}, d.status, d.attempts, d.next_attempt_at, d.last_status,"
             " d.last_error FROM deliveries d JOIN events e ON e.seq = d.event_seq"
             " WHERE d.tunnel = ? AND d.destination = ? AND d.status IN ('queued', 'failed')"
             " AND d.next_attempt_at <= ? AND d.event_seq > ? ORDER BY d.event_seq LIMIT ?",
@@ -406,6 +408,10 @@ class Store:
             )
             for r in rows
         ]
+
+    def event_body(self, seq: int) -> bytes:
+        rows = self._read("SELECT body FROM events WHERE seq = ?", seq)
+        return bytes(rows[0][0]) if rows else b""
 
     def next_due_at(self, tunnel: str, destination: str) -> float | None:
         rows = self._read(
