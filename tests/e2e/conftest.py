@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from .framework import RELAY_AGENT, RELAY_SERVER, Relay, client_session
+from .streaming_targets import StreamingTarget
 
 
 def _check_scripts() -> None:
@@ -44,3 +45,14 @@ def module_relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with client_session() as session:
         yield session
+
+
+@pytest.fixture
+def target() -> Iterator[StreamingTarget]:
+    """The websocket, event-stream and big-body service of the streaming tests."""
+    service = StreamingTarget()
+    service.start()
+    try:
+        yield service
+    finally:
+        service.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import pytest
@@ -17,16 +17,6 @@ from .streaming_targets import BLOCK, MIB, StreamingTarget
 #: 64 MiB transfer: flow control must keep bodies streaming, never buffered whole.
 MAX_RSS_GROWTH = 48 * MIB
 TRANSFER_MIB = 64
-
-
-@pytest.fixture
-def target() -> Iterator[StreamingTarget]:
-    service = StreamingTarget()
-    service.start()
-    try:
-        yield service
-    finally:
-        service.stop()
 
 
 def _stack(relay: Relay, target: StreamingTarget, *server_options: str) -> tuple[RelayServer, int]:
@@ -227,3 +217,26 @@ async def test_a_hanging_service_gets_504_after_the_timeout(relay: Relay, target
             assert resp.status == 504
             assert resp.headers["X-Relay-Error"] == "local-timeout"
     await until(lambda: target.cancelled == ["/hang"], 20, "the agent to cancel the local request")
+
+
+async def test_expect_100_continue_is_answered_before_the_body(relay: Relay, target: StreamingTarget) -> None:
+    server, _ = _stack(relay, target)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        body = b"sent only after 100 Continue"
+        writer.write(
+            f"POST /t/bulk/up HTTP/1.1\r\nHost: {server.apex}\r\nContent-Length: {len(body)}\r\n"
+            "Expect: 100-continue\r\nConnection: close\r\n\r\n".encode()
+        )
+        await writer.drain()
+        async with asyncio.timeout(10):
+            interim = await reader.readuntil(b"\r\n\r\n")
+        assert interim.startswith(b"HTTP/1.1 100 Continue")
+        writer.write(body)
+        await writer.drain()
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert hashlib.sha256(body).hexdigest().encode() in answer

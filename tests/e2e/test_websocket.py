@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import aiohttp
 import pytest
 
 from .framework import Relay, client_session
 from .streaming_targets import StreamingTarget
-
-
-@pytest.fixture
-def target() -> Iterator[StreamingTarget]:
-    service = StreamingTarget()
-    service.start()
-    try:
-        yield service
-    finally:
-        service.stop()
 
 
 def _start(relay: Relay, target: StreamingTarget, *server_options: str) -> tuple[str, str]:
