@@ -317,7 +317,9 @@ class Deliveries:
         dispatcher = self.dispatcher(event.tunnel, delivery.destination)
         try:
             stream, outcome, head = await self.attempt_agent(session, event, 1)
-            await self.record(event, delivery, outcome, settings)
+            # Recorded in the background: the event is already durable, and if this
+            # record were lost the attempt would only be made again (same event id).
+            self.spawn(self.record(event, delivery, outcome, settings))
             if stream is None or head is None or head.status in settings.retry_on:
                 if stream is not None:
                     await session.finish(stream)
@@ -404,10 +406,11 @@ class Deliveries:
         with contextlib.suppress(StoreError):  # if lost, the attempt is simply made again
             await self.commits.write(Store.update_delivery_op(updated))
         if status in ("delivered", "dead"):
-            await self._maybe_finished(event)
+            await self._maybe_finished(event, settings.destinations == (delivery.destination,))
         else:  # its dispatcher may be asleep until a later time: let it see the retry
             self.dispatcher(event.tunnel, delivery.destination).wake()
-        log.info(
+        log.log(
+            logging.DEBUG if status == "delivered" else logging.INFO,
             "event %s -> %s: attempt %d %s (%s)",
             event.id,
             delivery.destination,
@@ -417,9 +420,12 @@ class Deliveries:
         )
         return updated
 
-    async def _maybe_finished(self, event: Event) -> None:
-        deliveries = await asyncio.to_thread(self.store.deliveries, event.seq)
-        if all(d.status in ("delivered", "dead") for d in deliveries):
+    async def _maybe_finished(self, event: Event, only_destination: bool) -> None:
+        """Count ``event`` out of its tunnel's quota once no destination waits for it."""
+        if only_destination or all(
+            d.status in ("delivered", "dead")
+            for d in await asyncio.to_thread(self.store.deliveries, event.seq)
+        ):
             pending = self._pending.setdefault(event.tunnel, [0, 0])
             pending[0] = max(0, pending[0] - 1)
             pending[1] = max(0, pending[1] - len(event.body))
@@ -482,7 +488,6 @@ class Dispatcher:
         """An attempt on ``event_id`` is over: free its slot."""
         self.in_flight.discard(event_id)
         self._freed.set()
-        self._wake.set()
 
     @property
     def label(self) -> str | None:
