@@ -300,7 +300,7 @@ class Ingress:
             pass  # the response side reports it
         except (ConnectionError, asyncio.IncompleteReadError, OSError) as exc:
             log.info("stream %s: public client body failed: %s", stream.id, exc)
-            stream._fail(StreamFailed("public client went away"))
+            stream.fail(StreamFailed("public client went away"))
 
     def _failure_response(self, exc: StreamFailed, name: str) -> web.Response:
         if exc.code is None:

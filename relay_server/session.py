@@ -78,13 +78,15 @@ class Stream:
             raise item
         return item
 
-    def _feed(self, data: bytes, end: bool) -> None:
+    def feed(self, data: bytes, end: bool) -> None:
+        """Called by the session with body bytes from the agent."""
         if data:
             self._chunks.put_nowait(data)
         if end:
             self._chunks.put_nowait(None)
 
-    def _fail(self, failure: StreamFailed) -> None:
+    def fail(self, failure: StreamFailed) -> None:
+        """End the stream abnormally: every waiter (head, body, credit) gets ``failure``."""
         if self.failure is None:
             self.failure = failure
             if not self.head.done():
@@ -226,13 +228,13 @@ class AgentSession:
         if isinstance(frame, Response):
             if not stream.head.done():
                 stream.head.set_result(frame.head)
-            stream._feed(b"", frame.end_stream)
+            stream.feed(b"", frame.end_stream)
         elif isinstance(frame, Data):
-            stream._feed(frame.data, frame.end_stream)
+            stream.feed(frame.data, frame.end_stream)
         elif isinstance(frame, Window):
             stream.credit_changed.set()
         elif isinstance(frame, Reset):
-            stream._fail(StreamFailed(frame.reason or "reset by agent", frame.code))
+            stream.fail(StreamFailed(frame.reason or "reset by agent", frame.code))
 
     async def _heartbeat(self) -> None:
         loop = asyncio.get_running_loop()
@@ -249,7 +251,7 @@ class AgentSession:
         if not self.closed:
             self.closed = True
             for stream in list(self._streams.values()):
-                stream._fail(StreamFailed(reason))
+                stream.fail(StreamFailed(reason))
 
     async def close(self, code: int, reason: str) -> None:
         """Close the websocket with ``code``; streams still open fail at once."""
