@@ -132,7 +132,7 @@ class Api:
         if status is not None and status not in STATUSES:
             return api_error("bad-request", f"status must be one of {', '.join(STATUSES)}")
         try:
-            limit = min(int(request.query.get("limit", "100")), MAX_LIST)
+            limit = max(1, min(int(request.query.get("limit", "100")), MAX_LIST))
         except ValueError:
             return api_error("bad-request", "limit must be a number")
         found = await asyncio.to_thread(

@@ -539,9 +539,13 @@ class Dispatcher:
                 outcome = await self.deliveries.attempt_url(self.destination, event, attempt)
             else:
                 outcome = await self._via_agent(event, attempt)
+        except Exception as exc:  # a bug: count it as a failed attempt, so the schedule applies
+            log.exception("delivery of %s to %s failed", event.id, self.destination)
+            outcome = Outcome(None, f"relay error: {type(exc).__name__}")
+        try:
             await self.deliveries.record(event, delivery, outcome, settings)
         except Exception:
-            log.exception("delivery of %s to %s failed", event.id, self.destination)
+            log.exception("cannot record the delivery of %s to %s", event.id, self.destination)
         finally:
             self.release(event.id)
 

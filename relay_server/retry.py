@@ -6,6 +6,7 @@ import email.utils
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC
 
 from .durations import parse_duration
 
@@ -57,12 +58,14 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # str.isdigit() also takes "²"
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
+    if when.tzinfo is None:  # "-0000" or no zone: HTTP dates are always UTC
+        when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - now)
 
 

@@ -208,7 +208,8 @@ class Store:
                     results = [op(self._db) for op in ops]
                     self._db.execute("COMMIT")
                 except BaseException:
-                    self._db.execute("ROLLBACK")
+                    if self._db.in_transaction:  # SQLite already rolled back on SQLITE_FULL
+                        self._db.execute("ROLLBACK")
                     raise
                 return results
         except sqlite3.Error as exc:

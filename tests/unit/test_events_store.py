@@ -488,11 +488,6 @@ def test_a_batch_too_big_for_the_store_writes_nothing(tmp_path: Path) -> None:
         store.close()
 
 
-@pytest.mark.xfail(
-    reason="bug: Store.transaction runs ROLLBACK after SQLite already rolled back on SQLITE_FULL; "
-    "'cannot rollback - no transaction is active' replaces 'database or disk is full' in the error",
-    strict=True,
-)
 def test_a_full_store_says_it_is_full(tmp_path: Path) -> None:
     store = Store(tmp_path, max_bytes=SMALL_STORE)
     try:

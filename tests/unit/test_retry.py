@@ -180,12 +180,6 @@ def test_a_garbage_retry_after_is_ignored(value: str | None) -> None:
     assert parse_retry_after(value, T0) is None
 
 
-@pytest.mark.xfail(
-    reason="bug: parse_retry_after trusts str.isdigit(), which is True for '²' (latin-1 0xB2), "
-    "then float('²') raises ValueError out of attempt_agent instead of returning None",
-    strict=True,
-    raises=ValueError,
-)
 def test_a_superscript_digit_retry_after_is_ignored() -> None:
     # attempt_agent decodes header bytes as latin-1, so b"Retry-After: \xb2" from a local
     # service arrives here as "²".
