@@ -315,22 +315,45 @@ class Deliveries:
         write_response: Callable[[AgentSession, Stream, ResponseHead], Awaitable[web.StreamResponse]],
     ) -> web.StreamResponse:
         dispatcher = self.dispatcher(event.tunnel, delivery.destination)
+        attempt = asyncio.ensure_future(self.attempt_agent(session, event, 1))
         try:
-            stream, outcome, head = await self.attempt_agent(session, event, 1)
-            # Recorded in the background: the event is already durable, and if this
-            # record were lost the attempt would only be made again (same event id).
-            self.spawn(self.record(event, delivery, outcome, settings))
-            if stream is None or head is None or head.status in settings.retry_on:
-                if stream is not None:
-                    await session.finish(stream)
-                return self._queued(event)  # durable when down: the relay retries
-        finally:
-            dispatcher.release(event.id)
+            # Shielded: a sender that gives up (its handler is cancelled) does not
+            # cancel the attempt; its outcome is recorded all the same.
+            stream, outcome, head = await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            self.spawn(self._abandoned(attempt, event, delivery, session, settings, dispatcher))
+            raise
+        # Recorded in the background: the event is already durable, and if this
+        # record were lost the attempt would only be made again (same event id).
+        self.spawn(self.record(event, delivery, outcome, settings))
+        dispatcher.release(event.id)
+        if stream is None or head is None or head.status in settings.retry_on:
+            if stream is not None:
+                await session.finish(stream)
+            return self._queued(event)  # durable when down: the relay retries
         # Transparent when up: the sender gets the local service's own answer.
         try:
             return await write_response(session, stream, head)
         finally:
             await session.finish(stream)
+
+    async def _abandoned(
+        self,
+        attempt: asyncio.Future[tuple[Stream | None, Outcome, ResponseHead | None]],
+        event: Event,
+        delivery: Delivery,
+        session: AgentSession,
+        settings: TunnelSettings,
+        dispatcher: Dispatcher,
+    ) -> None:
+        """Finish an inline attempt whose sender went away: record what the app said."""
+        try:
+            stream, outcome, _ = await attempt
+            if stream is not None:
+                await drain(session, stream, self.config.timeout)
+            await self.record(event, delivery, outcome, settings)
+        finally:
+            dispatcher.release(event.id)
 
     # -- attempts ----------------------------------------------------------------------
 
@@ -455,8 +478,13 @@ class Dispatcher:
         self.destination = destination
         #: Events being attempted now, by the dispatcher or inline by the ingress.
         self.in_flight: set[str] = set()
+        #: Events whose attempt ended since the current store query began: a batch
+        #: read before that still shows them due, and must not send them again.
+        self._ended: set[str] = set()
         self._wake = asyncio.Event()
         self._freed = asyncio.Event()
+        #: True while everything due is in flight: an ending attempt then wakes the loop.
+        self._waiting_on_in_flight = False
         self.task: asyncio.Task[None] | None = None
 
     def wake(self) -> None:
@@ -487,7 +515,10 @@ class Dispatcher:
     def release(self, event_id: str) -> None:
         """An attempt on ``event_id`` is over: free its slot."""
         self.in_flight.discard(event_id)
+        self._ended.add(event_id)
         self._freed.set()
+        if self._waiting_on_in_flight:
+            self._wake.set()
 
     @property
     def label(self) -> str | None:
@@ -501,6 +532,7 @@ class Dispatcher:
             if self.label is not None and self.deliveries.registry.pick(self.tunnel, self.label) is None:
                 await self._sleep(None)  # no agent for it: wait to be woken by its arrival
                 continue
+            self._ended.clear()
             try:
                 # Without bodies: a batch waiting for slots must not hold 100 x 10 MiB.
                 batch = await asyncio.to_thread(
@@ -512,11 +544,20 @@ class Dispatcher:
                 continue
             if not batch:
                 cursor = 0
-                await self._sleep(await asyncio.to_thread(store.next_due_at, self.tunnel, self.destination))
+                next_at = await asyncio.to_thread(store.next_due_at, self.tunnel, self.destination)
+                if next_at is not None and next_at <= time.time() and self.in_flight:
+                    # All that is due is being attempted: wait for an attempt to end.
+                    self._waiting_on_in_flight = True
+                    try:
+                        await self._sleep(None)
+                    finally:
+                        self._waiting_on_in_flight = False
+                else:
+                    await self._sleep(next_at)
                 continue
             for event, delivery in batch:
                 cursor = event.seq
-                if event.id in self.in_flight:
+                if event.id in self.in_flight or event.id in self._ended:
                     continue
                 while not self.has_slot(settings):
                     self._freed.clear()
@@ -556,15 +597,20 @@ class Dispatcher:
             return Outcome(None, "no agent connected")
         stream, outcome, _ = await self.deliveries.attempt_agent(session, event, attempt)
         if stream is not None:
-            try:  # the answer's body is not kept: read and drop it, under flow control
-                async with asyncio.timeout(self.deliveries.config.timeout):
-                    while chunk := await stream.read():
-                        await session.consumed(stream, len(chunk))
-            except (StreamFailed, TimeoutError):
-                pass
-            finally:
-                await session.finish(stream)
+            await drain(session, stream, self.deliveries.config.timeout)
         return outcome
+
+
+async def drain(session: AgentSession, stream: Stream, timeout: float) -> None:
+    """Read and drop a delivery's answer body (it is not kept), under flow control; finish the stream."""
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk := await stream.read():
+                await session.consumed(stream, len(chunk))
+    except (StreamFailed, TimeoutError):
+        pass
+    finally:
+        await session.finish(stream)
 
 
 def event_json(event: Event, deliveries: list[Delivery], with_body: bool = False) -> dict[str, Any]:
