@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,6 +237,16 @@ class RelayServer:
         self.process.send(sig)
         return self.process.wait(timeout)
 
+    def kill(self) -> int:
+        """SIGKILL the server (a power cut, as far as the store can tell); its exit code."""
+        assert self.process is not None
+        self.process.kill()
+        return self.process.wait()
+
+    def restarted(self) -> RelayServer:
+        """A new started server on the same port, data dir and options (stop this one first)."""
+        return self.relay.server(*self.extra, port=self.port, data_dir=self.data_dir)
+
     # -- the admin commands, run on the same data dir --------------------------------------
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -354,8 +364,9 @@ class Relay:
         server = RelayServer(self, data_dir or self.new_dir("data"), port or free_port(), extra)
         return server.start() if start else server
 
-    def target(self, label: str = "target") -> TargetService:
-        target = TargetService(label)
+    def target(self, label: str = "target", kind: type[TargetService] | None = None) -> TargetService:
+        """A started target (``kind``: a subclass with its own answers); stopped in ``close()``."""
+        target = (kind or TargetService)(label)
         target.start()
         self.targets.append(target)
         return target
@@ -368,13 +379,17 @@ class Relay:
         *names: str,
         ready: bool = True,
         extra: Iterable[str] = (),
+        server_url: str | None = None,
     ) -> Agent:
-        """A ``relay-agent connect`` (``extra``: more options); waits for its URLs if ``ready``."""
+        """A ``relay-agent connect`` (``extra``: more options); waits for its URLs if ``ready``.
+
+        ``server_url`` replaces the server's public URL as ``--server`` (e.g. a proxy in between).
+        """
         argv = [
             str(RELAY_AGENT),
             "connect",
             "--server",
-            server.public_url,
+            server_url or server.public_url,
             "--token",
             token,
             "--forward",
@@ -387,6 +402,18 @@ class Relay:
         if ready:
             agent.ready(2 * max(1, len(names)))
         return agent
+
+    def agent_cli(self, server: RelayServer, token: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run ``relay-agent ARGS --server URL --token TOKEN`` (the ``tunnel`` and ``events``
+        commands) to completion; the caller checks its exit code and output."""
+        return subprocess.run(
+            [str(RELAY_AGENT), *args, "--server", server.public_url, "--token", token],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
 
     def refused_agent(
         self, server: RelayServer, token: str, forward: str = "127.0.0.1:9", *names: str
@@ -619,8 +646,9 @@ async def fetch(
     host: str,
     *,
     headers: Iterable[tuple[str, str]] = (),
-    body: bytes | None = None,
+    body: bytes | AsyncIterable[bytes] | None = None,
 ) -> Reply:
+    """One request; ``body`` may be an async iterable (sent chunked, no Content-Length)."""
     all_headers: CIMultiDict[str] = CIMultiDict([("Host", host), *headers])
     async with http.request(method, url, headers=all_headers, data=body, allow_redirects=False) as resp:
         data = await resp.read()
@@ -641,6 +669,25 @@ async def through(
     """One request to ``path`` through ``tunnel``'s public URL in ``form``."""
     url, host = tunnel.url(form, path)
     return await fetch(http, method, url, host["Host"], headers=headers, body=body)
+
+
+async def api(
+    http: aiohttp.ClientSession,
+    server: RelayServer,
+    token: str,
+    method: str,
+    path: str,
+    body: Any = None,
+) -> Reply:
+    """One call of the server's JSON API: ``path`` is relative to ``/_relay/api/``."""
+    headers = [("Authorization", f"Bearer {token}")]
+    data = None
+    if body is not None:
+        headers.append(("Content-Type", "application/json"))
+        data = json.dumps(body).encode()
+    return await fetch(
+        http, method, server.url("/_relay/api/" + path), server.apex, headers=headers, body=data
+    )
 
 
 async def raw_exchange(port: int, request: bytes, *, timeout: float = 10.0) -> tuple[Reply, bytes]:
