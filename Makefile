@@ -26,7 +26,7 @@ run: $(VENV)/.run-installed
 	$(BIN)/relay-server serve --dev --port $(PORT) --data-dir $(DATA_DIR)
 
 lint: $(VENV)/.test-installed
-	$(BIN)/ruff check relay_protocol relay_server relay_agent tests
+	$(BIN)/ruff check relay_protocol relay_server relay_agent tests bench
 	$(BIN)/mypy relay_protocol relay_server relay_agent
 
 test: lint
