@@ -32,7 +32,8 @@ from relay_protocol import (
     Window,
 )
 from relay_protocol.frames import RESET_CANCEL, RESET_INTERNAL, RESET_TARGET_TIMEOUT
-from relay_protocol.limits import HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, MAX_DATA_SIZE, MAX_FRAME_SIZE
+from relay_protocol.heartbeat import Heartbeat
+from relay_protocol.limits import HEARTBEAT_TIMEOUT, MAX_DATA_SIZE, MAX_FRAME_SIZE
 
 from .backoff import backoff, should_retry
 from .config import AgentConfig
@@ -118,7 +119,7 @@ class _Session:
         self.conn = Connection(Role.AGENT)
         self.streams: dict[int, AgentStream] = {}
         self._lock = asyncio.Lock()
-        self.last_seen = time.monotonic()
+        self.heartbeat = Heartbeat(time.monotonic())
 
     def credit(self, stream_id: int) -> int:
         return self.conn.credit(stream_id)
@@ -162,7 +163,7 @@ class _Session:
         heartbeat = asyncio.create_task(self._heartbeat())
         try:
             async for message in self.ws:
-                self.last_seen = time.monotonic()
+                self.heartbeat.seen(time.monotonic())
                 if not isinstance(message, bytes):
                     raise ProtocolError("server sent a text frame")
                 frame = self.conn.receive(message)
@@ -222,13 +223,15 @@ class _Session:
 
     async def _heartbeat(self) -> None:
         while True:
-            await asyncio.sleep(HEARTBEAT_INTERVAL)
-            if time.monotonic() - self.last_seen > HEARTBEAT_TIMEOUT:
+            beat = self.heartbeat.check(time.monotonic())
+            if beat.dead:
                 log.warning("no frame from the server for %ss: reconnecting", HEARTBEAT_TIMEOUT)
                 self.ws.transport.abort()
                 return
-            with contextlib.suppress(StreamGone):
-                await self.send(Ping(b""))
+            if beat.ping:
+                with contextlib.suppress(StreamGone):
+                    await self.send(Ping(b""))
+            await asyncio.sleep(beat.wait)
 
 
 RequestLogger = Callable[[RequestHead, "int | str", float], None]

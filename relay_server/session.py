@@ -33,7 +33,8 @@ from relay_protocol import (
     Window,
 )
 from relay_protocol.frames import RESET_CANCEL
-from relay_protocol.limits import HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, MAX_DATA_SIZE
+from relay_protocol.heartbeat import Heartbeat
+from relay_protocol.limits import HEARTBEAT_TIMEOUT, MAX_DATA_SIZE
 
 log = logging.getLogger("relay.server")
 
@@ -109,7 +110,7 @@ class AgentSession:
         self._conn = Connection(Role.SERVER)
         self._streams: dict[int, Stream] = {}
         self._send_lock = asyncio.Lock()
-        self._last_seen = asyncio.get_running_loop().time()
+        self._heartbeat_state = Heartbeat(asyncio.get_running_loop().time())
 
     def __repr__(self) -> str:
         return f"<AgentSession {self.id} user={self.user} names={self.names}>"
@@ -200,7 +201,7 @@ class AgentSession:
         heartbeat = asyncio.create_task(self._heartbeat())
         try:
             async for msg in self.ws:
-                self._last_seen = asyncio.get_running_loop().time()
+                self._heartbeat_state = Heartbeat(asyncio.get_running_loop().time())
                 if msg.type is not WSMsgType.BINARY:
                     await self.close(CLOSE_UNSUPPORTED, "only binary frames are accepted")
                     break
@@ -239,13 +240,15 @@ class AgentSession:
     async def _heartbeat(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(HEARTBEAT_INTERVAL)
-            if loop.time() - self._last_seen > HEARTBEAT_TIMEOUT:
+            beat = self._heartbeat_state.check(loop.time())
+            if beat.dead:
                 log.warning("session %s: no frame for %ss, dropping it", self.id, HEARTBEAT_TIMEOUT)
                 await self.close(CLOSE_HEARTBEAT, "heartbeat timeout")
                 return
-            with contextlib.suppress(RelayError):
-                await self._send(Ping(b""))
+            if beat.ping:
+                with contextlib.suppress(RelayError):
+                    await self._send(Ping(b""))
+            await asyncio.sleep(beat.wait)
 
     def _mark_closed(self, reason: str) -> None:
         if not self.closed:

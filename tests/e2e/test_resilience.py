@@ -198,3 +198,23 @@ async def test_a_stale_connection_does_not_hold_the_name(relay: Relay, http: aio
     reply = await through(http, tunnel, "path", "GET", "/who")
     assert reply.status == 200
     assert reply.json()["target"] == "fresh"
+
+
+async def test_a_frozen_server_is_noticed_within_the_heartbeat_timeout(
+    relay: Relay, http: aiohttp.ClientSession
+) -> None:
+    # A half-open connection: the server's process is frozen, its socket stays open.
+    tunnel = relay.tunnel()
+    assert await serves(http, tunnel, "path")
+    assert tunnel.server.process is not None
+    tunnel.server.process.send(signal.SIGSTOP)
+    frozen = time.monotonic()
+    try:
+        await tunnel.agent.process.line(r"no frame from the server for 30", stream="stderr", timeout=60)
+        noticed = time.monotonic() - frozen
+    finally:
+        tunnel.server.process.send(signal.SIGCONT)
+    # The bound: within 30 s of the last frame (plus slack for a loaded machine).
+    assert noticed < 30 + 5, f"the agent noticed after {noticed:.1f}s"
+    # And it reconnects by itself once the server answers again.
+    assert await until(lambda: serves(http, tunnel, "path"), 60, "the agent to reconnect")
