@@ -162,8 +162,12 @@ class Store:
         return db
 
     def close(self) -> None:
-        self._db.close()
-        self._reader.close()
+        """Close both connections, after any operation still running in a worker thread
+        (a cancelled ``asyncio.to_thread`` call goes on): closing under it would crash."""
+        with self._lock:
+            self._db.close()
+        with self._read_lock:
+            self._reader.close()
 
     def _migrate(self) -> None:
         with self._lock:
