@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -242,7 +243,7 @@ def _print_dev_banner(config: ServerConfig, store: Store) -> None:
     store.record_token(claims)
     command = shlex.join(
         [
-            "relay-agent",
+            _agent_script(),
             "connect",
             "--server",
             config.public_url,
@@ -254,8 +255,19 @@ def _print_dev_banner(config: ServerConfig, store: Store) -> None:
     )
     click.echo(f"relay-server (dev) on {config.public_url}, data in {config.data_dir}/")
     click.echo(f"Token for user {DEV_USER!r} (expires in {DEFAULT_TOKEN_TTL}):\n\n  {token}\n")
-    click.echo(f"Connect an agent (in another shell; .venv/bin/ holds relay-agent):\n\n  {command}\n")
+    click.echo(f"Connect an agent to a local service on port 8080, in another shell:\n\n  {command}\n")
     click.echo(f"Then: curl {config.public_url}/t/{DEV_USER}/\n", nl=True)
+
+
+def _agent_script() -> str:
+    """The relay-agent installed beside this relay-server (relative to here if below it)."""
+    script = Path(sys.argv[0]).resolve().parent / "relay-agent"
+    if not script.exists():
+        return "relay-agent"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
 
 
 @main.group("token")
