@@ -829,3 +829,19 @@ async def test_connect_mode_live_is_stored_and_outlives_the_agent(
 
     stack.agent()  # without --mode: the stored setting holds
     assert shown()["settings"]["mode"] == "live"
+
+
+async def test_a_burst_of_10000_drains_at_the_apps_pace(relay: Relay, http: aiohttp.ClientSession) -> None:
+    stack = make_stack(relay)  # the default max-concurrency: 8
+    senders = asyncio.Semaphore(64)
+
+    async def send(i: int) -> str:
+        async with senders:
+            return queued_id(await stack.post(http, "/burst", b"webhook %d" % i))
+
+    ids = await asyncio.gather(*(send(i) for i in range(10_000)))  # the laptop is closed
+    assert len(set(ids)) == 10_000
+    stack.agent()
+    await until(lambda: len(set(delivered_ids(stack.target))) >= 10_000, 300, "the burst to drain")
+    assert set(delivered_ids(stack.target)) == set(ids)
+    assert stack.target.most_active <= 8  # at the app's pace, never all at once
