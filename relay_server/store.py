@@ -81,7 +81,6 @@ MIGRATIONS: list[str] = [
 
 #: Delivery states. ``queued``: never tried; ``failed``: tried, a retry is
 #: scheduled; ``delivered``: the destination answered; ``dead``: given up.
-PENDING = ("queued", "failed")
 STATUSES = ("queued", "failed", "delivered", "dead")
 
 
