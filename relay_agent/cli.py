@@ -310,7 +310,7 @@ def events_group() -> None:
 @click.option("--name", default=None, help="Only this tunnel's events.")
 @click.option(
     "--status",
-    type=click.Choice(["queued", "delivered", "failed", "dead"]),
+    type=click.Choice(["pending", "retrying", "delivered", "dead"]),
     default=None,
     help="Only events with a delivery in this state.",
 )

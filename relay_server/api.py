@@ -26,12 +26,14 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from . import tokens
-from .delivery import Deliveries, event_json, is_public
+from .attempts import is_public
+from .delivery import Deliveries
 from .errors import AuthError, ConfigError, StoreError
 from .names import is_valid_name, name_allowed
 from .public_errors import STATUS
 from .registry import Registry
 from .settings import TunnelSettings
+from .states import event_json
 from .store import STATUSES, Store
 
 #: Most events one list call returns.

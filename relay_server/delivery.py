@@ -4,58 +4,71 @@ In ``queue`` mode a request with a body-carrying method and a body within the
 queue limit becomes an *event*: committed to the store (group commit) before
 anything is acknowledged, then delivered to each destination of its tunnel.
 ``Deliveries.accept`` is the ingress side (the first attempt is made inline, so
-the sender gets the local service's own answer when it is up); a
-``Dispatcher`` per (tunnel, destination) delivers what is pending, at most
-``max_concurrency`` at a time, in arrival order, with retries on a schedule.
+the sender gets the local service's own answer when it is up); a ``Dispatcher``
+per (tunnel, destination) delivers what waits (``dispatcher.py``), one attempt at
+a time is ``attempts.py``, and what an outcome does to a delivery is ``states.py``.
+
+What this module guarantees, whatever fails:
+
+- every delivery slot taken is given back (``try/finally``), so a failure can
+  never leave webhooks answered 202 waiting for a slot that never comes;
+- an outcome that cannot be written (disk full, I/O error) is kept in memory and
+  written again later as a *record*, never sent again as a new delivery; while
+  outcomes cannot be written, dispatchers start nothing new, and the store error
+  is logged once per ``STORE_LOG_INTERVAL``;
+- an event dies only by the clock: its schedule, or ``--max-age`` (the expiry
+  sweep kills even an event no agent ever came for).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
-import ipaddress
 import logging
 import os
-import socket
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 from aiohttp import web
-from aiohttp.abc import AbstractResolver, ResolveResult
-from multidict import CIMultiDict
-from yarl import URL
 
 from relay_protocol import RequestHead, ResponseHead
-from relay_protocol.headers import header_value, strip_hop_by_hop, without
+from relay_protocol.headers import without
 
+from .attempts import EVENT_HEADERS, AgentExchange, attempt_agent, url_client
 from .commits import GroupCommitter
+from .dispatcher import Dispatcher
 from .errors import StoreError
 from .public_errors import relay_error
 from .registry import Registry
-from .retry import RetryPolicy, next_attempt_at, parse_retry_after
-from .session import AgentSession, Stream, StreamFailed
+from .retry import RetryPolicy
+from .session import AgentSession, Stream
 from .settings import ANY_AGENT, TunnelSettings
+from .states import Outcome, settle
 from .store import Delivery, Event, Store
+from .tasks import Tasks
 
 log = logging.getLogger("relay.server")
 
 #: Methods whose requests become events in queue mode.
 EVENT_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-#: Events fetched from the store per dispatcher query.
-BATCH = 100
-#: Seconds between purges of events past their retention.
+#: Seconds between purges of events past their retention (and expiry of events past
+#: their max age).
 PURGE_INTERVAL = 60.0
 #: Seconds a webhook waits for a free delivery slot to be tried at once (and get
 #: the app's own answer) before it is queued (202): a short burst stays
 #: transparent, a long one drains at the app's pace.
 INLINE_SLOT_WAIT = 2.0
-#: Headers every delivery carries; the client's own values under these names are dropped.
-EVENT_HEADERS = (b"x-relay-event-id", b"x-relay-attempt", b"x-relay-received-at")
+#: Seconds between two log lines about the same failing store: one line per interval,
+#: with the count of failures it stands for, never a line per request.
+STORE_LOG_INTERVAL = 30.0
+#: Backoff between tries to write outcomes that could not be written: first, cap (seconds).
+RERECORD_FIRST = 0.5
+RERECORD_CAP = 30.0
+
+WriteResponse = Callable[[AgentSession, Stream, ResponseHead], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True)
@@ -68,19 +81,10 @@ class QueueConfig:
     #: Seconds finished (delivered or dead) events are kept for inspection and replay.
     retention: float = 7 * 86400.0
     policy: RetryPolicy = field(default_factory=RetryPolicy)
-    #: Seconds to wait for a destination's response head.
+    #: Seconds an attempt may take up to the destination's response head.
     timeout: float = 30.0
     #: URL destinations may resolve to loopback, private or link-local addresses.
     allow_private: bool = False
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What one attempt found: the destination's status, or the error that kept it from answering."""
-
-    status: int | None
-    error: str | None = None
-    retry_after: float | None = None
 
 
 def new_event_id() -> str:
@@ -88,49 +92,22 @@ def new_event_id() -> str:
     return f"evt_{int(time.time() * 1000):012x}{os.urandom(6).hex()}"
 
 
-def received_at_text(stamp: float) -> str:
-    return datetime.fromtimestamp(stamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def delivery_head(event: Event, attempt: int) -> RequestHead:
-    """The stored request, unchanged, plus the three X-Relay-* headers of this attempt."""
-    headers = (
-        *without(event.headers, *EVENT_HEADERS),
-        (b"X-Relay-Event-Id", event.id.encode()),
-        (b"X-Relay-Attempt", str(attempt).encode()),
-        (b"X-Relay-Received-At", received_at_text(event.received_at).encode()),
-    )
-    return RequestHead(event.method, event.target, headers, event.client, event.id)
-
-
-class PrivateAddress(OSError):
-    """A URL destination resolved to an address the admin did not allow."""
-
-
-class PublicOnlyResolver(AbstractResolver):
-    """Resolves like aiohttp's default resolver, then refuses loopback, private,
-    link-local and other non-public addresses: checked at connect time, so DNS
-    rebinding cannot get around it."""
+class StoreTrouble:
+    """Logs a failing store once per ``STORE_LOG_INTERVAL``, with how many failures it stands for."""
 
     def __init__(self) -> None:
-        self._inner = aiohttp.ThreadedResolver()
+        self._last = -STORE_LOG_INTERVAL
+        self._since = 0
 
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        results = await self._inner.resolve(host, port, family)
-        for result in results:
-            if not is_public(result["host"]):
-                raise PrivateAddress(f"{host} resolves to the non-public address {result['host']}")
-        return results
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-
-def is_public(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    return ip.is_global and not ip.is_multicast
+    def __call__(self, exc: StoreError) -> None:
+        self._since += 1
+        now = time.monotonic()
+        if now - self._last >= STORE_LOG_INTERVAL:
+            more = (
+                f" ({self._since - 1} more store failures since the last report)" if self._since > 1 else ""
+            )
+            log.error("store: %s%s", exc, more)
+            self._last, self._since = now, 0
 
 
 class Deliveries:
@@ -143,54 +120,60 @@ class Deliveries:
         self.commits = commits
         self.registry = registry
         self.config = config
+        self.tasks = Tasks("deliveries")
+        self.store_trouble = StoreTrouble()
+        #: Set while outcomes can be written; dispatchers wait on it.
+        self.recording_ok = asyncio.Event()
+        self.recording_ok.set()
         self._dispatchers: dict[tuple[str, str], Dispatcher] = {}
         self._settings: dict[str, TunnelSettings] = {}
         self._pending: dict[str, list[int]] = {}  # tunnel -> [events, bytes] not yet finished
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self.http: aiohttp.ClientSession | None = None
-        registry.on_connect.append(self._agent_connected)
+        #: Outcomes not written yet, by (event seq, destination): written again as records.
+        self._unrecorded: dict[tuple[int, str], tuple[Event, Delivery, TunnelSettings]] = {}
+        self._rerecording: asyncio.Task[None] | None = None
+        self._http: aiohttp.ClientSession | None = None
+        registry.on_connect.append(self._agent_arrived)
+        registry.on_target_up.append(self._agent_arrived)
 
     # -- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
-        self.http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                resolver=None if self.config.allow_private else PublicOnlyResolver(), limit=100
-            ),
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-        )
         totals = await asyncio.to_thread(self.store.pending_totals)
         self._pending = {tunnel: [events, size] for tunnel, (events, size) in totals.items()}
         for tunnel, destination in await asyncio.to_thread(self.store.pending_destinations):
             self.dispatcher(tunnel, destination).wake()
-        self.spawn(self._purge_forever())
+        self.tasks.loop(self._maintain, "purge and expiry")
 
     async def stop(self) -> None:
-        for dispatcher in self._dispatchers.values():
-            dispatcher.stop()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(
-            *self._tasks, *(d.task for d in self._dispatchers.values() if d.task), return_exceptions=True
-        )
-        if self.http is not None:
-            await self.http.close()
+        await self.tasks.stop()
+        if self._http is not None:
+            await self._http.close()
 
-    def spawn(self, coro: Awaitable[Any]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def url_client(self) -> aiohttp.ClientSession:
+        """The one client session for URL destinations, made on first use."""
+        if self._http is None:
+            self._http = url_client(self.config.allow_private)
+        return self._http
 
-    async def _purge_forever(self) -> None:
+    async def _maintain(self) -> None:
+        """Purge finished events past their retention; kill waiting ones past their max age."""
         while True:
-            with contextlib.suppress(StoreError):
-                purged = await asyncio.to_thread(self.store.purge, time.time() - self.config.retention)
-                if purged:
-                    log.info("purged %d events past their retention", purged)
-            await asyncio.sleep(min(PURGE_INTERVAL, max(1.0, self.config.retention / 4)))
+            now = time.time()
+            try:
+                purged = await asyncio.to_thread(self.store.purge, now - self.config.retention)
+                expired = await asyncio.to_thread(
+                    self.store.expire, now - self.config.policy.max_age, "not delivered within the max age"
+                )
+                if expired:
+                    totals = await asyncio.to_thread(self.store.pending_totals)
+                    self._pending = {t: [events, size] for t, (events, size) in totals.items()}
+            except StoreError as exc:
+                self.store_trouble(exc)
+            else:
+                if purged or expired:
+                    log.info("purged %d events past their retention, %d expired", purged, expired)
+            interval = min(self.config.retention, self.config.policy.max_age) / 4
+            await asyncio.sleep(min(PURGE_INTERVAL, max(1.0, interval)))
 
     # -- settings --------------------------------------------------------------------
 
@@ -213,17 +196,12 @@ class Deliveries:
             self._dispatchers[key] = Dispatcher(self, tunnel, destination)
         return self._dispatchers[key]
 
-    def _agent_connected(self, session: AgentSession) -> None:
+    def _agent_arrived(self, session: AgentSession) -> None:
+        """An agent connected, or told us its app answers again: what waits for it goes now."""
         for name in session.names:
             for destination in (ANY_AGENT, f"agent:{session.label}"):
                 if (name, destination) in self._dispatchers:
-                    self.spawn(self._deliver_now(name, destination))
-
-    async def _deliver_now(self, tunnel: str, destination: str) -> None:
-        """An agent came: everything waiting for it is due at once, in arrival order."""
-        with contextlib.suppress(StoreError):
-            await asyncio.to_thread(self.store.make_due_now, tunnel, destination)
-        self.dispatcher(tunnel, destination).wake()
+                    self._dispatchers[name, destination].deliver_early()
 
     # -- the ingress side ----------------------------------------------------------
 
@@ -239,7 +217,7 @@ class Deliveries:
         user: str,
         head: RequestHead,
         settings: TunnelSettings,
-        write_response: Callable[[AgentSession, Stream, ResponseHead], Awaitable[web.StreamResponse]],
+        write_response: WriteResponse,
     ) -> web.StreamResponse | bytes:
         """Take a request as an event. Returns the response to send, or the body bytes
         read so far if the body turned out larger than the queue limit (go live)."""
@@ -275,31 +253,36 @@ class Deliveries:
         )
         session = None if settings.fan_out else self.registry.pick(tunnel)
         dispatcher = self.dispatcher(tunnel, ANY_AGENT)
-        if session is not None and not await dispatcher.take_slot(event.id, settings, INLINE_SLOT_WAIT):
-            session = None  # a burst: the app gets at most max_concurrency at once, the rest wait
-        # With an agent at hand the first attempt is made here; the lease keeps
-        # the dispatcher off it until the attempt is over (or the server died).
-        lease = now + self.config.timeout + 30 if session else now
-        deliveries = [Delivery(0, tunnel, d, "queued", 0, lease) for d in settings.destinations]
+        # A burst: the app gets at most max_concurrency at once, the rest wait.
+        slot = session is not None and await dispatcher.take_slot(event.id, settings, INLINE_SLOT_WAIT)
+        handed_over = False
         try:
-            seq = await self.commits.write(Store.insert_event_op(event, deliveries))
-        except StoreError as exc:
-            log.error("cannot store an event for %s: %s", tunnel, exc)
-            dispatcher.release(event.id)
-            return relay_error("store-unavailable", "the relay cannot store this request now; retry later")
-        except BaseException:  # the sender went away: the dispatcher delivers it after the lease
-            dispatcher.release(event.id)
-            raise
-        event = replace(event, seq=seq)
-        pending[0] += 1
-        pending[1] += len(body)
-        if session is None:
-            for destination in settings.destinations:
-                self.dispatcher(tunnel, destination).wake()
-            return self._queued(event)
-        return await self._first_attempt(
-            event, replace(deliveries[0], event_seq=seq), session, settings, write_response
-        )
+            # With an agent at hand the first attempt is made here; the lease keeps
+            # the dispatcher off it until the attempt is over (or the server died).
+            lease = now + self.config.timeout + 30 if slot else now
+            deliveries = [Delivery(0, tunnel, d, "pending", 0, lease) for d in settings.destinations]
+            try:
+                seq = await self.commits.write(Store.insert_event_op(event, deliveries))
+            except StoreError as exc:
+                self.store_trouble(exc)
+                return relay_error(
+                    "store-unavailable", "the relay cannot store this request now; retry later"
+                )
+            event = replace(event, seq=seq)
+            pending[0] += 1
+            pending[1] += len(body)
+            if not slot:
+                for destination in settings.destinations:
+                    self.dispatcher(tunnel, destination).wake()
+                return self._queued(event)
+            assert session is not None
+            handed_over = True  # the first attempt owns the slot from here
+            return await self._first_attempt(
+                event, replace(deliveries[0], event_seq=seq), session, settings, write_response
+            )
+        finally:
+            if slot and not handed_over:
+                dispatcher.release(event.id)
 
     def _queued(self, event: Event) -> web.Response:
         response = web.json_response({"queued": True, "event": event.id}, status=202)
@@ -312,154 +295,177 @@ class Deliveries:
         delivery: Delivery,
         session: AgentSession,
         settings: TunnelSettings,
-        write_response: Callable[[AgentSession, Stream, ResponseHead], Awaitable[web.StreamResponse]],
+        write_response: WriteResponse,
     ) -> web.StreamResponse:
+        """The inline attempt: the app's own answer goes back to the sender, or 202."""
         dispatcher = self.dispatcher(event.tunnel, delivery.destination)
-        attempt = asyncio.ensure_future(self.attempt_agent(session, event, 1))
+        owns_slot = True
         try:
-            # Shielded: a sender that gives up (its handler is cancelled) does not
-            # cancel the attempt; its outcome is recorded all the same.
-            stream, outcome, head = await asyncio.shield(attempt)
-        except asyncio.CancelledError:
-            self.spawn(self._abandoned(attempt, event, delivery, session, settings, dispatcher))
-            raise
-        # Recorded in the background: the event is already durable, and if this
-        # record were lost the attempt would only be made again (same event id).
-        self.spawn(self.record(event, delivery, outcome, settings))
-        dispatcher.release(event.id)
-        if stream is None or head is None or head.status in settings.retry_on:
-            if stream is not None:
-                await session.finish(stream)
-            return self._queued(event)  # durable when down: the relay retries
-        # Transparent when up: the sender gets the local service's own answer.
-        try:
-            return await write_response(session, stream, head)
+            attempt = asyncio.ensure_future(attempt_agent(session, event, 1, self.config.timeout))
+            try:
+                # Shielded: a sender that gives up (its handler is cancelled) does not
+                # cancel the attempt; its outcome is recorded all the same.
+                outcome, exchange = await asyncio.shield(attempt)
+            except asyncio.CancelledError:
+                owns_slot = False
+                self.tasks.spawn(
+                    self._abandoned(attempt, event, delivery, settings, dispatcher),
+                    f"abandoned attempt of {event.id}",
+                )
+                raise
+            # Recorded in the background: the event is already durable; until the record
+            # is written the dispatcher leaves the event alone.
+            dispatcher.recording.add(event.id)
+            self.tasks.spawn(
+                self._record_inline(event, delivery, outcome, settings, dispatcher), f"record of {event.id}"
+            )
+            if exchange is None or exchange.head.status in settings.retry_on:
+                if exchange is not None:
+                    await exchange.finish()
+                return self._queued(event)  # durable when down: the relay retries
+            # Transparent when up: the sender gets the local service's own answer.
+            try:
+                return await write_response(session, exchange.stream, exchange.head)
+            finally:
+                await exchange.finish()
         finally:
-            await session.finish(stream)
+            if owns_slot:
+                dispatcher.release(event.id)
+
+    async def _record_inline(
+        self,
+        event: Event,
+        delivery: Delivery,
+        outcome: Outcome,
+        settings: TunnelSettings,
+        dispatcher: Dispatcher,
+    ) -> None:
+        try:
+            await self.record(event, delivery, outcome, settings, scheduled=True)
+        finally:
+            dispatcher.recorded(event.id)
 
     async def _abandoned(
         self,
-        attempt: asyncio.Future[tuple[Stream | None, Outcome, ResponseHead | None]],
+        attempt: asyncio.Future[tuple[Outcome, AgentExchange | None]],
         event: Event,
         delivery: Delivery,
-        session: AgentSession,
         settings: TunnelSettings,
         dispatcher: Dispatcher,
     ) -> None:
         """Finish an inline attempt whose sender went away: record what the app said."""
         try:
-            stream, outcome, _ = await attempt
-            if stream is not None:
-                await drain(session, stream, self.config.timeout)
-            await self.record(event, delivery, outcome, settings)
+            outcome, exchange = await attempt
+            if exchange is not None:
+                await exchange.drain(self.config.timeout)
+            await self.record(event, delivery, outcome, settings, scheduled=True)
         finally:
             dispatcher.release(event.id)
 
-    # -- attempts ----------------------------------------------------------------------
-
-    async def attempt_agent(
-        self, session: AgentSession, event: Event, attempt: int
-    ) -> tuple[Stream | None, Outcome, ResponseHead | None]:
-        """Send ``event`` to an agent; returns the open stream and its response head
-        (the caller reads or drains the body, then finishes the stream)."""
-        try:
-            stream = await session.open(delivery_head(event, attempt), end_stream=not event.body)
-        except StreamFailed as exc:
-            return None, Outcome(None, f"agent: {exc}"), None
-        try:
-            if event.body:
-                await session.send_body(stream, event.body, end=True)
-            async with asyncio.timeout(self.config.timeout):
-                head = await asyncio.shield(stream.head)
-        except TimeoutError:
-            await session.finish(stream)
-            return None, Outcome(None, f"no answer within {self.config.timeout:g}s"), None
-        except StreamFailed as exc:
-            await session.finish(stream)
-            return None, Outcome(None, f"agent: {exc}"), None
-        retry_after = parse_retry_after(
-            (header_value(head.headers, b"retry-after") or b"").decode("latin-1"), time.time()
-        )
-        return stream, Outcome(head.status, None, retry_after), head
-
-    async def attempt_url(self, url: str, event: Event, attempt: int) -> Outcome:
-        assert self.http is not None
-        head = delivery_head(event, attempt)
-        headers: CIMultiDict[str] = CIMultiDict()
-        for name, value in strip_hop_by_hop(without(head.headers, b"host", b"content-length")):
-            headers.add(name.decode("latin-1"), value.decode("latin-1"))
-        target = URL(url.rstrip("/") + event.target.decode("utf-8", "surrogateescape"), encoded=True)
-        try:
-            async with (
-                asyncio.timeout(self.config.timeout),
-                self.http.request(
-                    event.method, target, headers=headers, data=event.body or None, allow_redirects=False
-                ) as response,
-            ):
-                await response.read()
-                retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
-                return Outcome(response.status, None, retry_after)
-        except PrivateAddress as exc:
-            return Outcome(None, str(exc))
-        except TimeoutError:
-            return Outcome(None, f"no answer within {self.config.timeout:g}s")
-        except (aiohttp.ClientError, OSError) as exc:
-            return Outcome(None, f"{type(exc).__name__}: {exc}"[:200])
+    # -- outcomes ----------------------------------------------------------------------
 
     async def record(
-        self, event: Event, delivery: Delivery, outcome: Outcome, settings: TunnelSettings
+        self, event: Event, delivery: Delivery, outcome: Outcome, settings: TunnelSettings, *, scheduled: bool
     ) -> Delivery:
-        """Store what an attempt found; returns the delivery's new state."""
-        attempts = delivery.attempts + 1
-        now = time.time()
-        if outcome.status is not None and outcome.status not in settings.retry_on:
-            status = "dead" if outcome.status == 410 else "delivered"  # 410 Gone: stop at once
-            when = None
-        else:
-            when = next_attempt_at(self.config.policy, attempts, event.received_at, now, outcome.retry_after)
-            status = "failed" if when is not None else "dead"
-        updated = replace(
+        """Store what an attempt found; returns the delivery's new state.
+
+        Never raises ``StoreError``: an outcome that cannot be written now is kept and
+        written later (``is_unrecorded`` tells dispatchers to leave it alone meanwhile).
+        """
+        updated = settle(
             delivery,
-            status=status,
-            attempts=attempts,
-            next_attempt_at=when,
-            last_status=outcome.status,
-            last_error=outcome.error,
+            outcome,
+            scheduled=scheduled,
+            policy=self.config.policy,
+            retry_on=settings.retry_on,
+            since=delivery.since or event.received_at,
+            now=time.time(),
         )
-        with contextlib.suppress(StoreError):  # if lost, the attempt is simply made again
+        try:
             await self.commits.write(Store.update_delivery_op(updated))
-        if status in ("delivered", "dead"):
-            await self._maybe_finished(event, settings.destinations == (delivery.destination,))
-        else:  # its dispatcher may be asleep until a later time: let it see the retry
-            self.dispatcher(event.tunnel, delivery.destination).wake()
+        except StoreError as exc:
+            self.store_trouble(exc)
+            self._unrecorded[event.seq, delivery.destination] = (event, updated, settings)
+            self.recording_ok.clear()
+            if self._rerecording is None or self._rerecording.done():
+                self._rerecording = self.tasks.loop(self._rerecord, "writing outcomes again")
+            return updated
+        await self._recorded(event, updated, settings)
+        return updated
+
+    async def _recorded(self, event: Event, updated: Delivery, settings: TunnelSettings) -> None:
+        if updated.waiting:  # its dispatcher may be asleep until a later time: let it see it
+            self.dispatcher(event.tunnel, updated.destination).wake()
+        else:
+            await self._maybe_finished(event, settings.destinations == (updated.destination,))
         log.log(
-            logging.DEBUG if status == "delivered" else logging.INFO,
+            logging.DEBUG if updated.status == "delivered" else logging.INFO,
             "event %s -> %s: attempt %d %s (%s)",
             event.id,
-            delivery.destination,
-            attempts,
-            status,
-            outcome.status or outcome.error,
+            updated.destination,
+            updated.attempts,
+            updated.status,
+            updated.last_status or updated.last_error or updated.dead_reason,
         )
-        return updated
+
+    def is_unrecorded(self, event_seq: int, destination: str) -> bool:
+        return (event_seq, destination) in self._unrecorded
+
+    async def _rerecord(self) -> None:
+        """Write the kept outcomes, with backoff, until the store takes them; then resume."""
+        delay = RERECORD_FIRST
+        while self._unrecorded:
+            await asyncio.sleep(delay)
+            kept = dict(self._unrecorded)
+            ops = [Store.update_delivery_op(updated) for _, updated, _ in kept.values()]
+
+            def write_all(
+                db: sqlite3.Connection, ops: list[Callable[[sqlite3.Connection], Any]] = ops
+            ) -> None:
+                for op in ops:
+                    op(db)
+
+            try:
+                await self.commits.write(write_all)
+            except StoreError as exc:
+                self.store_trouble(exc)
+                delay = min(delay * 2, RERECORD_CAP)
+                continue
+            for key, (event, updated, settings) in kept.items():
+                if self._unrecorded.get(key, (None, None, None))[1] is updated:
+                    del self._unrecorded[key]
+                await self._recorded(event, updated, settings)
+            log.info("store: %d outcomes written after the store recovered", len(kept))
+        self.recording_ok.set()
+        for dispatcher in self._dispatchers.values():
+            dispatcher.wake()
 
     async def _maybe_finished(self, event: Event, only_destination: bool) -> None:
         """Count ``event`` out of its tunnel's quota once no destination waits for it."""
         if only_destination or all(
-            d.status in ("delivered", "dead")
-            for d in await asyncio.to_thread(self.store.deliveries, event.seq)
+            not d.waiting for d in await asyncio.to_thread(self.store.deliveries, event.seq)
         ):
             pending = self._pending.setdefault(event.tunnel, [0, 0])
             pending[0] = max(0, pending[0] - 1)
             pending[1] = max(0, pending[1] - len(event.body))
 
     async def replay(self, event: Event, deliveries: list[Delivery]) -> list[str]:
-        """Queue ``event`` again at each destination (same id, next attempt number)."""
+        """Queue ``event`` again at each destination (same id, next attempt number, a
+        fresh schedule)."""
         now = time.time()
         for delivery in deliveries:
-            was_finished = delivery.status in ("delivered", "dead")
+            was_finished = not delivery.waiting
             await self.commits.write(
-                Store.update_delivery_op(replace(delivery, status="queued", next_attempt_at=now))
+                Store.update_delivery_op(
+                    replace(
+                        delivery,
+                        status="pending",
+                        next_attempt_at=now,
+                        failures=0,
+                        dead_reason=None,
+                        since=now,
+                    )
+                )
             )
             if was_finished:
                 pending = self._pending.setdefault(event.tunnel, [0, 0])
@@ -467,189 +473,3 @@ class Deliveries:
                 pending[1] += len(event.body)
             self.dispatcher(event.tunnel, delivery.destination).wake()
         return [d.destination for d in deliveries]
-
-
-class Dispatcher:
-    """Delivers one tunnel's pending events to one destination."""
-
-    def __init__(self, deliveries: Deliveries, tunnel: str, destination: str) -> None:
-        self.deliveries = deliveries
-        self.tunnel = tunnel
-        self.destination = destination
-        #: Events being attempted now, by the dispatcher or inline by the ingress.
-        self.in_flight: set[str] = set()
-        #: Events whose attempt ended since the current store query began: a batch
-        #: read before that still shows them due, and must not send them again.
-        self._ended: set[str] = set()
-        self._wake = asyncio.Event()
-        self._freed = asyncio.Event()
-        #: True while everything due is in flight: an ending attempt then wakes the loop.
-        self._waiting_on_in_flight = False
-        self.task: asyncio.Task[None] | None = None
-
-    def wake(self) -> None:
-        self._wake.set()
-        if self.task is None or self.task.done():
-            self.task = asyncio.create_task(self._run())
-
-    def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-
-    def has_slot(self, settings: TunnelSettings) -> bool:
-        return len(self.in_flight) < settings.max_concurrency
-
-    async def take_slot(self, event_id: str, settings: TunnelSettings, timeout: float) -> bool:
-        """Take a delivery slot for ``event_id``, waiting up to ``timeout``; False if none came."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not self.has_slot(settings):
-            self._freed.clear()
-            try:
-                await asyncio.wait_for(self._freed.wait(), deadline - loop.time())
-            except TimeoutError:
-                return False
-        self.in_flight.add(event_id)
-        return True
-
-    def release(self, event_id: str) -> None:
-        """An attempt on ``event_id`` is over: free its slot."""
-        self.in_flight.discard(event_id)
-        self._ended.add(event_id)
-        self._freed.set()
-        if self._waiting_on_in_flight:
-            self._wake.set()
-
-    @property
-    def label(self) -> str | None:
-        return self.destination[len("agent:") :] if self.destination.startswith("agent:") else None
-
-    async def _run(self) -> None:
-        store = self.deliveries.store
-        cursor = 0
-        while True:
-            settings = await self.deliveries.settings(self.tunnel)
-            if self.label is not None and self.deliveries.registry.pick(self.tunnel, self.label) is None:
-                await self._sleep(None)  # no agent for it: wait to be woken by its arrival
-                continue
-            self._ended.clear()
-            try:
-                # Without bodies: a batch waiting for slots must not hold 100 x 10 MiB.
-                batch = await asyncio.to_thread(
-                    store.due, self.tunnel, self.destination, time.time(), cursor, BATCH, False
-                )
-            except StoreError as exc:
-                log.warning("dispatcher %s/%s: %s", self.tunnel, self.destination, exc)
-                await self._sleep(time.time() + 5)
-                continue
-            if not batch:
-                cursor = 0
-                next_at = await asyncio.to_thread(store.next_due_at, self.tunnel, self.destination)
-                if next_at is not None and next_at <= time.time() and self.in_flight:
-                    # All that is due is being attempted: wait for an attempt to end.
-                    self._waiting_on_in_flight = True
-                    try:
-                        await self._sleep(None)
-                    finally:
-                        self._waiting_on_in_flight = False
-                else:
-                    await self._sleep(next_at)
-                continue
-            for event, delivery in batch:
-                cursor = event.seq
-                if event.id in self.in_flight or event.id in self._ended:
-                    continue
-                while not self.has_slot(settings):
-                    self._freed.clear()
-                    await self._freed.wait()
-                self.in_flight.add(event.id)
-                self.deliveries.spawn(self._deliver(event, delivery, settings))
-
-    async def _sleep(self, until: float | None) -> None:
-        """Wait until ``until`` (None: until woken), or until woken."""
-        self._wake.clear()
-        timeout = None if until is None else max(0.0, until - time.time())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
-
-    async def _deliver(self, event: Event, delivery: Delivery, settings: TunnelSettings) -> None:
-        attempt = delivery.attempts + 1
-        try:
-            event = replace(event, body=await asyncio.to_thread(self.deliveries.store.event_body, event.seq))
-            if self.label is None:
-                outcome = await self.deliveries.attempt_url(self.destination, event, attempt)
-            else:
-                outcome = await self._via_agent(event, attempt)
-        except Exception as exc:  # a bug: count it as a failed attempt, so the schedule applies
-            log.exception("delivery of %s to %s failed", event.id, self.destination)
-            outcome = Outcome(None, f"relay error: {type(exc).__name__}")
-        try:
-            await self.deliveries.record(event, delivery, outcome, settings)
-        except Exception:
-            log.exception("cannot record the delivery of %s to %s", event.id, self.destination)
-        finally:
-            self.release(event.id)
-
-    async def _via_agent(self, event: Event, attempt: int) -> Outcome:
-        assert self.label is not None
-        session = self.deliveries.registry.pick(self.tunnel, self.label)
-        if session is None:
-            return Outcome(None, "no agent connected")
-        stream, outcome, _ = await self.deliveries.attempt_agent(session, event, attempt)
-        if stream is not None:
-            await drain(session, stream, self.deliveries.config.timeout)
-        return outcome
-
-
-async def drain(session: AgentSession, stream: Stream, timeout: float) -> None:
-    """Read and drop a delivery's answer body (it is not kept), under flow control; finish the stream."""
-    try:
-        async with asyncio.timeout(timeout):
-            while chunk := await stream.read():
-                await session.consumed(stream, len(chunk))
-    except (StreamFailed, TimeoutError):
-        pass
-    finally:
-        await session.finish(stream)
-
-
-def event_json(event: Event, deliveries: list[Delivery], with_body: bool = False) -> dict[str, Any]:
-    """The API's view of an event."""
-    data: dict[str, Any] = {
-        "id": event.id,
-        "tunnel": event.tunnel,
-        "received_at": received_at_text(event.received_at),
-        "method": event.method,
-        "target": event.target.decode("utf-8", "replace"),
-        "client": event.client,
-        "status": summary_status(deliveries),
-        "deliveries": [
-            {
-                "destination": d.destination,
-                "status": d.status,
-                "attempts": d.attempts,
-                "next_attempt_at": received_at_text(d.next_attempt_at)
-                if d.next_attempt_at and d.status in ("queued", "failed")
-                else None,
-                "last_status": d.last_status,
-                "last_error": d.last_error,
-            }
-            for d in deliveries
-        ],
-    }
-    if with_body:
-        data["headers"] = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in event.headers]
-        try:
-            data["body"] = event.body.decode("utf-8")
-            data["body_encoding"] = "utf-8"
-        except UnicodeDecodeError:
-            data["body"] = base64.b64encode(event.body).decode()
-            data["body_encoding"] = "base64"
-    return data
-
-
-def summary_status(deliveries: list[Delivery]) -> str:
-    """One word for an event: the least advanced state among its destinations."""
-    order = ("failed", "queued", "dead", "delivered")
-    states = {d.status for d in deliveries}
-    return next((s for s in order if s in states), "queued")

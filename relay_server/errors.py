@@ -19,3 +19,8 @@ class NameRefused(RelayError):
 
 class StoreError(RelayError):
     """The store could not be opened or written (disk full, bad file, locked)."""
+
+
+class StoreFull(StoreError):
+    """The store reached its size cap (``--store-max-bytes``) or the disk is full,
+    and no finished event was left to purge."""

@@ -30,23 +30,23 @@ class RetryPolicy:
 
 def next_attempt_at(
     policy: RetryPolicy,
-    attempts: int,
+    failures: int,
     received_at: float,
     now: float,
     retry_after: float | None = None,
     rand: Callable[[], float] = random.random,
 ) -> float | None:
-    """When to try again after ``attempts`` failed attempts, or None to give up (dead).
+    """When to try again after ``failures`` failed attempts, or None to give up (dead).
 
     ``retry_after`` (seconds, from the destination's Retry-After) replaces the
     scheduled delay; jitter applies to the schedule only.
     """
-    if attempts > len(policy.schedule):
+    if failures > len(policy.schedule):
         return None
     if retry_after is not None:
         delay = min(max(retry_after, 0.0), MAX_RETRY_AFTER)
     else:
-        delay = policy.schedule[attempts - 1] * (1 + JITTER * (2 * rand() - 1))
+        delay = policy.schedule[failures - 1] * (1 + JITTER * (2 * rand() - 1))
     when = now + delay
     if when > received_at + policy.max_age:
         return None

@@ -8,6 +8,7 @@ purpose so that a second backend (for several nodes) can implement it.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -16,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import StoreError
+from .errors import StoreError, StoreFull
 from .tokens import Claims
+
+log = logging.getLogger("relay.server")
 
 DB_FILE = "relay.db"
 
@@ -77,11 +80,30 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX deliveries_due ON deliveries (tunnel, destination, status, next_attempt_at, event_seq);
     """,
+    # v3 (issue 7): the retry schedule counts failures at the destination, not attempts
+    # (an attempt that never reached it spends no step), and states a user can read.
+    """
+    ALTER TABLE deliveries ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE deliveries ADD COLUMN dead_reason TEXT;
+    ALTER TABLE deliveries ADD COLUMN since REAL;  -- the schedule's start: the last replay, else arrival
+    UPDATE deliveries SET failures = attempts;
+    UPDATE deliveries SET status = 'pending' WHERE status = 'queued';
+    UPDATE deliveries SET status = 'retrying' WHERE status = 'failed';
+    """,
 ]
 
-#: Delivery states. ``queued``: never tried; ``failed``: tried, a retry is
-#: scheduled; ``delivered``: the destination answered; ``dead``: given up.
-STATUSES = ("queued", "failed", "delivered", "dead")
+#: Delivery states (the README defines them for users). ``pending``: waiting for
+#: its first attempt, or for an agent; ``retrying``: the destination failed at least
+#: once and the next attempt is scheduled; ``delivered``: the destination answered;
+#: ``dead``: given up (``dead_reason`` says why), kept for replay.
+STATUSES = ("pending", "retrying", "delivered", "dead")
+#: States of a delivery still waiting: the SQL list of them.
+_WAITING = "('pending', 'retrying')"
+#: Finished events deleted per round when the store is full, oldest first, so that a
+#: new webhook is refused only once nothing finished is left to make room.
+PRESSURE_PURGE = 500
+#: Rounds of that purge for one transaction before it gives up with ``StoreFull``.
+PRESSURE_ROUNDS = 20
 
 
 @dataclass(frozen=True)
@@ -122,6 +144,17 @@ class Delivery:
     next_attempt_at: float | None = None
     last_status: int | None = None
     last_error: str | None = None
+    #: Failures at the destination counted by the retry schedule (attempts that
+    #: never reached it are counted in ``attempts`` only).
+    failures: int = 0
+    dead_reason: str | None = None
+    #: When this delivery's schedule and max age started: its last replay (None: the
+    #: event's arrival).
+    since: float | None = None
+
+    @property
+    def waiting(self) -> bool:
+        return self.status in ("pending", "retrying")
 
 
 @dataclass(frozen=True)
@@ -129,6 +162,13 @@ class NameRecord:
     name: str
     user: str
     claimed_at: float
+
+
+def _store_error(exc: sqlite3.Error) -> StoreError:
+    """sqlite3's error as the store's own: ``StoreFull`` for SQLITE_FULL (disk or size cap)."""
+    if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        return StoreFull(f"store full: {exc}")
+    return StoreError(f"store write failed: {exc}")
 
 
 class Store:
@@ -190,7 +230,7 @@ class Store:
             with self._lock:
                 return self._db.execute(sql, args)
         except sqlite3.Error as exc:
-            raise StoreError(f"store write failed: {exc}") from exc
+            raise _store_error(exc) from exc
 
     def _read(self, sql: str, *args: object) -> list[Any]:
         try:
@@ -202,21 +242,48 @@ class Store:
     def transaction(self, ops: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
         """Run ``ops`` in one transaction (one commit, one fsync); their results in order.
 
-        Raises ``StoreError`` (disk full, I/O error) with nothing written.
+        When the store is full (``--store-max-bytes`` or the disk), finished events
+        (every delivery delivered or dead) are purged oldest first, before their
+        retention, and the transaction is tried again: a new webhook is refused only
+        when nothing finished is left. Raises ``StoreFull`` then, ``StoreError`` for
+        any other failure (I/O error), with nothing written.
         """
-        try:
-            with self._lock:
-                self._db.execute("BEGIN IMMEDIATE")
+        with self._lock:
+            for _ in range(PRESSURE_ROUNDS):
                 try:
-                    results = [op(self._db) for op in ops]
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    if self._db.in_transaction:  # SQLite already rolled back on SQLITE_FULL
-                        self._db.execute("ROLLBACK")
-                    raise
-                return results
+                    return self._transaction(ops)
+                except StoreFull:
+                    if not self._purge_finished(PRESSURE_PURGE):
+                        raise
+            return self._transaction(ops)
+
+    def _transaction(self, ops: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                results = [op(self._db) for op in ops]
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:  # SQLite already rolled back on SQLITE_FULL
+                    self._db.execute("ROLLBACK")
+                raise
+            return results
         except sqlite3.Error as exc:
-            raise StoreError(f"store write failed: {exc}") from exc
+            raise _store_error(exc) from exc
+
+    def _purge_finished(self, limit: int) -> int:
+        """Delete up to ``limit`` finished events, oldest first; how many went (0 on failure)."""
+        try:
+            deleted = self._db.execute(
+                "DELETE FROM events WHERE seq IN (SELECT event_seq FROM deliveries GROUP BY event_seq"
+                f" HAVING SUM(status IN {_WAITING}) = 0 ORDER BY event_seq LIMIT ?)",
+                (limit,),
+            ).rowcount
+        except sqlite3.Error:
+            return 0
+        if deleted:
+            log.warning("store full: purged %d finished events before their retention", deleted)
+        return deleted
 
     # -- users and tokens ------------------------------------------------------
 
@@ -327,9 +394,9 @@ class Store:
             now = time.time()
             db.executemany(
                 "INSERT INTO deliveries (event_seq, tunnel, destination, status, attempts, next_attempt_at,"
-                " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " failures, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (seq, d.tunnel, d.destination, d.status, d.attempts, d.next_attempt_at, now)
+                    (seq, d.tunnel, d.destination, d.status, d.attempts, d.next_attempt_at, d.failures, now)
                     for d in deliveries
                 ],
             )
@@ -344,13 +411,17 @@ class Store:
         def op(db: sqlite3.Connection) -> None:
             db.execute(
                 "UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, last_status = ?,"
-                " last_error = ?, updated_at = ? WHERE event_seq = ? AND destination = ?",
+                " last_error = ?, failures = ?, dead_reason = ?, since = ?, updated_at = ?"
+                " WHERE event_seq = ? AND destination = ?",
                 (
                     delivery.status,
                     delivery.attempts,
                     delivery.next_attempt_at,
                     delivery.last_status,
                     delivery.last_error,
+                    delivery.failures,
+                    delivery.dead_reason,
+                    delivery.since,
                     time.time(),
                     delivery.event_seq,
                     delivery.destination,
@@ -359,22 +430,24 @@ class Store:
 
         return op
 
-    def make_due_now(self, tunnel: str, destination: str) -> None:
-        """Everything pending for a destination becomes due at once (its agent just connected)."""
-        self._write(
-            "UPDATE deliveries SET next_attempt_at = ? WHERE tunnel = ? AND destination = ?"
-            " AND status IN ('queued', 'failed') AND next_attempt_at > ?",
+    def expire(self, since_before: float, reason: str) -> int:
+        """Waiting deliveries whose schedule started (arrival, or last replay) before
+        ``since_before`` become dead with ``reason`` (``--max-age``: an event dies by the
+        clock even if no agent ever comes for it). Returns how many."""
+        return self._write(
+            "UPDATE deliveries SET status = 'dead', dead_reason = ?, next_attempt_at = NULL,"
+            f" updated_at = ? WHERE status IN {_WAITING} AND COALESCE(since,"
+            " (SELECT received_at FROM events WHERE seq = event_seq)) < ?",
+            reason,
             time.time(),
-            tunnel,
-            destination,
-            time.time(),
-        )
+            since_before,
+        ).rowcount
 
     def purge(self, before: float) -> int:
         """Delete events whose every delivery ended (delivered or dead) before ``before``."""
         cursor = self._write(
             "DELETE FROM events WHERE seq IN (SELECT event_seq FROM deliveries GROUP BY event_seq"
-            " HAVING SUM(status IN ('queued', 'failed')) = 0 AND MAX(updated_at) < ?)",
+            f" HAVING SUM(status IN {_WAITING}) = 0 AND MAX(updated_at) < ?)",
             before,
         )
         return cursor.rowcount
@@ -382,6 +455,11 @@ class Store:
     # -- events: reads ----------------------------------------------------------------
 
     _EVENT_COLUMNS = "e.seq, e.id, e.tunnel, e.user, e.received_at, e.method, e.target, e.headers, e.client"
+    #: The columns of ``Delivery`` after ``event_seq``, in its field order.
+    _DELIVERY_COLUMNS = (
+        "d.tunnel, d.destination, d.status, d.attempts, d.next_attempt_at, d.last_status,"
+        " d.last_error, d.failures, d.dead_reason, d.since"
+    )
 
     @staticmethod
     def _event(row: Any, body: bytes = b"") -> Event:
@@ -389,15 +467,22 @@ class Store:
         return Event(row[0], row[1], row[2], row[3], row[4], row[5], bytes(row[6]), headers, row[8], body)
 
     def due(
-        self, tunnel: str, destination: str, now: float, after_seq: int, limit: int, with_body: bool = True
+        self,
+        tunnel: str,
+        destination: str,
+        now: float,
+        after_seq: int,
+        limit: int,
+        with_body: bool = True,
     ) -> list[tuple[Event, Delivery]]:
-        """Pending deliveries due by ``now`` with seq above ``after_seq``, in arrival order
-        (without bodies if not ``with_body``: see ``event_body``)."""
+        """Waiting deliveries due by ``now`` (``math.inf``: all of them) with seq above
+        ``after_seq``, in arrival order (without bodies if not ``with_body``: see
+        ``event_body``)."""
         body = "e.body" if with_body else "x''"
         rows = self._read(
-            f"SELECT {self._EVENT_COLUMNS}, {body}, d.status, d.attempts, d.next_attempt_at, d.last_status,"
-            " d.last_error FROM deliveries d JOIN events e ON e.seq = d.event_seq"
-            " WHERE d.tunnel = ? AND d.destination = ? AND d.status IN ('queued', 'failed')"
+            f"SELECT {self._EVENT_COLUMNS}, {body}, {self._DELIVERY_COLUMNS}"
+            " FROM deliveries d JOIN events e ON e.seq = d.event_seq"
+            f" WHERE d.tunnel = ? AND d.destination = ? AND d.status IN {_WAITING}"
             " AND d.next_attempt_at <= ? AND d.event_seq > ? ORDER BY d.event_seq LIMIT ?",
             tunnel,
             destination,
@@ -405,13 +490,7 @@ class Store:
             after_seq,
             limit,
         )
-        return [
-            (
-                self._event(r, bytes(r[9])),
-                Delivery(r[0], tunnel, destination, r[10], r[11], r[12], r[13], r[14]),
-            )
-            for r in rows
-        ]
+        return [(self._event(r, bytes(r[9])), Delivery(r[0], *r[10:])) for r in rows]
 
     def event_body(self, seq: int) -> bytes:
         rows = self._read("SELECT body FROM events WHERE seq = ?", seq)
@@ -420,7 +499,7 @@ class Store:
     def next_due_at(self, tunnel: str, destination: str) -> float | None:
         rows = self._read(
             "SELECT MIN(next_attempt_at) FROM deliveries WHERE tunnel = ? AND destination = ?"
-            " AND status IN ('queued', 'failed')",
+            f" AND status IN {_WAITING}",
             tunnel,
             destination,
         )
@@ -428,16 +507,14 @@ class Store:
         return None if value is None else float(value)
 
     def pending_destinations(self) -> list[tuple[str, str]]:
-        rows = self._read(
-            "SELECT DISTINCT tunnel, destination FROM deliveries WHERE status IN ('queued', 'failed')"
-        )
+        rows = self._read(f"SELECT DISTINCT tunnel, destination FROM deliveries WHERE status IN {_WAITING}")
         return [(r[0], r[1]) for r in rows]
 
     def pending_totals(self) -> dict[str, tuple[int, int]]:
-        """Per tunnel: events with a delivery still pending, and their body bytes."""
+        """Per tunnel: events with a delivery still waiting, and their body bytes."""
         rows = self._read(
             "SELECT e.tunnel, COUNT(*), SUM(LENGTH(e.body)) FROM events e WHERE e.seq IN"
-            " (SELECT event_seq FROM deliveries WHERE status IN ('queued', 'failed')) GROUP BY e.tunnel"
+            f" (SELECT event_seq FROM deliveries WHERE status IN {_WAITING}) GROUP BY e.tunnel"
         )
         return {r[0]: (r[1], r[2] or 0) for r in rows}
 
@@ -477,8 +554,7 @@ class Store:
 
     def deliveries(self, event_seq: int) -> list[Delivery]:
         rows = self._read(
-            "SELECT tunnel, destination, status, attempts, next_attempt_at, last_status, last_error"
-            " FROM deliveries WHERE event_seq = ? ORDER BY destination",
+            f"SELECT {self._DELIVERY_COLUMNS} FROM deliveries d WHERE event_seq = ? ORDER BY destination",
             event_seq,
         )
         return [Delivery(event_seq, *r) for r in rows]

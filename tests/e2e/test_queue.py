@@ -268,7 +268,7 @@ async def test_offline_webhooks_are_queued_then_delivered_in_arrival_order(
         sent.append((queued_id(reply), method, body, before))
     ids = [s[0] for s in sent]
     assert len(set(ids)) == 12
-    assert {e["id"] for e in stack.events("--status", "queued")} == set(ids)
+    assert {e["id"] for e in stack.events("--status", "pending")} == set(ids)
     assert stack.target.requests == []
 
     stack.agent()
@@ -304,7 +304,7 @@ async def test_app_answering_503_is_retried_until_it_recovers(
 
     await until(lambda: len(stack.target.attempts("/flaky")) >= 3, DELIVERED, "three attempts")
     event = await stack.event(http, event_id)
-    assert event["status"] == "failed"
+    assert event["status"] == "retrying"
     assert event["deliveries"][0]["last_status"] == 503
     assert event["deliveries"][0]["next_attempt_at"] is not None
 
@@ -388,7 +388,7 @@ async def test_app_down_or_too_slow_gives_202_and_it_is_delivered_later(
     # The agent is up, the app is not: nothing listens on its port.
     nowhere = relay.agent(stack.server, stack.token, f"127.0.0.1:{free_port()}")
     refused = queued_id(await stack.post(http, "/refused", b"r"))
-    event = await stack.event_in(http, refused, "failed")
+    event = await stack.event_in(http, refused, "retrying")
     assert event["deliveries"][0]["last_status"] is None
     assert event["deliveries"][0]["last_error"]
     nowhere.process.kill()
@@ -399,7 +399,7 @@ async def test_app_down_or_too_slow_gives_202_and_it_is_delivered_later(
     started = time.monotonic()
     late = queued_id(await stack.post(http, "/slow-app", b"s"))
     assert time.monotonic() - started < 2.5
-    event = await stack.event_in(http, late, "failed")
+    event = await stack.event_in(http, late, "retrying")
     assert event["deliveries"][0]["last_error"] == "no answer within 1s"
 
     for event_id, path, body in ((refused, "/refused", b"r"), (late, "/slow-app", b"s")):
@@ -460,7 +460,7 @@ async def test_a_failing_event_does_not_block_the_ones_behind_it(
     )
     assert list(dict.fromkeys(s.header("X-Relay-Event-Id") for s in stack.target.seen("/fine"))) == behind
     await until(lambda: len(stack.target.attempts("/broken")) >= 3, DELIVERED, "more attempts")
-    assert (await stack.event(http, broken))["status"] == "failed"
+    assert (await stack.event(http, broken))["status"] == "retrying"
 
 
 async def test_a_sender_that_gives_up_does_not_strand_its_event(
@@ -500,7 +500,7 @@ async def test_no_duplicate_deliveries_while_the_agent_stays_connected(
 
     await until(lambda: len(attempts()) >= 200, 30, "two attempts of each event")
     await until(
-        lambda: not stack.events("--status", "failed") and not stack.events("--status", "queued"),
+        lambda: not stack.events("--status", "retrying") and not stack.events("--status", "pending"),
         DELIVERED,
         "every event to be recorded delivered",
     )
@@ -695,7 +695,7 @@ async def test_another_users_token_cannot_see_or_replay_events(
 
     # Alice sees it, still queued (bob's replay did nothing), with its body.
     shown = json.loads(stack.cli_ok("events", "show", event_id, "--json"))
-    assert (shown["status"], shown["body"]) == ("queued", "alice's payload")
+    assert (shown["status"], shown["body"]) == ("pending", "alice's payload")
     assert (await stack.event(http, event_id))["deliveries"][0]["attempts"] == 0
     assert stack.cli_ok("tunnel", "show", "alice").split()[1] == "queue"
 
@@ -768,7 +768,7 @@ async def test_fan_out_delivers_every_event_to_every_destination(
     assert received(second) == sent
     assert {s.raw_path for s in web_hook.requests} == {f"/base/hook/{i}?n={i}" for i in range(8)}
     assert {s.raw_path for s in first.requests} == {f"/hook/{i}?n={i}" for i in range(8)}
-    expected = {"agent:a": "delivered", "agent:b": "queued", url: "delivered"}
+    expected = {"agent:a": "delivered", "agent:b": "pending", url: "delivered"}
     for event_id in late:
         pending = await stack.event_when(
             http,
@@ -776,7 +776,7 @@ async def test_fan_out_delivers_every_event_to_every_destination(
             lambda e: {d["destination"]: d["status"] for d in e["deliveries"]} == expected,
             f"states {expected}",
         )
-        assert pending["status"] == "queued"  # the least advanced destination's
+        assert pending["status"] == "pending"  # the least advanced destination's
 
     relay.agent(stack.server, stack.token, second.forward, extra=("--label", "b"))
     await until(lambda: received(second) == every, DELIVERED, "agent b's backlog")

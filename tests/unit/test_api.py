@@ -241,7 +241,7 @@ async def test_a_post_without_agent_is_queued_and_shown_with_its_body(
     assert summary["tunnel"] == "alice"
     assert summary["method"] == "POST"
     assert summary["target"] == "/hook?x=1"
-    assert summary["status"] == "queued"
+    assert summary["status"] == "pending"
     assert summary["deliveries"][0]["destination"] == "agent:*"
     assert summary["deliveries"][0]["attempts"] == 0
     assert "body" not in summary
@@ -280,7 +280,8 @@ async def test_events_list_filters(client: TestClient, tmp_path: Path) -> None:
     assert await ids("") == [second, first]  # newest first
     assert await ids("?name=alice") == [first]
     assert await ids("?name=alice-dev") == [second]
-    assert await ids("?status=queued") == [second, first]
+    assert await ids("?status=pending") == [second, first]
+    assert await ids("?status=retrying") == []
     assert await ids("?status=delivered") == []
     assert await ids("?limit=1") == [second]
     status, headers, _ = await _api(client, "GET", "events?status=lost", token)
@@ -295,7 +296,7 @@ async def test_a_negative_limit_does_not_lift_the_cap(client: TestClient, tmp_pa
         [
             Store.insert_event_op(
                 Event(0, f"evt_{i:05}", "alice", "alice", 1.0, "POST", b"/", (), "", b""),
-                [Delivery(0, "alice", "agent:*", "queued", 0, time.time() + 3600)],
+                [Delivery(0, "alice", "agent:*", "pending", 0, time.time() + 3600)],
             )
             for i in range(MAX_LIST + 1)
         ]
@@ -332,7 +333,7 @@ async def test_another_user_sees_nothing_of_alices_events(client: TestClient, tm
     # Alice's event is as it was.
     _, _, shown = await _api(client, "GET", f"events/{event_id}", _token(client, tmp_path, "alice"))
     assert shown["deliveries"][0]["attempts"] == 0
-    assert shown["status"] == "queued"
+    assert shown["status"] == "pending"
 
 
 # -- tunnel settings ------------------------------------------------------------------------
@@ -535,9 +536,9 @@ async def test_a_503_from_the_local_service_is_queued_for_retry(client: TestClie
     assert "X-Relay-Error" not in headers
 
     shown = await _recorded(client, _token(client, tmp_path, "alice"), opened.head.event_id, 1)
-    assert shown["status"] == "failed"
+    assert shown["status"] == "retrying"
     [delivery] = shown["deliveries"]
-    assert (delivery["status"], delivery["attempts"], delivery["last_status"]) == ("failed", 1, 503)
+    assert (delivery["status"], delivery["attempts"], delivery["last_status"]) == ("retrying", 1, 503)
     # Retry-After: 120 replaced the 5 s of the schedule.
     retry = datetime.fromisoformat(delivery["next_attempt_at"]).timestamp()
     assert answered + 115 <= retry <= time.time() + 121

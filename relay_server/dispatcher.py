@@ -1,0 +1,248 @@
+"""One dispatcher per (tunnel, destination): what is due, in arrival order, with its concurrency.
+
+A dispatcher reads waiting deliveries from the store in batches (without bodies), and
+starts an attempt for each while fewer than ``max_concurrency`` are in flight; it sleeps
+until the next one is due, or until woken (a new event, an outcome, an agent). An
+*early pass* (``deliver_early``: an agent connected, or reported its app up again) takes
+every waiting delivery at once, in arrival order, whatever its schedule says, and stops
+at the first failure at the destination (the app is still down: the rest wait for their
+schedule or the next early pass).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from .attempts import attempt_agent, attempt_url
+from .errors import StoreError
+from .settings import TunnelSettings
+from .states import Outcome
+from .store import Delivery, Event
+
+if TYPE_CHECKING:
+    from .delivery import Deliveries
+
+log = logging.getLogger("relay.server")
+
+#: Events fetched from the store per dispatcher query.
+BATCH = 100
+#: Seconds a dispatcher waits after its store query failed before it tries again.
+STORE_RETRY = 5.0
+#: Seconds a dispatcher sleeps after a whole pass started nothing although something was
+#: due (all of it being recorded or just ended): never a busy loop, whatever the race.
+IDLE_PASS_WAIT = 1.0
+
+
+class Dispatcher:
+    """Delivers one tunnel's waiting events to one destination."""
+
+    def __init__(self, deliveries: Deliveries, tunnel: str, destination: str) -> None:
+        self.deliveries = deliveries
+        self.tunnel = tunnel
+        self.destination = destination
+        #: Events being attempted now (each holds a delivery slot), by the dispatcher
+        #: or inline by the ingress.
+        self.in_flight: set[str] = set()
+        #: Events whose inline attempt is over but whose outcome is still being written.
+        self.recording: set[str] = set()
+        #: While a batch is read and dispatched: its event ids, and those of them whose
+        #: attempt ended meanwhile (the batch shows them due; they must not go again).
+        #: Both are bounded by BATCH and emptied after each batch.
+        self._batch: set[str] = set()
+        self._reading = False
+        self._ended: set[str] = set()
+        self._wake = asyncio.Event()
+        self._freed = asyncio.Event()
+        self._early = False
+        self._restart = False
+        #: True while everything due is in flight: an ending attempt then wakes the loop.
+        self._waiting_on_in_flight = False
+        self.task: asyncio.Task[None] | None = None
+
+    def wake(self) -> None:
+        self._wake.set()
+        if self.task is None or self.task.done():
+            self.task = self.deliveries.tasks.loop(self._run, f"dispatcher {self.tunnel}/{self.destination}")
+
+    def deliver_early(self) -> None:
+        """Try everything waiting now, in arrival order (an agent came, or its app is back)."""
+        self._early = True
+        self._restart = True
+        self.wake()
+
+    def has_slot(self, settings: TunnelSettings) -> bool:
+        return len(self.in_flight) < settings.max_concurrency
+
+    async def take_slot(self, event_id: str, settings: TunnelSettings, timeout: float) -> bool:
+        """Take a delivery slot for ``event_id``, waiting up to ``timeout``; False if none came."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.has_slot(settings):
+            self._freed.clear()
+            try:
+                await asyncio.wait_for(self._freed.wait(), deadline - loop.time())
+            except TimeoutError:
+                return False
+        self.in_flight.add(event_id)
+        return True
+
+    def release(self, event_id: str) -> None:
+        """An attempt on ``event_id`` is over: free its slot."""
+        self.in_flight.discard(event_id)
+        self._freed.set()
+        self._ended_now(event_id)
+
+    def recorded(self, event_id: str) -> None:
+        """The outcome of ``event_id``'s inline attempt is written (or kept to be written)."""
+        self.recording.discard(event_id)
+        self._ended_now(event_id)
+
+    def _ended_now(self, event_id: str) -> None:
+        if self._reading or event_id in self._batch:
+            self._ended.add(event_id)
+        if self._waiting_on_in_flight:
+            self._wake.set()
+
+    @property
+    def label(self) -> str | None:
+        return self.destination[len("agent:") :] if self.destination.startswith("agent:") else None
+
+    def _busy(self, event: Event) -> bool:
+        return (
+            event.id in self.in_flight
+            or event.id in self.recording
+            or event.id in self._ended
+            or self.deliveries.is_unrecorded(event.seq, self.destination)
+        )
+
+    async def _run(self) -> None:
+        deliveries = self.deliveries
+        store = deliveries.store
+        cursor = 0
+        started_in_pass = 0
+        while True:
+            # While outcomes cannot be written, attempt nothing new: each would be sent
+            # again once the store is back, as a double.
+            await deliveries.recording_ok.wait()
+            settings = await deliveries.settings(self.tunnel)
+            if self.label is not None and deliveries.registry.pick(self.tunnel, self.label) is None:
+                self._early = False  # the agent's arrival starts the next early pass
+                await self._sleep(None)
+                continue
+            if self._restart:
+                cursor, started_in_pass, self._restart = 0, 0, False
+            early = self._early
+            self._reading, self._ended = True, set()
+            try:
+                # Without bodies: a batch waiting for slots must not hold 100 x 10 MiB.
+                batch = await asyncio.to_thread(
+                    store.due, self.tunnel, self.destination, math.inf if early else time.time(),
+                    cursor, BATCH, False,
+                )  # fmt: skip
+            except StoreError as exc:
+                deliveries.store_trouble(exc)
+                await self._sleep(time.time() + STORE_RETRY)
+                continue
+            finally:
+                self._reading = False
+            self._batch = {event.id for event, _ in batch}
+            self._ended &= self._batch
+            try:
+                if not batch:
+                    self._early = False
+                    await self._idle(started_in_pass)
+                    cursor, started_in_pass = 0, 0
+                    continue
+                for event, delivery in batch:
+                    if not self._busy(event):
+                        while not self.has_slot(settings):
+                            self._freed.clear()
+                            await self._freed.wait()
+                        if not deliveries.recording_ok.is_set():
+                            break
+                        if early and not self._early:  # the app failed: the early pass is over
+                            self._restart = True
+                            break
+                        self.in_flight.add(event.id)
+                        scheduled = (delivery.next_attempt_at or 0.0) <= time.time()
+                        deliveries.tasks.spawn(
+                            self._deliver(event, delivery, settings, scheduled), f"delivery of {event.id}"
+                        )
+                        started_in_pass += 1
+                    cursor = event.seq
+            finally:
+                self._batch, self._ended = set(), set()
+
+    async def _idle(self, started_in_pass: int) -> None:
+        """Nothing more is due in this pass: sleep until the next delivery is due, or woken."""
+        try:
+            next_at = await asyncio.to_thread(
+                self.deliveries.store.next_due_at, self.tunnel, self.destination
+            )
+        except StoreError as exc:
+            self.deliveries.store_trouble(exc)
+            await self._sleep(time.time() + STORE_RETRY)
+            return
+        if next_at is not None and next_at <= time.time():
+            if self.in_flight or self.recording:
+                # All that is due is being attempted: wait for an attempt to end.
+                self._waiting_on_in_flight = True
+                try:
+                    await self._sleep(None)
+                finally:
+                    self._waiting_on_in_flight = False
+                return
+            if not started_in_pass:
+                await self._sleep(time.time() + IDLE_PASS_WAIT)
+                return
+        await self._sleep(next_at)
+
+    async def _sleep(self, until: float | None) -> None:
+        """Wait until ``until`` (None: until woken), or until woken."""
+        self._wake.clear()
+        timeout = None if until is None else max(0.0, until - time.time())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _deliver(
+        self, event: Event, delivery: Delivery, settings: TunnelSettings, scheduled: bool
+    ) -> None:
+        deliveries = self.deliveries
+        attempt = delivery.attempts + 1
+        try:
+            try:
+                body = await asyncio.to_thread(deliveries.store.event_body, event.seq)
+                event = replace(event, body=body)
+                if self.label is None:
+                    outcome = await attempt_url(
+                        deliveries.url_client(), self.destination, event, attempt, deliveries.config.timeout
+                    )
+                else:
+                    outcome = await self._via_agent(event, attempt)
+            except StoreError as exc:
+                deliveries.store_trouble(exc)
+                outcome = Outcome(None, "the relay could not read the event", reached=False)
+            except Exception as exc:  # a bug: count it as a failed attempt, so the schedule applies
+                log.exception("delivery of %s to %s failed", event.id, self.destination)
+                outcome = Outcome(None, f"relay error: {type(exc).__name__}")
+            if outcome.reached and (outcome.status is None or outcome.status in settings.retry_on):
+                self._early = False  # the destination failed: the rest wait for their schedule
+            await deliveries.record(event, delivery, outcome, settings, scheduled=scheduled)
+        finally:
+            self.release(event.id)
+
+    async def _via_agent(self, event: Event, attempt: int) -> Outcome:
+        assert self.label is not None
+        session = self.deliveries.registry.pick(self.tunnel, self.label)
+        if session is None:
+            return Outcome(None, "no agent connected", reached=False)
+        outcome, exchange = await attempt_agent(session, event, attempt, self.deliveries.config.timeout)
+        if exchange is not None:
+            await exchange.drain(self.deliveries.config.timeout)
+        return outcome

@@ -1,0 +1,143 @@
+"""Delivery states: what one attempt's outcome does to a delivery, and how users see it.
+
+A delivery is ``pending`` (waiting for its first attempt, or for an agent),
+``retrying`` (the destination failed; the next attempt is scheduled), ``delivered``
+or ``dead`` (given up, with the reason). ``settle`` is the one transition function,
+pure so that it is tested on a fake clock: the retry schedule advances only on a
+failure *at the destination* of an attempt the schedule asked for. An attempt that
+never reached the destination (no agent, the agent's connection lost mid-attempt),
+or one made early because an agent connected or reported its app up again, spends no
+step: an event dies by the clock (its schedule and ``--max-age``), never because an
+agent or the server restarted N times.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from .retry import RetryPolicy, next_attempt_at
+from .store import Delivery, Event
+
+#: Seconds before an attempt that never reached its destination is made again (unless
+#: an agent connects first): short, since it spends no step of the schedule, yet not a
+#: busy loop while, say, the agent refuses new streams.
+NOT_REACHED_DELAY = 1.0
+#: The order in which an event's overall state is the least advanced of its destinations'.
+_SUMMARY_ORDER = ("retrying", "pending", "dead", "delivered")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one attempt found: the destination's status, or the error that kept it from answering.
+
+    ``reached`` is False when the request never got to the destination's app: no
+    agent was connected, the agent refused the stream, or its connection was lost
+    before an answer came.
+    """
+
+    status: int | None
+    error: str | None = None
+    retry_after: float | None = None
+    reached: bool = True
+
+
+def settle(
+    delivery: Delivery,
+    outcome: Outcome,
+    *,
+    scheduled: bool,
+    policy: RetryPolicy,
+    retry_on: tuple[int, ...],
+    since: float,
+    now: float,
+    rand: Callable[[], float] = random.random,
+) -> Delivery:
+    """The delivery after one more attempt with ``outcome``.
+
+    ``scheduled`` is False for an attempt made before the delivery's next attempt was
+    due (an agent connected, or reported its app up again): its failure keeps the
+    schedule where it was. ``since`` is when the schedule and the max age started (the
+    event's arrival, or its last replay). A ``Retry-After`` from the destination sets the
+    next attempt.
+    """
+    attempts = delivery.attempts + 1
+    base = replace(delivery, attempts=attempts, last_status=outcome.status, last_error=outcome.error)
+    if outcome.status is not None and outcome.status not in retry_on:
+        if outcome.status == 410:  # 410 Gone: the destination wants no more of it
+            return replace(
+                base, status="dead", next_attempt_at=None, dead_reason="the destination answered 410 Gone"
+            )
+        return replace(base, status="delivered", next_attempt_at=None)
+    failures = delivery.failures
+    if not outcome.reached:
+        when = max(delivery.next_attempt_at or now, now + NOT_REACHED_DELAY)
+    elif not scheduled:
+        when = max(delivery.next_attempt_at or now, now + (outcome.retry_after or 0.0))
+    else:
+        failures += 1
+        next_at = next_attempt_at(policy, failures, since, now, outcome.retry_after, rand)
+        if next_at is None:
+            last = outcome.status or outcome.error or "no answer"
+            why = (
+                f"gave up after {failures} failed attempts; the last: {last}"
+                if failures > len(policy.schedule)
+                else f"not delivered within the max age; the last attempt: {last}"
+            )
+            return replace(base, status="dead", failures=failures, next_attempt_at=None, dead_reason=why)
+        when = next_at
+    if when > since + policy.max_age:
+        when = since + policy.max_age  # the expiry sweep makes it dead then, whatever happens
+    return replace(
+        base, status="retrying" if failures else "pending", failures=failures, next_attempt_at=when
+    )
+
+
+def received_at_text(stamp: float) -> str:
+    return datetime.fromtimestamp(stamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def event_json(event: Event, deliveries: list[Delivery], with_body: bool = False) -> dict[str, Any]:
+    """The API's view of an event."""
+    data: dict[str, Any] = {
+        "id": event.id,
+        "tunnel": event.tunnel,
+        "received_at": received_at_text(event.received_at),
+        "method": event.method,
+        "target": event.target.decode("utf-8", "replace"),
+        "client": event.client,
+        "status": summary_status(deliveries),
+        "deliveries": [
+            {
+                "destination": d.destination,
+                "status": d.status,
+                "attempts": d.attempts,
+                "next_attempt_at": received_at_text(d.next_attempt_at)
+                if d.next_attempt_at and d.waiting
+                else None,
+                "last_status": d.last_status,
+                "last_error": d.last_error,
+                "dead_reason": d.dead_reason,
+            }
+            for d in deliveries
+        ],
+    }
+    if with_body:
+        data["headers"] = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in event.headers]
+        try:
+            data["body"] = event.body.decode("utf-8")
+            data["body_encoding"] = "utf-8"
+        except UnicodeDecodeError:
+            data["body"] = base64.b64encode(event.body).decode()
+            data["body_encoding"] = "base64"
+    return data
+
+
+def summary_status(deliveries: list[Delivery]) -> str:
+    """One word for an event: the least advanced state among its destinations."""
+    states = {d.status for d in deliveries}
+    return next((s for s in _SUMMARY_ORDER if s in states), "pending")
