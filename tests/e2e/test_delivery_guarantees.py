@@ -124,7 +124,9 @@ async def test_the_app_back_means_at_once_and_in_arrival_order(relay: Relay) -> 
         assert set(listed) == set(ids)  # retrying, with when and why
         for event in listed.values():
             [delivery] = event["deliveries"]
-            assert delivery["next_attempt_at"] and "unreachable" in (delivery["last_error"] or ""), delivery
+            assert delivery["next_attempt_at"] and "cannot connect" in (delivery["last_error"] or ""), (
+                delivery
+            )
         target = app_up(relay, app_port)
         await until(lambda: len(target.requests) >= 5, DRAIN, "the five webhooks, at once")
         assert [s.header("X-Relay-Event-Id") for s in target.requests] == ids  # arrival order
@@ -247,3 +249,86 @@ async def test_a_store_full_of_delivered_webhooks_makes_room_instead_of_refusing
         pytest.fail("a 512 KiB store took 40 waiting webhooks of 40 KiB")
     assert waiting
     assert {e["id"] for e in events(relay, server, token, "--status", "pending")} == set(waiting)
+
+
+class EarlyAnswerApp:
+    """A raw HTTP app that answers every request as soon as its head arrived, then never
+    reads the body (nor closes): the agent's upload to it stalls for good."""
+
+    def __init__(self) -> None:
+        self.heads: list[bytes] = []
+        self.port = 0
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            self.heads.append(await reader.readuntil(b"\r\n\r\n"))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nearly")
+            await writer.drain()
+
+    async def close(self) -> None:
+        self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+
+
+async def test_an_app_that_answers_before_reading_the_body_is_a_success(
+    relay: Relay, http: aiohttp.ClientSession
+) -> None:
+    # On the old code the relay sent the whole body before waiting for the answer: the
+    # upload stalled, the agent reset the stream once the answer was relayed, and the
+    # attempt counted as failed (202, retried until dead).
+    server = relay.server("--timeout", "5")
+    token = server.token("alice")
+    set_tunnel(relay, server, token)
+    app = EarlyAnswerApp()
+    await app.start()
+    try:
+        relay.agent(server, token, f"127.0.0.1:{app.port}")
+        reply = await post(http, server, "/early", os.urandom(8 * 1024 * 1024))
+        assert (reply.status, reply.body) == (200, b"early")
+
+        async def delivered() -> bool:
+            return bool(events(relay, server, token, "--status", "delivered"))
+
+        await until(delivered, 30, "the event recorded delivered")
+        [event] = events(relay, server, token)
+        assert (event["status"], event["deliveries"][0]["attempts"]) == ("delivered", 1)
+        assert len(app.heads) == 1
+    finally:
+        await app.close()
+
+
+async def test_a_frozen_agent_costs_a_sender_the_timeout_not_the_heartbeat(
+    relay: Relay, http: aiohttp.ClientSession
+) -> None:
+    # The agent is SIGSTOPped: it reads nothing, so a body over the flow-control window
+    # cannot be sent. --timeout (2 s) covers opening the stream and sending the body: the
+    # attempt ends as "no answer within 2s" and the sender gets 202. On the old code the
+    # send waited for the heartbeat to drop the agent (30 s), and the attempt was recorded
+    # as "agent disconnected".
+    server = relay.server("--timeout", "2")
+    token = server.token("alice")
+    set_tunnel(relay, server, token)
+    target = relay.target("alice")
+    agent = relay.agent(server, token, target.forward)
+    agent.process.send(signal.SIGSTOP)
+    try:
+        reply = await post(http, server, "/frozen", os.urandom(2 * 1024 * 1024))
+        event_id = acknowledged(reply)
+
+        async def recorded() -> dict[str, Any] | None:
+            [event] = events(relay, server, token)
+            return event if event["deliveries"][0]["attempts"] else None
+
+        event = await until(recorded, 30, "the attempt to be recorded")
+        assert event["id"] == event_id
+        assert event["deliveries"][0]["last_error"] == "no answer within 2s"
+    finally:
+        agent.process.send(signal.SIGCONT)
+    await until(lambda: event_id in arrived(target), DRAIN, "the event once the agent thaws")
