@@ -29,6 +29,7 @@ from .frames import (
     Pong,
     Reset,
     Response,
+    TargetUp,
     Welcome,
     Window,
     decode,
@@ -196,7 +197,7 @@ class Connection:
             else:
                 self._handshaken = True
             return frame
-        if isinstance(frame, (Ping, Pong)):
+        if isinstance(frame, (Ping, Pong, TargetUp)):
             return frame
         if isinstance(frame, Open):
             if frame.stream_id != self._last_stream_id + 1:

@@ -65,6 +65,10 @@ class Welcome:
     session: str
     tunnels: tuple[dict[str, Any], ...]
     limits: dict[str, int] = field(default_factory=dict)
+    #: What the server understands beyond version 1 (e.g. ``"target-up"``): an
+    #: agent sends an optional frame only to a server that lists it. Encoded
+    #: only when not empty, so a server without features sends the old bytes.
+    features: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -132,15 +136,27 @@ class Pong:
     payload: bytes = b""
 
 
-Frame = Hello | Welcome | Open | Response | Data | Window | Reset | Ping | Pong
-AgentFrame = Hello | Response | Data | Window | Reset | Ping | Pong
+@dataclass(frozen=True)
+class TargetUp:
+    """Agent -> server, stream 0, empty: the local service, unreachable a moment
+    ago, accepts connections again (deliver what waits for it now). Sent only to
+    a server whose WELCOME lists the ``"target-up"`` feature."""
+
+    TYPE: ClassVar[int] = 0x0A
+
+
+#: The feature a server lists in WELCOME when it understands TARGET_UP.
+FEATURE_TARGET_UP = "target-up"
+
+Frame = Hello | Welcome | Open | Response | Data | Window | Reset | Ping | Pong | TargetUp
+AgentFrame = Hello | Response | Data | Window | Reset | Ping | Pong | TargetUp
 ServerFrame = Welcome | Open | Data | Window | Reset | Ping | Pong
 
 #: The one table of type codes. Never renumber: it is the wire format.
 FRAME_TYPES: dict[int, type[Frame]] = {
-    cls.TYPE: cls for cls in (Hello, Welcome, Open, Response, Data, Window, Reset, Ping, Pong)
+    cls.TYPE: cls for cls in (Hello, Welcome, Open, Response, Data, Window, Reset, Ping, Pong, TargetUp)
 }
-AGENT_FRAMES: tuple[type[Frame], ...] = (Hello, Response, Data, Window, Reset, Ping, Pong)
+AGENT_FRAMES: tuple[type[Frame], ...] = (Hello, Response, Data, Window, Reset, Ping, Pong, TargetUp)
 SERVER_FRAMES: tuple[type[Frame], ...] = (Welcome, Open, Data, Window, Reset, Ping, Pong)
 
 # Reset codes. The numbers are wire format; docs/protocol.md lists them.
@@ -189,9 +205,14 @@ def _payload(frame: Frame) -> bytes:
             hello["label"] = frame.label
         return frame.version.to_bytes(2, "big") + _json(hello)
     if isinstance(frame, Welcome):
-        return frame.version.to_bytes(2, "big") + _json(
-            {"session": frame.session, "tunnels": list(frame.tunnels), "limits": frame.limits}
-        )
+        welcome: dict[str, Any] = {
+            "session": frame.session,
+            "tunnels": list(frame.tunnels),
+            "limits": frame.limits,
+        }
+        if frame.features:
+            welcome["features"] = list(frame.features)
+        return frame.version.to_bytes(2, "big") + _json(welcome)
     if isinstance(frame, Open):
         return encode_request_head(frame.head)
     if isinstance(frame, Response):
@@ -204,6 +225,8 @@ def _payload(frame: Frame) -> bytes:
         return frame.increment.to_bytes(4, "big")
     if isinstance(frame, Reset):
         return frame.code.to_bytes(2, "big") + frame.reason[:MAX_RESET_REASON].encode()
+    if isinstance(frame, TargetUp):
+        return b""
     return frame.payload  # Ping, Pong
 
 
@@ -262,7 +285,10 @@ def _decode_payload(cls: type[Frame], stream_id: int, payload: bytes, end_stream
         session, limits = body.get("session"), body.get("limits", {})
         if not isinstance(session, str) or not isinstance(limits, dict):
             raise ProtocolError("WELCOME needs a session string and a limits object")
-        return Welcome(version, session, tunnels, limits)
+        features = body.get("features", [])
+        if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+            raise ProtocolError("WELCOME features must be a list of strings")
+        return Welcome(version, session, tunnels, limits, tuple(features))
     if cls is Open:
         return Open(stream_id, decode_request_head(payload), end_stream)
     if cls is Response:
@@ -286,6 +312,10 @@ def _decode_payload(cls: type[Frame], stream_id: int, payload: bytes, end_stream
         except UnicodeDecodeError as exc:
             raise ProtocolError("RESET reason is not UTF-8") from exc
         return Reset(stream_id, int.from_bytes(payload[:2], "big"), reason)
+    if cls is TargetUp:
+        if payload:
+            raise ProtocolError("TARGET_UP carries no payload")
+        return TargetUp()
     if len(payload) > MAX_CONTROL_SIZE:
         raise FrameTooLarge("PING/PONG payload too large")
     return Ping(payload) if cls is Ping else Pong(payload)
@@ -293,6 +323,7 @@ def _decode_payload(cls: type[Frame], stream_id: int, payload: bytes, end_stream
 
 __all__ = [
     "AGENT_FRAMES",
+    "FEATURE_TARGET_UP",
     "FLAG_END_STREAM",
     "FRAME_TYPES",
     "MAX_STREAM_ID",
@@ -307,6 +338,7 @@ __all__ = [
     "Reset",
     "Response",
     "ServerFrame",
+    "TargetUp",
     "Welcome",
     "Window",
 ]

@@ -4,21 +4,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .limits import HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT
+from .limits import HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, SEND_TIMEOUT
 
 
 @dataclass(frozen=True)
 class Beat:
-    dead: bool  # nothing received for HEARTBEAT_TIMEOUT: drop the connection
+    dead: bool  # drop the connection
     ping: bool  # send a PING now
     wait: float  # seconds until the next check
+    # Dead because a send waited SEND_TIMEOUT: the peer does not read, so abort
+    # the transport (a close handshake could not complete).
+    stuck: bool = False
 
 
 class Heartbeat:
     """Tracks the last frame received and the next PING due on one connection.
 
-    Checks run at the next PING or the death deadline, whichever is first, so
-    a silent peer is noticed exactly ``HEARTBEAT_TIMEOUT`` after its last frame.
+    Checks run at the next PING or the next deadline, whichever is first, so a
+    silent peer is noticed exactly ``HEARTBEAT_TIMEOUT`` after its last frame,
+    and a peer that stops reading exactly ``SEND_TIMEOUT`` after the oldest
+    frame still waiting to be sent was queued, however many frames it sends.
     """
 
     def __init__(self, now: float) -> None:
@@ -29,11 +34,22 @@ class Heartbeat:
         """A frame arrived."""
         self.last_seen = now
 
-    def check(self, now: float) -> Beat:
+    def check(self, now: float, oldest_send: float | None = None) -> Beat:
+        """What to do at ``now``. ``oldest_send``: when the oldest frame not yet
+        taken by the peer was queued, None if nothing waits to be sent.
+
+        While something waits to be sent no PING is due: one would only queue
+        behind it, and the frame on its way already tells the peer we live.
+        """
         deadline = self.last_seen + HEARTBEAT_TIMEOUT
         if now >= deadline:
             return Beat(dead=True, ping=False, wait=0.0)
-        ping = now >= self._next_ping
-        if ping:
+        if oldest_send is not None:
+            send_deadline = oldest_send + SEND_TIMEOUT
+            if now >= send_deadline:
+                return Beat(dead=True, ping=False, wait=0.0, stuck=True)
+            deadline = min(deadline, send_deadline)
+        ping = now >= self._next_ping and oldest_send is None
+        if now >= self._next_ping:
             self._next_ping = now + HEARTBEAT_INTERVAL
         return Beat(dead=False, ping=ping, wait=min(self._next_ping, deadline) - now)

@@ -54,6 +54,18 @@ HEARTBEAT_INTERVAL = 10.0
 #: missed heartbeats: a half-open connection is noticed within 30 s.
 HEARTBEAT_TIMEOUT = 3 * HEARTBEAT_INTERVAL
 
+#: Seconds one websocket send may wait for the peer to take its bytes, and
+#: seconds the oldest frame queued for sending may wait. Like the heartbeat's
+#: silence limit: a peer that reads nothing for that long is as dead as one
+#: that says nothing. Past it the connection is aborted (a close handshake
+#: cannot complete with a peer that does not read). Not part of the wire format.
+SEND_TIMEOUT = HEARTBEAT_TIMEOUT
+
+#: Bytes queued for sending on one connection above which DATA, OPEN and
+#: RESPONSE wait (control frames never do): about one stream window, enough to
+#: keep a fast link busy, and it bounds what a slow reader makes a side buffer.
+SEND_HIGH_WATER = 4 * MAX_DATA_SIZE
+
 #: Largest WebSocket message relayed on an upgraded stream: aiohttp's own
 #: default limit, far above what browsers and webhook tools send, and it
 #: bounds what one message makes either side assemble in memory.

@@ -25,6 +25,7 @@ from relay_protocol.frames import (
     Pong,
     Reset,
     Response,
+    TargetUp,
     Welcome,
     Window,
     decode,
@@ -102,6 +103,12 @@ def test_ping_pong(pair: Pair) -> None:
     assert pair.a2s(Pong(b"t1")) == Pong(b"t1")
     assert pair.a2s(Ping()) == Ping()
     assert pair.s2a(Pong()) == Pong()
+
+
+def test_target_up_reaches_the_server_like_a_ping(pair: Pair) -> None:
+    stream_id = pair.open()
+    assert pair.a2s(TargetUp()) == TargetUp()
+    assert pair.server.open_streams == 1 and pair.server.credit(stream_id) > 0  # no stream touched
 
 
 # -- the stream state machine -----------------------------------------------------
@@ -416,8 +423,8 @@ def test_server_never_receives_server_frames(frame: Frame) -> None:
 
 @pytest.mark.parametrize(
     "frame",
-    [Response(1, OK), Hello(PROTOCOL_VERSION, ())],
-    ids=["response", "hello"],
+    [Response(1, OK), Hello(PROTOCOL_VERSION, ()), TargetUp()],
+    ids=["response", "hello", "target-up"],
 )
 def test_agent_never_receives_agent_frames(frame: Frame) -> None:
     agent = Connection(Role.AGENT)

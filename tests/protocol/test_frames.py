@@ -26,6 +26,7 @@ from relay_protocol.frames import (
     Pong,
     Reset,
     Response,
+    TargetUp,
     Welcome,
     Window,
     decode,
@@ -106,6 +107,11 @@ WIRE: list[tuple[Frame, bytes]] = [
     (Ping(b"12345678"), b"\x08\x00\x00\x00\x00\x0012345678"),
     (Ping(), b"\x08\x00\x00\x00\x00\x00"),
     (Pong(b"12345678"), b"\x09\x00\x00\x00\x00\x0012345678"),
+    (TargetUp(), b"\x0a\x00\x00\x00\x00\x00"),  # TARGET_UP, no flags, stream 0, no payload
+    (
+        Welcome(1, "s2", (), {}, ("target-up",)),
+        b'\x02\x00\x00\x00\x00\x00\x00\x01{"features":["target-up"],"limits":{},"session":"s2","tunnels":[]}',
+    ),
 ]
 
 
@@ -134,6 +140,7 @@ def test_type_codes_are_pinned() -> None:
         0x07: "Reset",
         0x08: "Ping",
         0x09: "Pong",
+        0x0A: "TargetUp",
     }
     assert FLAG_END_STREAM == 0x01
     assert FRAME_HEADER_SIZE == 6
@@ -153,7 +160,7 @@ def test_reset_codes_are_pinned() -> None:
 
 
 def test_direction_unions() -> None:
-    assert set(frames.AGENT_FRAMES) == {Hello, Response, Data, Window, Reset, Ping, Pong}
+    assert set(frames.AGENT_FRAMES) == {Hello, Response, Data, Window, Reset, Ping, Pong, TargetUp}
     assert set(frames.SERVER_FRAMES) == {Welcome, Open, Data, Window, Reset, Ping, Pong}
 
 
@@ -174,7 +181,7 @@ REJECTED: dict[str, bytes] = {
     "empty": b"",
     "short frame": b"\x05\x00\x00\x00\x01",
     "unknown type 0x00": b"\x00\x00\x00\x00\x00\x00",
-    "unknown type 0x0a": b"\x0a\x00\x00\x00\x00\x00",
+    "unknown type 0x0b": b"\x0b\x00\x00\x00\x00\x00",
     "unknown type 0xff": b"\xff\x00\x00\x00\x00\x01",
     "unknown flag 0x02": b"\x05\x02\x00\x00\x00\x01hi",
     "unknown flag 0x80": b"\x05\x81\x00\x00\x00\x01hi",
@@ -185,6 +192,9 @@ REJECTED: dict[str, bytes] = {
     "RESET on stream 0": b"\x07\x00\x00\x00\x00\x00\x00\x01",
     "PING on stream 1": b"\x08\x00\x00\x00\x00\x01",
     "PONG on stream 1": b"\x09\x00\x00\x00\x00\x01",
+    "TARGET_UP on stream 1": b"\x0a\x00\x00\x00\x00\x01",
+    "TARGET_UP with a payload": b"\x0a\x00\x00\x00\x00\x00x",
+    "END on TARGET_UP": b"\x0a\x01\x00\x00\x00\x00",
     "HELLO on stream 1": b'\x01\x00\x00\x00\x00\x01\x00\x01{"tunnels":[]}',
     "WELCOME on stream 1": b'\x02\x00\x00\x00\x00\x01\x00\x01{"session":"s","tunnels":[]}',
     "END on WINDOW": b"\x06\x01\x00\x00\x00\x01\x00\x00\x00\x01",
@@ -211,6 +221,10 @@ REJECTED: dict[str, bytes] = {
     "HELLO agent not str": b'\x01\x00\x00\x00\x00\x00\x00\x01{"tunnels":[],"agent":5}',
     "WELCOME without session": b'\x02\x00\x00\x00\x00\x00\x00\x01{"tunnels":[]}',
     "WELCOME limits not object": b'\x02\x00\x00\x00\x00\x00\x00\x01{"session":"s","tunnels":[],"limits":[]}',
+    "WELCOME features not a list": b"\x02\x00\x00\x00\x00\x00\x00\x01"
+    b'{"session":"s","tunnels":[],"features":"x"}',
+    "WELCOME feature not a string": b"\x02\x00\x00\x00\x00\x00\x00\x01"
+    b'{"session":"s","tunnels":[],"features":[1]}',
     "OPEN truncated head": _open(b"\x03GET\x00\x01/\x00\x00\x00"),
     "OPEN field longer than payload": _open(b"\x09GET"),
     "OPEN header truncated": _open(HEAD_GET + b"\x00\x01\x00\x04Ho"),
@@ -334,6 +348,18 @@ def test_head_limits_when_built_locally() -> None:
 def test_reset_reason_is_truncated_on_encode() -> None:
     wire = encode(Reset(1, frames.RESET_INTERNAL, "x" * 5000))
     assert wire == b"\x07\x00\x00\x00\x00\x01\x00\x07" + b"x" * frames.MAX_RESET_REASON
+
+
+def test_welcome_features_are_optional() -> None:
+    # A server from before features sends none: the agent sees an empty tuple.
+    old = b'\x02\x00\x00\x00\x00\x00\x00\x01{"session":"s","tunnels":[]}'
+    assert decode(old) == Welcome(1, "s", ())
+    assert decode(old).features == ()  # type: ignore[union-attr]
+    # Unknown features are kept, for the agent to ignore.
+    new = b'\x02\x00\x00\x00\x00\x00\x00\x01{"session":"s","tunnels":[],"features":["x","target-up"]}'
+    assert decode(new) == Welcome(1, "s", (), {}, ("x", "target-up"))
+    # Without features the encoding is the same bytes as before they existed.
+    assert b"features" not in encode(Welcome(1, "s", ()))
 
 
 def test_worked_example_in_docs_matches_the_encoder() -> None:

@@ -1,7 +1,7 @@
 """The heartbeat schedule on a fake clock: pings every interval, death exactly at the timeout."""
 
 from relay_protocol.heartbeat import Heartbeat
-from relay_protocol.limits import HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT
+from relay_protocol.limits import HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, SEND_TIMEOUT
 
 
 def test_pings_every_interval_while_the_peer_talks() -> None:
@@ -36,3 +36,59 @@ def test_any_frame_postpones_death() -> None:
     beat.seen(HEARTBEAT_TIMEOUT - 1)
     assert not beat.check(HEARTBEAT_TIMEOUT + 1).dead
     assert beat.check(2 * HEARTBEAT_TIMEOUT - 1).dead
+
+
+# -- a peer that stops reading: the oldest frame waiting to be sent ---------------
+
+
+def test_a_peer_that_talks_but_never_reads_is_dead_at_the_send_timeout() -> None:
+    # The peer sends a frame every second (as the hostile agent of the e2e test
+    # does), so silence never kills it; a frame queued at 5.0 is never taken.
+    beat = Heartbeat(now=0.0)
+    queued_at = 5.0
+    now = queued_at
+    checks = 0
+    while not (step := beat.check(now, oldest_send=queued_at)).dead:
+        assert not step.ping  # a frame is already on its way: no PING queues behind it
+        now = min(now + step.wait, float(int(now) + 1))
+        beat.seen(now)
+        checks += 1
+    assert step.stuck
+    assert now == queued_at + SEND_TIMEOUT
+    assert checks >= SEND_TIMEOUT  # it kept talking all along
+
+
+def test_a_check_wakes_up_for_the_send_deadline() -> None:
+    beat = Heartbeat(now=0.0)
+    beat.seen(20.0)
+    # Sleeping exactly the waits it asks for, it is declared stuck at the deadline, not later.
+    now = 25.0
+    while not (step := beat.check(now, oldest_send=24.0)).dead:
+        beat.seen(now)
+        now += step.wait
+    assert (step.stuck, now) == (True, 24.0 + SEND_TIMEOUT)
+
+
+def test_frames_that_leave_in_time_never_kill() -> None:
+    beat = Heartbeat(now=0.0)
+    now = 0.0
+    for i in range(100):
+        beat.seen(now)
+        # Something is always queued, each frame taken just before the bound.
+        step = beat.check(now, oldest_send=now - SEND_TIMEOUT + 0.5)
+        assert not step.dead, i
+        now += 1.0
+
+
+def test_no_ping_while_a_send_is_pending_then_pings_again() -> None:
+    beat = Heartbeat(now=0.0)
+    assert not beat.check(HEARTBEAT_INTERVAL, oldest_send=HEARTBEAT_INTERVAL - 1).ping
+    beat.seen(HEARTBEAT_INTERVAL)
+    later = 2 * HEARTBEAT_INTERVAL
+    assert beat.check(later, oldest_send=None).ping  # the outbox emptied: heartbeat resumes
+
+
+def test_silence_is_still_dead_without_stuck() -> None:
+    beat = Heartbeat(now=0.0)
+    step = beat.check(HEARTBEAT_TIMEOUT)
+    assert (step.dead, step.stuck) == (True, False)
