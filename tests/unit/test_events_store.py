@@ -15,8 +15,8 @@ import pytest
 
 import relay_server.store as store_module
 from relay_server.commits import GroupCommitter
-from relay_server.errors import StoreError
-from relay_server.store import DB_FILE, Delivery, Event, Store
+from relay_server.errors import StoreError, StoreFull
+from relay_server.store import DB_FILE, MIGRATIONS, Delivery, Event, Store
 
 ANY = "agent:*"
 
@@ -557,3 +557,71 @@ def test_writes_from_many_threads_all_land(store: Store) -> None:
     found = store.find_events("alice", None, None, 1000)
     assert len(found) == 80
     assert [e.seq for e, _ in found] == sorted((e.seq for e, _ in found), reverse=True)
+
+
+# -- issue 7: the v3 schema, expiry by max age, room made under pressure -------------------------
+
+
+def test_v2_stores_migrate_to_the_readable_states(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / DB_FILE)
+    db.execute("BEGIN")
+    for statement in (MIGRATIONS[0] + MIGRATIONS[1]).split(";"):
+        if statement.strip():
+            db.execute(statement)
+    db.execute("PRAGMA user_version = 2")
+    db.execute(
+        "INSERT INTO events (id, tunnel, user, received_at, method, target, headers, client, body)"
+        " VALUES ('evt_1', 'alice', 'alice', 1.0, 'POST', '/', '[]', '', x''),"
+        " ('evt_2', 'alice', 'alice', 2.0, 'POST', '/', '[]', '', x'')"
+    )
+    db.execute(
+        "INSERT INTO deliveries (event_seq, tunnel, destination, status, attempts, next_attempt_at,"
+        " updated_at) VALUES (1, 'alice', 'agent:*', 'queued', 0, 5.0, 1.0),"
+        " (2, 'alice', 'agent:*', 'failed', 3, 9.0, 1.0)"
+    )
+    db.execute("COMMIT")
+    db.close()
+    store = Store(tmp_path)
+    try:
+        assert store.deliveries(1)[0].status == "pending"
+        retrying = store.deliveries(2)[0]
+        # The schedule steps spent so far are kept: each old attempt counted as a failure.
+        assert (retrying.status, retrying.attempts, retrying.failures) == ("retrying", 3, 3)
+    finally:
+        store.close()
+
+
+def test_expire_kills_only_waiting_deliveries_past_their_max_age(store: Store) -> None:
+    old = _insert(store, _event("evt_old", received_at=1000.0))
+    old_done = _insert(store, _event("evt_old_done", received_at=1000.0))
+    _set(store, old_done, status="delivered", attempts=1, next_attempt_at=None)
+    replayed = _insert(store, _event("evt_replayed", received_at=1000.0))
+    _set(store, replayed, since=5000.0)  # a replay restarted its clock
+    young = _insert(store, _event("evt_young", received_at=4000.0))
+    assert store.expire(3000.0, "not delivered within the max age") == 1
+    dead = store.deliveries(old)[0]
+    assert (dead.status, dead.dead_reason, dead.next_attempt_at) == (
+        "dead",
+        "not delivered within the max age",
+        None,
+    )
+    assert store.deliveries(old_done)[0].status == "delivered"
+    assert store.deliveries(replayed)[0].status == "pending"
+    assert store.deliveries(young)[0].status == "pending"
+    assert store.pending_totals() == {"alice": (2, 2 * len(b'{"n":1}'))}
+
+
+def test_a_full_store_never_purges_a_waiting_event(tmp_path: Path) -> None:
+    store = Store(tmp_path, max_bytes=SMALL_STORE)
+    try:
+        waiting = []
+        with pytest.raises(StoreFull):
+            for i in range(100):
+                waiting.append(_insert(store, _event(f"evt_{i}", body=b"x" * (30 * 1024))))
+        assert len(waiting) >= 2
+        # Nothing finished to purge: every waiting event is still there, with its body.
+        for i, seq in enumerate(waiting):
+            found = store.find_event("alice", f"evt_{i}", with_body=True)
+            assert found is not None and found[0].seq == seq and len(found[0].body) == 30 * 1024
+    finally:
+        store.close()
