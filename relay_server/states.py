@@ -74,24 +74,20 @@ def settle(
             )
         return replace(base, status="delivered", next_attempt_at=None)
     failures = delivery.failures
+    last = outcome.status or outcome.error or "no answer"
     if not outcome.reached:
-        when = max(delivery.next_attempt_at or now, now + NOT_REACHED_DELAY)
+        when: float | None = max(delivery.next_attempt_at or now, now + NOT_REACHED_DELAY)
     elif not scheduled:
         when = max(delivery.next_attempt_at or now, now + (outcome.retry_after or 0.0))
     else:
         failures += 1
-        next_at = next_attempt_at(policy, failures, since, now, outcome.retry_after, rand)
-        if next_at is None:
-            last = outcome.status or outcome.error or "no answer"
-            why = (
-                f"gave up after {failures} failed attempts; the last: {last}"
-                if failures > len(policy.schedule)
-                else f"not delivered within the max age; the last attempt: {last}"
-            )
+        when = next_attempt_at(policy, failures, since, now, outcome.retry_after, rand)
+        if when is None and failures > len(policy.schedule):
+            why = f"gave up after {failures} failed attempts; the last: {last}"
             return replace(base, status="dead", failures=failures, next_attempt_at=None, dead_reason=why)
-        when = next_at
-    if when > since + policy.max_age:
-        when = since + policy.max_age  # the expiry sweep makes it dead then, whatever happens
+    if when is None or when > since + policy.max_age:
+        why = f"not delivered within the max age; the last attempt: {last}"
+        return replace(base, status="dead", failures=failures, next_attempt_at=None, dead_reason=why)
     return replace(
         base, status="retrying" if failures else "pending", failures=failures, next_attempt_at=when
     )

@@ -198,24 +198,20 @@ def test_a_scheduled_failure_past_the_max_age_is_dead_by_the_max_age() -> None:
 def test_the_next_attempt_is_never_after_the_max_age() -> None:
     policy = RetryPolicy(schedule=DEFAULT_SCHEDULE, max_age=3600.0)
     delivery = _delivery("retrying", failures=1, due=T0 + 3000)
-    # Not reached a little before the max age: due again at the max age, not later,
-    # so that the expiry sweep finds it.
+    # Not reached so close to the max age that the next try would come after it: dead.
     after = _settle(delivery, NOT_REACHED, now=T0 + 3599.5, policy=policy)
-    assert after.status == "retrying"
-    assert after.next_attempt_at == T0 + 3600
+    assert after.status == "dead"
+    assert (after.dead_reason or "").startswith("not delivered within the max age")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: past the max age (before the expiry sweep ran) a not-reached "
-    "attempt is clamped to since + max_age, in the past: due again at once, a busy loop",
-)
 def test_a_not_reached_attempt_after_the_max_age_is_not_due_again_at_once() -> None:
     policy = RetryPolicy(schedule=DEFAULT_SCHEDULE, max_age=3600.0)
     delivery = _delivery("retrying", failures=1, due=T0 + 3599)
     now = T0 + 3610  # the max age passed 10 s ago; the expiry sweep has not run yet
     after = _settle(delivery, NOT_REACHED, now=now, policy=policy)
-    assert after.status == "dead" or (after.next_attempt_at or 0.0) >= now + NOT_REACHED_DELAY
+    assert after.status == "dead"
+    # The same for an early attempt past the max age.
+    assert _settle(delivery, Outcome(503), now=now, policy=policy, scheduled=False).status == "dead"
 
 
 def test_the_expiry_sweep_kills_by_the_max_age_whatever_the_attempts(tmp_path: Path) -> None:
