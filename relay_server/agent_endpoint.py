@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from relay_protocol import PROTOCOL_VERSION, Hello, ProtocolError, Welcome
+from relay_protocol.frames import FEATURE_TARGET_UP
 from relay_protocol.limits import (
     INITIAL_WINDOW,
     MAX_CONCURRENT_STREAMS,
@@ -86,7 +87,7 @@ class AgentEndpoint:
         if not ws.can_prepare(request).ok:
             return relay_error("bad-request", "this endpoint takes a websocket upgrade from relay-agent")
         await ws.prepare(request)
-        session = AgentSession(ws, "", [])
+        session = AgentSession(ws, "", [], transport=request.transport)
         peer = request.remote
         try:
             claims = await asyncio.to_thread(self._authenticate, request.headers.get("Authorization"))
@@ -131,8 +132,10 @@ class AgentEndpoint:
                     "initial_window": INITIAL_WINDOW,
                     "max_data": MAX_DATA_SIZE,
                 },
+                features=(FEATURE_TARGET_UP,),
             )
         )
+        session.on_target_up = lambda: self.registry.target_up(session)
         self.registry.add(session)
         log.info(
             "session %s: agent %s connected, user %s, names %s",

@@ -257,9 +257,15 @@ class Ingress:
         except RelayError as exc:  # ProtocolError from RequestHead: bad header bytes
             return relay_error("bad-request", f"request cannot be forwarded: {exc}")
         has_body = request.body_exists or bool(read_ahead)
+        # --timeout covers opening the stream too: an agent that stops reading
+        # makes ``open`` wait, and the client must still get its 504 in time.
+        deadline = asyncio.get_running_loop().time() + self.timeout
         try:
-            # An upgrade keeps the request half open: websocket messages follow the 101.
-            stream = await session.open(head, end_stream=not (has_body or upgrade))
+            async with asyncio.timeout_at(deadline):
+                # An upgrade keeps the request half open: websocket messages follow the 101.
+                stream = await session.open(head, end_stream=not (has_body or upgrade))
+        except TimeoutError:
+            return self._timed_out()
         except StreamFailed as exc:
             if session.closed:
                 return relay_error("tunnel-offline", f"no agent is connected for {where.name!r}")
@@ -269,12 +275,10 @@ class Ingress:
         )
         try:
             try:
-                async with asyncio.timeout(self.timeout):
+                async with asyncio.timeout_at(deadline):
                     response_head = await asyncio.shield(stream.head)
             except TimeoutError:
-                return relay_error(
-                    "local-timeout", f"the local service did not answer within {self.timeout:g}s"
-                )
+                return self._timed_out()
             except StreamFailed as exc:
                 return self._failure_response(exc, where.name)
             if upgrade and response_head.status == 101:
@@ -301,6 +305,9 @@ class Ingress:
         except (ConnectionError, asyncio.IncompleteReadError, OSError) as exc:
             log.info("stream %s: public client body failed: %s", stream.id, exc)
             stream.fail(StreamFailed("public client went away"))
+
+    def _timed_out(self) -> web.Response:
+        return relay_error("local-timeout", f"the local service did not answer within {self.timeout:g}s")
 
     def _failure_response(self, exc: StreamFailed, name: str) -> web.Response:
         if exc.code is None:

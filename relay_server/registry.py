@@ -18,11 +18,19 @@ class Registry:
         self._turn: dict[str, int] = {}
         #: Called with each session once it serves its names (queued deliveries wait on it).
         self.on_connect: list[Callable[[AgentSession], None]] = []
+        #: Called with a session whose agent says its local service is reachable
+        #: again (TARGET_UP): what waits for that service may be delivered now.
+        self.on_target_up: list[Callable[[AgentSession], None]] = []
 
     def add(self, session: AgentSession) -> None:
         for name in session.names:
             self._by_name.setdefault(name, []).append(session)
         for callback in self.on_connect:
+            callback(session)
+
+    def target_up(self, session: AgentSession) -> None:
+        """``session``'s agent can reach its local service again."""
+        for callback in self.on_target_up:
             callback(session)
 
     def remove(self, session: AgentSession) -> None:
