@@ -1,8 +1,17 @@
-"""The agent's connection to the server: handshake, frames, streams, heartbeat, reconnect."""
+"""The agent's connection to the server: handshake, frames, streams, heartbeat, reconnect.
+
+Sending: every frame goes into an ``Outbox`` that one writer task empties, each
+websocket send bounded by ``SEND_TIMEOUT``. Control frames (PING, PONG, WINDOW,
+RESET, TARGET_UP) are queued without waiting; RESPONSE and DATA wait while the
+outbox holds ``SEND_HIGH_WATER`` bytes or more. A server that stops reading is
+aborted ``SEND_TIMEOUT`` after the oldest frame it has not taken was queued,
+even if it keeps sending, and the agent reconnects as after any network failure.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import importlib.metadata
 import logging
@@ -28,17 +37,31 @@ from relay_protocol import (
     Response,
     ResponseHead,
     Role,
+    TargetUp,
     Welcome,
     Window,
 )
-from relay_protocol.frames import RESET_CANCEL, RESET_INTERNAL, RESET_TARGET_TIMEOUT
+from relay_protocol.frames import (
+    FEATURE_TARGET_UP,
+    RESET_CANCEL,
+    RESET_INTERNAL,
+    RESET_TARGET_TIMEOUT,
+    RESET_TARGET_UNREACHABLE,
+)
 from relay_protocol.heartbeat import Heartbeat
-from relay_protocol.limits import HEARTBEAT_TIMEOUT, MAX_DATA_SIZE, MAX_FRAME_SIZE
+from relay_protocol.limits import (
+    HEARTBEAT_TIMEOUT,
+    MAX_DATA_SIZE,
+    MAX_FRAME_SIZE,
+    SEND_HIGH_WATER,
+    SEND_TIMEOUT,
+)
 
 from .backoff import backoff, should_retry
 from .config import AgentConfig
 from .errors import Refused
 from .forward import ForwardFailed, client_session, forward
+from .probe import TargetProbe
 
 log = logging.getLogger("relay.agent")
 
@@ -50,6 +73,65 @@ AGENT_NAME = f"relay-agent/{importlib.metadata.version('relay')}"
 
 class StreamGone(Exception):
     """The stream was reset by the server or the connection was lost."""
+
+
+class Outbox:
+    """Frames waiting for the writer task of one connection, oldest first.
+
+    ``put`` never waits; ``room`` waits until the queued bytes are below
+    ``SEND_HIGH_WATER`` (or the outbox is closed), so memory stays bounded by
+    the high-water mark plus the control frames, each of which is small or (a
+    PONG) at most one at a time.
+    """
+
+    def __init__(self) -> None:
+        self._frames: collections.deque[tuple[bytes, float]] = collections.deque()
+        self._bytes = 0
+        self._types: collections.Counter[int] = collections.Counter()
+        self._ready = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self.closed = False
+
+    def put(self, data: bytes, now: float) -> None:
+        self._frames.append((data, now))
+        self._bytes += len(data)
+        self._types[data[0]] += 1
+        self._ready.set()
+        if self._bytes >= SEND_HIGH_WATER:
+            self._room.clear()
+
+    def oldest(self) -> float | None:
+        """When the oldest frame not yet taken by the peer was queued; None if none waits."""
+        return self._frames[0][1] if self._frames else None
+
+    def pending(self, frame_type: int) -> int:
+        """Frames of ``frame_type`` queued and not yet sent."""
+        return self._types[frame_type]
+
+    async def room(self) -> None:
+        """Wait until a frame that may wait (RESPONSE, DATA) can be queued, or the outbox closed."""
+        while self._bytes >= SEND_HIGH_WATER and not self.closed:
+            await self._room.wait()
+
+    async def next(self) -> bytes:
+        """The oldest frame; it stays queued (and counts as waiting) until ``sent``."""
+        while not self._frames:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._frames[0][0]
+
+    def sent(self) -> None:
+        data, _ = self._frames.popleft()
+        self._bytes -= len(data)
+        self._types[data[0]] -= 1
+        if self._bytes < SEND_HIGH_WATER:
+            self._room.set()
+
+    def close(self) -> None:
+        """Wake every frame waiting for room: the connection is gone."""
+        self.closed = True
+        self._room.set()
 
 
 class AgentStream:
@@ -118,7 +200,9 @@ class _Session:
         self.tunnel = tunnel
         self.conn = Connection(Role.AGENT)
         self.streams: dict[int, AgentStream] = {}
-        self._lock = asyncio.Lock()
+        self.outbox = Outbox()
+        self.closed = False
+        self.features: tuple[str, ...] = ()  # what the server listed in WELCOME
         self.heartbeat = Heartbeat(time.monotonic())
 
     def credit(self, stream_id: int) -> int:
@@ -127,28 +211,35 @@ class _Session:
     def is_open(self, stream_id: int) -> bool:
         return self.conn.is_open(stream_id)
 
-    async def send(self, frame: Hello | Response | Data | Reset | Ping | Pong) -> None:
-        async with self._lock:
-            stream_id = getattr(frame, "stream_id", 0)
-            if stream_id and not self.conn.is_open(stream_id):
-                raise StreamGone()
-            data = self.conn.send(frame)
-            try:
-                await self.ws.send(data)
-            except ConnectionClosed as exc:
-                raise StreamGone() from exc
+    async def send(self, frame: Response | Data | Reset | Ping | Pong | TargetUp) -> None:
+        """Queue ``frame`` for the writer; RESPONSE and DATA first wait for room in the
+        outbox. Raises ``StreamGone`` if its stream or the connection is gone."""
+        if isinstance(frame, (Response, Data)):
+            await self.outbox.room()
+        self.post(frame)
+
+    def post(self, frame: Response | Data | Reset | Ping | Pong | TargetUp) -> None:
+        """Queue ``frame`` now, without waiting. Raises ``StreamGone`` as ``send``."""
+        if self.closed:
+            raise StreamGone()
+        stream_id = getattr(frame, "stream_id", 0)
+        if stream_id and not self.conn.is_open(stream_id):
+            raise StreamGone()
+        self._put(self.conn.send(frame))
+
+    def _put(self, data: bytes) -> None:
+        self.outbox.put(data, time.monotonic())
 
     async def consumed(self, stream_id: int, size: int) -> None:
         window = self.conn.consumed(stream_id, size)
-        if window is not None:
-            async with self._lock:
-                with contextlib.suppress(ConnectionClosed):
-                    await self.ws.send(window)
+        if window is not None and not self.closed:
+            self._put(window)
 
     async def handshake(self) -> Welcome:
         config = self.tunnel.config
         tunnels = tuple({"name": n, **config.settings} for n in config.names)
-        await self.send(Hello(PROTOCOL_VERSION, tunnels, AGENT_NAME, config.label))
+        # Sent before the writer starts; the caller bounds the whole handshake in time.
+        await self.ws.send(self.conn.send(Hello(PROTOCOL_VERSION, tunnels, AGENT_NAME, config.label)))
         message = await self.ws.recv()
         if not isinstance(message, bytes):
             raise ProtocolError("server sent a text frame")
@@ -157,9 +248,11 @@ class _Session:
             raise ProtocolError(f"expected WELCOME, got {type(frame).__name__}")
         if frame.version != PROTOCOL_VERSION:
             raise Refused(4005, f"server speaks protocol {frame.version}, this agent {PROTOCOL_VERSION}")
+        self.features = frame.features
         return frame
 
     async def run(self) -> None:
+        writer = asyncio.create_task(self._write())
         heartbeat = asyncio.create_task(self._heartbeat())
         try:
             async for message in self.ws:
@@ -171,8 +264,39 @@ class _Session:
                     await self._dispatch(frame)
         finally:
             heartbeat.cancel()
-            for stream in self.streams.values():
+            writer.cancel()
+            self._mark_closed()
+
+    async def _write(self) -> None:
+        """The one task that sends on the websocket, one frame at a time, each within SEND_TIMEOUT."""
+        try:
+            while not self.closed:
+                data = await self.outbox.next()
+                async with asyncio.timeout(SEND_TIMEOUT):
+                    await self.ws.send(data)
+                self.outbox.sent()
+        except TimeoutError:
+            self._abort(f"a frame waited {SEND_TIMEOUT:g}s to be sent: the server does not read")
+        except ConnectionClosed:
+            self._mark_closed()  # the read loop sees it too and reports it
+        except Exception:
+            log.exception("writer failed")
+            self._abort("internal error in the writer")
+
+    def _mark_closed(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.outbox.close()
+            for stream in list(self.streams.values()):
                 stream.kill()
+
+    def _abort(self, reason: str) -> None:
+        """Drop a connection whose server does not read (or says nothing): no close
+        handshake could complete. The read loop ends and the agent reconnects."""
+        if not self.closed:
+            log.warning("%s: reconnecting", reason)
+        self._mark_closed()
+        self.ws.transport.abort()
 
     async def _dispatch(self, frame: object) -> None:
         if isinstance(frame, Open):
@@ -181,8 +305,11 @@ class _Session:
             stream.task = asyncio.create_task(self._serve(stream))
             return
         if isinstance(frame, Ping):
-            with contextlib.suppress(StreamGone):
-                await self.send(Pong(frame.payload))
+            # One PONG in the outbox at a time: a server that pings faster than it
+            # reads must not grow this side's memory.
+            if not self.outbox.pending(Pong.TYPE):
+                with contextlib.suppress(StreamGone):
+                    await self.send(Pong(frame.payload))
             return
         stream_or_none = self.streams.get(getattr(frame, "stream_id", 0))
         if stream_or_none is None:
@@ -204,6 +331,8 @@ class _Session:
         except ForwardFailed as exc:
             status = 504 if exc.code == RESET_TARGET_TIMEOUT else 502  # what the client sees
             log.info("stream %d: %s", stream.id, exc)
+            if exc.code == RESET_TARGET_UNREACHABLE:
+                self.tunnel.target_unreachable()
             with contextlib.suppress(StreamGone):
                 await stream.reset(exc.code, str(exc))
         except StreamGone:
@@ -223,10 +352,12 @@ class _Session:
 
     async def _heartbeat(self) -> None:
         while True:
-            beat = self.heartbeat.check(time.monotonic())
+            beat = self.heartbeat.check(time.monotonic(), self.outbox.oldest())
+            if beat.stuck:
+                self._abort(f"a frame waited {SEND_TIMEOUT:g}s to be sent: the server does not read")
+                return
             if beat.dead:
-                log.warning("no frame from the server for %ss: reconnecting", HEARTBEAT_TIMEOUT)
-                self.ws.transport.abort()
+                self._abort(f"no frame from the server for {HEARTBEAT_TIMEOUT:g}s")
                 return
             if beat.ping:
                 with contextlib.suppress(StreamGone):
@@ -246,18 +377,44 @@ class Tunnel:
         self.on_welcome = on_welcome
         self.on_request = on_request
         self.client: aiohttp.ClientSession
+        self._probe = TargetProbe(config.target.host, config.target.port, self._target_up)
+        self._session: _Session | None = None  # the welcomed connection, if any
+        self._target_up_due = False  # the probe saw the target back; TARGET_UP not sent yet
 
     async def run(self) -> None:
         """Serve until cancelled. Raises ``Refused`` when the server refuses this agent."""
-        async with client_session() as self.client:
-            delays = backoff()
-            while True:
-                served = await self._connect_once()
-                if served:
-                    delays = backoff()  # it worked for a while: start over from short delays
-                delay = next(delays)
-                log.info("reconnecting in %.1fs", delay)
-                await asyncio.sleep(delay)
+        try:
+            async with client_session() as self.client:
+                delays = backoff()
+                while True:
+                    served = await self._connect_once()
+                    if served:
+                        delays = backoff()  # it worked for a while: start over from short delays
+                    delay = next(delays)
+                    log.info("reconnecting in %.1fs", delay)
+                    await asyncio.sleep(delay)
+        finally:
+            await self._probe.stop()
+
+    def target_unreachable(self) -> None:
+        """Forwarding found the target unreachable: watch it until it is back."""
+        self._target_up_due = False  # an earlier "back" is stale now
+        self._probe.start()
+
+    def _target_up(self) -> None:
+        self._target_up_due = True
+        self._send_target_up()
+
+    def _send_target_up(self) -> None:
+        """Tell the server the target is back, on this connection or the next one."""
+        session = self._session
+        if not self._target_up_due or session is None or session.closed:
+            return
+        self._target_up_due = False
+        if FEATURE_TARGET_UP not in session.features:
+            return  # an older server: it retries on its own schedule
+        session.post(TargetUp())
+        log.info("told the server the local service is back")
 
     async def _connect_once(self) -> bool:
         """One connection, start to end. True if the handshake succeeded."""
@@ -286,6 +443,8 @@ class Tunnel:
                 welcome = await session.handshake()
             welcomed = True
             self.on_welcome(welcome)
+            self._session = session
+            self._send_target_up()
             await session.run()
             code = ws.close_code
             reason = ws.close_reason
@@ -297,6 +456,7 @@ class Tunnel:
             await ws.close(1002 if isinstance(exc, ProtocolError) else 1000)
             return welcomed
         finally:
+            self._session = None
             for stream in list(session.streams.values()):
                 stream.kill()
         if not should_retry(code):
