@@ -18,6 +18,7 @@ import hashlib
 import http.client
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -49,11 +50,65 @@ FORWARDING = re.compile(r"^Forwarding (\S+) -> (\S+)$")
 REQUEST_LINE = r"^\d\d:\d\d:\d\d {method}\s+{path} {status} \d+ms$"
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (bind to 0, read it, close)."""
+#: Ports for servers are handed out from a block of this process's own, below the kernel's
+#: ephemeral range (``ip_local_port_range``, 32768-60999 by default): a port the kernel picks
+#: for an outgoing connection or a ``bind(0)`` never lands there, and each pytest-xdist worker
+#: has a block of its own, so two workers never hand out the same port, with no state shared.
+PORT_BASE = 20000
+PORT_BLOCK = 1000
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; elsewhere only a bound for the blocks
+
+
+def _worker_block() -> range:
+    """This process's ports: block N for xdist worker ``gwN`` (block 0 without xdist)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+    blocks = max(1, (_ephemeral_low() - PORT_BASE) // PORT_BLOCK)
+    start = PORT_BASE + PORT_BLOCK * (index % blocks)
+    return range(start, start + PORT_BLOCK)
+
+
+class _PortCursor:
+    """Walks this process's block once round before it comes back to a port, so a port
+    handed out earlier (a server stopped to be restarted on it) is not handed out again."""
+
+    def __init__(self) -> None:
+        self.block = _worker_block()
+        # A random start: two test sessions on one machine (each with its worker gw0)
+        # then rarely walk the same ports at the same time.
+        self.next = random.randrange(len(self.block))
+
+    def take(self) -> int:
+        for _ in range(len(self.block)):
+            port = self.block[self.next % len(self.block)]
+            self.next += 1
+            if _bindable(port):
+                return port
+        raise RuntimeError(f"no free port left in {self.block}")
+
+
+def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+_ports = _PortCursor()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now, from this process's own block (see
+    ``PORT_BASE``), never one this process has handed out before in the same round."""
+    return _ports.take()
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
@@ -430,11 +485,16 @@ class Relay:
         name: str | None = None,
         target: TargetService | None = None,
         token: str | None = None,
+        agent_extra: Iterable[str] = (),
     ) -> Tunnel:
+        """A server (new unless given), a target and an agent; ``agent_extra`` are more
+        ``connect`` options, e.g. ``("--mode", "live")``."""
         server = server or self.server()
         target = target or self.target(name or user)
         token = token or server.token(user)
-        agent = self.agent(server, token, f"127.0.0.1:{target.port}", *([name] if name else []))
+        agent = self.agent(
+            server, token, f"127.0.0.1:{target.port}", *([name] if name else []), extra=agent_extra
+        )
         return Tunnel(server, target, agent, name or user, token)
 
     def close(self) -> None:

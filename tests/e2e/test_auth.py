@@ -84,7 +84,7 @@ def test_a_token_of_another_server_is_refused(relay: Relay) -> None:
 async def test_an_expired_token_is_refused(relay: Relay) -> None:
     server = relay.server()
     token = server.token("alice", expires="1s")
-    await until(lambda: server.token_rows()[0]["STATUS"] == "expired", 10, "the token to expire")
+    await until(lambda: server.token_rows()[0]["STATUS"] == "expired", 30, "the token to expire")
     code, agent = relay.refused_agent(server, token)
     assert_refused(code, agent.stderr, "token expired")
 

@@ -21,7 +21,6 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -509,29 +508,6 @@ async def test_no_duplicate_deliveries_while_the_agent_stays_connected(
     assert not repeated, f"{sum(repeated.values()) - len(repeated)} duplicate deliveries: {repeated}"
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads CPU time from /proc")
-async def test_waiting_on_a_slow_app_does_not_spin_the_server(
-    relay: Relay, http: aiohttp.ClientSession
-) -> None:
-    stack = make_stack(relay)
-    for i in range(2):
-        queued_id(await stack.post(http, "/slow?seconds=5", b"%d" % i))
-    stack.agent()
-    await until(lambda: len(stack.target.requests) >= 2, DELIVERED, "both deliveries at the app")
-    assert stack.server.process is not None
-    pid = stack.server.process.pid
-    before, started = cpu_seconds(pid), time.monotonic()
-    await asyncio.sleep(2)  # a measuring window: both deliveries are in flight all along
-    share = (cpu_seconds(pid) - before) / (time.monotonic() - started)
-    assert share < 0.25, f"the server used {share:.0%} of a core waiting for the app"
-
-
 # -- what stays live ---------------------------------------------------------------------------
 
 
@@ -831,7 +807,12 @@ async def test_connect_mode_live_is_stored_and_outlives_the_agent(
     assert shown()["settings"]["mode"] == "live"
 
 
-async def test_a_burst_of_10000_drains_at_the_apps_pace(relay: Relay, http: aiohttp.ClientSession) -> None:
+#: Webhooks in the burst: 250 times the app's 8 slots, so the backlog must drain at the
+#: app's pace for a long while; 10,000 proved no more and took five times as long.
+BURST = 2_000
+
+
+async def test_a_burst_drains_at_the_apps_pace(relay: Relay, http: aiohttp.ClientSession) -> None:
     stack = make_stack(relay)  # the default max-concurrency: 8
     senders = asyncio.Semaphore(64)
 
@@ -839,9 +820,9 @@ async def test_a_burst_of_10000_drains_at_the_apps_pace(relay: Relay, http: aioh
         async with senders:
             return queued_id(await stack.post(http, "/burst", b"webhook %d" % i))
 
-    ids = await asyncio.gather(*(send(i) for i in range(10_000)))  # the laptop is closed
-    assert len(set(ids)) == 10_000
+    ids = await asyncio.gather(*(send(i) for i in range(BURST)))  # the laptop is closed
+    assert len(set(ids)) == BURST
     stack.agent()
-    await until(lambda: len(set(delivered_ids(stack.target))) >= 10_000, 300, "the burst to drain")
+    await until(lambda: len(set(delivered_ids(stack.target))) >= BURST, 300, "the burst to drain")
     assert set(delivered_ids(stack.target)) == set(ids)
     assert stack.target.most_active <= 8  # at the app's pace, never all at once

@@ -15,14 +15,16 @@ import json
 import os
 import random
 import signal
-import time
+import threading
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 import aiohttp
 import pytest
+from aiohttp import web
 
-from .framework import FORWARDING, Relay, RelayServer, Reply, TargetService, fetch, until
+from .framework import FORWARDING, Relay, RelayServer, Reply, Seen, TargetService, fetch, until
 
 #: Deliveries in flight to one app at once (the tunnel's default max-concurrency): the most
 #: events a kill can catch between "the app got it" and "the store knows".
@@ -74,6 +76,22 @@ def arrived(target: TargetService) -> dict[str, list[bytes]]:
     return found
 
 
+@dataclass
+class HoldingTarget(TargetService):
+    """Answers the first ``hold_after`` requests at once and holds every later one until
+    ``release`` is set: the queue cannot drain past that point, however fast the machine,
+    before the test has acted."""
+
+    hold_after: int = 0
+    release: threading.Event = field(default_factory=threading.Event)
+
+    async def _respond(self, request: web.Request, seen: Seen) -> web.StreamResponse:
+        if len(self.requests) > self.hold_after:
+            while not self.release.is_set():
+                await asyncio.sleep(0.02)
+        return await super()._respond(request, seen)
+
+
 def check_arrivals(target: TargetService, sent: dict[str, bytes]) -> int:
     """Every sent event arrived, each arrival is a sent event with its own body;
     returns the number of duplicates."""
@@ -88,7 +106,9 @@ def check_arrivals(target: TargetService, sent: dict[str, bytes]) -> int:
 async def test_1000_webhooks_survive_sigkills(relay: Relay) -> None:
     server = relay.server()
     token = server.token("alice")
-    target = relay.target("alice")
+    target = relay.target("alice", kind=HoldingTarget)
+    assert isinstance(target, HoldingTarget)
+    target.hold_after = 300
     claim(relay, server, token)
 
     # The agent is offline: 1,000 webhooks, 50 senders at a time, each answered 202.
@@ -110,11 +130,13 @@ async def test_1000_webhooks_survive_sigkills(relay: Relay) -> None:
     server = server.restarted()
     agent = relay.agent(server, token, target.forward)
 
-    # Killed again while the queue drains: some events are in flight at the app.
-    await until(lambda: len(arrived(target)) >= 300, DRAIN, "300 events to arrive")
+    # Killed again while the queue drains: the app answered 300 events and holds the
+    # ones after them, so some are in flight at the kill whatever the machine's speed.
+    await until(lambda: len(arrived(target)) > 300, DRAIN, "events after the first 300 to arrive")
     assert server.kill() == -signal.SIGKILL
     at_kill = len(target.requests)
-    assert at_kill < 1000, "the queue drained before the kill: nothing was in flight"
+    assert at_kill <= 300 + MAX_IN_FLIGHT, f"{at_kill} arrivals: more than {MAX_IN_FLIGHT} in flight"
+    target.release.set()
     server = server.restarted()  # the very same agent reconnects by itself
 
     await until(lambda: set(arrived(target)) >= set(sent), DRAIN, "all 1,000 events to arrive")
@@ -124,8 +146,16 @@ async def test_1000_webhooks_survive_sigkills(relay: Relay) -> None:
     assert agent.process.running()
 
 
+#: Server lives, each ended by a SIGKILL right after the one 202 it gave. Each is the same
+#: race (the kill against the commit of the event just answered), each costs a server
+#: start (about a second on a loaded machine); a 202 sent before its commit loses the event
+#: whenever the kill, milliseconds later, beats that commit, so it shows within a few dozen
+#: lives. 60 rather than 200: a third of the time, the same proof.
+SIGKILL_LOOPS = 60
+
+
 @pytest.mark.timeout(300)
-async def test_200_sigkills_right_after_202_lose_nothing(relay: Relay) -> None:
+async def test_sigkills_right_after_202_lose_nothing(relay: Relay) -> None:
     server = relay.server()
     token = server.token("alice")
     target = relay.target("alice")
@@ -133,7 +163,7 @@ async def test_200_sigkills_right_after_202_lose_nothing(relay: Relay) -> None:
 
     sent: dict[str, bytes] = {}
     async with one_shot_session() as http:
-        for i in range(200):
+        for i in range(SIGKILL_LOOPS):
             if i:
                 server = server.restarted()
             body = json.dumps({"loop": i, "nonce": os.urandom(8).hex()}).encode()
@@ -142,8 +172,8 @@ async def test_200_sigkills_right_after_202_lose_nothing(relay: Relay) -> None:
 
     server = server.restarted()
     relay.agent(server, token, target.forward)
-    await until(lambda: set(arrived(target)) >= set(sent), DRAIN, "all 200 events to arrive")
-    assert len(set(sent.values())) == 200
+    await until(lambda: set(arrived(target)) >= set(sent), DRAIN, f"all {SIGKILL_LOOPS} events to arrive")
+    assert len(set(sent.values())) == SIGKILL_LOOPS
     assert check_arrivals(target, sent) == 0  # nothing was in flight at any kill
 
 
@@ -173,6 +203,7 @@ class ChaosProxy:
     def cut(self) -> None:
         self.cuts += 1
         for link in list(self.links):
+            self.links.discard(link)  # at once: ``links`` then holds only connections made since
             for writer in link:
                 writer.transport.abort()
 
@@ -206,10 +237,17 @@ class ChaosProxy:
                 await writer.drain()
 
 
-#: Seconds of chaos, webhooks per second sent meanwhile, and the gaps between cuts.
-CHAOS_SECONDS = 60.0
+#: Cuts of the agent's connection, each after it carried traffic for a random while, and
+#: the webhooks per second sent throughout. The chaos ends after a number of cuts, each
+#: of a live connection, not after a number of seconds: how many cuts fit in a minute
+#: depends on the machine, and a cut while the agent is still reconnecting cuts nothing.
+#: 12 cuts of 0.5-2.5 s lives (about 30 s, some 600 webhooks) hit deliveries inline and
+#: queued as surely as the earlier 60 s with cuts 0.5-5 s apart did.
+CUTS = 12
 RATE = 20
-CUT_EVERY = (0.5, 5.0)
+LIVE_FOR = (0.5, 2.5)
+#: Seconds the agent gets to come back through the proxy after a cut (backoff from 0.5 s).
+RECONNECT = 30.0
 
 
 @pytest.mark.timeout(240)
@@ -233,33 +271,30 @@ async def test_connections_cut_at_random_under_load_lose_nothing(relay: Relay) -
         except (aiohttp.ClientError, TimeoutError) as exc:  # e.g. a 200 cut mid-body
             outcomes[body] = exc
 
-    async def cutter(stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), random.uniform(*CUT_EVERY))
-            if not stop.is_set():
-                proxy.cut()
+    async def cutter() -> None:
+        for _ in range(CUTS):
+            await until(lambda: proxy.links, RECONNECT, "the agent to connect through the proxy")
+            await asyncio.sleep(random.uniform(*LIVE_FOR))
+            proxy.cut()
 
-    stop = asyncio.Event()
-    cutting = asyncio.create_task(cutter(stop))
+    cutting = asyncio.create_task(cutter())
     try:
         async with aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=90)
         ) as http:
-            started = time.monotonic()
             sends = []
-            for i in range(int(CHAOS_SECONDS * RATE)):
-                await asyncio.sleep(max(0.0, started + i / RATE - time.monotonic()))
-                sends.append(asyncio.create_task(send(http, i)))
-            stop.set()  # the network is good again
+            while not cutting.done():
+                sends.append(asyncio.create_task(send(http, len(sends))))
+                await asyncio.sleep(1 / RATE)
+            await cutting  # the network is good again (and the cutter raised nothing)
             await asyncio.gather(*sends)
-        await cutting
 
         # What the senders were told: the app's own 200, or 202 queued; nothing else.
         statuses = Counter(o.status if isinstance(o, Reply) else type(o).__name__ for o in outcomes.values())
         assert set(statuses) <= {200, 202, "ClientPayloadError"}, statuses
         assert statuses[200] and statuses[202], statuses  # the cuts did hit deliveries
-        assert proxy.cuts >= 10 and proxy.connections > proxy.cuts / 2
+        # Every cut hit a live connection, and the agent came back after each one.
+        assert proxy.cuts == CUTS and proxy.connections >= CUTS
 
         sent: dict[str, bytes] = {}
         for body, outcome in outcomes.items():
@@ -275,5 +310,5 @@ async def test_connections_cut_at_random_under_load_lose_nothing(relay: Relay) -
             assert set(found[event_id]) == {body}
         assert agent.process.running()
     finally:
-        stop.set()
+        cutting.cancel()
         await proxy.close()

@@ -7,7 +7,7 @@ import asyncio
 import aiohttp
 import pytest
 
-from .framework import Relay, client_session
+from .framework import Relay, client_session, until
 from .streaming_targets import StreamingTarget
 
 
@@ -79,10 +79,7 @@ async def test_close_code_from_the_client_reaches_the_local_service(
         await ws.send_str("ping-pong first")
         assert (await ws.receive()).data == "echo:ping-pong first"
         await ws.close(code=4321, message=b"client leaves")
-    for _ in range(200):
-        if target.close_codes:
-            break
-        await asyncio.sleep(0.05)
+    await until(lambda: target.close_codes, 20, "the close to reach the local service")
     assert target.close_codes == [4321]
 
 
