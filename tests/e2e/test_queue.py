@@ -252,7 +252,7 @@ async def test_offline_webhooks_are_queued_then_delivered_in_arrival_order(
 ) -> None:
     # One delivery at a time, so the app's arrival order is the relay's sending order.
     stack = make_stack(relay, settings=("--max-concurrency", "1"))
-    sent: list[tuple[str, str, bytes, float]] = []  # id, method, body, time sent
+    sent: list[tuple[str, str, bytes, tuple[float, float]]] = []  # id, method, body, sent..answered
     for i in range(12):
         body = os.urandom(700) + bytes(range(256)) + f"#{i}".encode()
         method = ("POST", "PUT", "PATCH", "DELETE")[i % 4]
@@ -264,7 +264,7 @@ async def test_offline_webhooks_are_queued_then_delivered_in_arrival_order(
             headers += (("X-Relay-Event-Id", "evt_forged"), ("X-Relay-Attempt", "99"))
         before = time.time()
         reply = await stack.post(http, f"/hook/{i}?q=a%20b", body, method=method, headers=headers)
-        sent.append((queued_id(reply), method, body, before))
+        sent.append((queued_id(reply), method, body, (before, time.time())))
     ids = [s[0] for s in sent]
     assert len(set(ids)) == 12
     assert {e["id"] for e in stack.events("--status", "pending")} == set(ids)
@@ -276,7 +276,7 @@ async def test_offline_webhooks_are_queued_then_delivered_in_arrival_order(
     assert list(dict.fromkeys(delivered_ids(stack.target))) == ids
     firsts = {s.header("X-Relay-Event-Id"): s for s in reversed(stack.target.requests)}
     received = []
-    for i, (event_id, method, body, before) in enumerate(sent):
+    for i, (event_id, method, body, (before, answered)) in enumerate(sent):
         seen = firsts[event_id]
         assert seen.method == method
         assert seen.raw_path == f"/hook/{i}?q=a%20b"
@@ -287,7 +287,8 @@ async def test_offline_webhooks_are_queued_then_delivered_in_arrival_order(
         assert seen.getall("X-Relay-Attempt") == ["1"]
         [stamp] = seen.getall("X-Relay-Received-At")
         received.append(parse_received_at(stamp))
-        assert before - 1 <= received[-1] <= before + 5
+        # Stamped between sending and the 202 (to the millisecond): an order, not a speed.
+        assert before - 0.001 <= received[-1] <= answered + 0.001
     assert received == sorted(received)
     await until(lambda: all(e["status"] == "delivered" for e in stack.events()), DELIVERED, "all delivered")
 
@@ -395,9 +396,8 @@ async def test_app_down_or_too_slow_gives_202_and_it_is_delivered_later(
     stack.agent()
     # Answering later than the relay's --timeout is "not now" too.
     stack.target.script("/slow-app", Answer(200, delay=3), 200)
-    started = time.monotonic()
+    # The relay's 1 s timeout answered 202, not the app's 200 after 3 s.
     late = queued_id(await stack.post(http, "/slow-app", b"s"))
-    assert time.monotonic() - started < 2.5
     event = await stack.event_in(http, late, "retrying")
     assert event["deliveries"][0]["last_error"] == "no answer within 1s"
 
