@@ -333,6 +333,9 @@ def events_list(
             f"{event['id']:34} {event['tunnel']:16} {event['status']:9} {tries:<5} "
             f"{event['received_at']:24} {event['method']} {event['target']}"
         )
+        if event["status"] in ("retrying", "dead"):  # when, and why
+            for d in event["deliveries"]:
+                click.echo(f"{'':34} -> {d['destination']}: {_delivery_line(d)}")
 
 
 @events_group.command("show")
@@ -353,10 +356,16 @@ def events_show(event_id: str, as_json: bool, server: str | None, token: str | N
     click.echo(event["body"] if event["body_encoding"] == "utf-8" else f"(base64) {event['body']}")
     click.echo("")
     for d in event["deliveries"]:
-        click.echo(
-            f"-> {d['destination']}: {d['status']} after {d['attempts']} attempt(s); last "
-            f"{d['last_status'] or d['last_error'] or '-'}; next {d['next_attempt_at'] or '-'}"
-        )
+        click.echo(f"-> {d['destination']}: {_delivery_line(d)}")
+
+
+def _delivery_line(d: dict[str, Any]) -> str:
+    """One destination's state in words: attempts, the last outcome, the next try or why dead."""
+    last = d["last_status"] or d["last_error"] or "-"
+    line = f"{d['status']} after {d['attempts']} attempt(s); last {last}"
+    if d["status"] == "dead":
+        return f"{line}; dead: {d.get('dead_reason') or '-'}"
+    return f"{line}; next {d['next_attempt_at'] or '-'}" if d["status"] in ("pending", "retrying") else line
 
 
 @events_group.command("replay")

@@ -66,6 +66,8 @@ class Api:
             claims = await asyncio.to_thread(self._claims, request)
         except AuthError as exc:
             return api_error("unauthorized", str(exc))
+        except StoreError as exc:
+            return api_error("store-unavailable", str(exc))
         parts = request.path[len("/_relay/api/") :].strip("/").split("/")
         try:
             return await self._route(request, claims, parts)
@@ -153,6 +155,8 @@ class Api:
         if found is None:
             return api_error("not-found", f"you have no event {event_id[:64]!r}")
         event, deliveries = found
+        if self.deliveries.in_flight(event, deliveries):
+            return api_error("conflict", f"an attempt of {event_id} is in flight; replay it once it ends")
         destinations = await self.deliveries.replay(event, deliveries)
         return web.json_response({"event": event.id, "replayed": destinations}, status=202)
 

@@ -164,9 +164,10 @@ class Deliveries:
                 expired = await asyncio.to_thread(
                     self.store.expire, now - self.config.policy.max_age, "not delivered within the max age"
                 )
-                if expired:
-                    totals = await asyncio.to_thread(self.store.pending_totals)
-                    self._pending = {t: [events, size] for t, (events, size) in totals.items()}
+                # Counted again from the store: the in-memory quota counts can never drift
+                # for longer than one interval, whatever failed in between.
+                totals = await asyncio.to_thread(self.store.pending_totals)
+                self._pending = {t: [events, size] for t, (events, size) in totals.items()}
             except StoreError as exc:
                 self.store_trouble(exc)
             else:
@@ -449,9 +450,20 @@ class Deliveries:
             pending[0] = max(0, pending[0] - 1)
             pending[1] = max(0, pending[1] - len(event.body))
 
+    def in_flight(self, event: Event, deliveries: list[Delivery]) -> bool:
+        """True while an attempt of ``event`` runs or its outcome is being written."""
+        for delivery in deliveries:
+            dispatcher = self._dispatchers.get((event.tunnel, delivery.destination))
+            if dispatcher is not None and event.id in dispatcher.in_flight | dispatcher.recording:
+                return True
+            if self.is_unrecorded(event.seq, delivery.destination):
+                return True
+        return False
+
     async def replay(self, event: Event, deliveries: list[Delivery]) -> list[str]:
         """Queue ``event`` again at each destination (same id, next attempt number, a
-        fresh schedule)."""
+        fresh schedule and max age). The caller checks ``in_flight`` first: an attempt
+        still running would overwrite the replay when it records its outcome."""
         now = time.time()
         for delivery in deliveries:
             was_finished = not delivery.waiting

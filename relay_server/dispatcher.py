@@ -171,8 +171,12 @@ class Dispatcher:
                             break
                         self.in_flight.add(event.id)
                         scheduled = (delivery.next_attempt_at or 0.0) <= time.time()
+                        # The body is read here, in order: attempts then open their
+                        # streams in arrival order (each in its own task, concurrently).
+                        body = await self._body(event)
                         deliveries.tasks.spawn(
-                            self._deliver(event, delivery, settings, scheduled), f"delivery of {event.id}"
+                            self._deliver(event, body, delivery, settings, scheduled),
+                            f"delivery of {event.id}",
                         )
                         started_in_pass += 1
                     cursor = event.seq
@@ -210,14 +214,24 @@ class Dispatcher:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
 
+    async def _body(self, event: Event) -> bytes | None:
+        """``event``'s body; None if the store cannot read it (the attempt then fails as
+        not reached)."""
+        try:
+            return await asyncio.to_thread(self.deliveries.store.event_body, event.seq)
+        except StoreError as exc:
+            self.deliveries.store_trouble(exc)
+            return None
+
     async def _deliver(
-        self, event: Event, delivery: Delivery, settings: TunnelSettings, scheduled: bool
+        self, event: Event, body: bytes | None, delivery: Delivery, settings: TunnelSettings, scheduled: bool
     ) -> None:
         deliveries = self.deliveries
         attempt = delivery.attempts + 1
         try:
             try:
-                body = await asyncio.to_thread(deliveries.store.event_body, event.seq)
+                if body is None:
+                    raise StoreError("the event's body could not be read")
                 event = replace(event, body=body)
                 if self.label is None:
                     outcome = await attempt_url(
@@ -225,8 +239,7 @@ class Dispatcher:
                     )
                 else:
                     outcome = await self._via_agent(event, attempt)
-            except StoreError as exc:
-                deliveries.store_trouble(exc)
+            except StoreError:
                 outcome = Outcome(None, "the relay could not read the event", reached=False)
             except Exception as exc:  # a bug: count it as a failed attempt, so the schedule applies
                 log.exception("delivery of %s to %s failed", event.id, self.destination)
@@ -242,6 +255,8 @@ class Dispatcher:
         session = self.deliveries.registry.pick(self.tunnel, self.label)
         if session is None:
             return Outcome(None, "no agent connected", reached=False)
+        if session.user != event.user:  # the name changed hands: never another tenant's agent
+            return Outcome(None, "the tunnel's name belongs to another user now", reached=False)
         outcome, exchange = await attempt_agent(session, event, attempt, self.deliveries.config.timeout)
         if exchange is not None:
             await exchange.drain(self.deliveries.config.timeout)

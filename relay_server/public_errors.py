@@ -16,6 +16,7 @@ STATUS = {
     "not-found": 404,
     "unknown-tunnel": 404,
     "method-not-allowed": 405,
+    "conflict": 409,
     "body-too-large": 413,
     "too-many-requests": 429,
     "headers-too-large": 431,

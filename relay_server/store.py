@@ -104,6 +104,8 @@ _WAITING = "('pending', 'retrying')"
 PRESSURE_PURGE = 500
 #: Rounds of that purge for one transaction before it gives up with ``StoreFull``.
 PRESSURE_ROUNDS = 20
+#: Seconds between two log lines about purges under pressure (each says how many).
+PRESSURE_LOG_INTERVAL = 30.0
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,8 @@ class Store:
             # commit holds the writer's lock through its fsync.
             self._reader = self._connect(data_dir, None)
             self._read_lock = threading.Lock()
+            self._pressure_purged = 0
+            self._pressure_logged = -PRESSURE_LOG_INTERVAL
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the store in {data_dir}: {exc}") from exc
 
@@ -282,7 +286,14 @@ class Store:
         except sqlite3.Error:
             return 0
         if deleted:
-            log.warning("store full: purged %d finished events before their retention", deleted)
+            self._pressure_purged += deleted
+            now = time.monotonic()
+            if now - self._pressure_logged >= PRESSURE_LOG_INTERVAL:
+                log.warning(
+                    "store full: purged %d finished events before their retention (oldest first)",
+                    self._pressure_purged,
+                )
+                self._pressure_logged, self._pressure_purged = now, 0
         return deleted
 
     # -- users and tokens ------------------------------------------------------

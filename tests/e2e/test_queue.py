@@ -337,6 +337,10 @@ async def test_410_gone_makes_the_event_dead_at_once(relay: Relay, http: aiohttp
     assert len(stack.target.attempts("/gone")) == 2
     assert len(stack.target.seen("/status/410")) == 1
     assert {e["status"] for e in stack.events()} == {"dead"}
+    # Why it is dead, in the CLI's own words (list and show).
+    assert event["deliveries"][0]["dead_reason"] == "the destination answered 410 Gone"
+    assert "dead: the destination answered 410 Gone" in stack.cli_ok("events", "show", event_id)
+    assert "dead: the destination answered 410 Gone" in stack.cli_ok("events", "list", "--status", "dead")
 
 
 async def test_retry_after_is_honoured(relay: Relay, http: aiohttp.ClientSession) -> None:
@@ -379,6 +383,24 @@ async def test_exhausted_event_is_dead_and_replay_delivers_it(
     assert last.body == body
     assert last.header("X-Relay-Received-At") == tries[0][1].header("X-Relay-Received-At")
     assert (event["deliveries"][0]["attempts"], event["deliveries"][0]["last_status"]) == (4, 201)
+
+
+async def test_a_replay_while_an_attempt_runs_is_a_conflict(
+    relay: Relay, http: aiohttp.ClientSession
+) -> None:
+    # The attempt's outcome, recorded when it ends, would overwrite the replay: refused.
+    stack = make_stack(relay)
+    stack.agent()
+    stack.target.script("/busy", Answer(200, delay=60))
+    sending = asyncio.create_task(stack.post(http, "/busy", b"r"))
+    try:
+        [event] = await until(lambda: stack.events(), DELIVERED, "the event stored")
+        await until(lambda: stack.target.seen("/busy"), DELIVERED, "the attempt at the app")
+        reply = await api(http, stack.server, stack.token, "POST", f"events/{event['id']}/replay")
+        assert (reply.status, reply.relay_error) == (409, "conflict")
+        assert len(stack.target.seen("/busy")) == 1
+    finally:
+        sending.cancel()
 
 
 async def test_app_down_or_too_slow_gives_202_and_it_is_delivered_later(
