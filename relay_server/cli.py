@@ -7,6 +7,7 @@ import logging
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -119,6 +120,22 @@ def main() -> None:
     help="Per tunnel: body bytes waiting for delivery before new events get 429.",
 )
 @click.option(
+    "--body-budget",
+    envvar="RELAY_BODY_BUDGET",
+    default=QueueConfig.body_budget,
+    type=click.IntRange(min=1024 * 1024),
+    show_envvar=True,
+    help="Bytes of webhook bodies held in memory at once, server-wide; over it new webhooks get 503.",
+)
+@click.option(
+    "--body-timeout",
+    envvar="RELAY_BODY_TIMEOUT",
+    default=QueueConfig.body_timeout,
+    type=click.FloatRange(min=0.1),
+    show_envvar=True,
+    help="Seconds a webhook's whole body may take to arrive; a slower sender gets 408.",
+)
+@click.option(
     "--retention",
     envvar="RELAY_RETENTION",
     default="7d",
@@ -173,6 +190,8 @@ def serve_command(
     queue_max_body: int,
     quota_events: int,
     quota_bytes: int,
+    body_budget: int,
+    body_timeout: float,
     retention: str,
     retry_schedule: str,
     max_age: str,
@@ -202,6 +221,7 @@ def serve_command(
         ),
         store_max_bytes=store_max_bytes,
     )
+    config = replace(config, queue=replace(config.queue, body_budget=body_budget, body_timeout=body_timeout))
     try:
         store = Store(config.data_dir, config.store_max_bytes)
         app = create_app(config, store)

@@ -71,6 +71,22 @@ RERECORD_CAP = 30.0
 WriteResponse = Callable[[AgentSession, Stream, ResponseHead], Awaitable[web.StreamResponse]]
 
 
+class _BodyRefused(Exception):
+    """A webhook's body was not taken; ``response`` says why (nothing was stored)."""
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__(response.text)
+        self.response = response
+
+
+def _busy() -> web.Response:
+    response = relay_error(
+        "server-busy", "the relay is receiving too many webhooks at once; retry later", **{"Retry-After": "5"}
+    )
+    response.force_close()  # the body is not read: do not drain it either
+    return response
+
+
 @dataclass(frozen=True)
 class QueueConfig:
     #: Largest body that becomes an event; larger requests stay live (10 MiB).
@@ -85,6 +101,31 @@ class QueueConfig:
     timeout: float = 30.0
     #: URL destinations may resolve to loopback, private or link-local addresses.
     allow_private: bool = False
+    #: Server-wide bytes of webhook bodies held in memory at once (being read, stored,
+    #: tried inline): 256 MiB is 25 bodies of the largest size, what a small VPS can spare.
+    #: Over it, a new webhook gets 503 server-busy (Retry-After) before any byte is read.
+    body_budget: int = 256 * 1024 * 1024
+    #: Seconds a webhook's whole body may take to arrive (10 MiB in 60 s is 170 KB/s):
+    #: a slower sender is cut with 408 and nothing of it is stored.
+    body_timeout: float = 60.0
+
+
+class BodyBudget:
+    """Bytes of webhook bodies held in memory, server-wide (``QueueConfig.body_budget``)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int) -> bool:
+        """Reserve ``size`` bytes; False (nothing reserved) if that would pass the limit."""
+        if self.held + size > self.limit:
+            return False
+        self.held += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.held -= size
 
 
 def new_event_id() -> str:
@@ -121,6 +162,7 @@ class Deliveries:
         self.registry = registry
         self.config = config
         self.tasks = Tasks("deliveries")
+        self.bodies = BodyBudget(config.body_budget)
         self.store_trouble = StoreTrouble()
         #: Set while outcomes can be written; dispatchers wait on it.
         self.recording_ok = asyncio.Event()
@@ -221,24 +263,72 @@ class Deliveries:
         write_response: WriteResponse,
     ) -> web.StreamResponse | bytes:
         """Take a request as an event. Returns the response to send, or the body bytes
-        read so far if the body turned out larger than the queue limit (go live)."""
+        read so far if the body turned out larger than the queue limit (go live).
+
+        Before a byte is read: the tunnel's quota (when Content-Length is known) and the
+        server's body budget; while reading: ``body_timeout`` for the whole body."""
+        length = request.content_length
+        if full := self._queue_full(tunnel, length or 0):
+            return full
+        reserved = 0
+        try:
+            if length is not None:
+                if not self.bodies.take(length):
+                    return _busy()
+                reserved = length
+            body, reserved = await self._read_body(request, reserved)
+        except _BodyRefused as refused:
+            return refused.response
+        try:
+            return await self._accept_body(request, tunnel, user, head, settings, write_response, body)
+        finally:
+            self.bodies.give(reserved)
+
+    async def _read_body(self, request: web.Request, reserved: int) -> tuple[bytes, int]:
+        """The body (at most ``max_body`` + 1 bytes), and the bytes of budget now reserved
+        for it. Raises ``_BodyRefused`` (its budget given back) when the sender is too slow
+        or, without a Content-Length, the budget runs out."""
         chunks: list[bytes] = []
         size = 0
-        while size <= self.config.max_body and (
-            chunk := await request.content.read(self.config.max_body + 1 - size)
-        ):
-            chunks.append(chunk)
-            size += len(chunk)
-        body = b"".join(chunks)
-        if size > self.config.max_body:
-            return body
-        pending = self._pending.setdefault(tunnel, [0, 0])
-        if pending[0] >= self.config.quota_events or pending[1] + len(body) > self.config.quota_bytes:
-            return relay_error(
-                "too-many-requests",
-                f"the queue of {tunnel!r} is full; try again later",
-                **{"Retry-After": "60"},
+        unknown_length = request.content_length is None
+        try:
+            async with asyncio.timeout(self.config.body_timeout):
+                while size <= self.config.max_body and (
+                    chunk := await request.content.read(self.config.max_body + 1 - size)
+                ):
+                    if unknown_length:
+                        if not self.bodies.take(len(chunk)):
+                            raise _BodyRefused(_busy())
+                        reserved += len(chunk)
+                    chunks.append(chunk)
+                    size += len(chunk)
+        except TimeoutError:
+            self.bodies.give(reserved)
+            response = relay_error(
+                "body-timeout", f"the request body did not arrive within {self.config.body_timeout:g}s"
             )
+            response.force_close()  # the rest of the body is not read
+            raise _BodyRefused(response) from None
+        except _BodyRefused:
+            self.bodies.give(reserved)
+            raise
+        return b"".join(chunks), reserved
+
+    async def _accept_body(
+        self,
+        request: web.Request,
+        tunnel: str,
+        user: str,
+        head: RequestHead,
+        settings: TunnelSettings,
+        write_response: WriteResponse,
+        body: bytes,
+    ) -> web.StreamResponse | bytes:
+        if len(body) > self.config.max_body:
+            return body
+        if full := self._queue_full(tunnel, len(body)):
+            return full
+        pending = self._pending[tunnel]
         now = time.time()
         event = Event(
             0,
@@ -284,6 +374,15 @@ class Deliveries:
         finally:
             if slot and not handed_over:
                 dispatcher.release(event.id)
+
+    def _queue_full(self, tunnel: str, size: int) -> web.Response | None:
+        """429 if one more event of ``size`` bytes would pass the tunnel's quota."""
+        pending = self._pending.setdefault(tunnel, [0, 0])
+        if pending[0] < self.config.quota_events and pending[1] + size <= self.config.quota_bytes:
+            return None
+        return relay_error(
+            "too-many-requests", f"the queue of {tunnel!r} is full; try again later", **{"Retry-After": "60"}
+        )
 
     def _queued(self, event: Event) -> web.Response:
         response = web.json_response({"queued": True, "event": event.id}, status=202)

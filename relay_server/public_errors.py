@@ -16,6 +16,7 @@ STATUS = {
     "not-found": 404,
     "unknown-tunnel": 404,
     "method-not-allowed": 405,
+    "body-timeout": 408,
     "conflict": 409,
     "body-too-large": 413,
     "too-many-requests": 429,
@@ -24,6 +25,7 @@ STATUS = {
     "local-unreachable": 502,
     "tunnel-offline": 503,
     "store-unavailable": 503,
+    "server-busy": 503,
     "local-timeout": 504,
 }
 

@@ -1,0 +1,146 @@
+"""Issue 8 §4: strangers get bounded memory and time in queue mode.
+
+A webhook's body is read into memory before it is stored; the server holds at most
+``--body-budget`` bytes of such bodies at once, cuts a sender slower than
+``--body-timeout``, and checks the tunnel's quota before reading a byte when the
+Content-Length is known. Clients here are raw sockets, so a test controls every byte
+and its pace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections import Counter
+
+import pytest
+
+from .framework import Relay, RelayServer, client_session, fetch, through, until
+from .test_streaming import Peak
+
+MIB = 1024 * 1024
+#: The server's body budget in the load test, and the slack allowed above it for
+#: everything else the server holds (200 connections, buffers, the interpreter's arenas).
+BUDGET = 32 * MIB
+SLACK = 64 * MIB
+#: The load: 200 senders of 9 MiB each, 64 KiB at a time.
+SENDERS = 200
+BODY = 9 * MIB
+PIECE = 64 * 1024
+
+
+def head(server: RelayServer, length: int, path: str = "/t/alice/upload") -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: {server.apex}\r\nContent-Type: application/octet-stream\r\n"
+        f"Content-Length: {length}\r\nConnection: close\r\n\r\n"
+    ).encode()
+
+
+async def read_status(reader: asyncio.StreamReader) -> tuple[int, str]:
+    """The status and X-Relay-Error of the response on ``reader`` (0 if none came)."""
+    try:
+        raw = await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return 0, ""
+    lines = raw.decode("latin-1").split("\r\n")
+    error = next(
+        (line.split(":", 1)[1].strip() for line in lines if line.lower().startswith("x-relay-error:")), ""
+    )
+    return int(lines[0].split()[1]), error
+
+
+async def slow_upload(server: RelayServer, body_pause: float) -> tuple[int, str]:
+    """Send a 9 MiB body 64 KiB at a time, stopping as soon as the server answers."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(head(server, BODY))
+        answer = asyncio.ensure_future(read_status(reader))
+        piece = b"w" * PIECE
+        for _ in range(BODY // PIECE):
+            if answer.done():
+                break
+            writer.write(piece)
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+            await asyncio.sleep(body_pause)  # a slow sender's pace, not a wait for a state
+        return await asyncio.wait_for(answer, 120)
+    finally:
+        writer.transport.abort()
+
+
+def claim(relay: Relay, server: RelayServer, token: str) -> None:
+    result = relay.agent_cli(server, token, "tunnel", "set", "alice", "--mode", "queue")
+    assert result.returncode == 0, result.stderr
+
+
+def stored(relay: Relay, server: RelayServer, token: str) -> list[dict[str, object]]:
+    result = relay.agent_cli(server, token, "events", "list", "--limit", "1000", "--json")
+    assert result.returncode == 0, result.stderr
+    return list(json.loads(result.stdout))
+
+
+@pytest.mark.timeout(300)
+async def test_200_slow_9_mib_uploads_leave_memory_bounded_and_other_tunnels_answer(relay: Relay) -> None:
+    server = relay.server("--body-budget", str(BUDGET), "--body-timeout", "120")
+    alice = server.token("alice")
+    claim(relay, server, alice)  # no agent: every body that is taken is stored and answered 202
+    bob = relay.tunnel(server, user="bob")
+    assert server.process is not None
+    peak = Peak(server.process.pid)
+    peak.reset()
+
+    uploads = asyncio.gather(*(slow_upload(server, 0.05) for _ in range(SENDERS)))
+    others = Counter()
+    async with client_session() as http:
+        while not uploads.done():
+            reply = await through(http, bob, "path", "GET", "/during-the-load")
+            others[reply.status] += 1
+            await asyncio.sleep(0.2)  # the pace of bob's own traffic
+        answers = Counter(await uploads)
+
+    # Every sender got an answer: stored (202) or refused before its body was read (503
+    # server-busy, Retry-After), never a hang or a half-stored event.
+    assert set(answers) <= {(202, ""), (503, "server-busy")}, answers
+    assert answers[(202, "")] >= 1 and answers[(503, "server-busy")] >= 1, answers
+    events = stored(relay, server, alice)
+    assert len(events) == answers[(202, "")]
+    # Memory: the budget, plus slack, never 200 x 9 MiB (1.8 GB).
+    assert peak.growth < BUDGET + SLACK, f"server grew by {peak.growth / MIB:.0f} MiB"
+    # Bob's tunnel answered all along.
+    assert others and set(others) == {200}, others
+
+
+async def test_a_sender_slower_than_the_body_timeout_is_cut_and_nothing_is_stored(relay: Relay) -> None:
+    server = relay.server("--body-timeout", "2")
+    alice = server.token("alice")
+    claim(relay, server, alice)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(head(server, MIB) + b"x" * 10_000)  # then nothing more: a stalled sender
+        await writer.drain()
+        status, error = await asyncio.wait_for(read_status(reader), 60)
+    finally:
+        writer.transport.abort()
+    assert (status, error) == (408, "body-timeout")
+    assert stored(relay, server, alice) == []
+
+
+async def test_quota_is_checked_before_a_byte_of_the_body_is_read(relay: Relay) -> None:
+    server = relay.server("--quota-bytes", str(MIB))
+    alice = server.token("alice")
+    claim(relay, server, alice)
+    # Only the head is sent: the 429 must come without the relay waiting for the body.
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(head(server, 2 * MIB))
+        await writer.drain()
+        status, error = await asyncio.wait_for(read_status(reader), 60)
+    finally:
+        writer.transport.abort()
+    assert (status, error) == (429, "too-many-requests")
+    # Within the quota the same tunnel still takes webhooks.
+    async with client_session() as http:
+        reply = await fetch(http, "POST", server.url("/t/alice/small"), server.apex, body=b"{}")
+        assert reply.status == 202
+    await until(lambda: len(stored(relay, server, alice)) == 1, 30, "one stored event")
