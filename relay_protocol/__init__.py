@@ -1,16 +1,23 @@
 """The relay wire protocol, without I/O: frames, heads, stream states, credit.
 
 This package imports only the standard library and never awaits: the server
-(aiohttp) and the agent (websockets) each drive it from their own event loop.
+(aiohttp) and the agent (websockets) each drive an ``Engine`` (engine.py: the
+stream engine, outgoing buffer, PING answers, heartbeat, error state) from
+their own event loop, passing it their clock.
 """
 
 from .connection import Connection, Role
+from .engine import Engine
 from .errors import (
+    BadHead,
+    ConnectionFailed,
     FlowControlError,
     FrameTooLarge,
+    HeadTooLarge,
     LocalProtocolError,
     ProtocolError,
     RelayError,
+    StreamClosed,
     TooManyStreams,
 )
 from .frames import (
@@ -33,11 +40,15 @@ from .limits import PROTOCOL_VERSION
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "BadHead",
     "Connection",
+    "ConnectionFailed",
     "Data",
+    "Engine",
     "FlowControlError",
     "Frame",
     "FrameTooLarge",
+    "HeadTooLarge",
     "Headers",
     "Hello",
     "LocalProtocolError",
@@ -51,6 +62,7 @@ __all__ = [
     "Response",
     "ResponseHead",
     "Role",
+    "StreamClosed",
     "TargetUp",
     "TooManyStreams",
     "Welcome",

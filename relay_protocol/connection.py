@@ -10,6 +10,16 @@ Flow control: each direction of each stream starts with ``INITIAL_WINDOW``
 bytes of credit. ``send`` refuses DATA beyond ``credit(stream_id)``; the
 receiver grants more with WINDOW frames, which ``consumed`` produces once the
 application has taken at least half a window of body bytes off its hands.
+
+Every call checks, then encodes, then changes state: a call that raises
+leaves the connection as it was (a head too large for the wire spends no
+stream id), or, after a failure it cannot undo, in the error state, where
+every later call raises ``ConnectionFailed`` (as h11 does). A refused
+received frame (``ProtocolError``) changes nothing either; the engine then
+puts the connection in the error state, as nothing more may be read or sent.
+
+``relay_protocol.engine.Engine`` wraps this with the outgoing buffer, PING
+answers, the heartbeat and body chunking; server and agent use the engine.
 """
 
 from __future__ import annotations
@@ -17,7 +27,13 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from .errors import FlowControlError, LocalProtocolError, ProtocolError, TooManyStreams
+from .errors import (
+    ConnectionFailed,
+    FlowControlError,
+    LocalProtocolError,
+    ProtocolError,
+    TooManyStreams,
+)
 from .frames import (
     AGENT_FRAMES,
     SERVER_FRAMES,
@@ -94,6 +110,20 @@ class Connection:
         self._handshaken = False  # WELCOME sent or received: no handshake frame after it
         self._may_receive = AGENT_FRAMES if role is Role.SERVER else SERVER_FRAMES
         self._may_send = SERVER_FRAMES if role is Role.SERVER else AGENT_FRAMES
+        #: Why the connection is in its error state; None while it is usable.
+        self.error: str | None = None
+
+    # -- the error state -------------------------------------------------------
+
+    def fail(self, reason: str) -> None:
+        """Enter the error state (the transport failed, a send could not complete):
+        every later call raises ``ConnectionFailed``. The first reason is kept."""
+        if self.error is None:
+            self.error = reason
+
+    def _check_usable(self) -> None:
+        if self.error is not None:
+            raise ConnectionFailed(f"connection failed: {self.error}")
 
     # -- queries -------------------------------------------------------------
 
@@ -107,7 +137,13 @@ class Connection:
         return stream.send_credit if stream and stream.send is Half.BODY else 0
 
     def is_open(self, stream_id: int) -> bool:
+        """True until the stream is finished (both halves closed) or reset, here or by the peer."""
         return stream_id in self._streams
+
+    def send_half(self, stream_id: int) -> Half | None:
+        """State of this side's sending half of ``stream_id``; None if the stream is not open."""
+        stream = self._streams.get(stream_id)
+        return stream.send if stream else None
 
     def next_stream_id(self) -> int:
         """The id the next OPEN must carry (server side)."""
@@ -116,58 +152,65 @@ class Connection:
     # -- sending -------------------------------------------------------------
 
     def send(self, frame: Frame) -> bytes:
-        """Check that sending ``frame`` is legal now, update state, return its bytes.
+        """Check that sending ``frame`` is legal now, encode it, update state, return its bytes.
 
-        Raises ``LocalProtocolError`` (or ``TooManyStreams``) if it is not.
+        Raises ``LocalProtocolError`` if it is not legal (``TooManyStreams``,
+        ``BadHead``/``HeadTooLarge`` for a head the wire cannot carry,
+        ``ConnectionFailed`` in the error state), having changed nothing.
         """
+        self._check_usable()
         if not isinstance(frame, self._may_send):
             raise LocalProtocolError(f"a {self.role.value} never sends {type(frame).__name__}")
         if isinstance(frame, (Hello, Welcome)):
             if self._handshaken or (isinstance(frame, Hello) and self._hello_seen):
                 raise LocalProtocolError("handshake already done")
+            data = encode(frame)
             if isinstance(frame, Hello):
                 self._hello_seen = True
             else:
                 self._handshaken = True
-        elif isinstance(frame, Open):
+            return data
+        if isinstance(frame, Open):
             if len(self._streams) >= self.max_streams:
                 raise TooManyStreams(f"{len(self._streams)} streams open, limit {self.max_streams}")
             if frame.stream_id != self._last_stream_id + 1 or frame.stream_id > MAX_STREAM_ID:
                 raise LocalProtocolError(f"OPEN must use stream id {self._last_stream_id + 1}")
-            self._last_stream_id = frame.stream_id
-            self._streams[frame.stream_id] = _Stream()
-            self._advance_send(frame)
-        elif isinstance(frame, (Response, Data)):
+            nxt = _next_half(Half.IDLE, frame, LocalProtocolError)
+            data = encode(frame)  # before any change: a head too large spends no id
+            self._opened(frame.stream_id, nxt, sending=True)
+            return data
+        if isinstance(frame, (Response, Data)):
             stream = self._streams.get(frame.stream_id)
             if stream is None:
                 raise LocalProtocolError(f"stream {frame.stream_id} is not open")
             if isinstance(frame, Data) and len(frame.data) > stream.send_credit:
                 raise LocalProtocolError(f"{len(frame.data)} bytes over the credit of {stream.send_credit}")
-            self._advance_send(frame)
-        elif isinstance(frame, Reset):
-            self._streams.pop(frame.stream_id, None)
-        return encode(frame)
-
-    def _advance_send(self, frame: Open | Response | Data) -> None:
-        stream = self._streams[frame.stream_id]
-        for step in _steps(frame):
-            nxt = TRANSITIONS.get((stream.send, step))
-            if nxt is None:
-                raise LocalProtocolError(
-                    f"cannot send {step.value} on stream {frame.stream_id} in state {stream.send.value}"
-                )
+            nxt = _next_half(stream.send, frame, LocalProtocolError)
+            data = encode(frame)
+            if isinstance(frame, Data):
+                stream.send_credit -= len(frame.data)
             stream.send = nxt
-        if isinstance(frame, Data):
-            stream.send_credit -= len(frame.data)
-        self._forget_if_done(frame.stream_id, stream)
+            self._forget_if_done(frame.stream_id, stream)
+            return data
+        data = encode(frame)
+        if isinstance(frame, Reset):
+            self._streams.pop(frame.stream_id, None)
+        return data
+
+    def _opened(self, stream_id: int, half: Half, *, sending: bool) -> None:
+        stream = _Stream(send=half) if sending else _Stream(recv=half)
+        self._streams[stream_id] = stream
+        self._last_stream_id = stream_id
 
     def consumed(self, stream_id: int, size: int) -> bytes | None:
         """Tell the connection the application has taken ``size`` body bytes.
 
         Returns a WINDOW frame to send once half a window is owed, else None.
         Call it after the bytes left this process (written to the client or
-        the target), so a slow reader slows the sender.
+        the target), so a slow reader slows the sender. Raises ``ConnectionFailed``
+        in the error state.
         """
+        self._check_usable()
         stream = self._streams.get(stream_id)
         if stream is None or stream.recv is not Half.BODY or size <= 0:
             return None
@@ -184,8 +227,15 @@ class Connection:
         """Decode and check one received message.
 
         Returns the frame, or None for a frame that needs no action (a late
-        frame on a stream this side already reset). Raises ``ProtocolError``.
+        frame on a stream this side already reset). Raises ``ProtocolError``
+        having changed nothing (the caller closes the connection with 1002;
+        ``Engine.receive`` enters the error state first);
+        ``ConnectionFailed`` in the error state.
         """
+        self._check_usable()
+        return self._receive(message)
+
+    def _receive(self, message: bytes) -> Frame | None:
         frame = decode(message)
         if not isinstance(frame, self._may_receive):
             raise ProtocolError(f"a {self.role.value} never receives {type(frame).__name__}")
@@ -205,9 +255,8 @@ class Connection:
                 raise ProtocolError(f"OPEN on stream {frame.stream_id}, expected {expected}")
             if len(self._streams) >= self.max_streams:
                 raise ProtocolError(f"peer opened more than {self.max_streams} streams")
-            self._last_stream_id = frame.stream_id
-            self._streams[frame.stream_id] = _Stream()
-            return self._advance_recv(frame)
+            self._opened(frame.stream_id, _next_half(Half.IDLE, frame, ProtocolError), sending=False)
+            return frame
         stream_id = frame.stream_id
         stream = self._streams.get(stream_id)
         if stream is None:
@@ -218,28 +267,32 @@ class Connection:
             del self._streams[stream_id]
             return frame
         if isinstance(frame, Window):
-            stream.send_credit += frame.increment
-            if stream.send_credit > 2**31 - 1:
+            if stream.send_credit + frame.increment > 2**31 - 1:
                 raise FlowControlError(f"credit on stream {stream_id} overflows")
+            stream.send_credit += frame.increment
             return frame
-        return self._advance_recv(frame)
-
-    def _advance_recv(self, frame: Open | Response | Data) -> Frame:
-        stream = self._streams[frame.stream_id]
-        for step in _steps(frame):
-            nxt = TRANSITIONS.get((stream.recv, step))
-            if nxt is None:
-                raise ProtocolError(
-                    f"unexpected {step.value} on stream {frame.stream_id} in state {stream.recv.value}"
-                )
-            stream.recv = nxt
+        nxt = _next_half(stream.recv, frame, ProtocolError)
         if isinstance(frame, Data):
-            stream.recv_window -= len(frame.data)
-            if stream.recv_window < 0:
+            if len(frame.data) > stream.recv_window:
                 raise FlowControlError(f"peer overran the window of stream {frame.stream_id}")
-        self._forget_if_done(frame.stream_id, stream)
+            stream.recv_window -= len(frame.data)
+        stream.recv = nxt
+        self._forget_if_done(stream_id, stream)
         return frame
 
     def _forget_if_done(self, stream_id: int, stream: _Stream) -> None:
         if stream.send is Half.CLOSED and stream.recv is Half.CLOSED:
             del self._streams[stream_id]
+
+
+def _next_half(
+    half: Half, frame: Open | Response | Data, error: type[LocalProtocolError] | type[ProtocolError]
+) -> Half:
+    """The state ``half`` moves to when ``frame`` is sent or received; raises ``error`` if illegal."""
+    for step in _steps(frame):
+        nxt = TRANSITIONS.get((half, step))
+        if nxt is None:
+            verb = "cannot send" if error is LocalProtocolError else "unexpected"
+            raise error(f"{verb} {step.value} on stream {frame.stream_id} in state {half.value}")
+        half = nxt
+    return half

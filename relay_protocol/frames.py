@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .errors import FrameTooLarge, ProtocolError
+from .errors import FrameTooLarge, LocalProtocolError, ProtocolError
 from .heads import (
     RequestHead,
     ResponseHead,
@@ -171,6 +171,22 @@ RESET_INTERNAL = 7  # a bug on the sending side
 #: Characters of a RESET reason kept: a reason is one line for a log, not a document.
 MAX_RESET_REASON = 1024
 
+# Websocket close codes. The numbers are wire format (docs/protocol.md, pinned by
+# tests/protocol/test_close_codes.py); the 4xxx ones are final: retrying cannot help.
+CLOSE_NORMAL = 1000  # normal close
+CLOSE_GOING_AWAY = 1001  # the server is shutting down or restarting
+CLOSE_PROTOCOL_ERROR = 1002  # a ProtocolError: bad frame, illegal step, overrun, handshake
+CLOSE_UNSUPPORTED = 1003  # a text (non-binary) message
+CLOSE_TOO_BIG = 1009  # a message over MAX_FRAME_SIZE (sent by the websocket library)
+CLOSE_UNAUTHORIZED = 4001  # the token is bad, expired or revoked
+CLOSE_FORBIDDEN = 4003  # a name belongs to another user or the token does not allow it
+CLOSE_VERSION = 4005  # protocol version mismatch
+CLOSE_HEARTBEAT = 4008  # nothing received for HEARTBEAT_TIMEOUT
+
+#: Close codes after which an agent must not reconnect: the same token, names
+#: and version would be refused again. Every other code (or none) is retried.
+FINAL_CLOSE_CODES = frozenset({CLOSE_UNAUTHORIZED, CLOSE_FORBIDDEN, CLOSE_VERSION})
+
 _JSON_SEPARATORS = (",", ":")
 
 
@@ -218,8 +234,8 @@ def _payload(frame: Frame) -> bytes:
     if isinstance(frame, Response):
         return encode_response_head(frame.head)
     if isinstance(frame, Data):
-        if len(frame.data) > MAX_DATA_SIZE:
-            raise FrameTooLarge(f"DATA of {len(frame.data)} bytes, over {MAX_DATA_SIZE}")
+        if len(frame.data) > MAX_DATA_SIZE:  # the caller cuts bodies (Engine.send_data does)
+            raise LocalProtocolError(f"DATA of {len(frame.data)} bytes, over {MAX_DATA_SIZE}")
         return frame.data
     if isinstance(frame, Window):
         return frame.increment.to_bytes(4, "big")
@@ -323,7 +339,17 @@ def _decode_payload(cls: type[Frame], stream_id: int, payload: bytes, end_stream
 
 __all__ = [
     "AGENT_FRAMES",
+    "CLOSE_FORBIDDEN",
+    "CLOSE_GOING_AWAY",
+    "CLOSE_HEARTBEAT",
+    "CLOSE_NORMAL",
+    "CLOSE_PROTOCOL_ERROR",
+    "CLOSE_TOO_BIG",
+    "CLOSE_UNAUTHORIZED",
+    "CLOSE_UNSUPPORTED",
+    "CLOSE_VERSION",
     "FEATURE_TARGET_UP",
+    "FINAL_CLOSE_CODES",
     "FLAG_END_STREAM",
     "FRAME_TYPES",
     "MAX_STREAM_ID",

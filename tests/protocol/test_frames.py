@@ -14,7 +14,7 @@ import pytest
 
 from relay_protocol import frames
 from relay_protocol.connection import Connection, Role
-from relay_protocol.errors import FrameTooLarge, ProtocolError
+from relay_protocol.errors import BadHead, FrameTooLarge, HeadTooLarge, LocalProtocolError, ProtocolError
 from relay_protocol.frames import (
     FLAG_END_STREAM,
     FRAME_TYPES,
@@ -308,14 +308,33 @@ def test_attacker_sends_a_huge_frame() -> None:
 
 
 def test_encoder_refuses_oversized_data() -> None:
-    with pytest.raises(FrameTooLarge):
+    # This side's mistake, not the peer's: a local error.
+    with pytest.raises(LocalProtocolError):
         encode(Data(1, b"x" * (MAX_DATA_SIZE + 1)))
 
 
 def test_encoder_refuses_oversized_head() -> None:
     headers = tuple((b"X", b"v" * 1000) for _ in range(70))
-    with pytest.raises(FrameTooLarge):
+    with pytest.raises(HeadTooLarge) as caught:
         encode(Open(1, RequestHead("GET", b"/", headers)))
+    assert caught.value.part == "headers"  # the ingress answers 431
+    assert not isinstance(caught.value, ProtocolError)  # built here: never the peer's fault
+
+
+def test_encoder_says_when_the_target_made_the_head_too_large() -> None:
+    with pytest.raises(HeadTooLarge) as caught:
+        encode(Open(1, RequestHead("GET", b"/" + b"a" * 60_000, ((b"X", b"v" * 6000),))))
+    assert caught.value.part == "target"  # the ingress answers 414
+
+
+def test_head_fields_over_their_length_prefix_are_refused_when_built() -> None:
+    with pytest.raises(HeadTooLarge) as caught:
+        RequestHead("GET", b"/" + b"a" * 0xFFFF, ())
+    assert caught.value.part == "target"
+    with pytest.raises(HeadTooLarge):
+        RequestHead("GET", b"/", ((b"X", b"v" * 0x10000),))
+    with pytest.raises(HeadTooLarge):
+        ResponseHead(200, ((b"X", b"v" * 0x10000),))
 
 
 BAD_HEADS = {
@@ -333,16 +352,27 @@ BAD_HEADS = {
 
 @pytest.mark.parametrize("make", BAD_HEADS.values(), ids=BAD_HEADS.keys())
 def test_heads_validate_themselves(make: Callable[[], object]) -> None:
-    # Refused when built, so this side can never encode what the peer would reject.
-    with pytest.raises(ProtocolError):
+    # Refused when built, so this side can never encode what the peer would reject;
+    # a head built here comes from public input or the local app: a local error
+    # (the caller answers 4xx or 502), never the peer-fault ProtocolError.
+    with pytest.raises(BadHead) as caught:
         make()
+    assert not isinstance(caught.value, ProtocolError)
 
 
 def test_head_limits_when_built_locally() -> None:
-    with pytest.raises(FrameTooLarge):
+    with pytest.raises(HeadTooLarge):
         RequestHead("GET", b"/", tuple((b"A", b"") for _ in range(MAX_HEADER_COUNT + 1)))
-    with pytest.raises(FrameTooLarge):
+    with pytest.raises(HeadTooLarge):
         RequestHead("GET", b"/", (), client="1" * 256)
+
+
+def test_the_same_defects_from_the_peer_are_its_fault() -> None:
+    # Bytes a head built here may not hold, received from the peer: ProtocolError.
+    with pytest.raises(ProtocolError):
+        decode(_open(HEAD_GET + b"\x00\x01" + _header(b"X-A", b"a\nb")))
+    with pytest.raises(FrameTooLarge):
+        decode(_too_many_headers())
 
 
 def test_reset_reason_is_truncated_on_encode() -> None:
