@@ -72,6 +72,13 @@ class AgentEndpoint:
                 raise NameRefused(f"name {name!r} belongs to another user")
         return list(dict.fromkeys(names))
 
+    def _claimed(self, user: str, names: list[str]) -> None:
+        """Tell the registry before anything reads the names' settings: a name that
+        changed hands (released by the admin a moment ago) drops what was cached for
+        its previous owner."""
+        for name in names:
+            self.registry.claimed(name, user)
+
     async def _apply_settings(self, user: str, hello: Hello) -> None:
         """``relay-agent connect --mode/--max-concurrency``: stored, so they hold when it leaves."""
         for tunnel in hello.tunnels:
@@ -115,6 +122,7 @@ class AgentEndpoint:
             log.info("agent %s (user %s) refused: %s", peer, claims.user, exc)
             await session.close(CLOSE_FORBIDDEN, str(exc))
             return ws
+        self._claimed(claims.user, names)
         try:
             await self._apply_settings(claims.user, hello)
         except ConfigError as exc:
@@ -136,7 +144,9 @@ class AgentEndpoint:
             )
         )
         session.on_target_up = lambda: self.registry.target_up(session)
-        self.registry.add(session)
+        # With its token: the watch loop closes the session when the token is revoked
+        # or expires while it is connected.
+        self.registry.add(session, claims.token_id, claims.expires_at)
         log.info(
             "session %s: agent %s connected, user %s, names %s",
             session.id,

@@ -12,6 +12,10 @@ user's event or tunnel answers 404, as if it did not exist.
     GET   /_relay/api/events?name=&status=&limit=  events, newest first
     GET   /_relay/api/events/ID                    one event, with headers and body
     POST  /_relay/api/events/ID/replay             deliver it again (same id, next attempt)
+
+A revoked or expired token answers 401 on the next call (checked on every call, never
+cached). A replay of an event whose name the user no longer holds (the admin released it)
+answers 409 ``conflict``: it would reach the name's next owner.
 """
 
 from __future__ import annotations
@@ -116,6 +120,7 @@ class Api:
             owner = await asyncio.to_thread(self.store.claim_name, name, claims.user)
         if owner != claims.user:
             return api_error("not-found", f"you have no tunnel named {name[:64]!r}")
+        self.registry.claimed(name, claims.user)  # before the settings are read
         try:
             changes = json.loads(await request.content.read(MAX_API_BODY + 1))
             if not isinstance(changes, dict):
@@ -155,6 +160,15 @@ class Api:
         if found is None:
             return api_error("not-found", f"you have no event {event_id[:64]!r}")
         event, deliveries = found
+        if await asyncio.to_thread(self.store.name_owner, event.tunnel) != claims.user:
+            # The admin released the name since (its waiting events died "name released"):
+            # a replay would go to whoever holds the name now, or to nobody. The event stays
+            # readable; it can be replayed if the name is the user's again.
+            return api_error(
+                "conflict",
+                f"{event_id} came to the name {event.tunnel!r}, which is no longer yours (released);"
+                " claim the name again to replay it",
+            )
         if self.deliveries.in_flight(event, deliveries):
             return api_error("conflict", f"an attempt of {event_id} is in flight; replay it once it ends")
         destinations = await self.deliveries.replay(event, deliveries)

@@ -21,6 +21,7 @@ from .public_errors import relay_error
 from .registry import InFlight, Registry
 from .session import CLOSE_GOING_AWAY
 from .store import Store
+from .watch import Watch
 
 log = logging.getLogger("relay.server")
 
@@ -30,6 +31,7 @@ REGISTRY = web.AppKey("registry", Registry)
 INFLIGHT = web.AppKey("inflight", InFlight)
 DELIVERIES = web.AppKey("deliveries", Deliveries)
 COMMITS = web.AppKey("commits", GroupCommitter)
+WATCH = web.AppKey("watch", Watch)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -89,6 +91,8 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
     app[DELIVERIES] = deliveries
     app[COMMITS] = commits
     app.cleanup_ctx.append(_store_ctx)
+    app[WATCH] = Watch(store=store, registry=registry, deliveries=deliveries)
+    app.cleanup_ctx.append(_watch_ctx)
     return app
 
 
@@ -100,6 +104,14 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[DELIVERIES].stop()
     await app[COMMITS].stop()
     app[STORE].close()
+
+
+async def _watch_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Names' owners and revoked tokens, as the admin CLI changes them, watched from the
+    start (after deliveries, which it tells about names that changed hands)."""
+    await app[WATCH].start()
+    yield
+    await app[WATCH].stop()
 
 
 async def _drain(app: web.Application) -> None:

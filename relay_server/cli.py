@@ -360,14 +360,15 @@ def token_list(data_dir: Path) -> None:
 @click.argument("token_id")
 @data_dir_option
 def token_revoke(token_id: str, data_dir: Path) -> None:
-    """Revoke a token by its id (from `token list`); agents using it are refused."""
+    """Revoke a token by its id (from `token list`): agents using it are refused, those
+    connected with it are disconnected within seconds, and the API answers it 401."""
     try:
         revoked = Store(data_dir).revoke_token(token_id)
     except RelayError as exc:
         raise _fail(exc) from exc
     if not revoked:
         raise click.ClickException(f"no active token has the id {token_id!r}")
-    click.echo(f"revoked {token_id}", err=True)
+    click.echo(f"revoked {token_id}; a running server disconnects its agents within seconds", err=True)
 
 
 @main.group("names")
@@ -390,13 +391,67 @@ def names_list(data_dir: Path) -> None:
 
 @names_group.command("release")
 @click.argument("name")
+@click.option("--yes", "-y", is_flag=True, help="Release without asking (needed when not on a terminal).")
 @data_dir_option
-def names_release(name: str, data_dir: Path) -> None:
-    """Free NAME so that any user may claim it again."""
+def names_release(name: str, yes: bool, data_dir: Path) -> None:
+    """Free NAME so that any user may claim it again.
+
+    Nothing of its owner passes to the next one: the tunnel's settings and destinations
+    are removed, its waiting events die ("name released": their owner can still read
+    them, and replay them only if the name is theirs again), and a running server closes
+    the owner's agents on the name within seconds. Says how many events will die and
+    asks first.
+    """
     try:
-        released = Store(data_dir).release_name(name)
+        store = Store(data_dir)
+        owner = store.name_owner(name)
+        waiting = store.waiting_events(name) if owner is not None else 0
     except RelayError as exc:
         raise _fail(exc) from exc
-    if not released:
+    if owner is None:
         raise click.ClickException(f"nobody holds the name {name!r}")
-    click.echo(f"released {name}", err=True)
+    effects = (
+        f"{_events(waiting)} waiting for delivery would be dead (\"name released\"), its settings"
+        " and destinations removed, its agents disconnected"
+    )
+    if not yes:
+        if not _interactive():
+            raise click.ClickException(
+                f"not releasing {name!r} (held by {owner}) without --yes: {effects}"
+            )
+        click.echo(f"releasing {name!r} (held by {owner}): {effects}", err=True)
+        if not click.confirm("Release it?", err=True):
+            raise click.ClickException(f"{name!r} not released")
+    try:
+        released = store.release(name)
+    except RelayError as exc:
+        raise _fail(exc) from exc
+    if released is None:
+        raise click.ClickException(f"nobody holds the name {name!r}")
+    click.echo(
+        f"released {name} (held by {released.owner}): {_events(released.events)} dead"
+        f"{', settings removed' if released.settings else ''}",
+        err=True,
+    )
+
+
+def _events(count: int) -> str:
+    return f"{count} event{'' if count == 1 else 's'}"
+
+
+def _interactive() -> bool:
+    """True if a person can answer a question on this terminal."""
+    return sys.stdin.isatty()
+
+
+def _networks(values: tuple[str, ...]) -> tuple[Network, ...]:
+    """``--trusted-proxy`` values as networks; a usage error names a bad one."""
+    networks = []
+    for value in (item for text in values for item in text.split()):
+        try:
+            networks.append(ipaddress.ip_network(value, strict=False))
+        except ValueError as exc:
+            raise click.BadParameter(
+                f"{value!r} is not an IP address or CIDR", param_hint="--trusted-proxy"
+            ) from exc
+    return tuple(networks)

@@ -47,7 +47,7 @@ from .retry import RetryPolicy
 from .session import AgentSession, Stream
 from .settings import ANY_AGENT, TunnelSettings
 from .states import Outcome, settle
-from .store import Delivery, Event, Store
+from .store import NAME_RELEASED, Delivery, Event, Store
 from .tasks import Tasks
 
 log = logging.getLogger("relay.server")
@@ -232,6 +232,18 @@ class Deliveries:
         self._settings[tunnel] = settings
         for destination in settings.destinations:
             self.dispatcher(tunnel, destination).wake()
+
+    def forget_tunnel(self, tunnel: str) -> None:
+        """``tunnel``'s name changed hands (the admin released it, or another user claimed
+        it since): drop its cached settings, quota counts and dispatchers, so nothing of
+        the previous owner (destinations, mode) applies to the next one. Attempts in
+        flight end on their own; the registry gives them no agent of the new owner."""
+        self._settings.pop(tunnel, None)
+        self._pending.pop(tunnel, None)
+        for key in [k for k in self._dispatchers if k[0] == tunnel]:
+            task = self._dispatchers.pop(key).task
+            if task is not None:
+                task.cancel()
 
     def dispatcher(self, tunnel: str, destination: str) -> Dispatcher:
         key = (tunnel, destination)
@@ -481,6 +493,9 @@ class Deliveries:
             since=delivery.since or event.received_at,
             now=time.time(),
         )
+        if updated.waiting and self.registry.owner_changed(event.tunnel, event.user):
+            # The name was released while this attempt ran: never a retry for a new owner.
+            updated = replace(updated, status="dead", dead_reason=NAME_RELEASED, next_attempt_at=None)
         try:
             await self.commits.write(Store.update_delivery_op(updated))
         except StoreError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 
 from .session import AgentSession
@@ -11,18 +12,37 @@ from .session import AgentSession
 
 class Registry:
     """Live sessions by name. Several sessions of one user may serve one name:
-    requests alternate between them, so an agent restarts without downtime."""
+    requests alternate between them, so an agent restarts without downtime.
+
+    It also knows each name's current owner (loaded from the store at start, set on
+    every claim in this process, and refreshed by the watch loop for what the admin CLI
+    changes from another process): ``pick`` never returns a session of anyone else,
+    even in the moment between a name changing hands and the old owner's sessions
+    being closed.
+    """
 
     def __init__(self) -> None:
         self._by_name: dict[str, list[AgentSession]] = {}
         self._turn: dict[str, int] = {}
+        #: Name -> owner; None until loaded (then nothing is filtered).
+        self._owners: dict[str, str] | None = None
+        #: Names seen released (free now, held before): their old events must not retry.
+        self._released: set[str] = set()
+        #: Session -> (token id, expiry as a Unix time) of the token it connected with.
+        self._tokens: dict[AgentSession, tuple[str, float]] = {}
         #: Called with each session once it serves its names (queued deliveries wait on it).
         self.on_connect: list[Callable[[AgentSession], None]] = []
         #: Called with a session whose agent says its local service is reachable
         #: again (TARGET_UP): what waits for that service may be delivered now.
         self.on_target_up: list[Callable[[AgentSession], None]] = []
+        #: Called with a name whose owner changed (released, or claimed by another
+        #: user): what was cached for the old owner must go.
+        self.on_owner_change: list[Callable[[str], None]] = []
 
-    def add(self, session: AgentSession) -> None:
+    def add(self, session: AgentSession, token_id: str = "", expires_at: float = math.inf) -> None:
+        """``session`` serves its names from now on; it connected with the token
+        ``token_id`` that expires at ``expires_at`` (closed by the watch loop then)."""
+        self._tokens[session] = (token_id, expires_at)
         for name in session.names:
             self._by_name.setdefault(name, []).append(session)
         for callback in self.on_connect:
@@ -34,6 +54,7 @@ class Registry:
             callback(session)
 
     def remove(self, session: AgentSession) -> None:
+        self._tokens.pop(session, None)
         for name in session.names:
             sessions = self._by_name.get(name, [])
             if session in sessions:
@@ -42,9 +63,66 @@ class Registry:
                 self._by_name.pop(name, None)
                 self._turn.pop(name, None)
 
-    def pick(self, name: str, label: str = "*") -> AgentSession | None:
-        """The next live session for ``name`` (with ``label``, unless "*") in turn, or None."""
-        live = [s for s in self._by_name.get(name, ()) if not s.closed and label in ("*", s.label)]
+    def token_of(self, session: AgentSession) -> tuple[str, float] | None:
+        """The (token id, expiry) ``session`` connected with; None if it is not added."""
+        return self._tokens.get(session)
+
+    # -- owners ----------------------------------------------------------------------
+
+    def set_owners(self, owners: dict[str, str]) -> set[str]:
+        """Replace what is known of every name's owner (the store's view); returns the
+        names that changed hands (released, or held by another user), after calling
+        ``on_owner_change`` for each. A free name being claimed changes no hands: what was
+        cached for its previous owner went when it was released."""
+        previous = self._owners
+        self._owners = dict(owners)
+        if previous is None:
+            return set()
+        changed = {n for n, user in previous.items() if owners.get(n) != user}
+        self._released = (self._released | {n for n in changed if n not in owners}) - owners.keys()
+        for name in sorted(changed):
+            self._owner_changed(name)
+        return changed
+
+    def claimed(self, name: str, user: str) -> None:
+        """``user`` holds ``name`` now (it was claimed in this process)."""
+        if self._owners is None:
+            return
+        previous = self._owners.get(name)
+        self._owners[name] = user
+        self._released.discard(name)
+        if previous is not None and previous != user:  # released, and the watch has not seen it yet
+            self._owner_changed(name)
+
+    def _owner_changed(self, name: str) -> None:
+        for callback in self.on_owner_change:
+            callback(name)
+
+    def owner(self, name: str) -> str | None:
+        """``name``'s owner as last known (None: free, or not loaded yet)."""
+        return None if self._owners is None else self._owners.get(name)
+
+    def owner_changed(self, name: str, user: str) -> bool:
+        """True if ``name`` is known to have left ``user``: released, or held by another."""
+        if self._owners is None:
+            return False
+        owner = self._owners.get(name)
+        return name in self._released if owner is None else owner != user
+
+    def _serves(self, session: AgentSession, name: str) -> bool:
+        return self._owners is None or self._owners.get(name) == session.user
+
+    def pick(self, name: str, label: str = "*", owner: str | None = None) -> AgentSession | None:
+        """The next live session for ``name`` (with ``label``, unless "*"; of ``owner``,
+        if given) in turn, or None. Never a session of a user who no longer owns ``name``."""
+        live = [
+            s
+            for s in self._by_name.get(name, ())
+            if not s.closed
+            and label in ("*", s.label)
+            and self._serves(s, name)
+            and (owner is None or s.user == owner)
+        ]
         if not live:
             return None
         turn = self._turn.get(name, 0)

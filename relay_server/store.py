@@ -99,6 +99,9 @@ MIGRATIONS: list[str] = [
 STATUSES = ("pending", "retrying", "delivered", "dead")
 #: States of a delivery still waiting: the SQL list of them.
 _WAITING = "('pending', 'retrying')"
+#: ``dead_reason`` of the events waiting on a name when an admin released it: kept for
+#: their owner to read and replay, never delivered to the name's next owner.
+NAME_RELEASED = "name released"
 #: Finished events deleted per round when the store is full, oldest first, so that a
 #: new webhook is refused only once nothing finished is left to make room.
 PRESSURE_PURGE = 500
@@ -160,6 +163,19 @@ class Delivery:
 
 
 @dataclass(frozen=True)
+class Released:
+    """What ``Store.release`` did to a name."""
+
+    name: str
+    #: The user who held it.
+    owner: str
+    #: Events that had a delivery waiting: now dead with ``NAME_RELEASED``.
+    events: int
+    #: The tunnel had stored settings (mode, destinations...): deleted.
+    settings: bool
+
+
+@dataclass(frozen=True)
 class NameRecord:
     name: str
     user: str
@@ -171,6 +187,23 @@ def _store_error(exc: sqlite3.Error) -> StoreError:
     if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
         return StoreFull(f"store full: {exc}")
     return StoreError(f"store write failed: {exc}")
+
+
+def _end_waiting(db: sqlite3.Connection, tunnel: str, owner: str | None, reason: str) -> int:
+    """Make the waiting deliveries of ``tunnel``'s events not owned by ``owner`` (None: any
+    owner) dead with ``reason``; returns how many events that was."""
+    foreign = "SELECT seq FROM events WHERE tunnel = ? AND user IS NOT ?"
+    events = db.execute(
+        f"SELECT COUNT(DISTINCT event_seq) FROM deliveries WHERE tunnel = ? AND status IN {_WAITING}"
+        f" AND event_seq IN ({foreign})",
+        (tunnel, tunnel, owner),
+    ).fetchone()[0]
+    db.execute(
+        "UPDATE deliveries SET status = 'dead', dead_reason = ?, next_attempt_at = NULL, updated_at = ?"
+        f" WHERE tunnel = ? AND status IN {_WAITING} AND event_seq IN ({foreign})",
+        (reason, time.time(), tunnel, tunnel, owner),
+    )
+    return int(events)
 
 
 class Store:
@@ -349,8 +382,58 @@ class Store:
         return [NameRecord(*r) for r in rows]
 
     def release_name(self, name: str) -> bool:
-        """Free a claimed name (admin); False if nobody held it."""
-        return self._write("DELETE FROM names WHERE name = ?", name).rowcount == 1
+        """Free a claimed name (admin); False if nobody held it. See ``release``."""
+        return self.release(name) is not None
+
+    def release(self, name: str) -> Released | None:
+        """Free a claimed name (admin), in one transaction, so that nothing of its owner
+        passes to the next one: its settings and destinations are deleted, and its waiting
+        deliveries become dead with ``NAME_RELEASED`` (kept for their owner to read and
+        replay). None if nobody held the name."""
+
+        def op(db: sqlite3.Connection) -> Released | None:
+            row = db.execute("SELECT user FROM names WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                return None
+            db.execute("DELETE FROM names WHERE name = ?", (name,))
+            settings = db.execute("DELETE FROM tunnels WHERE name = ?", (name,)).rowcount
+            died = _end_waiting(db, name, None, NAME_RELEASED)
+            return Released(name, str(row[0]), died, settings > 0)
+
+        return self.transaction([op])[0]  # type: ignore[no-any-return]
+
+    def waiting_events(self, tunnel: str) -> int:
+        """How many of ``tunnel``'s events have a delivery still waiting."""
+        rows = self._read(
+            f"SELECT COUNT(DISTINCT event_seq) FROM deliveries WHERE tunnel = ? AND status IN {_WAITING}",
+            tunnel,
+        )
+        return int(rows[0][0])
+
+    def end_foreign_waiting(self, tunnel: str, owner: str | None, reason: str) -> int:
+        """Waiting deliveries of ``tunnel``'s events that belong to anyone but ``owner``
+        (None: to anyone) become dead with ``reason``; how many events. Run by the server
+        once it sees a name change hands: an attempt that was in flight at the release
+        may have written its outcome (``retrying``) over the release's ``dead``."""
+
+        def op(db: sqlite3.Connection) -> int:
+            return _end_waiting(db, tunnel, owner, reason)
+
+        return int(self.transaction([op])[0])
+
+    def name_owners(self) -> dict[str, str]:
+        """Every claimed name and its owner."""
+        return {str(r[0]): str(r[1]) for r in self._read("SELECT name, user FROM names")}
+
+    def revoked_tokens(self, token_ids: list[str]) -> set[str]:
+        """Those of ``token_ids`` that are revoked."""
+        if not token_ids:
+            return set()
+        rows = self._read(
+            "SELECT id FROM tokens WHERE revoked_at IS NOT NULL AND id IN (SELECT value FROM json_each(?))",
+            json.dumps(token_ids),
+        )
+        return {str(r[0]) for r in rows}
 
     # -- tunnel settings -------------------------------------------------------
 

@@ -148,7 +148,7 @@ async def test_a_released_name_can_be_claimed_by_another_user(
     alice = relay.tunnel(server, user="alice")
     alice.agent.process.kill()
 
-    result = server.cli("names", "release", "alice")
+    result = server.cli("names", "release", "alice", "--yes")
     assert result.returncode == 0, result.stderr
     listed = server.cli("names", "list")
     assert not re.search(r"^alice\s", listed.stdout, re.MULTILINE), listed.stdout
