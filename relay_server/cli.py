@@ -443,15 +443,3 @@ def _interactive() -> bool:
     """True if a person can answer a question on this terminal."""
     return sys.stdin.isatty()
 
-
-def _networks(values: tuple[str, ...]) -> tuple[Network, ...]:
-    """``--trusted-proxy`` values as networks; a usage error names a bad one."""
-    networks = []
-    for value in (item for text in values for item in text.split()):
-        try:
-            networks.append(ipaddress.ip_network(value, strict=False))
-        except ValueError as exc:
-            raise click.BadParameter(
-                f"{value!r} is not an IP address or CIDR", param_hint="--trusted-proxy"
-            ) from exc
-    return tuple(networks)
