@@ -28,6 +28,9 @@ class Registry:
         self._owners: dict[str, str] | None = None
         #: Names seen released (free now, held before): their old events must not retry.
         self._released: set[str] = set()
+        #: Claims made in this process, numbered, that a store read may predate.
+        self._version = 0
+        self._recent: dict[str, tuple[int, str]] = {}
         #: Session -> (token id, expiry as a Unix time) of the token it connected with.
         self._tokens: dict[AgentSession, tuple[str, float]] = {}
         #: Called with each session once it serves its names (queued deliveries wait on it).
@@ -69,13 +72,27 @@ class Registry:
 
     # -- owners ----------------------------------------------------------------------
 
-    def set_owners(self, owners: dict[str, str]) -> set[str]:
-        """Replace what is known of every name's owner (the store's view); returns the
-        names that changed hands (released, or held by another user), after calling
-        ``on_owner_change`` for each. A free name being claimed changes no hands: what was
-        cached for its previous owner went when it was released."""
+    @property
+    def owners_version(self) -> int:
+        """Take it before reading the store's owners, and give it to ``set_owners``."""
+        return self._version
+
+    def set_owners(self, owners: dict[str, str], read_at: int | None = None) -> set[str]:
+        """Replace what is known of every name's owner with the store's view, read after
+        ``owners_version`` was ``read_at`` (claims made here since then are newer than
+        the read and kept); returns the names that changed hands (released, or held by
+        another user), after calling ``on_owner_change`` for each. A free name being
+        claimed changes no hands: what was cached for its previous owner went when it
+        was released."""
+        owners = dict(owners)
+        if read_at is not None:
+            for name, (version, user) in list(self._recent.items()):
+                if version > read_at:
+                    owners[name] = user
+                else:
+                    del self._recent[name]  # the read saw it
         previous = self._owners
-        self._owners = dict(owners)
+        self._owners = owners
         if previous is None:
             return set()
         changed = {n for n, user in previous.items() if owners.get(n) != user}
@@ -91,12 +108,18 @@ class Registry:
         previous = self._owners.get(name)
         self._owners[name] = user
         self._released.discard(name)
+        self._version += 1
+        self._recent[name] = (self._version, user)
         if previous is not None and previous != user:  # released, and the watch has not seen it yet
             self._owner_changed(name)
 
     def _owner_changed(self, name: str) -> None:
         for callback in self.on_owner_change:
             callback(name)
+
+    def owners(self) -> dict[str, str]:
+        """Every name's owner as known now (a copy)."""
+        return dict(self._owners or {})
 
     def owner(self, name: str) -> str | None:
         """``name``'s owner as last known (None: free, or not loaded yet)."""

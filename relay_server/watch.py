@@ -69,8 +69,12 @@ class Watch:
     async def check(self, now: float | None = None) -> int:
         """One round: act on names that changed hands and on dead tokens; returns how many
         sessions it closed. Raises ``StoreError`` if the store cannot be read."""
-        owners = await asyncio.to_thread(self.store.name_owners)
-        for name in sorted(self.registry.set_owners(owners)):
+        read_at = self.registry.owners_version
+        stored = await asyncio.to_thread(self.store.name_owners)
+        # The store's view, plus what agents claimed here while it was being read.
+        changed = self.registry.set_owners(stored, read_at)
+        owners = self.registry.owners()
+        for name in sorted(changed):
             # An attempt in flight at the release may have written "retrying" over the
             # release's "dead": end those too (the registry now refuses new ones).
             owner = owners.get(name)

@@ -121,6 +121,21 @@ def test_owner_changes_are_reported_once_and_only_when_a_name_changes_hands() ->
     assert not registry.owner_changed("b", "bob")
 
 
+def test_a_claim_made_while_the_store_was_read_is_not_taken_for_a_release() -> None:
+    registry = Registry()
+    seen: list[str] = []
+    registry.on_owner_change.append(seen.append)
+    registry.set_owners({})
+    read_at = registry.owners_version
+    registry.claimed("new", "alice")  # an agent claims it while the watch reads the store
+    assert registry.set_owners({}, read_at) == set()  # the read predates the claim
+    assert (registry.owner("new"), seen) == ("alice", [])
+    assert not registry.owner_changed("new", "alice")
+    assert registry.set_owners({"new": "alice"}, registry.owners_version) == set()
+    assert registry.set_owners({}, registry.owners_version) == {"new"}  # now a release
+    assert seen == ["new"]
+
+
 # -- the store's release ---------------------------------------------------------------------------
 
 
@@ -272,6 +287,30 @@ async def test_a_session_on_a_name_another_user_holds_now_is_closed(
     store.claim_name("shared", "bob")
     assert await watch.check() == 1
     assert alice.closes == [(4003, "name 'shared' belongs to another user")]
+
+
+async def test_an_agent_claiming_a_name_during_a_watch_round_is_not_closed(
+    stack: tuple[Store, Registry, Deliveries, Watch], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, registry, _, watch = stack
+    seq = _event(store, "other", "alice", ("agent:*", "pending"))
+    newcomer = FakeSession("alice", "other")
+    read = store.name_owners
+
+    def read_then_claim() -> dict[str, str]:
+        owners = read()  # the store is read before the agent's claim ...
+        store.claim_name("other", "alice")  # ... which lands before the round goes on
+        registry.claimed("other", "alice")
+        _add(registry, newcomer)
+        return owners
+
+    monkeypatch.setattr(store, "name_owners", read_then_claim)
+    assert await watch.check() == 0
+    assert newcomer.closes == []
+    assert _statuses(store, seq) == [("agent:*", "pending", None)]
+    monkeypatch.setattr(store, "name_owners", read)
+    assert await watch.check() == 0
+    assert registry.pick("other") is newcomer
 
 
 # -- relay-server names release ----------------------------------------------------------------------
