@@ -16,6 +16,7 @@ from .commits import GroupCommitter
 from .config import ServerConfig
 from .delivery import Deliveries
 from .ingress import MAX_HEADER_LINE, MAX_REQUEST_HEADERS, Ingress
+from .connections import AcceptErrorLog, ConnectionGuard, GuardedAppRunner
 from .names import PublicOrigin
 from .public_errors import relay_error
 from .registry import InFlight, Registry
@@ -62,6 +63,7 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
         apex_routes={"/healthz": healthz, "/_relay/agent": agents.handle},
         api=api.handle,
     )
+        trusted_proxies=config.trusted_proxies,
 
     # Ingress is a middleware in front of an empty router: aiohttp's router
     # would answer CONNECT (authority-form) and absolute-form targets itself,
@@ -129,7 +131,15 @@ async def _drain(app: web.Application) -> None:
 
 async def serve(config: ServerConfig, app: web.Application, ready: asyncio.Event | None = None) -> None:
     """Serve ``app`` until SIGTERM or SIGINT, then shut down gracefully."""
-    runner = web.AppRunner(
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(AcceptErrorLog())  # no traceback per accept() without descriptors
+    guard = ConnectionGuard(
+        max_connections=config.max_connections,
+        max_per_client=config.max_connections_per_client,
+        head_timeout=config.head_timeout,
+        exempt=config.trusted_proxies,  # a front proxy carries many clients' connections
+    )
+    runner = GuardedAppRunner(
         app,
         handler_cancellation=True,  # a client that goes away cancels its stream at the agent
         access_log=None,
@@ -138,9 +148,11 @@ async def serve(config: ServerConfig, app: web.Application, ready: asyncio.Event
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
     await site.start()
+        guard,
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
+        # Between requests on a kept-alive connection, the next head gets as long as the first.
+        keepalive_timeout=config.head_timeout,
         loop.add_signal_handler(sig, stop.set)
     host, port = runner.addresses[0][:2]
     log.info("relay-server listening on http://%s:%s, public URL %s", host, port, config.public_url)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import shlex
 import sys
@@ -21,6 +22,12 @@ from .delivery import QueueConfig
 from .durations import parse_duration
 from .names import default_patterns, is_valid_name, is_valid_pattern
 from .retry import RetryPolicy, parse_schedule
+from .connections import (
+    DEFAULT_HEAD_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+    Network,
+)
 from .store import Store
 
 DEFAULT_TOKEN_TTL = "30d"
@@ -177,6 +184,40 @@ def main() -> None:
     default="info",
     show_envvar=True,
     type=click.Choice(["debug", "info", "warning", "error"]),
+@click.option(
+    "--trusted-proxy",
+    "trusted_proxies",
+    envvar="RELAY_TRUSTED_PROXY",
+    multiple=True,
+    show_envvar=True,
+    help="CIDR of a front proxy whose X-Forwarded-* headers are believed (repeatable; "
+    "the variable takes several, space-separated). From any other peer they are dropped.",
+)
+@click.option(
+    "--max-connections",
+    envvar="RELAY_MAX_CONNECTIONS",
+    default=DEFAULT_MAX_CONNECTIONS,
+    type=click.IntRange(min=1),
+    show_envvar=True,
+    help="Open connections at once, in total (kept below the file-descriptor limit); "
+    "more are answered 503 and closed.",
+)
+@click.option(
+    "--max-connections-per-client",
+    envvar="RELAY_MAX_CONNECTIONS_PER_CLIENT",
+    default=DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+    type=click.IntRange(min=1),
+    show_envvar=True,
+    help="Open connections at once from one client address (trusted proxies are not counted).",
+)
+@click.option(
+    "--head-timeout",
+    envvar="RELAY_HEAD_TIMEOUT",
+    default=DEFAULT_HEAD_TIMEOUT,
+    type=click.FloatRange(min=0.1),
+    show_envvar=True,
+    help="Seconds a connection may take to send a complete request head before it is closed.",
+)
     help="Log verbosity.",
 )
 def serve_command(
@@ -203,6 +244,10 @@ def serve_command(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(
         host=host,
+    trusted_proxies: tuple[str, ...],
+    max_connections: int,
+    max_connections_per_client: int,
+    head_timeout: float,
         port=port,
         data_dir=data_dir,
         public_url=(public_url or f"http://localhost:{port}").rstrip("/"),
@@ -226,6 +271,10 @@ def serve_command(
         store = Store(config.data_dir, config.store_max_bytes)
         app = create_app(config, store)
         if dev:
+        trusted_proxies=_networks(trusted_proxies),
+        max_connections=max_connections,
+        max_connections_per_client=max_connections_per_client,
+        head_timeout=head_timeout,
             _print_dev_banner(config, store)
     except RelayError as exc:
         raise _fail(exc) from exc
@@ -443,3 +492,15 @@ def _interactive() -> bool:
     """True if a person can answer a question on this terminal."""
     return sys.stdin.isatty()
 
+
+def _networks(values: tuple[str, ...]) -> tuple[Network, ...]:
+    """``--trusted-proxy`` values as networks; a usage error names a bad one."""
+    networks = []
+    for value in (item for text in values for item in text.split()):
+        try:
+            networks.append(ipaddress.ip_network(value, strict=False))
+        except ValueError as exc:
+            raise click.BadParameter(
+                f"{value!r} is not an IP address or CIDR", param_hint="--trusted-proxy"
+            ) from exc
+    return tuple(networks)

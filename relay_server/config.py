@@ -5,6 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .connections import (
+    DEFAULT_HEAD_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+    Network,
+)
 from .delivery import QueueConfig
 
 DEFAULT_PORT = 8000
@@ -30,3 +36,8 @@ class ServerConfig:
     queue: QueueConfig = field(default_factory=QueueConfig)
     #: Cap on the store's size (bytes); None: the disk is the limit.
     store_max_bytes: int | None = None
+    #: Front proxies whose X-Forwarded-* are believed (``--trusted-proxy``).
+    trusted_proxies: tuple[Network, ...] = ()
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+    head_timeout: float = DEFAULT_HEAD_TIMEOUT

@@ -17,19 +17,23 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
+from multidict import CIMultiDict
 
-from relay_protocol import RelayError, RequestHead, ResponseHead
+from relay_protocol import LocalProtocolError, RelayError, RequestHead, ResponseHead, TooManyStreams
 from relay_protocol.frames import RESET_TARGET_TIMEOUT, RESET_TARGET_UNREACHABLE
 from relay_protocol.headers import (
     WEBSOCKET_HANDSHAKE,
+    header_value,
     is_websocket_upgrade,
     strip_hop_by_hop,
     without,
 )
-from relay_protocol.limits import MAX_DATA_SIZE
+from relay_protocol.limits import MAX_DATA_SIZE, MAX_HEAD_SIZE, MAX_HEADER_COUNT
 
+from .attempts import EVENT_HEADERS
+from .connections import Network, parse_address, trusts
 from .delivery import Deliveries
-from .names import PublicOrigin, is_valid_name, normalize_host
+from .names import BadHost, PublicOrigin, is_valid_name, normalize_host
 from .public_errors import relay_error
 from .registry import InFlight, Registry
 from .session import AgentSession, Stream, StreamFailed
@@ -45,23 +49,38 @@ MAX_REQUEST_HEAD = 32 * 1024
 #: Largest single header line aiohttp's parser accepts (it answers 400 above).
 MAX_HEADER_LINE = 16 * 1024
 #: Most header fields in one public request; the protocol allows 256, and the
-#: relay adds up to four X-Forwarded-* fields.
+#: relay adds up to four X-Forwarded-* fields (and a queued delivery three X-Relay-*).
 MAX_REQUEST_HEADERS = 240
+#: Longest request target (path and query): RFC 9112 asks for at least 8000 octets,
+#: and with it the target, the 32 KiB of headers and what the relay adds always fit
+#: in the protocol's MAX_HEAD_SIZE. Longer ones get 414 before a stream is opened.
+MAX_REQUEST_TARGET = 8 * 1024
+#: Bytes and fields of every forwarded head kept free for what a queued delivery adds
+#: to it (X-Relay-Event-Id, X-Relay-Attempt, X-Relay-Received-At): a request that is
+#: forwarded once can be delivered again.
+HEAD_RESERVE = 512
+HEADER_COUNT_RESERVE = len(EVENT_HEADERS)
 
 #: Methods a tunnel never forwards: CONNECT would open a raw tunnel through
 #: the agent, TRACE reflects headers (cross-site tracing).
 REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
 
-#: Headers the relay sets itself; whatever the client sent under these names is dropped.
-_FORWARDED = (
-    b"x-forwarded-for",
-    b"x-forwarded-proto",
-    b"x-forwarded-host",
-    b"x-forwarded-prefix",
-    b"forwarded",
-)
-# Also consumed by the relay: aiohttp answers "Expect: 100-continue" itself.
-_CONSUMED = (*_FORWARDED, b"expect")
+#: Headers that say where a request came from. From a peer that is not a trusted
+#: proxy they are dropped (with every other X-Forwarded-*): the relay sets its own.
+_PROXY_HEADERS = (b"forwarded", b"x-real-ip")
+#: What the relay sets itself from a trusted proxy's headers (the rest of theirs pass).
+_FORWARDED_SET = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-prefix")
+# Consumed by the relay: aiohttp answers "Expect: 100-continue" itself, and the
+# X-Relay-* headers of a delivery are the relay's alone (apps deduplicate on them).
+_CONSUMED = (b"expect", *EVENT_HEADERS)
+#: Response headers the relay never passes on: X-Relay-Error names the relay's own
+#: errors, so an agent or app may not forge one.
+_RELAY_ONLY_RESPONSE = (b"x-relay-error",)
+# A field value as RFC 9110 5.5 allows it: VCHAR, obs-text, SP and HTAB. Anything
+# else (control characters) is refused, both ways.
+_FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+#: Statuses whose responses never have a body (RFC 9110 6.4.1), besides any answer to HEAD.
+_NO_BODY_STATUSES = frozenset({204, 304})
 
 #: The JSON API lives under this path on the apex.
 API_PREFIX = "/_relay/api/"
@@ -83,6 +102,78 @@ class ApexRoute:
 
 class BadTarget(ValueError):
     """The request target cannot be routed (dot-segments leaving the tunnel)."""
+
+
+class Refused(RelayError):
+    """A public request the relay refuses with the relay error ``code``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+    def response(self) -> web.Response:
+        return relay_error(self.code, str(self))
+
+
+class BadResponse(RelayError):
+    """The agent's response head cannot be framed for the public client (a 502)."""
+
+
+def encoded_head_size(head: RequestHead) -> int:
+    """Bytes of ``head`` in an OPEN frame (relay_protocol.heads' layout), without building it."""
+    fields = 1 + len(head.method) + 2 + len(head.target) + 1 + len(head.client) + 1 + len(head.event_id)
+    return fields + 2 + sum(4 + len(name) + len(value) for name, value in head.headers)
+
+
+def check_head_fits(head: RequestHead) -> None:
+    """Raise ``Refused`` (414 or 431) unless ``head``, plus what a queued delivery adds,
+    fits in one OPEN frame: checked before a stream is opened, so a public request can
+    never make the relay spend a stream id on a head it cannot send."""
+    if len(head.target) > MAX_REQUEST_TARGET:
+        raise Refused("uri-too-long", f"request target over {MAX_REQUEST_TARGET} bytes")
+    if len(head.headers) > MAX_HEADER_COUNT - HEADER_COUNT_RESERVE:
+        raise Refused("headers-too-large", "too many request headers")
+    size = encoded_head_size(head)
+    if size > MAX_HEAD_SIZE - HEAD_RESERVE:
+        raise Refused("headers-too-large", f"request head of {size} bytes is over the relay's limit")
+
+
+def response_framing(method: str, head: ResponseHead) -> tuple[bool, int | None]:
+    """Whether the response to a ``method`` request has a body, and its Content-Length
+    (None: delimited by the end of the stream). The relay frames every response
+    itself: an agent cannot smuggle a second response into a client's connection.
+
+    Raises ``BadResponse`` for a 1xx final status, conflicting or invalid
+    Content-Length values, or Content-Length together with Transfer-Encoding.
+    (A 101 answering a WebSocket upgrade never gets here.)
+    """
+    if head.status < 200:
+        raise BadResponse(f"status {head.status} is not a final answer to this request")
+    lengths = {
+        item.strip()
+        for name, value in head.headers
+        if name.lower() == b"content-length"
+        for item in value.split(b",")
+    }
+    if any(name.lower() == b"transfer-encoding" for name, _ in head.headers) and lengths:
+        raise BadResponse("both Content-Length and Transfer-Encoding")
+    if len(lengths) > 1:
+        raise BadResponse("conflicting Content-Length values")
+    length = None
+    if lengths:
+        (text,) = lengths
+        if not text.isdigit() or len(text) > 18:
+            raise BadResponse(f"invalid Content-Length {text[:32]!r}")
+        length = int(text)
+    has_body = method != "HEAD" and head.status not in _NO_BODY_STATUSES
+    return has_body, length
+
+
+def _serialize_head(status_line: str, headers: CIMultiDict[str]) -> bytes:
+    # Header strings hold one character per byte (latin-1), so the bytes the local
+    # service sent are written back unchanged.
+    lines = [status_line, *(f"{name}: {value}" for name, value in headers.items()), "", ""]
+    return "\r\n".join(lines).encode("latin-1")
 
 
 def _escapes_root(path: str) -> bool:
@@ -116,14 +207,6 @@ def route(host: str, raw_target: str, origin: PublicOrigin) -> TunnelRoute | Ape
     return TunnelRoute(name, target, f"/t/{name}")
 
 
-def _text(raw: bytes) -> str:
-    # aiohttp writes header strings as UTF-8: valid UTF-8 passes byte for byte.
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")
-
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -142,6 +225,22 @@ class RelayedResponse(web.StreamResponse):
         if not had_type:
             self.headers.popall("Content-Type", None)
 
+    async def _write_headers(self) -> None:
+        """Write the head as bytes: aiohttp encodes header strings as UTF-8, which
+        would turn an obs-text byte (``caf\\xe9``) into two. The header strings are
+        latin-1 decoded bytes, and go out latin-1 encoded: byte for byte. aiohttp's
+        own ``write_headers`` still runs (its hooks, its checks), then its buffer is
+        replaced; a raw-socket test pins this."""
+        request = self._req
+        writer = self._payload_writer
+        assert request is not None and writer is not None
+        status_line = f"HTTP/{request.version[0]}.{request.version[1]} {self.status} {self.reason}"
+        await writer.write_headers(status_line, self.headers)
+        if getattr(writer, "_headers_buf", None) is not None:
+            writer._headers_buf = _serialize_head(status_line, self.headers)  # type: ignore[attr-defined]
+        if self._send_headers_immediately:
+            writer.send_headers()
+
 
 class Ingress:
     """The catch-all request handler of the public server."""
@@ -158,6 +257,7 @@ class Ingress:
         idle_timeout: float,
         apex_routes: dict[str, Handler],
         api: Handler,
+        trusted_proxies: tuple[Network, ...] = (),
     ) -> None:
         self.origin = origin
         self.registry = registry
@@ -168,6 +268,7 @@ class Ingress:
         self.idle_timeout = idle_timeout
         self.apex_routes = apex_routes
         self.api = api
+        self.trusted_proxies = trusted_proxies
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         raw_target = request.raw_path
@@ -177,12 +278,19 @@ class Ingress:
             # aiohttp would route "GET http://bob.example/x" by the URL's host,
             # not by the Host header: refuse absolute-form and asterisk-form.
             return relay_error("bad-request", "the request target must be a path (origin-form)")
+        if len(raw_target) > MAX_REQUEST_TARGET:
+            return relay_error("uri-too-long", f"request target over {MAX_REQUEST_TARGET} bytes")
         if sum(len(k) + len(v) + 4 for k, v in request.raw_headers) > MAX_REQUEST_HEAD:
             return relay_error("headers-too-large", f"request headers over {MAX_REQUEST_HEAD} bytes")
-        host = normalize_host(request.headers.get("Host", ""))
+        for name, value in request.raw_headers:
+            if not _FIELD_VALUE.fullmatch(value):
+                return relay_error(
+                    "bad-request", f"control characters in header {name[:64].decode('latin-1')}"
+                )
         try:
+            host = normalize_host(_host_header(request).decode("latin-1"))
             where = route(host, raw_target, self.origin)
-        except BadTarget as exc:
+        except (BadHost, BadTarget) as exc:
             return relay_error("bad-request", str(exc))
         if isinstance(where, ApexRoute):
             if where.path.startswith(API_PREFIX):
@@ -206,8 +314,8 @@ class Ingress:
             if self.deliveries.is_event(request, settings, upgrade):
                 try:
                     head = self._request_head(request, where, upgrade)
-                except RelayError as exc:  # ProtocolError from RequestHead: bad header bytes
-                    return relay_error("bad-request", f"request cannot be forwarded: {exc}")
+                except Refused as exc:
+                    return exc.response()
                 answer = await self.deliveries.accept(
                     request,
                     where.name,
@@ -225,22 +333,69 @@ class Ingress:
             return await self.forward(request, session, where, upgrade, read_ahead)
 
     def _request_head(self, request: web.Request, where: TunnelRoute, upgrade: bool) -> RequestHead:
-        headers = without(strip_hop_by_hop(tuple(request.raw_headers)), *_CONSUMED)
+        """The head to forward: the client's headers, byte for byte, less hop-by-hop
+        and relay-owned ones, plus X-Forwarded-*. Raises ``Refused`` (400, 414, 431)
+        for a head the protocol cannot carry, before any stream exists."""
+        raw = tuple(request.raw_headers)
+        headers = without(strip_hop_by_hop(raw), *_CONSUMED)
         if upgrade:  # the agent runs its own handshake with the local service
             headers = (*without(headers, *WEBSOCKET_HANDSHAKE), (b"Upgrade", b"websocket"))
+        peer = request.remote or ""
+        host = _host_header(request)
+        if trusts(self.trusted_proxies, peer):
+            # A front proxy we trust: its chain is kept and it is appended, and what it
+            # says about the scheme and host the client used is believed.
+            chain = [value for name, value in raw if name.lower() == b"x-forwarded-for"]
+            forwarded_for = b", ".join([*chain, peer.encode()])
+            proto = header_value(raw, b"x-forwarded-proto") or self.origin.scheme.encode()
+            forwarded_host = header_value(raw, b"x-forwarded-host") or host
+            client = self._client_from_chain(chain, peer)
+            headers = without(headers, *_FORWARDED_SET)
+        else:
+            headers = tuple(
+                (name, value)
+                for name, value in headers
+                if not (lowered := name.lower()).startswith(b"x-forwarded-") and lowered not in _PROXY_HEADERS
+            )
+            forwarded_for, proto, forwarded_host, client = (
+                peer.encode(),
+                self.origin.scheme.encode(),
+                host,
+                peer,
+            )
         added = [
-            (b"X-Forwarded-For", (request.remote or "").encode()),
-            (b"X-Forwarded-Proto", self.origin.scheme.encode()),
-            (b"X-Forwarded-Host", request.headers.get("Host", "").encode("utf-8", "replace")),
+            (b"X-Forwarded-For", forwarded_for),
+            (b"X-Forwarded-Proto", proto),
+            (b"X-Forwarded-Host", forwarded_host),
         ]
         if where.prefix:
             added.append((b"X-Forwarded-Prefix", where.prefix.encode()))
-        return RequestHead(
-            method=request.method,
-            target=where.target.encode("utf-8", "surrogateescape"),
-            headers=headers + tuple(added),
-            client=request.remote or "",
-        )
+        try:
+            head = RequestHead(
+                method=request.method,
+                target=where.target.encode("utf-8", "surrogateescape"),
+                headers=headers + tuple(added),
+                client=client,
+            )
+        except LocalProtocolError as exc:  # BadHead: a head the protocol cannot carry
+            raise _refusal(exc) from exc
+        except RelayError as exc:
+            raise Refused("bad-request", f"request cannot be forwarded: {exc}") from exc
+        check_head_fits(head)
+        return head
+
+    def _client_from_chain(self, chain: list[bytes], peer: str) -> str:
+        """The client a trusted proxy forwarded for: the rightmost X-Forwarded-For entry
+        that is not itself a trusted proxy (entries left of it could be forged)."""
+        client = peer
+        for entry in reversed([item for value in chain for item in value.split(b",")]):
+            address = parse_address(entry.decode("latin-1"))
+            if address is None:
+                break
+            client = str(address)
+            if not trusts(self.trusted_proxies, client):
+                break
+        return client
 
     async def forward(
         self,
@@ -254,8 +409,8 @@ class Ingress:
         to ``session``'s agent and its response back."""
         try:
             head = self._request_head(request, where, upgrade)
-        except RelayError as exc:  # ProtocolError from RequestHead: bad header bytes
-            return relay_error("bad-request", f"request cannot be forwarded: {exc}")
+        except Refused as exc:
+            return exc.response()
         has_body = request.body_exists or bool(read_ahead)
         # --timeout covers opening the stream too: an agent that stops reading
         # makes ``open`` wait, and the client must still get its 504 in time.
@@ -270,6 +425,12 @@ class Ingress:
             if session.closed:
                 return relay_error("tunnel-offline", f"no agent is connected for {where.name!r}")
             return relay_error("too-many-requests", f"the agent is busy: {exc}")
+        except LocalProtocolError as exc:
+            # Refused before a stream id was spent (the head was checked above; this
+            # is the protocol's own word on it): the tunnel is untouched.
+            if session.closed:
+                return relay_error("tunnel-offline", f"no agent is connected for {where.name!r}")
+            return _refusal(exc).response()
         pump = (
             asyncio.create_task(self._pump_body(request, session, stream, read_ahead)) if has_body else None
         )
@@ -282,6 +443,7 @@ class Ingress:
             except StreamFailed as exc:
                 return self._failure_response(exc, where.name)
             if upgrade and response_head.status == 101:
+                response_head = ResponseHead(101, without(response_head.headers, *_RELAY_ONLY_RESPONSE))
                 return await relay_websocket(request, session, stream, response_head, self.idle_timeout)
             return await self._write_response(request, session, stream, response_head)
         finally:
@@ -325,24 +487,84 @@ class Ingress:
         stream: Stream,
         head: ResponseHead,
     ) -> web.StreamResponse:
+        """Write the agent's response, framed by the relay: no body where HTTP allows
+        none (HEAD, 204, 304), exactly Content-Length bytes where one is given (the
+        connection is closed on any mismatch), and a 502 for a head that cannot be
+        framed, so nothing an agent sends can reach another request on the connection."""
+        headers = without(strip_hop_by_hop(head.headers), *_RELAY_ONLY_RESPONSE)
+        try:
+            has_body, length = response_framing(request.method, head)
+            for name, value in headers:
+                if not _FIELD_VALUE.fullmatch(value):
+                    raise BadResponse(f"control characters in response header {name[:64].decode('latin-1')}")
+        except BadResponse as exc:
+            log.info("stream %s: bad response from the agent: %s", stream.id, exc)
+            return relay_error("local-bad-response", f"the local service's response cannot be relayed: {exc}")
         response = RelayedResponse(status=head.status)
-        for name, value in strip_hop_by_hop(head.headers):
-            response.headers.add(_text(name), _text(value))
+        length_written = False
+        for name, value in headers:
+            if name.lower() == b"content-length":
+                if length_written:
+                    continue  # repeats of the same value (checked above) become one
+                length_written = True
+                value = str(length).encode()
+            response.headers.add(name.decode("latin-1"), value.decode("latin-1"))
         await response.prepare(request)
+        if not has_body:
+            # Whatever body the agent sends is dropped (the stream is reset on finish).
+            await response.write_eof()
+            return response
+        sent = 0
         try:
             while True:
                 async with asyncio.timeout(self.idle_timeout):
                     chunk = await stream.read()
                 if not chunk:
                     break
+                if length is not None and sent + len(chunk) > length:
+                    await response.write(chunk[: length - sent])
+                    return self._cut(
+                        request, response, stream, f"body longer than its Content-Length {length}"
+                    )
                 await response.write(chunk)
+                sent += len(chunk)
                 await session.consumed(stream, len(chunk))
         except (StreamFailed, TimeoutError) as exc:
             # Too late for an error status: cut the connection so the client
             # sees a truncated response instead of a complete-looking one.
-            log.info("stream %s failed mid-response: %s", stream.id, exc)
-            if request.transport is not None:
-                request.transport.close()
-            return response
+            return self._cut(request, response, stream, f"failed mid-response: {exc}")
+        if length is not None and sent != length:
+            return self._cut(request, response, stream, f"body of {sent} bytes, Content-Length {length}")
         await response.write_eof()
         return response
+
+    def _cut(
+        self, request: web.Request, response: web.StreamResponse, stream: Stream, why: str
+    ) -> web.StreamResponse:
+        """End a response that cannot be completed: close the client's connection, so it
+        sees a truncated response and never reads what follows as another one."""
+        log.info("stream %s: %s; closing the client's connection", stream.id, why)
+        response.force_close()
+        if request.transport is not None:
+            request.transport.close()
+        return response
+
+
+def _host_header(request: web.Request) -> bytes:
+    """The raw Host header; ``BadHost`` if there are several (RFC 9112 3.2)."""
+    hosts = [value for name, value in request.raw_headers if name.lower() == b"host"]
+    if len(hosts) > 1:
+        raise BadHost("more than one Host header")
+    return hosts[0].strip() if hosts else b""
+
+
+def _refusal(exc: LocalProtocolError) -> Refused:
+    """The public answer to a head the protocol refused to carry (``BadHead``)."""
+    if isinstance(exc, TooManyStreams):
+        return Refused("too-many-requests", f"the agent is busy: {exc}")
+    part = getattr(exc, "part", None)  # HeadTooLarge says what was too large
+    if part == "target":
+        return Refused("uri-too-long", f"request cannot be forwarded: {exc}")
+    if part is not None:
+        return Refused("headers-too-large", f"request cannot be forwarded: {exc}")
+    return Refused("bad-request", f"request cannot be forwarded: {exc}")

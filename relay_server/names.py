@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -33,13 +34,62 @@ def default_patterns(user: str) -> list[str]:
     return [user, f"{user}-*"]
 
 
+class BadHost(ValueError):
+    """A Host (or authority) that is not ``host[:port]`` (RFC 9110 7.2, RFC 3986 3.2.2)."""
+
+
+#: Longest host accepted, port excluded: a DNS name is at most 253 characters, and an
+#: IPv6 literal with brackets at most 47; nothing longer can name this server.
+MAX_HOST_LENGTH = 255
+
+# One label of a reg-name: unreserved (minus "."), sub-delims and pct-encoded characters
+# (RFC 3986 3.2.2). "." separates labels, so an empty label ("a..b", ".a") is refused.
+_REG_LABEL = re.compile(r"(?:[a-z0-9\-_~!$&'()*+,;=]|%[0-9a-f]{2})+")
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
 def normalize_host(host: str) -> str:
-    """Lower-case ``host``, drop its port and trailing dot: the one value used to route."""
-    host = host.strip().lower()
-    if host.startswith("["):  # [::1]:8000
-        return host.split("]", 1)[0] + "]"
-    host = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    return host.rstrip(".")
+    """The one value used to route: ``host`` lower-cased, without port or trailing dot.
+
+    ``host`` is a Host header's value (or a URL's authority): exactly ``host[:port]``
+    where host is a reg-name of RFC 3986 characters in non-empty dot-separated labels,
+    or a bracketed IPv6 literal, and port is decimal up to 65535. An empty value stays
+    empty (HTTP/1.0 sends none). Anything else (``@``, ``/``, ``#``, ``?``, spaces,
+    empty labels, non-ASCII, a bad port) raises ``BadHost``: it must never be routed.
+    """
+    host = host.strip(" \t")  # optional whitespace around a field value is not part of it
+    if not host:
+        return ""
+    if not host.isascii():
+        raise BadHost("the Host is not ASCII")
+    host = host.lower()
+    port = None
+    if host.startswith("["):
+        literal, bracket, rest = host.partition("]")
+        if not bracket:
+            raise BadHost("unclosed IPv6 literal in the Host")
+        try:
+            ipaddress.IPv6Address(literal[1:])
+        except ValueError as exc:
+            raise BadHost("invalid IPv6 literal in the Host") from exc
+        name = literal + "]"
+        if rest:
+            if not rest.startswith(":"):
+                raise BadHost("unexpected characters after the IPv6 literal")
+            port = rest[1:]
+    else:
+        name, colon, port_text = host.partition(":")
+        if colon:
+            port = port_text
+        if name.endswith("."):
+            name = name[:-1]  # the root label: "alice.relay.test." is alice.relay.test
+        if not name or not all(_REG_LABEL.fullmatch(label) for label in name.split(".")):
+            raise BadHost("the Host is not a valid host name")
+    if len(name) > MAX_HOST_LENGTH:
+        raise BadHost(f"the Host is over {MAX_HOST_LENGTH} characters")
+    if port is not None and not (_PORT.fullmatch(port) and int(port) <= 65535):
+        raise BadHost("the Host's port is not a number from 0 to 65535")
+    return name
 
 
 @dataclass(frozen=True)
@@ -63,7 +113,11 @@ class PublicOrigin:
             raise ConfigError(f"public URL {url!r} must not carry a user name or password")
         if parts.path.strip("/") or parts.query or parts.fragment:
             raise ConfigError(f"public URL {url!r} must have no path, query or fragment")
-        return cls(parts.scheme, parts.netloc.lower(), normalize_host(parts.netloc))
+        try:
+            host = normalize_host(parts.netloc)
+        except BadHost as exc:
+            raise ConfigError(f"public URL {url!r} has an invalid host: {exc}") from exc
+        return cls(parts.scheme, parts.netloc.lower(), host)
 
     def subdomain_url(self, name: str) -> str:
         return f"{self.scheme}://{name}.{self.authority}"

@@ -6,6 +6,7 @@ import pytest
 
 from relay_server.errors import ConfigError
 from relay_server.names import (
+    BadHost,
     PublicOrigin,
     default_patterns,
     is_valid_name,
@@ -37,9 +38,10 @@ def test_normalize_host(raw: str, expected: str) -> None:
     assert normalize_host(raw) == expected
 
 
-def test_normalize_host_leaves_a_bare_ipv6_address_whole() -> None:
-    # Without brackets the last ":1" is part of the address, not a port.
-    assert normalize_host("::1") == "::1"
+def test_normalize_host_refuses_a_bare_ipv6_address() -> None:
+    # RFC 3986: an IPv6 address in an authority is bracketed; "::1" is no host[:port].
+    with pytest.raises(BadHost):
+        normalize_host("::1")
 
 
 # -- PublicOrigin.parse --------------------------------------------------------
