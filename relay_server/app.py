@@ -14,9 +14,9 @@ from .agent_endpoint import AgentEndpoint
 from .api import Api
 from .commits import GroupCommitter
 from .config import ServerConfig
+from .connections import AcceptErrorLog, ConnectionGuard, GuardedAppRunner
 from .delivery import Deliveries
 from .ingress import MAX_HEADER_LINE, MAX_REQUEST_HEADERS, Ingress
-from .connections import AcceptErrorLog, ConnectionGuard, GuardedAppRunner
 from .names import PublicOrigin
 from .public_errors import relay_error
 from .registry import InFlight, Registry
@@ -62,8 +62,8 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
         idle_timeout=config.idle_timeout,
         apex_routes={"/healthz": healthz, "/_relay/agent": agents.handle},
         api=api.handle,
-    )
         trusted_proxies=config.trusted_proxies,
+    )
 
     # Ingress is a middleware in front of an empty router: aiohttp's router
     # would answer CONNECT (authority-form) and absolute-form targets itself,
@@ -141,18 +141,18 @@ async def serve(config: ServerConfig, app: web.Application, ready: asyncio.Event
     )
     runner = GuardedAppRunner(
         app,
+        guard,
         handler_cancellation=True,  # a client that goes away cancels its stream at the agent
         access_log=None,
         shutdown_timeout=config.shutdown_grace + 5,
+        # Between requests on a kept-alive connection, the next head gets as long as the first.
+        keepalive_timeout=config.head_timeout,
     )
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
     await site.start()
-        guard,
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        # Between requests on a kept-alive connection, the next head gets as long as the first.
-        keepalive_timeout=config.head_timeout,
         loop.add_signal_handler(sig, stop.set)
     host, port = runner.addresses[0][:2]
     log.info("relay-server listening on http://%s:%s, public URL %s", host, port, config.public_url)

@@ -18,16 +18,16 @@ from relay_protocol import RelayError
 from . import tokens
 from .app import create_app, serve
 from .config import DEFAULT_IDLE_TIMEOUT, DEFAULT_PORT, DEFAULT_TIMEOUT, ServerConfig
-from .delivery import QueueConfig
-from .durations import parse_duration
-from .names import default_patterns, is_valid_name, is_valid_pattern
-from .retry import RetryPolicy, parse_schedule
 from .connections import (
     DEFAULT_HEAD_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
     Network,
 )
+from .delivery import QueueConfig
+from .durations import parse_duration
+from .names import default_patterns, is_valid_name, is_valid_pattern
+from .retry import RetryPolicy, parse_schedule
 from .store import Store
 
 DEFAULT_TOKEN_TTL = "30d"
@@ -179,12 +179,6 @@ def main() -> None:
     help="Cap the store's size in bytes; when full, new events get 503.  [default: no cap]",
 )
 @click.option(
-    "--log-level",
-    envvar="RELAY_LOG_LEVEL",
-    default="info",
-    show_envvar=True,
-    type=click.Choice(["debug", "info", "warning", "error"]),
-@click.option(
     "--trusted-proxy",
     "trusted_proxies",
     envvar="RELAY_TRUSTED_PROXY",
@@ -218,6 +212,12 @@ def main() -> None:
     show_envvar=True,
     help="Seconds a connection may take to send a complete request head before it is closed.",
 )
+@click.option(
+    "--log-level",
+    envvar="RELAY_LOG_LEVEL",
+    default="info",
+    show_envvar=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
     help="Log verbosity.",
 )
 def serve_command(
@@ -238,16 +238,16 @@ def serve_command(
     max_age: str,
     allow_private_destinations: bool,
     store_max_bytes: int | None,
+    trusted_proxies: tuple[str, ...],
+    max_connections: int,
+    max_connections_per_client: int,
+    head_timeout: float,
     log_level: str,
 ) -> None:
     """Run the relay server: public tunnel URLs and the agent endpoint."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(
         host=host,
-    trusted_proxies: tuple[str, ...],
-    max_connections: int,
-    max_connections_per_client: int,
-    head_timeout: float,
         port=port,
         data_dir=data_dir,
         public_url=(public_url or f"http://localhost:{port}").rstrip("/"),
@@ -265,16 +265,16 @@ def serve_command(
             timeout,
         ),
         store_max_bytes=store_max_bytes,
+        trusted_proxies=_networks(trusted_proxies),
+        max_connections=max_connections,
+        max_connections_per_client=max_connections_per_client,
+        head_timeout=head_timeout,
     )
     config = replace(config, queue=replace(config.queue, body_budget=body_budget, body_timeout=body_timeout))
     try:
         store = Store(config.data_dir, config.store_max_bytes)
         app = create_app(config, store)
         if dev:
-        trusted_proxies=_networks(trusted_proxies),
-        max_connections=max_connections,
-        max_connections_per_client=max_connections_per_client,
-        head_timeout=head_timeout,
             _print_dev_banner(config, store)
     except RelayError as exc:
         raise _fail(exc) from exc
