@@ -192,3 +192,35 @@ async def test_malformed_requests_get_400_and_the_server_stays_up(
     assert b"Traceback" not in reply.body
     assert alice.target.requests == []
     await assert_still_up(alice, http)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b"X-Bad: a\x01b", b"X-Bad: a\x7fb", b"X-Bad: \x1b[31mred", b"X-Bad: a\x0bb", b"X-Bad: a\x0cb"],
+    ids=["soh", "del", "escape", "vtab", "formfeed"],
+)
+@pytest.mark.parametrize("form", FORMS)
+async def test_control_characters_in_a_header_are_400(
+    alice: Tunnel, http: aiohttp.ClientSession, header: bytes, form: str
+) -> None:
+    request = (
+        f"GET {alice.raw_target(form, '/ctl')} HTTP/1.1\r\nHost: {alice.host(form)}\r\n".encode()
+        + header
+        + b"\r\nConnection: close\r\n\r\n"
+    )
+    reply, _ = await raw_exchange(alice.server.port, request)
+    assert reply.status == 400, reply
+    assert b"Traceback" not in reply.body
+    assert alice.target.requests == []
+    await assert_still_up(alice, http)
+
+
+async def test_obs_text_in_a_header_is_not_a_control_character(alice: Tunnel) -> None:
+    request = (
+        f"GET /t/alice/obs HTTP/1.1\r\nHost: {alice.server.apex}\r\nConnection: close\r\n".encode()
+        + b"X-Latin: caf\xe9\r\nX-Tab: a\tb\r\n\r\n"
+    )
+    reply, _ = await raw_exchange(alice.server.port, request)
+    assert reply.status == 200, reply
+    [seen] = alice.target.requests
+    assert seen.getall("X-Tab") == ["a\tb"]
