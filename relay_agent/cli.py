@@ -21,9 +21,23 @@ from relay_protocol import RelayError, RequestHead, Welcome
 
 from . import api_client
 from .config import DEFAULT_SERVER, AgentConfig, load_login, save_login, token_user
-from .errors import Refused
-from .target import parse_target
+from .errors import InvalidTarget, Refused
+from .target import Target, parse_target
 from .tunnel import Tunnel
+
+
+class TargetType(click.ParamType[Target]):
+    """``--forward``: a local service, checked before anything starts (usage error, exit 2)."""
+
+    name = "[HOST:]PORT|URL"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Target:
+        if isinstance(value, Target):
+            return value
+        try:
+            return parse_target(str(value))
+        except InvalidTarget as exc:
+            self.fail(f"{value!r}: {exc.why}", param, ctx)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -35,8 +49,9 @@ def main() -> None:
 @main.command("connect")
 @click.option(
     "--forward",
-    "forward_to",
+    "target",
     envvar="RELAY_FORWARD",
+    type=TargetType(),
     required=True,
     show_envvar=True,
     help="Local service: PORT, HOST:PORT or http(s)://HOST:PORT.",
@@ -103,7 +118,7 @@ def main() -> None:
     help="Log verbosity (stderr).",
 )
 def connect_command(
-    forward_to: str,
+    target: Target,
     server: str | None,
     token: str | None,
     names: tuple[str, ...],
@@ -119,7 +134,6 @@ def connect_command(
     )
     try:
         saved = load_login()
-        target = parse_target(forward_to)
     except RelayError as exc:
         raise click.ClickException(str(exc)) from exc
     token = token or saved.get("token")

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import re
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
+import aiohttp.http_writer
 from multidict import CIMultiDict
 from yarl import URL
 
-from relay_protocol import RequestHead, ResponseHead
-from relay_protocol.frames import RESET_TARGET_ERROR, RESET_TARGET_TIMEOUT, RESET_TARGET_UNREACHABLE
+from relay_protocol import RelayError, RequestHead, ResponseHead
+from relay_protocol.frames import (
+    RESET_REFUSED,
+    RESET_TARGET_ERROR,
+    RESET_TARGET_TIMEOUT,
+    RESET_TARGET_UNREACHABLE,
+)
 from relay_protocol.headers import header_value, is_websocket_upgrade, strip_hop_by_hop
+from relay_protocol.heads import Headers, encode_response_head
 from relay_protocol.limits import MAX_CONCURRENT_STREAMS, MAX_WEBSOCKET_MESSAGE
 from relay_protocol.messages import Kind, Message, MessageDecoder, encode_message
 
@@ -28,8 +37,22 @@ CONNECT_TIMEOUT = 10.0
 #: up (504). Longer than the server's default idle limit, which acts first.
 TARGET_READ_TIMEOUT = 600.0
 
+#: Longest response header line (name and value) the agent reads from the local
+#: service: the relay's own limit on a request header line (MAX_HEADER_LINE of
+#: relay_server.ingress), so an answer as large as a request the relay takes passes.
+MAX_RESPONSE_HEADER_LINE = 16 * 1024
+#: Most header fields in a response from the local service: the relay's limit on
+#: a request (MAX_REQUEST_HEADERS of relay_server.ingress), below the protocol's
+#: MAX_HEADER_COUNT. The whole head must also fit the protocol's MAX_HEAD_SIZE.
+MAX_RESPONSE_HEADERS = 240
+#: Starts the RESET reason of a response the agent cannot parse or relay, so the
+#: server can name it (502 local-bad-response) and a queued delivery records it.
+BAD_RESPONSE = "local-bad-response"
+
 # aiohttp adds these when the request lacks them; a tunnel must not.
 _NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+# RFC 9110 5.5: a field value may not hold controls other than HTAB (nor DEL).
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 #: Seconds to wait for the other side's CLOSE once one side of a websocket closed.
@@ -61,8 +84,72 @@ class ForwardFailed(Exception):
         self.code = code
 
 
+# -- request heads, byte for byte --------------------------------------------------------
+#
+# aiohttp's client cannot send a head as it came: its session merges header names
+# that differ only in case (``X-Dup: 1`` then ``x-dup: 2`` leaves ``x-dup: 2``), and
+# it writes every name and value as UTF-8 (``caf\xe9`` read as latin-1 leaves as
+# ``caf\xc3\xa9``). So a forwarded request carries its headers past the session (a
+# context variable read by ``_ExactRequest``) in an ``_ExactHeaders``, which
+# ``_serialize_headers`` writes as latin-1: one character, one byte, as received.
+
+_exact_headers: contextvars.ContextVar[Headers | None] = contextvars.ContextVar(
+    "relay_exact_headers", default=None
+)
+
+
+class _UnsendableHead(ValueError):
+    """A header holds a byte HTTP forbids (a control character)."""
+
+
+class _ExactHeaders(CIMultiDict[str]):
+    """Headers whose names and values are latin-1 text: each character is one byte of the wire."""
+
+
+class _ExactRequest(aiohttp.ClientRequest):
+    """A client request whose headers, when a forward set them, are exactly those, in order."""
+
+    def update_headers(self, headers: Any) -> None:
+        exact = _exact_headers.get()
+        if exact is None:
+            super().update_headers(headers)
+            return
+        self.headers = _ExactHeaders()
+        for name, value in exact:
+            self.headers.add(name.decode("latin-1"), value.decode("latin-1"))
+        if "Host" not in self.headers:
+            host = self.url.host_port_subcomponent
+            assert host is not None  # an absolute URL: always the target's
+            self.headers["Host"] = host
+
+
+_aiohttp_serialize_headers = aiohttp.http_writer._serialize_headers
+
+
+def _serialize_headers(status_line: str, headers: Any) -> bytes:
+    """aiohttp's header serializer, except that ``_ExactHeaders`` are written as latin-1
+    and the request line keeps the target's bytes (``Target.url_for``)."""
+    if type(headers) is not _ExactHeaders:
+        return _aiohttp_serialize_headers(status_line, headers)
+    lines = [status_line.encode("utf-8", "surrogateescape")]
+    for name, value in headers.items():
+        lines.append(name.encode("latin-1") + b": " + value.encode("latin-1"))
+    if any(_CONTROL.search(text) for pair in headers.items() for text in pair) or _CONTROL.search(
+        status_line
+    ):
+        # As aiohttp's own serializer: never split a head or end it early.
+        raise _UnsendableHead("a control character in a header")
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def _install_exact_serializer() -> None:
+    # StreamWriter.write_headers looks the serializer up in its module at each call.
+    aiohttp.http_writer._serialize_headers = _serialize_headers
+
+
 def client_session() -> aiohttp.ClientSession:
     """The one pooled client session of the agent."""
+    _install_exact_serializer()
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=MAX_CONCURRENT_STREAMS, limit_per_host=0),
         auto_decompress=False,  # bodies pass byte for byte, Content-Encoding and all
@@ -73,20 +160,50 @@ def client_session() -> aiohttp.ClientSession:
             total=None, sock_connect=CONNECT_TIMEOUT, sock_read=TARGET_READ_TIMEOUT
         ),
         skip_auto_headers=_NO_AUTO_HEADERS,
+        request_class=_ExactRequest,
+        max_line_size=MAX_RESPONSE_HEADER_LINE,
+        max_field_size=MAX_RESPONSE_HEADER_LINE,
+        max_headers=MAX_RESPONSE_HEADERS,
     )
 
 
-def _headers(head: RequestHead, config: AgentConfig) -> CIMultiDict[str]:
-    headers: CIMultiDict[str] = CIMultiDict()
-    for name, value in strip_hop_by_hop(head.headers):
-        if name.lower() == b"host" and config.host_header != "preserve":
-            continue
-        headers.add(name.decode("latin-1"), value.decode("latin-1"))
+def _exact(head: RequestHead, config: AgentConfig) -> Headers:
+    """The request's headers as they go to the target: hop-by-hop ones removed, Host
+    set by ``--host-header`` (in the place the client's Host had), all else as sent."""
+    headers: list[tuple[bytes, bytes]] = []
+    host = None
     if config.host_header == "rewrite":
-        headers["Host"] = config.target.authority
+        host = config.target.authority.encode("latin-1")
     elif config.host_header != "preserve":
-        headers["Host"] = config.host_header
-    return headers
+        host = config.host_header.encode("utf-8")
+    for name, value in strip_hop_by_hop(head.headers):
+        if name.lower() == b"host" and host is not None:
+            if any(n.lower() == b"host" for n, _ in headers):
+                continue  # only ever one Host
+            value = host
+        headers.append((name, value))
+    if host is not None and not any(n.lower() == b"host" for n, _ in headers):
+        headers.insert(0, (b"Host", host))
+    return tuple(headers)
+
+
+def _headers(head: RequestHead, config: AgentConfig) -> CIMultiDict[str]:
+    return CIMultiDict(
+        (name.decode("latin-1"), value.decode("latin-1")) for name, value in _exact(head, config)
+    )
+
+
+def _response_head(response: aiohttp.ClientResponse) -> ResponseHead:
+    """The target's response head as it came, less hop-by-hop headers. Raises
+    ``ForwardFailed`` if the protocol cannot carry it (over MAX_HEAD_SIZE, bad name)."""
+    try:
+        head = ResponseHead(response.status, strip_hop_by_hop(tuple(response.raw_headers)))
+        encode_response_head(head)
+    except RelayError as exc:
+        raise ForwardFailed(
+            RESET_TARGET_ERROR, f"{BAD_RESPONSE}: the response head cannot be relayed: {exc}"
+        ) from exc
+    return head
 
 
 async def forward(
@@ -97,20 +214,17 @@ async def forward(
     if is_websocket_upgrade(head.method, head.headers):
         return await forward_websocket(session, config, head, link)
     url = URL(config.target.url_for(head.target), encoded=True)
+    exact = _exact_headers.set(_exact(head, config))  # read when the request is built
     try:
         async with session.request(
             head.method,
             url,
-            headers=_headers(head, config),
             data=link.body() if has_body else None,
             allow_redirects=False,
             compress=False,
         ) as response:
             no_body = head.method == "HEAD" or response.status in (204, 304)
-            await link.respond(
-                ResponseHead(response.status, strip_hop_by_hop(tuple(response.raw_headers))),
-                end=no_body,
-            )
+            await link.respond(_response_head(response), end=no_body)
             if no_body:
                 return response.status
             # readany() hands over whatever arrived, so a slow drip (server-sent
@@ -123,8 +237,18 @@ async def forward(
         raise ForwardFailed(RESET_TARGET_TIMEOUT, f"no answer within {TARGET_READ_TIMEOUT:g}s") from exc
     except aiohttp.ClientConnectorError as exc:
         raise ForwardFailed(RESET_TARGET_UNREACHABLE, f"cannot connect to {config.target.base_url}") from exc
+    except aiohttp.ClientResponseError as exc:
+        # aiohttp's parser refused the response head (a line or field over the limits,
+        # a bad status line): the target answered, with something the agent cannot relay.
+        raise ForwardFailed(
+            RESET_TARGET_ERROR, f"{BAD_RESPONSE}: the agent cannot parse the response: {exc.message}"
+        ) from exc
     except (aiohttp.ClientError, OSError) as exc:
         raise ForwardFailed(RESET_TARGET_ERROR, f"{type(exc).__name__}: {exc}") from exc
+    except _UnsendableHead as exc:  # a byte HTTP forbids: the relay should have refused it
+        raise ForwardFailed(RESET_REFUSED, f"unforwardable request head: {exc}") from exc
+    finally:
+        _exact_headers.reset(exact)
 
 
 async def forward_websocket(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from .errors import AgentConfigError
+from .errors import AgentConfigError, InvalidTarget
 
 
 @dataclass(frozen=True)
@@ -34,24 +36,53 @@ class Target:
         return base + target.decode("utf-8", "surrogateescape")
 
 
+#: A host name as ``--forward`` takes it: RFC 3986 reg-name characters, no percent
+#: escapes (IPv6 literals come in brackets and are checked by ``ipaddress``).
+_HOST_NAME = re.compile(r"^[A-Za-z0-9._~-]+\Z")
+_USAGE = "use PORT, HOST:PORT or http(s)://HOST[:PORT]"
+
+
 def parse_target(text: str) -> Target:
-    """``8080``, ``localhost:8080``, ``[::1]:8080`` or ``http(s)://host[:port]``."""
+    """``8080``, ``localhost:8080``, ``[::1]:8080`` or ``http(s)://host[:port]``.
+
+    Raises ``InvalidTarget`` (its message names ``--forward``) for anything else:
+    no host, an empty or out-of-range port, another scheme, a path, query or fragment.
+    """
+    given = text
     text = text.strip()
     if text.isdigit():
         text = f"localhost:{text}"
     if "://" not in text:
         text = "http://" + text
+
+    def refuse(why: str) -> InvalidTarget:
+        return InvalidTarget(given, why)
+
     try:
         parts = urlsplit(text)
         port = parts.port
     except ValueError as exc:
-        raise AgentConfigError(f"invalid --forward {text!r}: {exc}") from exc
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise AgentConfigError(f"invalid --forward {text!r}: use PORT, HOST:PORT or http://HOST:PORT")
-    if parts.path.strip("/") or parts.query:
-        raise AgentConfigError(f"invalid --forward {text!r}: a path prefix is not supported")
+        raise refuse(f"{exc}; {_USAGE}") from exc
+    if parts.scheme not in ("http", "https"):
+        raise refuse(f"the scheme must be http or https; {_USAGE}")
+    if not parts.hostname:
+        raise refuse(f"no host; {_USAGE}")
+    if "@" in parts.netloc:
+        raise refuse("credentials in the URL are not supported")
+    if parts.path.strip("/") or parts.query or parts.fragment or text.endswith(("?", "#")):
+        raise refuse("a path, query or fragment is not supported")
+    if parts.netloc.endswith(":"):
+        raise refuse(f"the port is empty; {_USAGE}")
+    host = parts.hostname
+    if parts.netloc.startswith("["):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError as exc:
+            raise refuse(f"{host!r} is not an IPv6 address") from exc
+    elif not _HOST_NAME.match(host):
+        raise refuse(f"{host!r} is not a host name; {_USAGE}")
     if port is None:
         port = 443 if parts.scheme == "https" else 80
     if not 0 < port < 65536:
-        raise AgentConfigError(f"invalid port in --forward {text!r}")
-    return Target(parts.scheme, parts.hostname, port)
+        raise refuse("the port must be 1 to 65535")
+    return Target(parts.scheme, host, port)

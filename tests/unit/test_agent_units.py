@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import stat
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,10 @@ from yarl import URL
 from relay_agent.backoff import BACKOFF_BASE, BACKOFF_CAP, backoff, should_retry
 from relay_agent.config import AgentConfig, load_login, login_file, save_login
 from relay_agent.errors import AgentConfigError
+from relay_agent.forward import MAX_RESPONSE_HEADER_LINE, ForwardFailed, client_session, forward
 from relay_agent.target import Target, parse_target
+from relay_protocol import RequestHead, ResponseHead
+from relay_protocol.frames import RESET_TARGET_ERROR
 
 # -- parse_target --------------------------------------------------------------
 
@@ -249,3 +254,80 @@ def test_load_login_refuses_a_corrupt_file(config_home: Path) -> None:
     path.write_text("{not json")
     with pytest.raises(AgentConfigError, match="run relay-agent login again"):
         load_login()
+
+
+# -- forward: the response head the agent sends back -----------------------------
+
+
+class _Link:
+    """A forward.Link that keeps what the forwarder sends."""
+
+    def __init__(self) -> None:
+        self.heads: list[ResponseHead] = []
+        self.body = b""
+
+    async def respond(self, head: ResponseHead, end: bool) -> None:
+        self.heads.append(head)
+
+    async def send_body(self, chunk: bytes, end: bool = False) -> None:
+        self.body += chunk
+
+    async def reset(self, code: int, reason: str) -> None:
+        raise AssertionError("not reset here")
+
+    async def body(self) -> AsyncIterator[bytes]:  # type: ignore[override]
+        yield b""
+
+
+async def _forward_to_raw_app(answer: bytes, head: RequestHead) -> tuple[bytes, _Link | ForwardFailed]:
+    """Forward ``head`` to a raw-socket app answering ``answer``: the request head
+    bytes the app read, and the link (or the ForwardFailed raised)."""
+    seen: list[bytes] = []
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(app, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = AgentConfig(server="http://relay.test", token="t", target=Target("http", "127.0.0.1", port))
+    link = _Link()
+    try:
+        async with client_session() as session:
+            await forward(session, config, head, False, link)
+    except ForwardFailed as exc:
+        return seen[0], exc
+    finally:
+        server.close()
+    return seen[0], link
+
+
+async def test_forward_keeps_response_header_bytes() -> None:
+    answer = b"HTTP/1.1 200 OK\r\nX-Latin: caf\xe9\r\nX-Dup: 1\r\nx-dup: 2\r\nContent-Length: 2\r\n\r\nok"
+    _, link = await _forward_to_raw_app(answer, RequestHead("GET", b"/", ((b"Host", b"public"),)))
+    assert isinstance(link, _Link)
+    [head] = link.heads
+    assert head.headers[:3] == ((b"X-Latin", b"caf\xe9"), (b"X-Dup", b"1"), (b"x-dup", b"2"))
+    assert link.body == b"ok"
+
+
+async def test_forward_sends_the_request_headers_as_they_came() -> None:
+    headers = ((b"X-Dup", b"1"), (b"Host", b"public"), (b"x-dup", b"2"), (b"X-Latin", b"caf\xe9"))
+    answer = b"HTTP/1.1 204 No Content\r\n\r\n"
+    seen, _ = await _forward_to_raw_app(answer, RequestHead("GET", b"/p?q=1", headers))
+    lines = seen.split(b"\r\n")
+    assert lines[0] == b"GET /p?q=1 HTTP/1.1"
+    port = lines[2].rsplit(b":", 1)[1]
+    # Host rewritten in its place; nothing added, nothing merged, no byte re-encoded.
+    assert lines[1:5] == [b"X-Dup: 1", b"Host: 127.0.0.1:" + port, b"x-dup: 2", b"X-Latin: caf\xe9"]
+    assert not any(line.lower().startswith((b"user-agent", b"accept")) for line in lines)
+
+
+async def test_forward_resets_on_a_response_it_cannot_parse() -> None:
+    answer = b"HTTP/1.1 200 OK\r\nX-Huge: " + b"h" * (MAX_RESPONSE_HEADER_LINE + 1) + b"\r\n\r\n"
+    _, failed = await _forward_to_raw_app(answer, RequestHead("GET", b"/", ()))
+    assert isinstance(failed, ForwardFailed)
+    assert failed.code == RESET_TARGET_ERROR
+    assert str(failed).startswith("local-bad-response: ")

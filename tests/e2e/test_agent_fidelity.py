@@ -1,0 +1,240 @@
+"""Issue 8 §5, the agent's side: header bytes pass unchanged both ways.
+
+The local service here is a raw asyncio server that records the exact bytes of each
+request head and answers with canned bytes, so neither direction goes through an
+HTTP library that could tidy the bytes up before the test sees them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from .framework import Relay, RelayServer, api, fetch, raw_exchange, until
+
+
+def _answer(*headers: bytes, status: bytes = b"HTTP/1.1 200 OK") -> bytes:
+    return status + b"\r\n" + b"".join(h + b"\r\n" for h in headers) + b"Content-Length: 2\r\n\r\nok"
+
+
+#: Response header lines the relay accepts on requests (16 KiB a line, 240 fields) pass.
+BIG_LINE = b"X-Big: " + b"b" * 9000
+MANY = tuple(b"X-Field-%d: %d" % (i, i) for i in range(200))
+#: What no relay limit allows: the agent answers RESET, the server 502 local-bad-response.
+ANSWERS = {
+    b"/latin": _answer(b"X-Latin: caf\xe9", b"X-City: S\xc3\xa3o Paulo", b"X-Dup: 1", b"x-dup: 2"),
+    b"/big-line": _answer(BIG_LINE),
+    b"/big-line-16k": _answer(b"X-Big: " + b"c" * (16 * 1024 - 16)),
+    b"/many-fields": _answer(*MANY),
+    b"/too-long-line": _answer(b"X-Huge: " + b"h" * (20 * 1024)),
+    b"/too-many-fields": _answer(*(b"X-F%d: v" % i for i in range(300))),
+    b"/bad-status-line": b"garbage, not HTTP\r\n\r\n",
+}
+#: Seconds for the relay to record an attempt (it records in the background).
+DELIVERED = 20.0
+BAD = [b"/too-long-line", b"/too-many-fields", b"/bad-status-line"]
+
+
+class RawTarget:
+    """A local service on a raw socket: records every request head's bytes, answers from ANSWERS."""
+
+    def __init__(self) -> None:
+        self.heads: list[bytes] = []
+        self.port = 0
+
+    def start(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._handle, "127.0.0.1", 0), self._loop
+        ).result(10)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._server.close)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def seen(self, path: bytes) -> list[bytes]:
+        return [h for h in self.heads if h.split(b" ", 2)[1] == path]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.heads.append(head)
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        await reader.readexactly(int(line.split(b":", 1)[1]))
+                path = head.split(b" ", 2)[1]
+                writer.write(ANSWERS.get(path, _answer()))
+                await writer.drain()
+                if path in BAD:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture(scope="module")
+def raw_target() -> Iterator[RawTarget]:
+    target = RawTarget()
+    target.start()
+    try:
+        yield target
+    finally:
+        target.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(module_relay: Relay, raw_target: RawTarget) -> dict[str, Any]:
+    server = module_relay.server("--retry-schedule", "1h", "--timeout", "10")
+    token = server.token("alice")
+    forward = f"127.0.0.1:{raw_target.port}"
+    module_relay.agent(server, token, forward, "alice", extra=["--mode", "live"])
+    module_relay.agent(server, token, forward, "alice-q", extra=["--mode", "queue"])
+    return {"server": server, "token": token}
+
+
+@pytest.fixture(autouse=True)
+def fresh(raw_target: RawTarget) -> None:
+    raw_target.heads.clear()
+
+
+def _request(server: RelayServer, name: str, method: str, path: str, headers: list[bytes]) -> bytes:
+    lines = [f"{method} /t/{name}{path} HTTP/1.1".encode(), f"Host: {server.apex}".encode(), *headers]
+    return b"\r\n".join([*lines, b"Connection: close"]) + b"\r\n\r\n"
+
+
+def _header_lines(head: bytes) -> list[bytes]:
+    return head.split(b"\r\n")[1:-2]
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        [b"X-Dup: 1", b"x-dup: 2"],
+        [b"x-dup: 1", b"X-Dup: 2", b"X-DUP: 3"],
+        [b"X-Dup: 1", b"X-Other: between", b"x-dup: 2"],
+        [b"Accept: text/html", b"accept: application/json"],
+        [b"Cookie: a=1", b"cookie: b=2"],
+    ],
+)
+async def test_repeated_request_headers_differing_in_case_all_arrive_in_order(
+    stack: dict[str, Any], raw_target: RawTarget, sent: list[bytes]
+) -> None:
+    server = stack["server"]
+    reply, _ = await raw_exchange(server.port, _request(server, "alice", "GET", "/dup", sent))
+    assert reply.status == 200, reply
+    [head] = raw_target.seen(b"/dup")
+    names = {line.split(b":")[0].lower() for line in sent}
+    arrived = [line for line in _header_lines(head) if line.split(b":")[0].lower() in names]
+    assert arrived == sent, head
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        b"X-City: S\xc3\xa3o Paulo",  # UTF-8
+        b"X-Latin: caf\xe9",  # latin-1: not UTF-8 at all
+        b"X-Bytes: \x80\x9f\xa0\xff",  # obs-text, each byte alone
+        b"X-Tab: a\tb",  # HTAB is allowed inside a value
+    ],
+)
+async def test_non_ascii_request_header_bytes_reach_the_app_unchanged(
+    stack: dict[str, Any], raw_target: RawTarget, sent: bytes
+) -> None:
+    server = stack["server"]
+    reply, _ = await raw_exchange(server.port, _request(server, "alice", "POST", "/bytes", [sent]))
+    assert reply.status == 200, reply
+    [head] = raw_target.seen(b"/bytes")
+    assert sent in _header_lines(head), head
+
+
+async def test_the_apps_response_header_bytes_reach_the_client_unchanged(stack: dict[str, Any]) -> None:
+    server = stack["server"]
+    reply, _ = await raw_exchange(server.port, _request(server, "alice", "GET", "/latin", []))
+    assert reply.status == 200, reply
+    # raw_exchange reads the head as latin-1: one character per byte on the wire.
+    assert reply.getall("X-Latin") == ["caf\xe9"]
+    assert reply.getall("X-City") == ["S\xc3\xa3o Paulo"]
+    assert [(k, v) for k, v in reply.headers if k.lower() == "x-dup"] == [("X-Dup", "1"), ("x-dup", "2")]
+
+
+@pytest.mark.parametrize("path", [b"/big-line", b"/big-line-16k", b"/many-fields"])
+async def test_response_heads_as_large_as_the_relay_accepts_on_requests_pass(
+    stack: dict[str, Any], path: bytes
+) -> None:
+    server = stack["server"]
+    # A raw client: aiohttp's own client would refuse these heads (8,190-byte lines).
+    reply, _ = await raw_exchange(server.port, _request(server, "alice", "GET", path.decode(), []))
+    assert (reply.status, reply.body) == (200, b"ok"), reply
+    if path == b"/many-fields":
+        assert [v for k, v in reply.headers if k.startswith("X-Field-")] == [str(i) for i in range(200)]
+    else:
+        [line] = [line for line in _header_lines(ANSWERS[path]) if line.startswith(b"X-Big")]
+        assert reply.header("X-Big") == line.split(b": ", 1)[1].decode()
+
+
+@pytest.mark.parametrize("path", BAD)
+async def test_a_response_the_agent_cannot_parse_is_a_502_naming_it(
+    stack: dict[str, Any], http: aiohttp.ClientSession, path: bytes
+) -> None:
+    server = stack["server"]
+    reply = await fetch(http, "GET", server.url("/t/alice" + path.decode()), server.apex)
+    assert reply.status == 502, reply
+    assert reply.relay_error in ("local-bad-response", "local-unreachable")
+    assert b"local-bad-response" in reply.body, reply.body
+
+
+async def _event(http: aiohttp.ClientSession, stack: dict[str, Any], event_id: str) -> dict[str, Any]:
+    reply = await api(http, stack["server"], stack["token"], "GET", f"events/{event_id}")
+    assert reply.status == 200, reply.body
+    return dict(reply.json())
+
+
+async def test_queue_mode_a_big_response_head_is_a_delivery_not_a_failure(
+    stack: dict[str, Any], http: aiohttp.ClientSession, raw_target: RawTarget
+) -> None:
+    server = stack["server"]
+    request = _request(server, "alice-q", "POST", "/big-line", [b"Content-Length: 2"]) + b"{}"
+    reply, _ = await raw_exchange(server.port, request)
+    assert (reply.status, reply.body) == (200, b"ok"), reply  # the app's own answer
+
+    async def delivered() -> dict[str, Any] | None:
+        listed = await api(http, server, stack["token"], "GET", "events?name=alice-q")
+        events = [e for e in listed.json()["events"] if e["target"] == "/big-line"]
+        return events[0] if events and events[0]["status"] == "delivered" else None
+
+    event = await until(delivered, DELIVERED, "the event to be delivered")
+    [delivery] = event["deliveries"]
+    assert (delivery["attempts"], delivery["last_status"]) == (1, 200)
+    assert len(raw_target.seen(b"/big-line")) == 1  # never redelivered
+
+
+@pytest.mark.parametrize("path", BAD)
+async def test_queue_mode_a_response_the_agent_cannot_parse_is_recorded_with_that_reason(
+    stack: dict[str, Any], http: aiohttp.ClientSession, path: bytes
+) -> None:
+    server = stack["server"]
+    reply = await fetch(http, "POST", server.url("/t/alice-q" + path.decode()), server.apex, body=b"{}")
+    assert reply.status == 202, reply
+    event_id = reply.header("X-Relay-Event")
+    assert event_id
+
+    async def recorded() -> dict[str, Any] | None:
+        event = await _event(http, stack, event_id)
+        return event if event["deliveries"][0]["attempts"] >= 1 else None
+
+    event = await until(recorded, DELIVERED, "the attempt to be recorded")
+    [delivery] = event["deliveries"]
+    assert event["status"] == "retrying"
+    assert delivery["last_status"] is None
+    assert "local-bad-response" in (delivery["last_error"] or ""), delivery
