@@ -72,6 +72,12 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
     async def everything(request: web.Request, handler: object) -> web.StreamResponse:
         try:
             return await ingress.handle(request)
+        except ConnectionResetError as exc:  # aiohttp's ClientConnectionResetError too
+            # The public client went away mid-response: nobody to answer, no bug to report.
+            log.info("client went away during %s %s: %s", request.method, request.path, exc)
+            if request.transport is not None:
+                request.transport.close()
+            return web.Response()  # never written: aiohttp finds the connection closed
         except Exception:  # a bug: log it, never show a traceback to the client
             log.exception("internal error on %s %s", request.method, request.path)
             return relay_error("internal-error", "the relay server failed on this request")

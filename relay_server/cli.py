@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 import click
+from aiohttp import web
 
 from relay_protocol import RelayError
 
@@ -29,6 +33,8 @@ from .durations import parse_duration
 from .names import default_patterns, is_valid_name, is_valid_pattern
 from .retry import RetryPolicy, parse_schedule
 from .store import Store
+
+T = TypeVar("T")
 
 DEFAULT_TOKEN_TTL = "30d"
 DEV_USER = "dev"
@@ -274,14 +280,13 @@ def serve_command(
     try:
         store = Store(config.data_dir, config.store_max_bytes)
         app = create_app(config, store)
-        if dev:
-            _print_dev_banner(config, store)
+        banner = _print_dev_banner(config, store) if dev else None
     except RelayError as exc:
         raise _fail(exc) from exc
     except OSError as exc:
         raise click.ClickException(f"cannot use data dir {data_dir}: {exc}") from exc
     try:
-        asyncio.run(serve(config, app))
+        asyncio.run(_serve(config, app, banner))
     except OSError as exc:  # port in use, permission denied
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 
@@ -296,20 +301,51 @@ def _queue_config(
     allow_private: bool,
     timeout: float,
 ) -> QueueConfig:
-    try:
-        policy = RetryPolicy(parse_schedule(schedule), parse_duration(max_age))
-        kept = parse_duration(retention)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
+    policy = RetryPolicy(
+        _option(parse_schedule, schedule, "--retry-schedule"), _option(parse_duration, max_age, "--max-age")
+    )
+    kept = _option(parse_duration, retention, "--retention")
     return QueueConfig(max_body, quota_events, quota_bytes, kept, policy, timeout, allow_private)
 
 
-def _print_dev_banner(config: ServerConfig, store: Store) -> None:
+def _option(parse: Callable[[str], T], text: str, option: str) -> T:
+    """``parse(text)``; a ValueError becomes a usage error naming ``option``."""
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from exc
+
+
+async def _serve(config: ServerConfig, app: web.Application, banner: Callable[[], None] | None) -> None:
+    """``serve``, printing ``banner`` once the port is bound (never for a port it could not bind)."""
+    ready = asyncio.Event()
+    serving = asyncio.create_task(serve(config, app, ready))
+    bound = asyncio.create_task(ready.wait())
+    await asyncio.wait({serving, bound}, return_when=asyncio.FIRST_COMPLETED)
+    bound.cancel()
+    if ready.is_set() and banner is not None:
+        banner()
+    await serving
+
+
+#: The local service port the --dev banner suggests, and the one it suggests
+#: instead when the relay itself listens on the first.
+DEV_LOCAL_PORTS = (8080, 8081)
+
+
+def _print_dev_banner(config: ServerConfig, store: Store) -> Callable[[], None]:
+    """Issue the dev token now (a bad data dir fails before serving); the returned
+    function prints the banner, called once the port is bound."""
     secret = tokens.load_secret(config.data_dir)
     token, claims = tokens.issue(
         secret, DEV_USER, default_patterns(DEV_USER), parse_duration(DEFAULT_TOKEN_TTL)
     )
     store.record_token(claims)
+    # Never suggest forwarding to the relay's own port: requests would loop back into it.
+    local_port = next(p for p in DEV_LOCAL_PORTS if p != config.port)
+    moved = (
+        "" if local_port == DEV_LOCAL_PORTS[0] else f" (not {DEV_LOCAL_PORTS[0]}: the relay listens there)"
+    )
     command = shlex.join(
         [
             _agent_script(),
@@ -319,13 +355,20 @@ def _print_dev_banner(config: ServerConfig, store: Store) -> None:
             "--token",
             token,
             "--forward",
-            "localhost:8080",
+            f"localhost:{local_port}",
         ]
     )
-    click.echo(f"relay-server (dev) on {config.public_url}, data in {config.data_dir}/")
-    click.echo(f"Token for user {DEV_USER!r} (expires in {DEFAULT_TOKEN_TTL}):\n\n  {token}\n")
-    click.echo(f"Connect an agent to a local service on port 8080, in another shell:\n\n  {command}\n")
-    click.echo(f"Then: curl {config.public_url}/t/{DEV_USER}/\n", nl=True)
+
+    def banner() -> None:
+        click.echo(f"relay-server (dev) on {config.public_url}, data in {config.data_dir}/")
+        click.echo(f"Token for user {DEV_USER!r} (expires in {DEFAULT_TOKEN_TTL}):\n\n  {token}\n")
+        click.echo(
+            f"Connect an agent to a local service on port {local_port}{moved}, in another shell:"
+            f"\n\n  {command}\n"
+        )
+        click.echo(f"Then: curl {config.public_url}/t/{DEV_USER}/\n", nl=True)
+
+    return banner
 
 
 def _agent_script() -> str:
@@ -374,6 +417,10 @@ def token_create(user: str, names: tuple[str, ...], expires: str, data_dir: Path
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--expires") from exc
     try:
+        if not os.environ.get(tokens.SECRET_ENV) and not (data_dir / tokens.SECRET_FILE).exists():
+            # stderr: stdout stays the token alone, for TOKEN=$(relay-server token create ...).
+            where = data_dir / tokens.SECRET_FILE
+            click.echo(f"relay-server: no signing secret in {data_dir}/: creating one in {where}", err=True)
         secret = tokens.load_secret(data_dir)
         token, claims = tokens.issue(secret, user, list(names) or default_patterns(user), ttl)
         store = Store(data_dir)

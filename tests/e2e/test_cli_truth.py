@@ -1,0 +1,192 @@
+"""Issue 8 §7: the CLI tells the truth (refusals, usage errors, the --dev banner, messages)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shlex
+import socket
+import subprocess
+
+import pytest
+
+from .framework import RELAY_AGENT, RELAY_SERVER, Relay, free_port
+from .streaming_targets import StreamingTarget
+
+REFUSED = "relay-agent: the server refused this agent: "
+
+
+def test_a_refused_agent_always_prints_the_reason_never_a_traceback(relay: Relay) -> None:
+    server = relay.server()
+    for run in range(20):
+        code, agent = relay.refused_agent(server, "not-a-jwt")
+        assert code == 1, f"run {run}: {agent.describe()}"
+        assert REFUSED + "token malformed" in agent.stderr, f"run {run}: {agent.describe()}"
+        assert "Traceback" not in agent.stderr, f"run {run}: {agent.describe()}"
+
+
+@pytest.mark.parametrize(
+    "forward",
+    [
+        "not a url",
+        "localhost:",
+        ":80",
+        "http://",
+        "localhost:99999",
+        "ftp://x",
+        "http://localhost:8080/api",
+        "localhost:8080/api",
+        "http://localhost:8080?x=1",
+        "http://localhost:8080#frag",
+        "user@localhost:8080",
+        "localhost:0",
+        "[::1",
+        "",
+    ],
+)
+def test_a_bad_forward_is_a_usage_error_naming_it(relay: Relay, forward: str) -> None:
+    result = subprocess.run(
+        [str(RELAY_AGENT), "connect", "--server", "http://127.0.0.1:9", "--token", "x", "--forward", forward],
+        env=relay.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr  # click's usage error
+    assert "Usage: relay-agent connect" in result.stderr
+    assert "'--forward'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def _serve_dev(relay: Relay, port: int) -> list[str]:
+    return [str(RELAY_SERVER), "serve", "--dev", "--port", str(port), "--data-dir", str(relay.new_dir("dev"))]
+
+
+def test_dev_banner_comes_only_after_the_port_is_bound(relay: Relay) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = _serve_dev(relay, port)
+        server = relay.spawn([*argv, "--host", "127.0.0.1"], "relay-server --dev on a taken port")
+        assert server.wait() == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in server.stderr
+    assert "relay-agent" not in server.stdout and "Token" not in server.stdout, server.stdout
+    assert "Traceback" not in server.stderr
+
+
+@pytest.mark.parametrize("relay_port", [8080, None])
+def test_dev_agent_command_never_forwards_to_the_relays_own_port(
+    relay: Relay, relay_port: int | None
+) -> None:
+    port = relay_port or free_port()
+    if relay_port is not None:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                pytest.skip(f"port {port} is in use on this machine")
+    argv = _serve_dev(relay, port)
+    server = relay.spawn(argv, "relay-server --dev")
+    [match] = server.wait_for_line(r"^\s+(\S*relay-agent connect .*)$")
+    command = shlex.split(match.group(1))
+    forward = command[command.index("--forward") + 1]
+    assert not forward.endswith(f":{port}"), forward
+    if relay_port == 8080:
+        assert forward == "localhost:8081"
+        assert "not 8080" in server.stdout
+    else:
+        assert forward == "localhost:8080"
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--retention", "7days"),
+        ("--max-age", "3days"),
+        ("--retry-schedule", "5s,30x"),
+        ("--retry-schedule", ""),
+    ],
+)
+def test_serve_duration_errors_name_their_option(relay: Relay, option: str, value: str) -> None:
+    result = subprocess.run(
+        [
+            str(RELAY_SERVER),
+            "serve",
+            "--port",
+            str(free_port()),
+            "--data-dir",
+            str(relay.new_dir("d")),
+            option,
+            value,
+        ],
+        env=relay.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert option in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--retention", "7days"), ("--max-age", "3days"), ("--retry-schedule", "5s,30x")],
+)
+def test_serve_duration_errors_from_the_environment_name_their_option(
+    relay: Relay, option: str, value: str
+) -> None:
+    env = {**relay.env, "RELAY_" + option[2:].upper().replace("-", "_"): value}
+    result = subprocess.run(
+        [str(RELAY_SERVER), "serve", "--port", str(free_port()), "--data-dir", str(relay.new_dir("d"))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert option in result.stderr, result.stderr
+
+
+def test_token_create_says_on_stderr_that_it_creates_a_secret(relay: Relay) -> None:
+    server = relay.server(start=False)
+    first = server.cli("token", "create", "alice")
+    assert first.returncode == 0, first.stderr
+    assert re.fullmatch(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\n", first.stdout)
+    assert "creating" in first.stderr and str(server.data_dir / "secret") in first.stderr, first.stderr
+    again = server.cli("token", "create", "bob")
+    assert again.returncode == 0, again.stderr
+    assert "creating" not in again.stderr  # the secret exists now: nothing to say
+
+
+async def test_a_client_that_goes_away_mid_response_is_an_info_line(relay: Relay) -> None:
+    server = relay.server("--log-level", "info")
+    target = StreamingTarget()
+    target.start()
+    try:
+        agent = relay.agent(server, server.token("alice"), target.forward, extra=["--mode", "live"])
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(f"GET /t/alice/down?mib=64 HTTP/1.1\r\nHost: {server.apex}\r\n\r\n".encode())
+            await writer.drain()
+            got = 0
+            while got < 1024 * 1024:  # part of the download, then away
+                chunk = await reader.read(65536)
+                assert chunk, "the download ended early"
+                got += len(chunk)
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            writer.transport.abort()  # a reset, as a client that crashed
+        # The agent prints a line when each stream ends: the relay has dealt with all three.
+        await agent.process.line(r" /down\?mib=64 ", count=3)
+    finally:
+        target.stop()
+    assert server.process is not None
+    stderr = server.process.stderr
+    assert "Traceback" not in stderr, stderr
+    assert "internal error" not in stderr, stderr
