@@ -170,6 +170,7 @@ class Deliveries:
         self._dispatchers: dict[tuple[str, str], Dispatcher] = {}
         self._settings: dict[str, TunnelSettings] = {}
         self._pending: dict[str, list[int]] = {}  # tunnel -> [events, bytes] not yet finished
+        self._pending_version = 0  # bumped at every change of _pending (see _count)
         #: Outcomes not written yet, by (event seq, destination): written again as records.
         self._unrecorded: dict[tuple[int, str], tuple[Event, Delivery, TunnelSettings]] = {}
         self._rerecording: asyncio.Task[None] | None = None
@@ -207,9 +208,12 @@ class Deliveries:
                     self.store.expire, now - self.config.policy.max_age, "not delivered within the max age"
                 )
                 # Counted again from the store: the in-memory quota counts can never drift
-                # for longer than one interval, whatever failed in between.
+                # for longer than one interval, whatever failed in between; unless they
+                # changed during the read (the read would then be older than they are).
+                version = self._pending_version
                 totals = await asyncio.to_thread(self.store.pending_totals)
-                self._pending = {t: [events, size] for t, (events, size) in totals.items()}
+                if version == self._pending_version:
+                    self._pending = {t: [events, size] for t, (events, size) in totals.items()}
             except StoreError as exc:
                 self.store_trouble(exc)
             else:
@@ -240,6 +244,7 @@ class Deliveries:
         flight end on their own; the registry gives them no agent of the new owner."""
         self._settings.pop(tunnel, None)
         self._pending.pop(tunnel, None)
+        self._pending_version += 1
         for key in [k for k in self._dispatchers if k[0] == tunnel]:
             task = self._dispatchers.pop(key).task
             if task is not None:
@@ -340,7 +345,6 @@ class Deliveries:
             return body
         if full := self._queue_full(tunnel, len(body)):
             return full
-        pending = self._pending[tunnel]
         now = time.time()
         event = Event(
             0,
@@ -372,8 +376,7 @@ class Deliveries:
                     "store-unavailable", "the relay cannot store this request now; retry later"
                 )
             event = replace(event, seq=seq)
-            pending[0] += 1
-            pending[1] += len(body)
+            self._count(tunnel, 1, len(body))
             if not slot:
                 for destination in settings.destinations:
                     self.dispatcher(tunnel, destination).wake()
@@ -560,9 +563,14 @@ class Deliveries:
         if only_destination or all(
             not d.waiting for d in await asyncio.to_thread(self.store.deliveries, event.seq)
         ):
-            pending = self._pending.setdefault(event.tunnel, [0, 0])
-            pending[0] = max(0, pending[0] - 1)
-            pending[1] = max(0, pending[1] - len(event.body))
+            self._count(event.tunnel, -1, -len(event.body))
+
+    def _count(self, tunnel: str, events: int, size: int) -> None:
+        """Add to ``tunnel``'s count of waiting events and bytes (never below zero)."""
+        pending = self._pending.setdefault(tunnel, [0, 0])
+        pending[0] = max(0, pending[0] + events)
+        pending[1] = max(0, pending[1] + size)
+        self._pending_version += 1
 
     def in_flight(self, event: Event, deliveries: list[Delivery]) -> bool:
         """True while an attempt of ``event`` runs or its outcome is being written."""
@@ -594,8 +602,6 @@ class Deliveries:
                 )
             )
             if was_finished:
-                pending = self._pending.setdefault(event.tunnel, [0, 0])
-                pending[0] += 1
-                pending[1] += len(event.body)
+                self._count(event.tunnel, 1, len(event.body))
             self.dispatcher(event.tunnel, delivery.destination).wake()
         return [d.destination for d in deliveries]
