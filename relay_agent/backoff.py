@@ -5,14 +5,17 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator
 
+from relay_protocol.frames import FINAL_CLOSE_CODES
+
 #: First delay before reconnecting, in seconds.
 BACKOFF_BASE = 0.5
 #: Longest delay between attempts: a laptop back online reconnects within 30 s.
 BACKOFF_CAP = 30.0
 
-#: Close codes after which reconnecting cannot help (docs/protocol.md):
-#: 4001 bad/expired/revoked token, 4003 name refused, 4005 protocol version.
-FATAL_CLOSE_CODES = frozenset({4001, 4003, 4005})
+#: Close codes after which reconnecting cannot help (docs/protocol.md): the
+#: protocol's final codes, 4001 bad/expired/revoked token, 4003 name refused,
+#: 4005 protocol version.
+FATAL_CLOSE_CODES = FINAL_CLOSE_CODES
 
 
 def backoff(

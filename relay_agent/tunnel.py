@@ -1,18 +1,20 @@
 """The agent's connection to the server: handshake, frames, streams, heartbeat, reconnect.
 
-Sending: every frame goes into an ``Outbox`` that one writer task empties, each
-websocket send bounded by ``SEND_TIMEOUT``. Control frames (PING, PONG, WINDOW,
-RESET, TARGET_UP) are queued without waiting; RESPONSE and DATA wait while the
-outbox holds ``SEND_HIGH_WATER`` bytes or more. A server that stops reading is
-aborted ``SEND_TIMEOUT`` after the oldest frame it has not taken was queued,
-even if it keeps sending, and the agent reconnects as after any network failure.
+A thin shell around ``relay_protocol.Engine``, which owns everything that is
+not I/O (stream states, credit, cutting bodies into DATA frames, the outgoing
+buffer, PING answers, the heartbeat decision, the error state). Here: a read
+loop feeding websocket messages to the engine, one writer task sending its
+``outgoing()`` frames, each websocket send bounded by ``SEND_TIMEOUT``, a
+heartbeat task, and asyncio events for credit and room (RESPONSE and DATA wait
+while ``SEND_HIGH_WATER`` bytes are queued; control frames never do). A server
+that stops reading is aborted ``SEND_TIMEOUT`` after the oldest frame it has
+not taken was queued, even if it keeps sending, and the agent reconnects as
+after any network failure.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import importlib.metadata
 import logging
 import socket
@@ -25,16 +27,16 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from relay_protocol import (
     PROTOCOL_VERSION,
-    Connection,
+    BadHead,
     Data,
+    Engine,
+    Frame,
     Hello,
+    LocalProtocolError,
     Open,
-    Ping,
-    Pong,
     ProtocolError,
     RequestHead,
     Reset,
-    Response,
     ResponseHead,
     Role,
     TargetUp,
@@ -42,20 +44,17 @@ from relay_protocol import (
     Window,
 )
 from relay_protocol.frames import (
+    CLOSE_NORMAL,
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_VERSION,
     FEATURE_TARGET_UP,
     RESET_CANCEL,
     RESET_INTERNAL,
+    RESET_TARGET_ERROR,
     RESET_TARGET_TIMEOUT,
     RESET_TARGET_UNREACHABLE,
 )
-from relay_protocol.heartbeat import Heartbeat
-from relay_protocol.limits import (
-    HEARTBEAT_TIMEOUT,
-    MAX_DATA_SIZE,
-    MAX_FRAME_SIZE,
-    SEND_HIGH_WATER,
-    SEND_TIMEOUT,
-)
+from relay_protocol.limits import HEARTBEAT_TIMEOUT, MAX_FRAME_SIZE, SEND_TIMEOUT
 
 from .backoff import backoff, should_retry
 from .config import AgentConfig
@@ -73,65 +72,6 @@ AGENT_NAME = f"relay-agent/{importlib.metadata.version('relay')}"
 
 class StreamGone(Exception):
     """The stream was reset by the server or the connection was lost."""
-
-
-class Outbox:
-    """Frames waiting for the writer task of one connection, oldest first.
-
-    ``put`` never waits; ``room`` waits until the queued bytes are below
-    ``SEND_HIGH_WATER`` (or the outbox is closed), so memory stays bounded by
-    the high-water mark plus the control frames, each of which is small or (a
-    PONG) at most one at a time.
-    """
-
-    def __init__(self) -> None:
-        self._frames: collections.deque[tuple[bytes, float]] = collections.deque()
-        self._bytes = 0
-        self._types: collections.Counter[int] = collections.Counter()
-        self._ready = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
-        self.closed = False
-
-    def put(self, data: bytes, now: float) -> None:
-        self._frames.append((data, now))
-        self._bytes += len(data)
-        self._types[data[0]] += 1
-        self._ready.set()
-        if self._bytes >= SEND_HIGH_WATER:
-            self._room.clear()
-
-    def oldest(self) -> float | None:
-        """When the oldest frame not yet taken by the peer was queued; None if none waits."""
-        return self._frames[0][1] if self._frames else None
-
-    def pending(self, frame_type: int) -> int:
-        """Frames of ``frame_type`` queued and not yet sent."""
-        return self._types[frame_type]
-
-    async def room(self) -> None:
-        """Wait until a frame that may wait (RESPONSE, DATA) can be queued, or the outbox closed."""
-        while self._bytes >= SEND_HIGH_WATER and not self.closed:
-            await self._room.wait()
-
-    async def next(self) -> bytes:
-        """The oldest frame; it stays queued (and counts as waiting) until ``sent``."""
-        while not self._frames:
-            self._ready.clear()
-            await self._ready.wait()
-        return self._frames[0][0]
-
-    def sent(self) -> None:
-        data, _ = self._frames.popleft()
-        self._bytes -= len(data)
-        self._types[data[0]] -= 1
-        if self._bytes < SEND_HIGH_WATER:
-            self._room.set()
-
-    def close(self) -> None:
-        """Wake every frame waiting for room: the connection is gone."""
-        self.closed = True
-        self._room.set()
 
 
 class AgentStream:
@@ -168,28 +108,14 @@ class AgentStream:
             await self._session.consumed(self.id, len(chunk))
 
     async def respond(self, head: ResponseHead, end: bool) -> None:
-        await self._session.send(Response(self.id, head, end))
+        await self._session.respond(self, head, end)
 
     async def send_body(self, chunk: bytes, end: bool = False) -> None:
-        view = memoryview(chunk)
-        while True:
-            if self.gone:
-                raise StreamGone()
-            credit = self._session.credit(self.id)
-            if credit <= 0 and view:
-                self.credit_changed.clear()
-                await self.credit_changed.wait()
-                continue
-            piece = bytes(view[: min(credit, MAX_DATA_SIZE)])
-            view = view[len(piece) :]
-            if piece or (end and not view):
-                await self._session.send(Data(self.id, piece, end and not view))
-            if not view:
-                return
+        await self._session.send_body(self, chunk, end)
 
     async def reset(self, code: int, reason: str) -> None:
-        if not self.gone and self._session.is_open(self.id):
-            await self._session.send(Reset(self.id, code, reason))
+        if not self.gone:
+            self._session.reset(self.id, code, reason)
 
 
 class _Session:
@@ -198,95 +124,152 @@ class _Session:
     def __init__(self, ws: ClientConnection, tunnel: Tunnel) -> None:
         self.ws = ws
         self.tunnel = tunnel
-        self.conn = Connection(Role.AGENT)
+        self.engine = Engine(Role.AGENT, time.monotonic())
         self.streams: dict[int, AgentStream] = {}
-        self.outbox = Outbox()
         self.closed = False
         self.features: tuple[str, ...] = ()  # what the server listed in WELCOME
-        self.heartbeat = Heartbeat(time.monotonic())
-
-    def credit(self, stream_id: int) -> int:
-        return self.conn.credit(stream_id)
+        self._ready = asyncio.Event()  # the engine may have frames to send
+        self._room = asyncio.Event()  # the engine's buffer fell below its high-water mark
+        self._room.set()
 
     def is_open(self, stream_id: int) -> bool:
-        return self.conn.is_open(stream_id)
+        return self.engine.is_open(stream_id)
 
-    async def send(self, frame: Response | Data | Reset | Ping | Pong | TargetUp) -> None:
-        """Queue ``frame`` for the writer; RESPONSE and DATA first wait for room in the
-        outbox. Raises ``StreamGone`` if its stream or the connection is gone."""
-        if isinstance(frame, (Response, Data)):
-            await self.outbox.room()
-        self.post(frame)
+    async def respond(self, stream: AgentStream, head: ResponseHead, end: bool) -> None:
+        """Send a stream's RESPONSE head once there is room. Raises ``StreamGone``,
+        or ``BadHead`` if the head cannot travel (the stream is left as it was)."""
+        await self._wait_room()
+        if stream.gone or self.closed:
+            raise StreamGone()
+        try:
+            self.engine.respond(stream.id, head, end, time.monotonic())
+        except BadHead:
+            raise
+        except LocalProtocolError as exc:  # StreamClosed, ConnectionFailed
+            raise StreamGone() from exc
+        self._ready.set()
 
-    def post(self, frame: Response | Data | Reset | Ping | Pong | TargetUp) -> None:
-        """Queue ``frame`` now, without waiting. Raises ``StreamGone`` as ``send``."""
+    async def send_body(self, stream: AgentStream, chunk: bytes, end: bool) -> None:
+        """Send response body bytes, waiting for credit and room. Raises ``StreamGone``."""
+        offset = 0
+        while True:
+            if stream.gone or self.closed:
+                raise StreamGone()
+            rest = chunk if not offset else memoryview(chunk)[offset:]
+            try:
+                offset += self.engine.send_data(stream.id, rest, end, time.monotonic())
+            except LocalProtocolError as exc:  # StreamClosed, ConnectionFailed
+                raise StreamGone() from exc
+            if self.engine.buffered:
+                self._ready.set()
+            if offset == len(chunk):
+                return
+            if self.engine.has_room:
+                stream.credit_changed.clear()
+                await stream.credit_changed.wait()
+            else:
+                await self._wait_room()
+
+    def reset(self, stream_id: int, code: int, reason: str) -> None:
+        """Reset a stream if it is still open; never waits, never raises."""
+        if self.engine.reset(stream_id, code, reason, time.monotonic()):
+            self._ready.set()
+
+    def post(self, frame: TargetUp) -> None:
+        """Queue a connection frame now, without waiting. Raises ``StreamGone`` if the connection is gone."""
         if self.closed:
             raise StreamGone()
-        stream_id = getattr(frame, "stream_id", 0)
-        if stream_id and not self.conn.is_open(stream_id):
-            raise StreamGone()
-        self._put(self.conn.send(frame))
-
-    def _put(self, data: bytes) -> None:
-        self.outbox.put(data, time.monotonic())
+        try:
+            self.engine.send(frame, time.monotonic())
+        except LocalProtocolError as exc:  # ConnectionFailed
+            raise StreamGone() from exc
+        self._ready.set()
 
     async def consumed(self, stream_id: int, size: int) -> None:
-        window = self.conn.consumed(stream_id, size)
-        if window is not None and not self.closed:
-            self._put(window)
+        self.engine.consumed(stream_id, size, time.monotonic())
+        if self.engine.buffered:
+            self._ready.set()
+
+    async def _wait_room(self) -> None:
+        while not self.engine.has_room and not self.closed:
+            self._room.clear()
+            await self._room.wait()
+
+    async def _send_now(self) -> None:
+        """Send what the engine queued, before the writer runs (the handshake)."""
+        while (data := self.engine.outgoing()) is not None:
+            await self.ws.send(data)
+            self.engine.sent()
 
     async def handshake(self) -> Welcome:
         config = self.tunnel.config
         tunnels = tuple({"name": n, **config.settings} for n in config.names)
         # Sent before the writer starts; the caller bounds the whole handshake in time.
-        await self.ws.send(self.conn.send(Hello(PROTOCOL_VERSION, tunnels, AGENT_NAME, config.label)))
+        self.engine.send(Hello(PROTOCOL_VERSION, tunnels, AGENT_NAME, config.label), time.monotonic())
+        await self._send_now()
         message = await self.ws.recv()
         if not isinstance(message, bytes):
             raise ProtocolError("server sent a text frame")
-        frame = self.conn.receive(message)
+        frame = self.engine.receive(message, time.monotonic())
         if not isinstance(frame, Welcome):
             raise ProtocolError(f"expected WELCOME, got {type(frame).__name__}")
         if frame.version != PROTOCOL_VERSION:
-            raise Refused(4005, f"server speaks protocol {frame.version}, this agent {PROTOCOL_VERSION}")
+            raise Refused(
+                CLOSE_VERSION, f"server speaks protocol {frame.version}, this agent {PROTOCOL_VERSION}"
+            )
         self.features = frame.features
         return frame
 
     async def run(self) -> None:
         writer = asyncio.create_task(self._write())
         heartbeat = asyncio.create_task(self._heartbeat())
+        engine = self.engine
         try:
             async for message in self.ws:
-                self.heartbeat.seen(time.monotonic())
                 if not isinstance(message, bytes):
                     raise ProtocolError("server sent a text frame")
-                frame = self.conn.receive(message)
-                if frame is not None:
-                    await self._dispatch(frame)
+                try:
+                    frame = engine.receive(message, time.monotonic())
+                except LocalProtocolError:  # ConnectionFailed: the writer or heartbeat gave up
+                    break
+                if frame is None:
+                    if engine.buffered:
+                        self._ready.set()  # a PONG
+                    continue
+                self._dispatch(frame)
         finally:
             heartbeat.cancel()
             writer.cancel()
-            self._mark_closed()
+            self._mark_closed("connection closed")
 
     async def _write(self) -> None:
         """The one task that sends on the websocket, one frame at a time, each within SEND_TIMEOUT."""
+        engine = self.engine
         try:
             while not self.closed:
-                data = await self.outbox.next()
+                data = engine.outgoing()
+                if data is None:
+                    self._ready.clear()
+                    await self._ready.wait()
+                    continue
                 async with asyncio.timeout(SEND_TIMEOUT):
                     await self.ws.send(data)
-                self.outbox.sent()
+                engine.sent()
+                if engine.has_room:
+                    self._room.set()
         except TimeoutError:
             self._abort(f"a frame waited {SEND_TIMEOUT:g}s to be sent: the server does not read")
         except ConnectionClosed:
-            self._mark_closed()  # the read loop sees it too and reports it
+            self._mark_closed("connection closed")  # the read loop sees it too and reports it
         except Exception:
             log.exception("writer failed")
             self._abort("internal error in the writer")
 
-    def _mark_closed(self) -> None:
+    def _mark_closed(self, reason: str) -> None:
         if not self.closed:
             self.closed = True
-            self.outbox.close()
+            self.engine.fail(reason)
+            self._room.set()  # wake every stream waiting for room: the connection is gone
             for stream in list(self.streams.values()):
                 stream.kill()
 
@@ -295,21 +278,14 @@ class _Session:
         handshake could complete. The read loop ends and the agent reconnects."""
         if not self.closed:
             log.warning("%s: reconnecting", reason)
-        self._mark_closed()
+        self._mark_closed(reason)
         self.ws.transport.abort()
 
-    async def _dispatch(self, frame: object) -> None:
+    def _dispatch(self, frame: Frame) -> None:
         if isinstance(frame, Open):
             stream = AgentStream(self, frame)
             self.streams[stream.id] = stream
             stream.task = asyncio.create_task(self._serve(stream))
-            return
-        if isinstance(frame, Ping):
-            # One PONG in the outbox at a time: a server that pings faster than it
-            # reads must not grow this side's memory.
-            if not self.outbox.pending(Pong.TYPE):
-                with contextlib.suppress(StreamGone):
-                    await self.send(Pong(frame.payload))
             return
         stream_or_none = self.streams.get(getattr(frame, "stream_id", 0))
         if stream_or_none is None:
@@ -333,26 +309,27 @@ class _Session:
             log.info("stream %d: %s", stream.id, exc)
             if exc.code == RESET_TARGET_UNREACHABLE:
                 self.tunnel.target_unreachable()
-            with contextlib.suppress(StreamGone):
-                await stream.reset(exc.code, str(exc))
+            await stream.reset(exc.code, str(exc))
+        except BadHead as exc:  # the local app's answer cannot travel (a head over the limits)
+            status = 502
+            log.info("stream %d: local-bad-response: %s", stream.id, exc)
+            await stream.reset(RESET_TARGET_ERROR, f"local-bad-response: {exc}")
         except StreamGone:
             status = "reset"
         except asyncio.CancelledError:
             status = "cancelled"
         except Exception as exc:  # a bug: keep the connection and other streams alive
             log.exception("stream %d: internal error", stream.id)
-            with contextlib.suppress(StreamGone):
-                await stream.reset(RESET_INTERNAL, f"agent error: {type(exc).__name__}")
+            await stream.reset(RESET_INTERNAL, f"agent error: {type(exc).__name__}")
         finally:
             self.streams.pop(stream.id, None)
-            if self.conn.is_open(stream.id):  # answered before the request body ended
-                with contextlib.suppress(StreamGone):
-                    await self.send(Reset(stream.id, RESET_CANCEL, "response complete"))
+            # Still open if answered before the request body ended: nothing more will be read.
+            self.reset(stream.id, RESET_CANCEL, "response complete")
             self.tunnel.on_request(stream.head, status, time.monotonic() - started)
 
     async def _heartbeat(self) -> None:
-        while True:
-            beat = self.heartbeat.check(time.monotonic(), self.outbox.oldest())
+        while not self.closed:
+            beat = self.engine.heartbeat(time.monotonic())
             if beat.stuck:
                 self._abort(f"a frame waited {SEND_TIMEOUT:g}s to be sent: the server does not read")
                 return
@@ -360,8 +337,7 @@ class _Session:
                 self._abort(f"no frame from the server for {HEARTBEAT_TIMEOUT:g}s")
                 return
             if beat.ping:
-                with contextlib.suppress(StreamGone):
-                    await self.send(Ping(b""))
+                self._ready.set()
             await asyncio.sleep(beat.wait)
 
 
@@ -453,7 +429,7 @@ class Tunnel:
             reason = exc.rcvd.reason if exc.rcvd else str(exc)
         except (ProtocolError, TimeoutError, OSError) as exc:
             log.warning("connection failed: %s", exc or type(exc).__name__)
-            await ws.close(1002 if isinstance(exc, ProtocolError) else 1000)
+            await ws.close(CLOSE_PROTOCOL_ERROR if isinstance(exc, ProtocolError) else CLOSE_NORMAL)
             return welcomed
         finally:
             self._session = None

@@ -9,7 +9,13 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from relay_protocol import PROTOCOL_VERSION, Hello, ProtocolError, Welcome
-from relay_protocol.frames import FEATURE_TARGET_UP
+from relay_protocol.frames import (
+    CLOSE_FORBIDDEN,
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_UNAUTHORIZED,
+    CLOSE_VERSION,
+    FEATURE_TARGET_UP,
+)
 from relay_protocol.limits import (
     INITIAL_WINDOW,
     MAX_CONCURRENT_STREAMS,
@@ -23,13 +29,7 @@ from .errors import AuthError, ConfigError, NameRefused
 from .names import PublicOrigin, is_valid_name, name_allowed
 from .public_errors import relay_error
 from .registry import Registry
-from .session import (
-    CLOSE_FORBIDDEN,
-    CLOSE_PROTOCOL_ERROR,
-    CLOSE_UNAUTHORIZED,
-    CLOSE_VERSION,
-    AgentSession,
-)
+from .session import AgentSession
 from .settings import is_valid_label
 from .store import Store
 

@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from relay_protocol.frames import CLOSE_GOING_AWAY
+
 from . import tokens
 from .agent_endpoint import AgentEndpoint
 from .api import Api
@@ -20,7 +22,6 @@ from .ingress import MAX_HEADER_LINE, MAX_REQUEST_HEADERS, Ingress
 from .names import PublicOrigin
 from .public_errors import relay_error
 from .registry import InFlight, Registry
-from .session import CLOSE_GOING_AWAY
 from .store import Store
 from .watch import Watch
 

@@ -1,22 +1,26 @@
 """The server side of one connected agent: a websocket carrying many streams.
 
-``AgentSession`` owns the websocket and the ``relay_protocol.Connection``; it
-reads frames in one loop, hands each stream's response to the ``Stream`` the
-ingress is waiting on, and sends frames for the ingress under flow control.
+A thin shell around ``relay_protocol.Engine``, which owns everything that is
+not I/O (stream ids, states, credit, cutting bodies into DATA frames, the
+outgoing buffer, PING answers, the heartbeat decision, the error state). Here:
 
-Sending: every frame goes into an ``Outbox`` that one writer task empties, each
-websocket send bounded by ``SEND_TIMEOUT``. Control frames (PING, PONG, WINDOW,
-RESET) are queued without waiting; OPEN and DATA wait while the outbox holds
-``SEND_HIGH_WATER`` bytes or more. So nothing but the writer ever waits on the
-socket, and an agent that stops reading is aborted ``SEND_TIMEOUT`` after the
-oldest frame it has not taken was queued (by the writer, or by the heartbeat
-if the agent keeps talking).
+- one read loop feeds each websocket message to the engine and hands what it
+  returns to the ``Stream`` the ingress is waiting on;
+- one writer task sends the engine's ``outgoing()`` frames, oldest first, each
+  websocket send bounded by ``SEND_TIMEOUT``; nothing else waits on the socket;
+- a heartbeat task asks the engine what to do at each deadline;
+- asyncio events wake callers waiting for credit (a WINDOW arrived) or room
+  (the buffer fell below ``SEND_HIGH_WATER``: OPEN and DATA wait, control
+  frames never do).
+
+An agent that stops reading is aborted ``SEND_TIMEOUT`` after the oldest frame
+it has not taken was queued (by the writer, or by the heartbeat if the agent
+keeps talking).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import os
@@ -25,13 +29,11 @@ from collections.abc import Callable
 from aiohttp import WSMsgType, web
 
 from relay_protocol import (
-    Connection,
+    BadHead,
     Data,
+    Engine,
     Hello,
     LocalProtocolError,
-    Open,
-    Ping,
-    Pong,
     ProtocolError,
     RelayError,
     RequestHead,
@@ -43,21 +45,15 @@ from relay_protocol import (
     Welcome,
     Window,
 )
-from relay_protocol.frames import RESET_CANCEL
-from relay_protocol.heartbeat import Heartbeat
-from relay_protocol.limits import HEARTBEAT_TIMEOUT, MAX_DATA_SIZE, SEND_HIGH_WATER, SEND_TIMEOUT
+from relay_protocol.frames import (
+    CLOSE_HEARTBEAT,
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_UNSUPPORTED,
+    RESET_CANCEL,
+)
+from relay_protocol.limits import HEARTBEAT_TIMEOUT, SEND_TIMEOUT
 
 log = logging.getLogger("relay.server")
-
-# Websocket close codes (docs/protocol.md). 4xxx ones tell the agent not to retry.
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_UNSUPPORTED = 1003
-CLOSE_UNAUTHORIZED = 4001
-CLOSE_FORBIDDEN = 4003
-CLOSE_VERSION = 4005
-CLOSE_HEARTBEAT = 4008
 
 
 class StreamFailed(RelayError):
@@ -108,65 +104,6 @@ class Stream:
             self.credit_changed.set()
 
 
-class Outbox:
-    """Frames waiting for the writer task of one connection, oldest first.
-
-    ``put`` never waits; ``room`` waits until the queued bytes are below
-    ``SEND_HIGH_WATER`` (or the outbox is closed), so memory stays bounded by
-    the high-water mark plus the control frames, each of which is small or (a
-    PONG) at most one at a time.
-    """
-
-    def __init__(self) -> None:
-        self._frames: collections.deque[tuple[bytes, float]] = collections.deque()
-        self._bytes = 0
-        self._types: collections.Counter[int] = collections.Counter()
-        self._ready = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
-        self.closed = False
-
-    def put(self, data: bytes, now: float) -> None:
-        self._frames.append((data, now))
-        self._bytes += len(data)
-        self._types[data[0]] += 1
-        self._ready.set()
-        if self._bytes >= SEND_HIGH_WATER:
-            self._room.clear()
-
-    def oldest(self) -> float | None:
-        """When the oldest frame not yet taken by the peer was queued; None if none waits."""
-        return self._frames[0][1] if self._frames else None
-
-    def pending(self, frame_type: int) -> int:
-        """Frames of ``frame_type`` queued and not yet sent."""
-        return self._types[frame_type]
-
-    async def room(self) -> None:
-        """Wait until a frame that may wait (OPEN, DATA) can be queued, or the outbox closed."""
-        while self._bytes >= SEND_HIGH_WATER and not self.closed:
-            await self._room.wait()
-
-    async def next(self) -> bytes:
-        """The oldest frame; it stays queued (and counts as waiting) until ``sent``."""
-        while not self._frames:
-            self._ready.clear()
-            await self._ready.wait()
-        return self._frames[0][0]
-
-    def sent(self) -> None:
-        data, _ = self._frames.popleft()
-        self._bytes -= len(data)
-        self._types[data[0]] -= 1
-        if self._bytes < SEND_HIGH_WATER:
-            self._room.set()
-
-    def close(self) -> None:
-        """Wake every frame waiting for room: the connection is gone."""
-        self.closed = True
-        self._room.set()
-
-
 class AgentSession:
     """A connected, authenticated agent serving one or more tunnel names."""
 
@@ -188,11 +125,12 @@ class AgentSession:
         #: Called when the agent says its local service is reachable again (TARGET_UP).
         self.on_target_up: Callable[[], None] = lambda: None
         self._transport = transport  # aborted when the agent stops reading
-        self._conn = Connection(Role.SERVER)
-        self._streams: dict[int, Stream] = {}
-        self._outbox = Outbox()
         self._loop = asyncio.get_running_loop()
-        self._heartbeat_state = Heartbeat(self._loop.time())
+        self._engine = Engine(Role.SERVER, self._loop.time())
+        self._streams: dict[int, Stream] = {}
+        self._ready = asyncio.Event()  # the engine may have frames to send
+        self._room = asyncio.Event()  # the engine's buffer fell below its high-water mark
+        self._room.set()
 
     def __repr__(self) -> str:
         return f"<AgentSession {self.id} user={self.user} names={self.names}>"
@@ -201,66 +139,76 @@ class AgentSession:
 
     def receive_handshake(self, message: bytes) -> Hello:
         """Decode the agent's first frame; raises ``ProtocolError`` unless it is HELLO."""
-        frame = self._conn.receive(message)
+        frame = self._engine.receive(message, self._loop.time())
         if not isinstance(frame, Hello):
             raise ProtocolError(f"expected HELLO, got {type(frame).__name__}")
         return frame
 
     async def welcome(self, frame: Welcome) -> None:
         """Send WELCOME (before ``run``: nothing else is sending yet), within ``SEND_TIMEOUT``."""
+        self._engine.send(frame, self._loop.time())
+        data = self._engine.outgoing()
+        assert data is not None
         try:
             async with asyncio.timeout(SEND_TIMEOUT):
-                await self.ws.send_bytes(self._conn.send(frame))
+                await self.ws.send_bytes(data)
         except TimeoutError:
             self._abort("the agent does not read: WELCOME not taken")
+        self._engine.sent()
 
     # -- used by the ingress -----------------------------------------------------
 
     async def open(self, head: RequestHead, end_stream: bool) -> Stream:
-        """Open a stream carrying ``head``. Raises ``StreamFailed`` if the agent is gone.
+        """Open a stream carrying ``head``.
 
-        Waits while the outbox is full (an agent reading slowly, or not at
-        all): the caller bounds that wait with its own timeout.
+        Raises ``BadHead`` (``HeadTooLarge``: answer 431, or 414 when its
+        ``part`` is ``"target"``) if the head cannot be encoded: no stream id is
+        spent and the connection is untouched. Raises ``StreamFailed`` if the
+        agent is gone or at its stream limit. Waits while the outgoing buffer is
+        full (an agent reading slowly, or not at all): the caller bounds that
+        wait with its own timeout.
         """
-        await self._outbox.room()
+        await self._wait_room()
         if self.closed:
             raise StreamFailed("agent disconnected")
-        stream = Stream(self._conn.next_stream_id())
         try:
-            data = self._conn.send(Open(stream.id, head, end_stream))
-        except LocalProtocolError as exc:  # TooManyStreams
+            stream_id = self._engine.open(head, end_stream, self._loop.time())
+        except BadHead:
+            raise  # the request's fault: the ingress answers it with a 4xx
+        except LocalProtocolError as exc:  # TooManyStreams, ConnectionFailed
             raise StreamFailed(str(exc)) from exc
-        self._streams[stream.id] = stream
-        self._put(data)
+        self._ready.set()
+        stream = self._streams[stream_id] = Stream(stream_id)
         return stream
 
     async def send_body(self, stream: Stream, chunk: bytes, end: bool = False) -> None:
-        """Send request body bytes, waiting for credit. Raises ``StreamFailed``."""
-        view = memoryview(chunk)
+        """Send request body bytes, waiting for credit and room. Raises ``StreamFailed``."""
+        offset = 0
         while True:
             if stream.failure:
                 raise stream.failure
-            credit = self._conn.credit(stream.id)
-            if credit <= 0 and view:
+            if self.closed:
+                raise StreamFailed("agent disconnected")
+            rest = chunk if not offset else memoryview(chunk)[offset:]
+            try:
+                offset += self._engine.send_data(stream.id, rest, end, self._loop.time())
+            except LocalProtocolError as exc:  # StreamClosed, ConnectionFailed
+                raise stream.failure or StreamFailed(str(exc)) from exc
+            if self._engine.buffered:
+                self._ready.set()
+            if offset == len(chunk):
+                return
+            if self._engine.has_room:
                 stream.credit_changed.clear()
                 await stream.credit_changed.wait()
-                continue
-            piece = bytes(view[: min(credit, MAX_DATA_SIZE)])
-            view = view[len(piece) :]
-            last = end and not view
-            if piece or last:
-                await self._outbox.room()
-                if stream.failure:
-                    raise stream.failure
-                self._send(Data(stream.id, piece, last))
-            if not view:
-                return
+            else:
+                await self._wait_room()
 
     async def consumed(self, stream: Stream, size: int) -> None:
         """The ingress wrote ``size`` response bytes to the public client: grant credit."""
-        window = self._conn.consumed(stream.id, size)
-        if window is not None and not self.closed:
-            self._put(window)
+        self._engine.consumed(stream.id, size, self._loop.time())
+        if self._engine.buffered:
+            self._ready.set()
 
     async def finish(self, stream: Stream) -> None:
         """Forget ``stream``; reset it first if it did not end normally (client gone, timeout).
@@ -268,29 +216,33 @@ class AgentSession:
         Never waits: the RESET is queued for the writer.
         """
         self._streams.pop(stream.id, None)
-        if stream.reset_on_finish and self._conn.is_open(stream.id) and not self.closed:
-            with contextlib.suppress(RelayError):
-                self._send(Reset(stream.id, RESET_CANCEL, "public client went away"))
+        if stream.reset_on_finish and self._engine.reset(
+            stream.id, RESET_CANCEL, "public client went away", self._loop.time()
+        ):
+            self._ready.set()
 
     # -- frames ----------------------------------------------------------------
 
-    def _send(self, frame: Data | Reset | Ping | Pong) -> None:
-        """Queue ``frame`` for the writer. Raises ``StreamFailed`` if the agent is gone."""
-        if self.closed:
-            raise StreamFailed("agent disconnected")
-        self._put(self._conn.send(frame))
-
-    def _put(self, data: bytes) -> None:
-        self._outbox.put(data, self._loop.time())
+    async def _wait_room(self) -> None:
+        while not self._engine.has_room and not self.closed:
+            self._room.clear()
+            await self._room.wait()
 
     async def _write(self) -> None:
         """The one task that sends on the websocket, one frame at a time, each within SEND_TIMEOUT."""
+        engine = self._engine
         try:
             while not self.closed:
-                data = await self._outbox.next()
+                data = engine.outgoing()
+                if data is None:
+                    self._ready.clear()
+                    await self._ready.wait()
+                    continue
                 async with asyncio.timeout(SEND_TIMEOUT):
                     await self.ws.send_bytes(data)
-                self._outbox.sent()
+                engine.sent()
+                if engine.has_room:
+                    self._room.set()
         except TimeoutError:
             self._abort(f"a frame waited {SEND_TIMEOUT:g}s to be sent: the agent does not read")
         except (ConnectionError, RuntimeError) as exc:  # closed under us
@@ -304,33 +256,31 @@ class AgentSession:
         """Read frames until the websocket closes; fail every open stream then."""
         writer = asyncio.create_task(self._write())
         heartbeat = asyncio.create_task(self._heartbeat())
+        engine = self._engine
         try:
             async for msg in self.ws:
-                self._heartbeat_state.seen(self._loop.time())
                 if msg.type is not WSMsgType.BINARY:
                     await self.close(CLOSE_UNSUPPORTED, "only binary frames are accepted")
                     break
                 try:
-                    frame = self._conn.receive(msg.data)
+                    frame = engine.receive(msg.data, self._loop.time())
                 except ProtocolError as exc:
                     log.warning("session %s: protocol error: %s", self.id, exc)
                     await self.close(CLOSE_PROTOCOL_ERROR, f"protocol error: {exc}")
                     break
-                if frame is not None:
-                    self._dispatch(frame)
+                except LocalProtocolError:  # ConnectionFailed: the writer or heartbeat gave up
+                    break
+                if frame is None:
+                    if engine.buffered:
+                        self._ready.set()  # a PONG
+                    continue
+                self._dispatch(frame)
         finally:
             heartbeat.cancel()
             writer.cancel()
             self._mark_closed("agent disconnected")
 
     def _dispatch(self, frame: object) -> None:
-        if isinstance(frame, Ping):
-            # One PONG in the outbox at a time: an agent that pings faster than it
-            # reads must not grow this side's memory.
-            if not self._outbox.pending(Pong.TYPE):
-                with contextlib.suppress(RelayError):
-                    self._send(Pong(frame.payload))
-            return
         if isinstance(frame, TargetUp):
             log.debug("session %s: target up", self.id)
             try:
@@ -338,40 +288,40 @@ class AgentSession:
             except Exception:
                 log.exception("session %s: target-up callback failed", self.id)
             return
-        stream_id = getattr(frame, "stream_id", 0)
-        stream = self._streams.get(stream_id)
+        stream = self._streams.get(getattr(frame, "stream_id", 0))
         if stream is None:
             return  # the ingress already gave up on it
-        if isinstance(frame, Response):
+        if isinstance(frame, Data):
+            stream.feed(frame.data, frame.end_stream)
+        elif isinstance(frame, Response):
             if not stream.head.done():
                 stream.head.set_result(frame.head)
             stream.feed(b"", frame.end_stream)
-        elif isinstance(frame, Data):
-            stream.feed(frame.data, frame.end_stream)
         elif isinstance(frame, Window):
             stream.credit_changed.set()
         elif isinstance(frame, Reset):
             stream.fail(StreamFailed(frame.reason or "reset by agent", frame.code))
 
     async def _heartbeat(self) -> None:
-        while True:
-            beat = self._heartbeat_state.check(self._loop.time(), self._outbox.oldest())
+        while not self.closed:
+            beat = self._engine.heartbeat(self._loop.time())
             if beat.stuck:
                 self._abort(f"a frame waited {SEND_TIMEOUT:g}s to be sent: the agent does not read")
                 return
             if beat.dead:
-                log.warning("session %s: no frame for %ss, dropping it", self.id, HEARTBEAT_TIMEOUT)
-                await self.close(CLOSE_HEARTBEAT, "heartbeat timeout")
+                if not self.closed:
+                    log.warning("session %s: no frame for %ss, dropping it", self.id, HEARTBEAT_TIMEOUT)
+                    await self.close(CLOSE_HEARTBEAT, "heartbeat timeout")
                 return
             if beat.ping:
-                with contextlib.suppress(RelayError):
-                    self._send(Ping(b""))
+                self._ready.set()
             await asyncio.sleep(beat.wait)
 
     def _mark_closed(self, reason: str) -> None:
         if not self.closed:
             self.closed = True
-            self._outbox.close()
+            self._engine.fail(reason)
+            self._room.set()  # wake every caller waiting for room: the connection is gone
             for stream in list(self._streams.values()):
                 stream.fail(StreamFailed(reason))
 
