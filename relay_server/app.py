@@ -16,7 +16,7 @@ from .agent_endpoint import AgentEndpoint
 from .api import Api
 from .commits import GroupCommitter
 from .config import ServerConfig
-from .connections import AcceptErrorLog, ConnectionGuard, GuardedAppRunner
+from .connections import DEFAULT_KEEPALIVE_TIMEOUT, AcceptErrorLog, ConnectionGuard, GuardedAppRunner
 from .delivery import Deliveries
 from .ingress import MAX_HEADER_LINE, MAX_REQUEST_HEADERS, Ingress
 from .names import PublicOrigin
@@ -152,8 +152,7 @@ async def serve(config: ServerConfig, app: web.Application, ready: asyncio.Event
         handler_cancellation=True,  # a client that goes away cancels its stream at the agent
         access_log=None,
         shutdown_timeout=config.shutdown_grace + 5,
-        # Between requests on a kept-alive connection, the next head gets as long as the first.
-        keepalive_timeout=config.head_timeout,
+        keepalive_timeout=DEFAULT_KEEPALIVE_TIMEOUT,  # idle between requests; heads: head_timeout
     )
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)

@@ -29,6 +29,10 @@ log = logging.getLogger("relay.server")
 #: real client needs on any network (one round trip), low enough that a slow-loris
 #: client pins a descriptor for seconds, not the hour of aiohttp's keep-alive default.
 DEFAULT_HEAD_TIMEOUT = 10.0
+#: Seconds an idle kept-alive connection stays open between requests: above the idle
+#: time of common clients (aiohttp's 15 s), so a client never reuses a connection the
+#: relay is closing; nginx's default. Once the next head starts, DEFAULT_HEAD_TIMEOUT applies.
+DEFAULT_KEEPALIVE_TIMEOUT = 75.0
 #: Connections open at once, in total (further ones are answered 503 and closed). Also
 #: held below the process's file-descriptor limit by ``FD_RESERVE``.
 DEFAULT_MAX_CONNECTIONS = 10_000
@@ -152,11 +156,15 @@ class GuardedRequestHandler(RequestHandler):
         self._head_timer = self._loop.call_later(self._guard.head_timeout, self._head_timed_out)
 
     def data_received(self, data: bytes) -> None:
+        if self._head_timer is None and data and self._waiter is not None and not self._waiter.done():
+            # The first bytes of the next head on a kept-alive connection (the handler
+            # is idle, waiting for a request): the head timeout starts again.
+            self._head_timer = self._loop.call_later(self._guard.head_timeout, self._head_timed_out)
         requests = self._request_count
         super().data_received(data)
         if self._head_timer is not None and self._request_count != requests:
             # A complete head arrived: from here on the handler's own timeouts apply,
-            # and between requests aiohttp's keep-alive timer (set to the head timeout).
+            # and between requests aiohttp's keep-alive timer.
             self._head_timer.cancel()
             self._head_timer = None
 
