@@ -21,7 +21,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from multidict import CIMultiDict
 from yarl import URL
 
-from relay_protocol import RequestHead, ResponseHead
+from relay_protocol import BadHead, RequestHead, ResponseHead
 from relay_protocol.frames import RESET_CANCEL, RESET_REFUSED
 from relay_protocol.headers import header_value, strip_hop_by_hop, without
 
@@ -90,13 +90,20 @@ async def attempt_agent(
     stream: Stream | None = None
     pump: asyncio.Task[None] | None = None
     try:
+        head = delivery_head(event, attempt)
+    except BadHead as exc:  # with the X-Relay-* headers it no longer fits: it never will
+        return Outcome(None, f"the stored request cannot be forwarded: {exc}", final=True), None
+    try:
         async with asyncio.timeout(timeout):
-            stream = await session.open(delivery_head(event, attempt), end_stream=not event.body)
+            try:
+                stream = await session.open(head, end_stream=not event.body)
+            except BadHead as exc:
+                return Outcome(None, f"the stored request cannot be forwarded: {exc}", final=True), None
             if event.body:
                 # Concurrent with the wait for the head: an app may answer before it
                 # read the whole body, and that answer is a success.
                 pump = asyncio.ensure_future(_send_body(session, stream, event.body))
-            head = await asyncio.shield(stream.head)
+            answer = await asyncio.shield(stream.head)
     except (TimeoutError, StreamFailed) as exc:
         if pump is not None:
             pump.cancel()
@@ -116,9 +123,9 @@ async def attempt_agent(
             await session.finish(stream)
         raise
     retry_after = parse_retry_after(
-        (header_value(head.headers, b"retry-after") or b"").decode("latin-1"), time.time()
+        (header_value(answer.headers, b"retry-after") or b"").decode("latin-1"), time.time()
     )
-    return Outcome(head.status, None, retry_after), AgentExchange(session, stream, head, pump)
+    return Outcome(answer.status, None, retry_after), AgentExchange(session, stream, answer, pump)
 
 
 async def _send_body(session: AgentSession, stream: Stream, body: bytes) -> None:
@@ -171,7 +178,10 @@ async def attempt_url(
     http: aiohttp.ClientSession, url: str, event: Event, attempt: int, timeout: float
 ) -> Outcome:
     """POST (or whatever the method was) ``event`` to ``url`` + its path; the outcome."""
-    head = delivery_head(event, attempt)
+    try:
+        head = delivery_head(event, attempt)
+    except BadHead as exc:
+        return Outcome(None, f"the stored request cannot be forwarded: {exc}", final=True)
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in strip_hop_by_hop(without(head.headers, b"host", b"content-length")):
         headers.add(name.decode("latin-1"), value.decode("latin-1"))

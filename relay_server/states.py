@@ -37,13 +37,15 @@ class Outcome:
 
     ``reached`` is False when the request never got to the destination's app: no
     agent was connected, the agent refused the stream, or its connection was lost
-    before an answer came.
+    before an answer came. ``final`` is True when no attempt can ever succeed (the
+    stored request cannot be forwarded): the delivery is dead at once, ``error`` why.
     """
 
     status: int | None
     error: str | None = None
     retry_after: float | None = None
     reached: bool = True
+    final: bool = False
 
 
 def settle(
@@ -73,6 +75,8 @@ def settle(
                 base, status="dead", next_attempt_at=None, dead_reason="the destination answered 410 Gone"
             )
         return replace(base, status="delivered", next_attempt_at=None)
+    if outcome.final:
+        return replace(base, status="dead", next_attempt_at=None, dead_reason=outcome.error)
     failures = delivery.failures
     last = outcome.status or outcome.error or "no answer"
     if not outcome.reached:

@@ -21,9 +21,11 @@ from .test_streaming import Peak
 
 MIB = 1024 * 1024
 #: The server's body budget in the load test, and the slack allowed above it for
-#: everything else the server holds (200 connections, buffers, the interpreter's arenas).
+#: everything else the server holds (200 connections and their buffers, a body joined
+#: from its chunks, the interpreter's arenas): measured 70 to 125 MiB of growth on a
+#: loaded machine, where the same load without a budget holds 200 x 9 MiB (1.8 GB).
 BUDGET = 32 * MIB
-SLACK = 64 * MIB
+SLACK = 160 * MIB
 #: The load: 200 senders of 9 MiB each, 64 KiB at a time.
 SENDERS = 200
 BODY = 9 * MIB

@@ -364,3 +364,17 @@ def test_event_json_shows_states_and_dead_reasons() -> None:
     assert event_json(event, [deliveries[2]])["status"] == "pending"
     assert event_json(event, [deliveries[3]])["status"] == "delivered"
     assert "body" not in event_json(event, deliveries)
+
+
+def test_a_final_outcome_is_dead_at_once_whatever_the_schedule() -> None:
+    # A stored request that can no longer be forwarded (its head, with the X-Relay-*
+    # headers, is over the protocol's limit): no attempt can ever succeed.
+    why = "the stored request cannot be forwarded: head too large"
+    for scheduled in (True, False):
+        after = _settle(
+            _delivery("retrying", failures=1, due=T0),
+            Outcome(None, why, final=True),
+            now=T0,
+            scheduled=scheduled,
+        )
+        assert (after.status, after.dead_reason, after.next_attempt_at) == ("dead", why, None)
