@@ -16,6 +16,7 @@ from yarl import URL
 
 from relay_protocol import RelayError, RequestHead, ResponseHead
 from relay_protocol.frames import (
+    RESET_BAD_RESPONSE,
     RESET_REFUSED,
     RESET_TARGET_ERROR,
     RESET_TARGET_TIMEOUT,
@@ -45,9 +46,6 @@ MAX_RESPONSE_HEADER_LINE = 16 * 1024
 #: a request (MAX_REQUEST_HEADERS of relay_server.ingress), below the protocol's
 #: MAX_HEADER_COUNT. The whole head must also fit the protocol's MAX_HEAD_SIZE.
 MAX_RESPONSE_HEADERS = 240
-#: Starts the RESET reason of a response the agent cannot parse or relay, so the
-#: server can name it (502 local-bad-response) and a queued delivery records it.
-BAD_RESPONSE = "local-bad-response"
 
 # aiohttp adds these when the request lacks them; a tunnel must not.
 _NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
@@ -200,9 +198,7 @@ def _response_head(response: aiohttp.ClientResponse) -> ResponseHead:
         head = ResponseHead(response.status, strip_hop_by_hop(tuple(response.raw_headers)))
         encode_response_head(head)
     except RelayError as exc:
-        raise ForwardFailed(
-            RESET_TARGET_ERROR, f"{BAD_RESPONSE}: the response head cannot be relayed: {exc}"
-        ) from exc
+        raise ForwardFailed(RESET_BAD_RESPONSE, f"the response head cannot be relayed: {exc}") from exc
     return head
 
 
@@ -241,7 +237,7 @@ async def forward(
         # aiohttp's parser refused the response head (a line or field over the limits,
         # a bad status line): the target answered, with something the agent cannot relay.
         raise ForwardFailed(
-            RESET_TARGET_ERROR, f"{BAD_RESPONSE}: the agent cannot parse the response: {exc.message}"
+            RESET_BAD_RESPONSE, f"the agent cannot parse the response: {exc.message}"
         ) from exc
     except (aiohttp.ClientError, OSError) as exc:
         raise ForwardFailed(RESET_TARGET_ERROR, f"{type(exc).__name__}: {exc}") from exc

@@ -48,9 +48,9 @@ from relay_protocol.frames import (
     CLOSE_PROTOCOL_ERROR,
     CLOSE_VERSION,
     FEATURE_TARGET_UP,
+    RESET_BAD_RESPONSE,
     RESET_CANCEL,
     RESET_INTERNAL,
-    RESET_TARGET_ERROR,
     RESET_TARGET_TIMEOUT,
     RESET_TARGET_UNREACHABLE,
 )
@@ -312,8 +312,8 @@ class _Session:
             await stream.reset(exc.code, str(exc))
         except BadHead as exc:  # the local app's answer cannot travel (a head over the limits)
             status = 502
-            log.info("stream %d: local-bad-response: %s", stream.id, exc)
-            await stream.reset(RESET_TARGET_ERROR, f"local-bad-response: {exc}")
+            log.info("stream %d: the app's response cannot be relayed: %s", stream.id, exc)
+            await stream.reset(RESET_BAD_RESPONSE, f"the response head cannot be relayed: {exc}")
         except StreamGone:
             status = "reset"
         except asyncio.CancelledError:

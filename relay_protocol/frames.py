@@ -167,6 +167,7 @@ RESET_TARGET_ERROR = 4  # the target broke the connection mid-response
 RESET_REFUSED = 5  # the agent will not take the stream (over a limit, bad head)
 RESET_PROTOCOL = 6  # the stream broke the protocol
 RESET_INTERNAL = 7  # a bug on the sending side
+RESET_BAD_RESPONSE = 8  # the target answered with a head the agent cannot parse or relay
 
 #: Characters of a RESET reason kept: a reason is one line for a log, not a document.
 MAX_RESET_REASON = 1024

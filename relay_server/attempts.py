@@ -22,7 +22,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from relay_protocol import BadHead, RequestHead, ResponseHead
-from relay_protocol.frames import RESET_CANCEL, RESET_REFUSED
+from relay_protocol.frames import RESET_BAD_RESPONSE, RESET_CANCEL, RESET_REFUSED
 from relay_protocol.headers import header_value, strip_hop_by_hop, without
 
 from .retry import parse_retry_after
@@ -115,7 +115,8 @@ async def attempt_agent(
             # Opened, so the agent had it: counted as the app's failure to answer.
             return Outcome(None, f"no answer within {timeout:g}s", reached=stream is not None), None
         reached = exc.code is not None and exc.code not in _NOT_FORWARDED
-        return Outcome(None, f"agent: {exc}", reached=reached), None
+        who = "local-bad-response" if exc.code == RESET_BAD_RESPONSE else "agent"
+        return Outcome(None, f"{who}: {exc}", reached=reached), None
     except BaseException:
         if pump is not None:
             pump.cancel()

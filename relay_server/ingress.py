@@ -20,7 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from relay_protocol import LocalProtocolError, RelayError, RequestHead, ResponseHead, TooManyStreams
-from relay_protocol.frames import RESET_TARGET_TIMEOUT, RESET_TARGET_UNREACHABLE
+from relay_protocol.frames import RESET_BAD_RESPONSE, RESET_TARGET_TIMEOUT, RESET_TARGET_UNREACHABLE
 from relay_protocol.headers import (
     WEBSOCKET_HANDSHAKE,
     header_value,
@@ -478,6 +478,8 @@ class Ingress:
             return relay_error("local-timeout", f"the local service timed out: {exc}")
         if exc.code == RESET_TARGET_UNREACHABLE:
             return relay_error("local-unreachable", f"the local service is unreachable: {exc}")
+        if exc.code == RESET_BAD_RESPONSE:
+            return relay_error("local-bad-response", f"the local service's response cannot be relayed: {exc}")
         return relay_error("local-unreachable", f"the request failed at the agent: {exc}")
 
     async def _write_response(

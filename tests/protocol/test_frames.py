@@ -156,6 +156,7 @@ def test_reset_codes_are_pinned() -> None:
         "RESET_REFUSED": 5,
         "RESET_PROTOCOL": 6,
         "RESET_INTERNAL": 7,
+        "RESET_BAD_RESPONSE": 8,
     }
 
 

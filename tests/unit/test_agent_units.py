@@ -18,7 +18,7 @@ from relay_agent.errors import AgentConfigError
 from relay_agent.forward import MAX_RESPONSE_HEADER_LINE, ForwardFailed, client_session, forward
 from relay_agent.target import Target, parse_target
 from relay_protocol import RequestHead, ResponseHead
-from relay_protocol.frames import RESET_TARGET_ERROR
+from relay_protocol.frames import RESET_BAD_RESPONSE
 
 # -- parse_target --------------------------------------------------------------
 
@@ -329,5 +329,5 @@ async def test_forward_resets_on_a_response_it_cannot_parse() -> None:
     answer = b"HTTP/1.1 200 OK\r\nX-Huge: " + b"h" * (MAX_RESPONSE_HEADER_LINE + 1) + b"\r\n\r\n"
     _, failed = await _forward_to_raw_app(answer, RequestHead("GET", b"/", ()))
     assert isinstance(failed, ForwardFailed)
-    assert failed.code == RESET_TARGET_ERROR
-    assert str(failed).startswith("local-bad-response: ")
+    assert failed.code == RESET_BAD_RESPONSE
+    assert str(failed).startswith("the agent cannot parse the response")
