@@ -4,10 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 DATA_DIR ?= relay-data
-# pytest-xdist: 4 workers, as the e2e tests mostly wait on their processes (on 2 cores the
-# suite took 3m45 with -n 4, 5m00 with -n auto = 2), and an idle worker takes tests queued on
-# a busy one (they run from 1 to 50 s). `make test PARALLEL=` runs it in one process.
-PARALLEL ?= -n 4 --dist worksteal
+# pytest-xdist: 4 workers, as the e2e tests mostly wait on their processes; tests marked
+# slow (tens of seconds each) are collected first and handed out in order (--dist load), so
+# each worker starts on a long one. `make test PARALLEL=` runs it in one process.
+PARALLEL ?= -n 4 --dist load
 
 .PHONY: run test lint unit e2e clean
 

@@ -1,12 +1,16 @@
-"""A small client of the server's JSON API (``/_relay/api/``), for the CLI."""
+"""A small client of the server's JSON API (``/_relay/api/``), for the CLI.
+
+The standard library's ``urllib`` is enough for one request per command, and keeps the
+``tunnel`` and ``events`` commands quick to start (no asyncio, no aiohttp to import).
+Like the agent's own connection it ignores proxy settings in the environment.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import json
+import urllib.error
+import urllib.request
 from typing import Any
-
-import aiohttp
 
 from relay_protocol import RelayError
 
@@ -14,6 +18,8 @@ from .errors import AgentConfigError
 
 #: Seconds an API call may take.
 API_TIMEOUT = 30.0
+
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class ApiError(RelayError):
@@ -24,27 +30,29 @@ def call(server: str, token: str, method: str, path: str, body: dict[str, Any] |
     """One API call; returns the decoded JSON answer. Raises ``ApiError``."""
     if not server.startswith(("http://", "https://")):
         raise AgentConfigError(f"server URL {server!r} must start with http:// or https://")
-    return asyncio.run(_call(server.rstrip("/") + "/_relay/api/" + path, token, method, body))
-
-
-async def _call(url: str, token: str, method: str, body: dict[str, Any] | None) -> Any:
-    timeout = aiohttp.ClientTimeout(total=API_TIMEOUT)
+    url = server.rstrip("/") + "/_relay/api/" + path
     headers = {"Authorization": f"Bearer {token}"}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.request(method, url, headers=headers, json=body) as response,
-        ):
-            text = await response.text()
-            try:
-                data = json.loads(text)
-            except ValueError:
-                data = None
-            if response.status >= 400:
-                message = data.get("message") if isinstance(data, dict) else text.strip()
-                raise ApiError(f"{response.status}: {message}")
-            return data
-    except aiohttp.ClientError as exc:
-        raise ApiError(f"cannot reach {url}: {exc}") from exc
+        with _OPENER.open(request, timeout=API_TIMEOUT) as response:
+            return _decode(response.read())
+    except urllib.error.HTTPError as exc:
+        text = exc.read().decode("utf-8", "replace")
+        answer = _decode(text.encode())
+        message = answer.get("message") if isinstance(answer, dict) else text.strip()
+        raise ApiError(f"{exc.code}: {message}") from exc
     except TimeoutError as exc:
         raise ApiError(f"no answer from {url} within {API_TIMEOUT:g}s") from exc
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise ApiError(f"cannot reach {url}: {getattr(exc, 'reason', exc)}") from exc
+
+
+def _decode(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None

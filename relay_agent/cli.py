@@ -23,7 +23,6 @@ from . import api_client
 from .config import DEFAULT_SERVER, AgentConfig, load_login, save_login, token_user
 from .errors import InvalidTarget, Refused
 from .target import Target, parse_target
-from .tunnel import Tunnel
 
 
 class TargetType(click.ParamType[Target]):
@@ -162,6 +161,10 @@ def connect_command(
 
 
 async def _run(config: AgentConfig) -> None:
+    # Imported here: the other commands (events, tunnel, login) need none of the
+    # tunnel's machinery, and start faster without it.
+    from .tunnel import Tunnel
+
     printed: list[str] = []
 
     def on_welcome(welcome: Welcome) -> None:

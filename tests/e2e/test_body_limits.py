@@ -82,6 +82,7 @@ def stored(relay: Relay, server: RelayServer, token: str) -> list[dict[str, obje
     return list(json.loads(result.stdout))
 
 
+@pytest.mark.slow(16)
 @pytest.mark.timeout(300)
 async def test_200_slow_9_mib_uploads_leave_memory_bounded_and_other_tunnels_answer(relay: Relay) -> None:
     server = relay.server("--body-budget", str(BUDGET), "--body-timeout", "120")

@@ -18,6 +18,7 @@ REFUSED = "relay-agent: the server refused this agent: "
 
 # Twenty agent start-ups in a row: on a loaded 2-core machine that is more than the
 # suite's 120 s default, and the verdict must not depend on speed.
+@pytest.mark.slow(26)
 @pytest.mark.timeout(600)
 def test_a_refused_agent_always_prints_the_reason_never_a_traceback(relay: Relay) -> None:
     server = relay.server()

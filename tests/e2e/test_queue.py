@@ -321,6 +321,7 @@ async def test_app_answering_503_is_retried_until_it_recovers(
     assert all(0.8 <= gap <= 4.0 for gap in gaps), gaps
 
 
+@pytest.mark.slow(16)
 async def test_410_gone_makes_the_event_dead_at_once(relay: Relay, http: aiohttp.ClientSession) -> None:
     stack = make_stack(relay, "--retry-schedule", SHORT)
     stack.agent()
@@ -355,6 +356,7 @@ async def test_retry_after_is_honoured(relay: Relay, http: aiohttp.ClientSession
     assert second[1].header("X-Relay-Attempt") == "2"
 
 
+@pytest.mark.slow(14)
 async def test_exhausted_event_is_dead_and_replay_delivers_it(
     relay: Relay, http: aiohttp.ClientSession
 ) -> None:
@@ -657,6 +659,7 @@ async def test_a_full_store_answers_503_never_a_false_2xx_and_recovers(
 # -- users, concurrency, fan-out, settings ------------------------------------------------------
 
 
+@pytest.mark.slow(16)
 async def test_another_users_token_cannot_see_or_replay_events(
     relay: Relay, http: aiohttp.ClientSession
 ) -> None:
@@ -698,6 +701,7 @@ async def test_another_users_token_cannot_see_or_replay_events(
     assert stack.cli_ok("tunnel", "show", "alice").split()[1] == "queue"
 
 
+@pytest.mark.slow(12)
 async def test_max_concurrency_bounds_deliveries_in_flight(relay: Relay, http: aiohttp.ClientSession) -> None:
     stack = make_stack(relay, settings=("--max-concurrency", "4"))
     ids = [queued_id(await stack.post(http, "/slow?seconds=0.5", b"%d" % i)) for i in range(40)]
@@ -834,6 +838,7 @@ async def test_connect_mode_live_is_stored_and_outlives_the_agent(
 BURST = 2_000
 
 
+@pytest.mark.slow(12)
 async def test_a_burst_drains_at_the_apps_pace(relay: Relay, http: aiohttp.ClientSession) -> None:
     stack = make_stack(relay)  # the default max-concurrency: 8
     senders = asyncio.Semaphore(64)

@@ -192,6 +192,7 @@ async def test_a_stale_connection_does_not_hold_the_name(relay: Relay, http: aio
     assert reply.json()["target"] == "fresh"
 
 
+@pytest.mark.slow(34)
 async def test_a_frozen_server_is_noticed_within_the_heartbeat_timeout(
     relay: Relay, http: aiohttp.ClientSession
 ) -> None:

@@ -15,6 +15,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable
 
 import aiohttp
+import pytest
 from aiohttp import web
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
@@ -77,6 +78,7 @@ def aiohttp_client() -> aiohttp.ClientSession:
     )
 
 
+@pytest.mark.slow(36)
 async def test_an_agent_that_stops_reading_gets_504s_then_is_dropped(relay: Relay) -> None:
     server = relay.server("--timeout", "5")
     token = server.token("alice")
@@ -171,6 +173,7 @@ async def hostile_server(opens: int) -> AsyncIterator[tuple[int, list[str]]]:
         yield port, hellos
 
 
+@pytest.mark.slow(45)
 async def test_an_agent_drops_a_server_that_stops_reading_and_reconnects(relay: Relay) -> None:
     token = relay.server(start=False).token("alice")
     target = relay.target("big", kind=BigTarget)
