@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import contextvars
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
 import aiohttp
@@ -22,7 +22,13 @@ from relay_protocol.frames import (
     RESET_TARGET_TIMEOUT,
     RESET_TARGET_UNREACHABLE,
 )
-from relay_protocol.headers import header_value, is_websocket_upgrade, strip_hop_by_hop
+from relay_protocol.headers import (
+    WEBSOCKET_HANDSHAKE,
+    header_value,
+    is_websocket_upgrade,
+    strip_hop_by_hop,
+    without,
+)
 from relay_protocol.heads import Headers, encode_response_head
 from relay_protocol.limits import MAX_CONCURRENT_STREAMS, MAX_WEBSOCKET_MESSAGE
 from relay_protocol.messages import Kind, Message, MessageDecoder, encode_message
@@ -90,6 +96,9 @@ class ForwardFailed(Exception):
 # ``caf\xc3\xa9``). So a forwarded request carries its headers past the session (a
 # context variable read by ``_ExactRequest``) in an ``_ExactHeaders``, which
 # ``_serialize_headers`` writes as latin-1: one character, one byte, as received.
+# A websocket upgrade goes the same way: ``ws_connect`` hands its own handshake
+# headers (Upgrade, Connection, Sec-WebSocket-Key/Version/Protocol) to the request,
+# and ``_ExactRequest`` appends those the forwarded head lacks after it.
 
 _exact_headers: contextvars.ContextVar[Headers | None] = contextvars.ContextVar(
     "relay_exact_headers", default=None
@@ -105,7 +114,8 @@ class _ExactHeaders(CIMultiDict[str]):
 
 
 class _ExactRequest(aiohttp.ClientRequest):
-    """A client request whose headers, when a forward set them, are exactly those, in order."""
+    """A client request whose headers, when a forward set them, are exactly those, in order,
+    followed by any the caller (``ws_connect``'s handshake) gave that they lack."""
 
     def update_headers(self, headers: Any) -> None:
         exact = _exact_headers.get()
@@ -115,6 +125,10 @@ class _ExactRequest(aiohttp.ClientRequest):
         self.headers = _ExactHeaders()
         for name, value in exact:
             self.headers.add(name.decode("latin-1"), value.decode("latin-1"))
+        own = headers.items() if isinstance(headers, Mapping) else (headers or ())
+        for name, value in list(own):
+            if name not in self.headers:
+                self.headers.add(name, value)
         if "Host" not in self.headers:
             host = self.url.host_port_subcomponent
             assert host is not None  # an absolute URL: always the target's
@@ -185,12 +199,6 @@ def _exact(head: RequestHead, config: AgentConfig) -> Headers:
     return tuple(headers)
 
 
-def _headers(head: RequestHead, config: AgentConfig) -> CIMultiDict[str]:
-    return CIMultiDict(
-        (name.decode("latin-1"), value.decode("latin-1")) for name, value in _exact(head, config)
-    )
-
-
 def _response_head(response: aiohttp.ClientResponse) -> ResponseHead:
     """The target's response head as it came, less hop-by-hop headers. Raises
     ``ForwardFailed`` if the protocol cannot carry it (over MAX_HEAD_SIZE, bad name)."""
@@ -255,13 +263,13 @@ async def forward_websocket(
     url = URL(config.target.url_for(head.target, websocket=True), encoded=True)
     offered = header_value(head.headers, b"sec-websocket-protocol") or b""
     protocols = [p.strip() for p in offered.decode("latin-1").split(",") if p.strip()]
-    headers = _headers(head, config)
-    for name in ("Upgrade", "Sec-WebSocket-Protocol"):
-        headers.popall(name, None)
+    # aiohttp runs its own handshake with the target (key, version, the offered
+    # protocols); every other header goes as the client sent it, byte for byte.
+    handshake = (*WEBSOCKET_HANDSHAKE, b"sec-websocket-protocol", b"upgrade")
+    exact = _exact_headers.set(without(_exact(head, config), *handshake))
     try:
         ws = await session.ws_connect(
             url,
-            headers=headers,
             protocols=protocols,
             autoping=False,  # pings and pongs are relayed end to end, not answered here
             max_msg_size=MAX_WEBSOCKET_MESSAGE,
@@ -275,6 +283,10 @@ async def forward_websocket(
         raise ForwardFailed(RESET_TARGET_UNREACHABLE, f"cannot connect to {config.target.base_url}") from exc
     except (aiohttp.ClientError, OSError) as exc:
         raise ForwardFailed(RESET_TARGET_ERROR, f"{type(exc).__name__}: {exc}") from exc
+    except _UnsendableHead as exc:  # a byte HTTP forbids: the relay should have refused it
+        raise ForwardFailed(RESET_REFUSED, f"unforwardable request head: {exc}") from exc
+    finally:
+        _exact_headers.reset(exact)
     async with ws:
         chosen = ((b"Sec-WebSocket-Protocol", ws.protocol.encode("latin-1")),) if ws.protocol else ()
         await link.respond(ResponseHead(101, chosen), end=False)

@@ -8,6 +8,8 @@ HTTP library that could tidy the bytes up before the test sees them.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -38,6 +40,20 @@ ANSWERS = {
 #: Seconds for the relay to record an attempt (it records in the background).
 DELIVERED = 20.0
 BAD = [b"/too-long-line", b"/too-many-fields", b"/bad-status-line"]
+#: RFC 6455 1.3: the GUID the accept value hashes with the key.
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def _accept(key: bytes) -> bytes:
+    return base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+
+
+def _header(head: bytes, name: bytes) -> bytes | None:
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == name:
+            return value.strip()
+    return None
 
 
 class RawTarget:
@@ -69,6 +85,9 @@ class RawTarget:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 self.heads.append(head)
+                if (_header(head, b"upgrade") or b"").lower() == b"websocket":
+                    await self._websocket(head, reader, writer)
+                    break
                 for line in head.split(b"\r\n"):
                     if line.lower().startswith(b"content-length:"):
                         await reader.readexactly(int(line.split(b":", 1)[1]))
@@ -81,6 +100,19 @@ class RawTarget:
             pass
         finally:
             writer.close()
+
+    @staticmethod
+    async def _websocket(head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Accept the handshake, close at once (CLOSE 1000), read until the peer hangs up."""
+        key = _header(head, b"sec-websocket-key") or b""
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + _accept(key) + b"\r\n\r\n" + b"\x88\x02\x03\xe8"
+        )
+        await writer.drain()
+        async with asyncio.timeout(10):
+            while await reader.read(4096):
+                pass
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +270,33 @@ async def test_queue_mode_a_response_the_agent_cannot_parse_is_recorded_with_tha
     assert event["status"] == "retrying"
     assert delivery["last_status"] is None
     assert "local-bad-response" in (delivery["last_error"] or ""), delivery
+
+
+async def test_websocket_upgrade_headers_reach_the_app_unchanged(
+    stack: dict[str, Any], raw_target: RawTarget
+) -> None:
+    server = stack["server"]
+    # A raw public client: aiohttp's would merge the X-Dup lines and encode the bytes as UTF-8.
+    key = base64.b64encode(b"relay-fidelity-k")
+    sent = [b"X-Dup: 1", b"x-dup: 2", b"X-Latin: caf\xe9", b"X-City: S\xc3\xa3o Paulo"]
+    handshake = [b"Upgrade: websocket", b"Connection: Upgrade", b"Sec-WebSocket-Key: " + key]
+    lines = [b"GET /t/alice/ws HTTP/1.1", f"Host: {server.apex}".encode(), *handshake]
+    lines += [b"Sec-WebSocket-Version: 13", *sent]
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(b"\r\n".join(lines) + b"\r\n\r\n")
+        await writer.drain()
+        async with asyncio.timeout(10):
+            reply = await reader.readuntil(b"\r\n\r\n")
+    finally:
+        writer.close()
+    assert reply.startswith(b"HTTP/1.1 101 "), reply
+    assert _header(reply, b"sec-websocket-accept") == _accept(key), reply
+    [head] = raw_target.seen(b"/ws")
+    names = {b"x-dup", b"x-latin", b"x-city"}
+    arrived = [line for line in _header_lines(head) if line.split(b":")[0].lower() in names]
+    assert arrived == sent, head
+    # aiohttp's own handshake headers are there, once each, with its own key.
+    for name in (b"upgrade", b"connection", b"sec-websocket-key", b"sec-websocket-version"):
+        assert [line.split(b":")[0].lower() for line in _header_lines(head)].count(name) == 1, head
+    assert _header(head, b"sec-websocket-key") != key, head
