@@ -4,10 +4,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 DATA_DIR ?= relay-data
-# pytest-xdist: 4 workers, as the e2e tests mostly wait on their processes; tests marked
-# slow (tens of seconds each) are collected first and handed out in order (--dist load), so
-# each worker starts on a long one. `make test PARALLEL=` runs it in one process.
-PARALLEL ?= -n 4 --dist load
+# pytest-xdist: 4 workers, as the e2e tests mostly wait on their processes. worksteal hands
+# each worker a block of the collection, and tests/conftest.py builds each block to start with
+# its share of the tests marked slow (tens of seconds each); idle workers steal the rest.
+# `make test PARALLEL=` runs it in one process.
+PARALLEL ?= -n 4 --dist worksteal
 
 .PHONY: run test lint unit e2e clean
 

@@ -276,7 +276,12 @@ async def forward_websocket(
             compress=0,
         )
     except aiohttp.WSServerHandshakeError as exc:
-        refusal = tuple((k.encode("latin-1"), v.encode("latin-1")) for k, v in (exc.headers or {}).items())
+        # aiohttp decoded the refusal's header bytes as UTF-8 with surrogateescape: undone
+        # the same way, every byte comes back as it was (latin-1 would fail on them).
+        refusal = tuple(
+            (k.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape"))
+            for k, v in (exc.headers or {}).items()
+        )
         await link.respond(ResponseHead(exc.status, strip_hop_by_hop(refusal)), end=True)
         return exc.status
     except aiohttp.ClientConnectorError as exc:
