@@ -352,3 +352,33 @@ async def test_the_agent_cannot_reach_bob_after_all_that(bob: Tunnel, alice: Hos
     assert first.status == 200 and first.body == b"alice"
     assert second.error is None
     assert_bobs_own_or_closed(second)
+
+
+# -- malformed and oversized frames: the agent's own connection ends, nobody else's ----------
+
+#: What a hostile agent sends after its handshake, and the close code the server must answer
+#: with (docs/protocol.md): a frame over MAX_FRAME_SIZE (1009, message too big), bytes that
+#: are no frame (1002), a frame on a stream never opened (1002), a text message (1003).
+BAD_FRAMES = {
+    "oversized": (b"\x05\x00\x00\x00\x00\x01" + b"x" * (2 * 1024 * 1024), (1009, 1002)),
+    "unknown type": (b"\x7f\x00\x00\x00\x00\x00junk", (1002,)),
+    "short": (b"\x05\x00", (1002,)),
+    "data on a stream never opened": (b"\x05\x00\x00\x00\x03\xe7hello", (1002,)),
+    "text": ("a text message", (1003,)),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_FRAMES))
+async def test_a_malformed_frame_ends_only_that_agents_connection(bob: Tunnel, kind: str) -> None:
+    frame, codes = BAD_FRAMES[kind]
+    async with hostile_agent(bob.server, bob.server.token("alice")) as agent:
+        await agent.ws.send(frame)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(agent.ws.wait_closed(), 30)
+        assert agent.ws.close_code in codes, (kind, agent.ws.close_code, agent.ws.close_reason)
+    # The server stays up and bob's tunnel is untouched.
+    reply, _ = await raw_exchange(
+        bob.server.port,
+        f"GET /t/bob/after HTTP/1.1\r\nHost: {bob.server.apex}\r\nConnection: close\r\n\r\n".encode(),
+    )
+    assert reply.status == 200
