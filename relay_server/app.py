@@ -155,13 +155,14 @@ async def serve(config: ServerConfig, app: web.Application, ready: asyncio.Event
         keepalive_timeout=DEFAULT_KEEPALIVE_TIMEOUT,  # idle between requests; heads: head_timeout
     )
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port)
+    site = web.TCPSite(runner, config.host, config.port, ssl_context=config.tls)
     await site.start()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     host, port = runner.addresses[0][:2]
-    log.info("relay-server listening on http://%s:%s, public URL %s", host, port, config.public_url)
+    scheme = "https" if config.tls is not None else "http"
+    log.info("relay-server listening on %s://%s:%s, public URL %s", scheme, host, port, config.public_url)
     if ready is not None:
         ready.set()
     try:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import logging
 import os
 import shlex
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -21,7 +21,14 @@ from relay_protocol import RelayError
 
 from . import tokens
 from .app import create_app, serve
-from .config import DEFAULT_IDLE_TIMEOUT, DEFAULT_PORT, DEFAULT_TIMEOUT, ServerConfig
+from .config import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_PORT,
+    DEFAULT_TIMEOUT,
+    MIN_ADMIN_TOKEN,
+    ServerConfig,
+    parse_listen,
+)
 from .connections import (
     DEFAULT_HEAD_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
@@ -30,9 +37,11 @@ from .connections import (
 )
 from .delivery import QueueConfig
 from .durations import parse_duration
+from .logs import configure_logging
 from .names import default_patterns, is_valid_name, is_valid_pattern
 from .retry import RetryPolicy, parse_schedule
 from .store import Store
+from .tls import server_context
 
 T = TypeVar("T")
 
@@ -219,6 +228,60 @@ def main() -> None:
     help="Seconds a connection may take to send a complete request head before it is closed.",
 )
 @click.option(
+    "--tls-cert",
+    envvar="RELAY_TLS_CERT",
+    default=None,
+    show_envvar=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="PEM certificate chain: serve HTTPS and WSS without a front proxy (with --tls-key).",
+)
+@click.option(
+    "--tls-key",
+    envvar="RELAY_TLS_KEY",
+    default=None,
+    show_envvar=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="PEM private key of --tls-cert.",
+)
+@click.option(
+    "--metrics-listen",
+    envvar="RELAY_METRICS_LISTEN",
+    default=None,
+    show_envvar=True,
+    help="HOST:PORT of a second listener serving only /metrics (for a scraper off the box)."
+    "  [default: /metrics on the apex, from loopback only]",
+)
+@click.option(
+    "--metrics-per-tunnel",
+    envvar="RELAY_METRICS_PER_TUNNEL",
+    is_flag=True,
+    show_envvar=True,
+    help="Label request metrics with the tunnel name (one series per tunnel: mind the cardinality).",
+)
+@click.option(
+    "--admin-token",
+    envvar="RELAY_ADMIN_TOKEN",
+    default=None,
+    show_envvar=True,
+    help="Secret that lets `relay-server status --admin-token` read the status from off the box"
+    " (at least 32 characters).  [default: status from loopback only]",
+)
+@click.option(
+    "--access-log",
+    envvar="RELAY_ACCESS_LOG",
+    is_flag=True,
+    show_envvar=True,
+    help="Log one line per public request (request id, tunnel, status, bytes, duration).",
+)
+@click.option(
+    "--log-format",
+    envvar="RELAY_LOG_FORMAT",
+    default="text",
+    show_envvar=True,
+    type=click.Choice(["text", "json"]),
+    help="Log lines as text, or as one JSON object each.",
+)
+@click.option(
     "--log-level",
     envvar="RELAY_LOG_LEVEL",
     default="info",
@@ -248,15 +311,31 @@ def serve_command(
     max_connections: int,
     max_connections_per_client: int,
     head_timeout: float,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    metrics_listen: str | None,
+    metrics_per_tunnel: bool,
+    admin_token: str | None,
+    access_log: bool,
+    log_format: str,
     log_level: str,
 ) -> None:
     """Run the relay server: public tunnel URLs and the agent endpoint."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(log_level, log_format)
+    tls = _tls(tls_cert, tls_key)
+    scheme = "http" if tls is None else "https"
+    public_url = (public_url or f"{scheme}://localhost:{port}").rstrip("/")
+    if tls is not None and not public_url.startswith("https://"):
+        raise click.BadParameter(
+            "the server serves HTTPS (--tls-cert): use an https:// URL", param_hint="--public-url"
+        )
+    if admin_token is not None and len(admin_token) < MIN_ADMIN_TOKEN:
+        raise click.BadParameter(f"use at least {MIN_ADMIN_TOKEN} characters", param_hint="--admin-token")
     config = ServerConfig(
         host=host,
         port=port,
         data_dir=data_dir,
-        public_url=(public_url or f"http://localhost:{port}").rstrip("/"),
+        public_url=public_url,
         dev=dev,
         timeout=timeout,
         idle_timeout=idle_timeout,
@@ -275,6 +354,11 @@ def serve_command(
         max_connections=max_connections,
         max_connections_per_client=max_connections_per_client,
         head_timeout=head_timeout,
+        tls=tls,
+        metrics_listen=_option(parse_listen, metrics_listen, "--metrics-listen") if metrics_listen else None,
+        metrics_per_tunnel=metrics_per_tunnel,
+        admin_token=admin_token,
+        access_log=access_log,
     )
     config = replace(config, queue=replace(config.queue, body_budget=body_budget, body_timeout=body_timeout))
     try:
@@ -289,6 +373,18 @@ def serve_command(
         asyncio.run(_serve(config, app, banner))
     except OSError as exc:  # port in use, permission denied
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+
+
+def _tls(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    """The TLS context of --tls-cert/--tls-key (both or neither); a usage error names the problem."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    try:
+        return server_context(cert, key)
+    except RelayError as exc:
+        raise _fail(exc) from exc
 
 
 def _queue_config(
