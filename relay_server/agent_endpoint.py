@@ -24,6 +24,7 @@ from relay_protocol.limits import (
 )
 
 from . import tokens
+from .connections import Network, client_of
 from .delivery import Deliveries
 from .errors import AuthError, ConfigError, NameRefused
 from .names import PublicOrigin, is_valid_name, name_allowed
@@ -42,8 +43,16 @@ HANDSHAKE_TIMEOUT = 10.0
 
 class AgentEndpoint:
     def __init__(
-        self, *, secret: bytes, store: Store, registry: Registry, origin: PublicOrigin, deliveries: Deliveries
+        self,
+        *,
+        secret: bytes,
+        store: Store,
+        registry: Registry,
+        origin: PublicOrigin,
+        deliveries: Deliveries,
+        trusted_proxies: tuple[Network, ...] = (),
     ):
+        self.trusted_proxies = trusted_proxies
         self.secret = secret
         self.store = store
         self.registry = registry
@@ -95,7 +104,7 @@ class AgentEndpoint:
             return relay_error("bad-request", "this endpoint takes a websocket upgrade from relay-agent")
         await ws.prepare(request)
         session = AgentSession(ws, "", [], transport=request.transport)
-        peer = request.remote
+        session.remote = peer = client_of(request, self.trusted_proxies)
         try:
             claims = await asyncio.to_thread(self._authenticate, request.headers.get("Authorization"))
         except AuthError as exc:

@@ -12,6 +12,7 @@ from aiohttp import web
 from relay_protocol.frames import CLOSE_GOING_AWAY
 
 from . import tokens
+from .access import RequestNotes
 from .agent_endpoint import AgentEndpoint
 from .api import Api
 from .commits import GroupCommitter
@@ -19,9 +20,12 @@ from .config import ServerConfig
 from .connections import DEFAULT_KEEPALIVE_TIMEOUT, AcceptErrorLog, ConnectionGuard, GuardedAppRunner
 from .delivery import Deliveries
 from .ingress import MAX_HEADER_LINE, MAX_REQUEST_HEADERS, Ingress
+from .metrics import Metrics
 from .names import PublicOrigin
+from .probes import Probes, healthz
 from .public_errors import relay_error
 from .registry import InFlight, Registry
+from .status import STATUS_PATH, Status
 from .store import Store
 from .watch import Watch
 
@@ -34,10 +38,7 @@ INFLIGHT = web.AppKey("inflight", InFlight)
 DELIVERIES = web.AppKey("deliveries", Deliveries)
 COMMITS = web.AppKey("commits", GroupCommitter)
 WATCH = web.AppKey("watch", Watch)
-
-
-async def healthz(request: web.Request) -> web.Response:
-    return web.Response(text="ok\n")
+METRICS = web.AppKey("metrics", Metrics)
 
 
 def create_app(config: ServerConfig, store: Store | None = None) -> web.Application:
@@ -51,7 +52,27 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
     deliveries = Deliveries(store=store, commits=commits, registry=registry, config=config.queue)
     api = Api(secret=secret, store=store, registry=registry, deliveries=deliveries)
     agents = AgentEndpoint(
-        secret=secret, store=store, registry=registry, origin=origin, deliveries=deliveries
+        secret=secret,
+        store=store,
+        registry=registry,
+        origin=origin,
+        deliveries=deliveries,
+        trusted_proxies=config.trusted_proxies,
+    )
+    metrics = Metrics(registry=registry, store=store, per_tunnel=config.metrics_per_tunnel)
+    deliveries.on_recorded = metrics.on_recorded
+    deliveries.on_expired = metrics.on_expired
+    commits.on_batch = metrics.on_batch
+    notes = RequestNotes(
+        metrics=metrics, access_log=config.access_log, trusted_proxies=config.trusted_proxies
+    )
+    probes = Probes(origin=origin, store=store, inflight=inflight, trusted_proxies=config.trusted_proxies)
+    status = Status(
+        registry=registry,
+        store=store,
+        inflight=inflight,
+        trusted_proxies=config.trusted_proxies,
+        admin_token=config.admin_token,
     )
     ingress = Ingress(
         origin=origin,
@@ -61,7 +82,14 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
         deliveries=deliveries,
         timeout=config.timeout,
         idle_timeout=config.idle_timeout,
-        apex_routes={"/healthz": healthz, "/_relay/agent": agents.handle},
+        apex_routes={
+            "/healthz": healthz,
+            "/readyz": probes.readyz,
+            "/metrics": metrics.apex_handler(config.trusted_proxies),
+            "/_relay/tls-ask": probes.tls_ask,
+            STATUS_PATH: status.handle,
+            "/_relay/agent": agents.handle,
+        },
         api=api.handle,
         trusted_proxies=config.trusted_proxies,
     )
@@ -71,8 +99,10 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
     # and would route those by the URL's host instead of the Host header.
     @web.middleware
     async def everything(request: web.Request, handler: object) -> web.StreamResponse:
+        started = notes.begin(request)
+        response: web.StreamResponse | None = None
         try:
-            return await ingress.handle(request)
+            response = await ingress.handle(request)
         except ConnectionResetError as exc:  # aiohttp's ClientConnectionResetError too
             # The public client went away mid-response: nobody to answer, no bug to report.
             log.info("client went away during %s %s: %s", request.method, request.path, exc)
@@ -81,7 +111,10 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
             return web.Response()  # never written: aiohttp finds the connection closed
         except Exception:  # a bug: log it, never show a traceback to the client
             log.exception("internal error on %s %s", request.method, request.path)
-            return relay_error("internal-error", "the relay server failed on this request")
+            response = relay_error("internal-error", "the relay server failed on this request")
+        finally:
+            notes.end(request, response, started)  # response None: the client left first
+        return response
 
     app = web.Application(
         middlewares=[everything],
@@ -99,6 +132,7 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
     app[INFLIGHT] = inflight
     app[DELIVERIES] = deliveries
     app[COMMITS] = commits
+    app[METRICS] = metrics
     app.cleanup_ctx.append(_store_ctx)
     app[WATCH] = Watch(store=store, registry=registry, deliveries=deliveries)
     app.cleanup_ctx.append(_watch_ctx)
@@ -157,6 +191,7 @@ async def serve(config: ServerConfig, app: web.Application, ready: asyncio.Event
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, ssl_context=config.tls)
     await site.start()
+    metrics_runner = await _metrics_site(config, app[METRICS]) if config.metrics_listen else None
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -174,5 +209,25 @@ async def serve(config: ServerConfig, app: web.Application, ready: asyncio.Event
         await site.stop()
         await _drain(app)
     finally:
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         await runner.cleanup()
         log.info("stopped")
+
+
+async def _metrics_site(config: ServerConfig, metrics: Metrics) -> web.AppRunner:
+    """The ``--metrics-listen`` listener: ``GET /metrics`` and nothing else, to anyone who
+    reaches it (the operator chose its address). Raises OSError if it cannot bind."""
+    assert config.metrics_listen is not None
+    host, port = config.metrics_listen
+    app = web.Application()
+    app.router.add_get("/metrics", metrics.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    log.info("metrics on http://%s:%s/metrics", host, port)
+    return runner

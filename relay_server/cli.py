@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import os
 import shlex
 import ssl
@@ -19,7 +20,7 @@ from aiohttp import web
 
 from relay_protocol import RelayError
 
-from . import tokens
+from . import status, tokens
 from .app import create_app, serve
 from .config import (
     DEFAULT_IDLE_TIMEOUT,
@@ -476,6 +477,39 @@ def _agent_script() -> str:
         return str(script.relative_to(Path.cwd()))
     except ValueError:
         return str(script)
+
+
+@main.command("status")
+@click.option(
+    "--server",
+    envvar="RELAY_STATUS_SERVER",
+    default=f"http://127.0.0.1:{DEFAULT_PORT}",
+    show_envvar=True,
+    help="The running server: its listening address on this host, or its public URL with --admin-token.",
+)
+@click.option(
+    "--admin-token",
+    envvar="RELAY_ADMIN_TOKEN",
+    default=None,
+    show_envvar=True,
+    help="The server's --admin-token, to ask from off the box.",
+)
+@click.option(
+    "--ca-file",
+    envvar="RELAY_CA_FILE",
+    default=None,
+    show_envvar=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="PEM CA certificates to verify an https:// server with.  [default: the system's]",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the status document as JSON.")
+def status_command(server: str, admin_token: str | None, ca_file: Path | None, as_json: bool) -> None:
+    """Show a running server's connected agents and its tunnels' queues."""
+    try:
+        doc = status.fetch(server, admin_token, ca_file)
+    except RelayError as exc:
+        raise _fail(exc) from exc
+    click.echo(json.dumps(doc, indent=2) if as_json else status.render(doc))
 
 
 @main.group("token")

@@ -38,6 +38,8 @@ class GroupCommitter:
         self._idle = asyncio.Event()
         self._idle.set()
         self._tasks = Tasks("group commit")
+        #: Told the size of every batch committed.
+        self.on_batch: Callable[[int], None] = lambda size: None
 
     def start(self) -> None:
         self._tasks.loop(self._run, "the group committer")
@@ -76,6 +78,7 @@ class GroupCommitter:
             self._idle.set()
 
     async def _commit(self, batch: list[Pending]) -> None:
+        self.on_batch(len(batch))
         try:
             results = await asyncio.to_thread(self.store.transaction, [op for op, _ in batch])
         except StoreError as exc:

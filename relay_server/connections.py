@@ -95,6 +95,44 @@ def trusts(networks: Iterable[Network], address: str) -> bool:
     return parsed is not None and any(parsed in network for network in networks)
 
 
+def forwarded_client(trusted: Iterable[Network], peer: str, chain: Iterable[bytes]) -> str:
+    """The client a request is from: ``peer``, or, when ``peer`` is a trusted proxy, the
+    rightmost entry of its X-Forwarded-For ``chain`` (the header values, in order) that is
+    not itself a trusted proxy (entries left of it could be forged). Returns text as
+    ``request.remote`` gives it."""
+    networks = tuple(trusted)
+    if not trusts(networks, peer):
+        return peer
+    client = peer
+    for entry in reversed([item for value in chain for item in value.split(b",")]):
+        address = parse_address(entry.decode("latin-1"))
+        if address is None:
+            break
+        client = str(address)
+        if not trusts(networks, client):
+            break
+    return client
+
+
+def forwarded_for(raw_headers: Iterable[tuple[bytes, bytes]]) -> list[bytes]:
+    """The values of every X-Forwarded-For header, in order."""
+    return [value for name, value in raw_headers if name.lower() == b"x-forwarded-for"]
+
+
+def client_of(request: web.BaseRequest, trusted: Iterable[Network]) -> str:
+    """``forwarded_client`` of ``request``."""
+    return forwarded_client(trusted, request.remote or "", forwarded_for(request.raw_headers))
+
+
+def is_local(request: web.BaseRequest, trusted: Iterable[Network]) -> bool:
+    """True if ``request`` comes from this host or from a trusted proxy itself (not from a
+    client it forwards for): who may read /metrics, the status and the TLS ask endpoint."""
+    networks = tuple(trusted)
+    client = client_of(request, networks)
+    address = parse_address(client)
+    return address is not None and (address.is_loopback or trusts(networks, client))
+
+
 class ConnectionGuard:
     """Counts open connections, total and per client address, against their caps."""
 

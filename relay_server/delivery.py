@@ -175,6 +175,9 @@ class Deliveries:
         self._unrecorded: dict[tuple[int, str], tuple[Event, Delivery, TunnelSettings]] = {}
         self._rerecording: asyncio.Task[None] | None = None
         self._http: aiohttp.ClientSession | None = None
+        #: Told of every attempt's outcome once written, and of deliveries dead of old age.
+        self.on_recorded: Callable[[Delivery], None] = lambda delivery: None
+        self.on_expired: Callable[[int], None] = lambda count: None
         registry.on_connect.append(self._agent_arrived)
         registry.on_target_up.append(self._agent_arrived)
 
@@ -217,6 +220,8 @@ class Deliveries:
             except StoreError as exc:
                 self.store_trouble(exc)
             else:
+                if expired:
+                    self.on_expired(expired)
                 if purged or expired:
                     log.info("purged %d events past their retention, %d expired", purged, expired)
             interval = min(self.config.retention, self.config.policy.max_age) / 4
@@ -512,6 +517,7 @@ class Deliveries:
         return updated
 
     async def _recorded(self, event: Event, updated: Delivery, settings: TunnelSettings) -> None:
+        self.on_recorded(updated)
         if updated.waiting:  # its dispatcher may be asleep until a later time: let it see it
             self.dispatcher(event.tunnel, updated.destination).wake()
         else:

@@ -30,8 +30,9 @@ from relay_protocol.headers import (
 )
 from relay_protocol.limits import MAX_DATA_SIZE, MAX_HEAD_SIZE, MAX_HEADER_COUNT
 
+from .access import REQUEST_ID, ROUTE, TUNNEL, CountedResponse
 from .attempts import EVENT_HEADERS
-from .connections import Network, parse_address, trusts
+from .connections import Network, forwarded_client, forwarded_for, trusts
 from .delivery import Deliveries
 from .names import BadHost, PublicOrigin, is_valid_name, normalize_host
 from .public_errors import relay_error
@@ -48,8 +49,8 @@ log = logging.getLogger("relay.server")
 MAX_REQUEST_HEAD = 32 * 1024
 #: Largest single header line aiohttp's parser accepts (it answers 400 above).
 MAX_HEADER_LINE = 16 * 1024
-#: Most header fields in one public request; the protocol allows 256, and the
-#: relay adds up to four X-Forwarded-* fields (and a queued delivery three X-Relay-*).
+#: Most header fields in one public request; the protocol allows 256, and the relay
+#: adds X-Request-Id, up to four X-Forwarded-* fields (and a queued delivery three X-Relay-*).
 MAX_REQUEST_HEADERS = 240
 #: Longest request target (path and query): RFC 9112 asks for at least 8000 octets,
 #: and with it the target, the 32 KiB of headers and what the relay adds always fit
@@ -210,7 +211,7 @@ def route(host: str, raw_target: str, origin: PublicOrigin) -> TunnelRoute | Ape
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class RelayedResponse(web.StreamResponse):
+class RelayedResponse(CountedResponse):
     """A response carrying exactly the local service's headers.
 
     aiohttp adds ``Content-Type: application/octet-stream`` to a body that has
@@ -294,11 +295,13 @@ class Ingress:
             return relay_error("bad-request", str(exc))
         if isinstance(where, ApexRoute):
             if where.path.startswith(API_PREFIX):
+                request[ROUTE] = "api"
                 return await self.api(request)
             handler = self.apex_routes.get(where.path)
             if handler is None:
                 return relay_error("not-found", "no such page on the relay server")
             return await handler(request)
+        request[ROUTE] = "tunnel"
         if not is_valid_name(where.name):
             return relay_error("unknown-tunnel", f"no tunnel is named {where.name[:64]!r}")
         if self.inflight.draining:
@@ -307,6 +310,7 @@ class Ingress:
         owner = session.user if session else await asyncio.to_thread(self.store.name_owner, where.name)
         if owner is None:
             return relay_error("unknown-tunnel", f"no tunnel is named {where.name!r}")
+        request[TUNNEL] = where.name
         with self.inflight.track():
             upgrade = is_websocket_upgrade(request.method, tuple(request.raw_headers))
             settings = await self.deliveries.settings(where.name)
@@ -345,11 +349,11 @@ class Ingress:
         if trusts(self.trusted_proxies, peer):
             # A front proxy we trust: its chain is kept and it is appended, and what it
             # says about the scheme and host the client used is believed.
-            chain = [value for name, value in raw if name.lower() == b"x-forwarded-for"]
-            forwarded_for = b", ".join([*chain, peer.encode()])
+            chain = forwarded_for(raw)
+            for_chain = b", ".join([*chain, peer.encode()])
             proto = header_value(raw, b"x-forwarded-proto") or self.origin.scheme.encode()
             forwarded_host = header_value(raw, b"x-forwarded-host") or host
-            client = self._client_from_chain(chain, peer)
+            client = forwarded_client(self.trusted_proxies, peer, chain)
             headers = without(headers, *_FORWARDED_SET)
         else:
             headers = tuple(
@@ -357,14 +361,16 @@ class Ingress:
                 for name, value in headers
                 if not (lowered := name.lower()).startswith(b"x-forwarded-") and lowered not in _PROXY_HEADERS
             )
-            forwarded_for, proto, forwarded_host, client = (
+            for_chain, proto, forwarded_host, client = (
                 peer.encode(),
                 self.origin.scheme.encode(),
                 host,
                 peer,
             )
+        headers = without(headers, b"x-request-id")
         added = [
-            (b"X-Forwarded-For", forwarded_for),
+            (b"X-Request-Id", request[REQUEST_ID].encode()),
+            (b"X-Forwarded-For", for_chain),
             (b"X-Forwarded-Proto", proto),
             (b"X-Forwarded-Host", forwarded_host),
         ]
@@ -383,19 +389,6 @@ class Ingress:
             raise Refused("bad-request", f"request cannot be forwarded: {exc}") from exc
         check_head_fits(head)
         return head
-
-    def _client_from_chain(self, chain: list[bytes], peer: str) -> str:
-        """The client a trusted proxy forwarded for: the rightmost X-Forwarded-For entry
-        that is not itself a trusted proxy (entries left of it could be forged)."""
-        client = peer
-        for entry in reversed([item for value in chain for item in value.split(b",")]):
-            address = parse_address(entry.decode("latin-1"))
-            if address is None:
-                break
-            client = str(address)
-            if not trusts(self.trusted_proxies, client):
-                break
-        return client
 
     async def forward(
         self,

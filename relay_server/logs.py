@@ -23,7 +23,8 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
+        if isinstance(fields, dict):  # the fields are the record; the message is their summary
+            line["message"] = getattr(record, "summary", line["message"])
             line.update(fields)
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)

@@ -29,6 +29,7 @@ STATUS = {
     "too-many-connections": 503,
     "store-unavailable": 503,
     "server-busy": 503,
+    "not-ready": 503,
     "local-timeout": 504,
 }
 

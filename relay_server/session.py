@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable
 
 from aiohttp import WSMsgType, web
@@ -122,6 +123,10 @@ class AgentSession:
         self.label = label
         self.id = os.urandom(6).hex()
         self.closed = False
+        #: Where the agent connects from (the client address, through a trusted proxy).
+        self.remote = ""
+        #: When it connected (seconds since the epoch).
+        self.since = time.time()
         #: Called when the agent says its local service is reachable again (TARGET_UP).
         self.on_target_up: Callable[[], None] = lambda: None
         self._transport = transport  # aborted when the agent stops reading
@@ -131,6 +136,11 @@ class AgentSession:
         self._ready = asyncio.Event()  # the engine may have frames to send
         self._room = asyncio.Event()  # the engine's buffer fell below its high-water mark
         self._room.set()
+
+    @property
+    def open_streams(self) -> int:
+        """Streams open on this connection now."""
+        return len(self._streams)
 
     def __repr__(self) -> str:
         return f"<AgentSession {self.id} user={self.user} names={self.names}>"

@@ -308,6 +308,16 @@ class Store:
         except sqlite3.Error as exc:
             raise _store_error(exc) from exc
 
+    def check_writable(self) -> None:
+        """Take and release the write lock (``BEGIN IMMEDIATE``): raises ``StoreError``
+        when the database cannot be written (read-only file system, I/O error, closed)."""
+        try:
+            with self._lock:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            raise StoreError(f"the store cannot be written: {exc}") from exc
+
     def _purge_finished(self, limit: int) -> int:
         """Delete up to ``limit`` finished events, oldest first; how many went (0 on failure)."""
         try:
@@ -611,6 +621,28 @@ class Store:
             f" (SELECT event_seq FROM deliveries WHERE status IN {_WAITING}) GROUP BY e.tunnel"
         )
         return {r[0]: (r[1], r[2] or 0) for r in rows}
+
+    def waiting_summary(self) -> dict[str, tuple[int, int, float]]:
+        """Per tunnel with events waiting for delivery: their count, body bytes, and the
+        arrival time (seconds since the epoch) of the oldest."""
+        rows = self._read(
+            "SELECT e.tunnel, COUNT(*), SUM(LENGTH(e.body)), MIN(e.received_at) FROM events e WHERE e.seq IN"
+            f" (SELECT event_seq FROM deliveries WHERE status IN {_WAITING}) GROUP BY e.tunnel"
+        )
+        return {r[0]: (r[1], r[2] or 0, r[3]) for r in rows}
+
+    def stats(self) -> tuple[dict[str, int], int]:
+        """Events by state (the least advanced of their deliveries', as the API shows it:
+        retrying, pending, dead, delivered) and the database's size in bytes."""
+        rows = self._read(
+            "SELECT state, COUNT(*) FROM (SELECT CASE WHEN SUM(status = 'retrying') THEN 'retrying'"
+            " WHEN SUM(status = 'pending') THEN 'pending' WHEN SUM(status = 'dead') THEN 'dead'"
+            " ELSE 'delivered' END AS state FROM deliveries GROUP BY event_seq) GROUP BY state"
+        )
+        ((pages, page_size),) = self._read(
+            "SELECT page_count, page_size FROM pragma_page_count(), pragma_page_size()"
+        )
+        return {r[0]: r[1] for r in rows}, pages * page_size
 
     def find_events(
         self, user: str, tunnel: str | None, status: str | None, limit: int
