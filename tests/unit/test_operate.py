@@ -1,0 +1,164 @@
+"""The pieces behind operating a server (issue 9), one at a time: request ids, the
+access log's path, the JSON log format, who counts as local, ``--metrics-listen``
+parsing, the status tables, and /readyz when the store fails."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import uuid
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from relay_server.access import MAX_LOGGED_PATH, _loggable_path, request_id
+from relay_server.app import create_app
+from relay_server.config import ServerConfig, parse_listen
+from relay_server.connections import forwarded_client
+from relay_server.errors import StoreError
+from relay_server.logs import JsonFormatter
+from relay_server.status import age, render
+from relay_server.store import Store
+
+PROXY = (ipaddress.ip_network("10.0.0.0/8"),)
+
+
+@pytest.mark.parametrize(
+    ("headers", "kept"),
+    [
+        ([(b"X-Request-Id", b"abc-123")], "abc-123"),
+        ([(b"x-request-id", b"A.b_c~d:e+f/g=h")], "A.b_c~d:e+f/g=h"),
+        ([(b"X-Request-Id", b"x" * 128)], "x" * 128),
+    ],
+)
+def test_a_sane_client_request_id_is_kept(headers: list[tuple[bytes, bytes]], kept: str) -> None:
+    assert request_id(headers) == kept
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [],
+        [(b"X-Request-Id", b"")],
+        [(b"X-Request-Id", b"x" * 129)],
+        [(b"X-Request-Id", b"two words")],
+        [(b"X-Request-Id", b"caf\xe9")],
+        [(b"X-Request-Id", b'a"b')],
+        [(b"X-Request-Id", b"a"), (b"X-Request-Id", b"b")],
+    ],
+)
+def test_any_other_gets_a_new_uuid(headers: list[tuple[bytes, bytes]]) -> None:
+    made = request_id(headers)
+    assert str(uuid.UUID(made)) == made
+
+
+def test_the_logged_path_has_no_query_and_only_printable_ascii() -> None:
+    assert _loggable_path("/hook?token=secret") == "/hook"
+    assert _loggable_path("/caf\udce9 x\x7f") == "/caf\\udce9\\x20x\\x7f"
+    long = _loggable_path("/" + "a" * 1000)
+    assert long.endswith("...") and len(long) == MAX_LOGGED_PATH + 3
+
+
+def test_json_lines_carry_the_fields_at_the_top_level() -> None:
+    record = logging.LogRecord("relay.access", logging.INFO, __file__, 1, "k=v %s", ("x",), None)
+    record.fields = {"status": 200, "tunnel": "alice"}
+    record.summary = "GET / 200"
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "GET / 200"
+    assert (line["status"], line["tunnel"], line["level"], line["logger"]) == (
+        200,
+        "alice",
+        "info",
+        "relay.access",
+    )
+    assert line["time"].endswith("Z")
+    plain = logging.LogRecord("relay.server", logging.WARNING, __file__, 1, "a %s", ("b",), None)
+    assert json.loads(JsonFormatter().format(plain))["message"] == "a b"
+
+
+@pytest.mark.parametrize(
+    ("peer", "chain", "client"),
+    [
+        ("203.0.113.1", [b"198.51.100.1"], "203.0.113.1"),  # not a proxy: its header is nobody's word
+        ("10.0.0.1", [], "10.0.0.1"),  # the proxy itself
+        ("10.0.0.1", [b"198.51.100.1"], "198.51.100.1"),
+        ("10.0.0.1", [b"6.6.6.6, 198.51.100.1, 10.0.0.2"], "198.51.100.1"),  # the rightmost stranger
+        ("10.0.0.1", [b"6.6.6.6", b"198.51.100.1"], "198.51.100.1"),  # two headers, in order
+        ("10.0.0.1", [b"garbage, 198.51.100.1"], "198.51.100.1"),
+        ("10.0.0.1", [b"198.51.100.1, garbage"], "10.0.0.1"),  # unparsable: stop at the proxy
+    ],
+)
+def test_the_forwarded_client(peer: str, chain: list[bytes], client: str) -> None:
+    assert forwarded_client(PROXY, peer, chain) == client
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [("127.0.0.1:9100", ("127.0.0.1", 9100)), ("[::1]:9100", ("::1", 9100)), ("0.0.0.0:0", ("0.0.0.0", 0))],
+)
+def test_metrics_listen_addresses(text: str, parsed: tuple[str, int]) -> None:
+    assert parse_listen(text) == parsed
+
+
+@pytest.mark.parametrize("text", ["9100", ":9100", "host:", "host:port", "host:70000", "[::1]"])
+def test_bad_metrics_listen_addresses(text: str) -> None:
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        parse_listen(text)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0, "0s"), (59.9, "59s"), (61, "1m01s"), (7260, "2h01m"), (90000, "1d01h"), (-5, "0s")],
+)
+def test_ages(seconds: float, text: str) -> None:
+    assert age(seconds) == text
+
+
+def test_the_status_tables() -> None:
+    doc = {
+        "now": 1000.0,
+        "draining": True,
+        "agents": [
+            {"user": "alice", "names": ["alice", "alice-x"], "label": "", "remote": "::1", "since": 880.0}
+        ],
+        "tunnels": [
+            {"name": "alice", "owner": "alice", "agents": 1, "waiting": 0, "oldest_waiting_at": None},
+            {"name": "bob", "owner": "bob", "agents": 0, "waiting": 3, "oldest_waiting_at": 400.0},
+        ],
+    }
+    lines = render(doc).splitlines()
+    assert lines[0] == "agents connected: 1  (draining)"
+    assert lines[2].split() == ["alice", "alice,alice-x", "-", "::1", "2m00s", "ago"]
+    assert lines[3] == "tunnels: 2"
+    assert lines[5].split() == ["alice", "alice", "1", "0", "-"]
+    assert lines[6].split() == ["bob", "bob", "0", "3", "10m00s", "ago"]
+
+
+async def test_readyz_is_503_when_the_store_cannot_be_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = create_app(ServerConfig(data_dir=tmp_path, public_url="http://relay.test"))
+    async with TestClient(TestServer(app)) as client:
+        async with client.get("/readyz", headers={"Host": "relay.test"}) as resp:
+            assert (resp.status, await resp.text()) == (200, "ready\n")
+
+        def broken(self: Store) -> None:
+            raise StoreError("the store cannot be written: disk I/O error")
+
+        monkeypatch.setattr(Store, "check_writable", broken)
+        async with client.get("/readyz", headers={"Host": "relay.test"}) as resp:
+            assert resp.status == 503
+            assert resp.headers["X-Relay-Error"] == "not-ready"
+            assert "disk I/O error" in await resp.text()
+        async with client.get("/healthz", headers={"Host": "relay.test"}) as resp:
+            assert resp.status == 200  # alive all the same
+
+
+def test_check_writable_raises_on_a_closed_store(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.check_writable()
+    store.close()
+    with pytest.raises(StoreError, match="cannot be written"):
+        store.check_writable()
