@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -23,6 +26,7 @@ from . import api_client
 from .config import DEFAULT_SERVER, AgentConfig, load_login, save_login, token_user
 from .errors import InvalidTarget, Refused
 from .target import Target, parse_target
+from .tls import CertificateRefused, client_context
 
 
 class TargetType(click.ParamType[Target]):
@@ -37,6 +41,17 @@ class TargetType(click.ParamType[Target]):
             return parse_target(str(value))
         except InvalidTarget as exc:
             self.fail(f"{value!r}: {exc.why}", param, ctx)
+
+
+ca_file_option = click.option(
+    "--ca-file",
+    envvar="RELAY_CA_FILE",
+    default=None,
+    show_envvar=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="PEM CA certificates to verify an https:// server with (a private CA); there is no"
+    " insecure mode.  [default: the system's CAs]",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -108,6 +123,7 @@ def main() -> None:
     show_envvar=True,
     help="This agent's label: fan-out destinations agent:LABEL pick agents by it.",
 )
+@ca_file_option
 @click.option(
     "--log-level",
     envvar="RELAY_LOG_LEVEL",
@@ -125,6 +141,7 @@ def connect_command(
     mode: str | None,
     max_concurrency: int | None,
     label: str,
+    ca_file: Path | None,
     log_level: str,
 ) -> None:
     """Connect to the relay server and forward its requests to a local service."""
@@ -138,6 +155,7 @@ def connect_command(
     token = token or saved.get("token")
     if not token:
         raise click.ClickException("no token: pass --token, set RELAY_TOKEN, or run relay-agent login")
+    tls = _tls(ca_file)
     settings = {k: v for k, v in (("mode", mode), ("max_concurrency", max_concurrency)) if v is not None}
     config = AgentConfig(
         server=(server or saved.get("server") or DEFAULT_SERVER).rstrip("/"),
@@ -148,6 +166,7 @@ def connect_command(
         host_header=host_header,
         settings=settings,
         label=label,
+        tls=tls,
     )
     try:
         config.agent_url  # noqa: B018 - validates the server URL before connecting
@@ -158,6 +177,16 @@ def connect_command(
     except Refused as exc:
         click.echo(f"relay-agent: the server refused this agent: {exc.reason}", err=True)
         sys.exit(1)
+    except CertificateRefused as exc:
+        click.echo(f"relay-agent: {exc}", err=True)
+        sys.exit(1)
+
+
+def _tls(ca_file: Path | None) -> ssl.SSLContext:
+    try:
+        return client_context(ca_file)
+    except RelayError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 async def _run(config: AgentConfig) -> None:
@@ -214,7 +243,9 @@ def login_command(server: str, token: str) -> None:
 
 
 def api_options(command: Callable[..., None]) -> Callable[..., None]:
-    """--server and --token, defaulting to the saved login, for commands that call the API."""
+    """--server, --token (defaulting to the saved login) and --ca-file, for commands that
+    call the API. The command receives ``ca_file`` through the click context: see ``_api``."""
+    command = _take_ca_file(command)
     command = click.option(
         "--token",
         envvar="RELAY_TOKEN",
@@ -231,15 +262,28 @@ def api_options(command: Callable[..., None]) -> Callable[..., None]:
     )(command)
 
 
+def _take_ca_file(command: Callable[..., None]) -> Callable[..., None]:
+    """Add --ca-file to ``command`` and keep it out of its arguments (in the context's ``obj``)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, ca_file: Path | None, **kwargs: Any) -> None:
+        click.get_current_context().obj = _tls(ca_file)
+        command(*args, **kwargs)
+
+    return ca_file_option(wrapper)
+
+
 def _api(
     server: str | None, token: str | None, method: str, path: str, body: dict[str, Any] | None = None
 ) -> Any:
+    tls = click.get_current_context().find_object(ssl.SSLContext)
     try:
         saved = load_login()
         token = token or saved.get("token")
         if not token:
             raise click.ClickException("no token: pass --token, set RELAY_TOKEN, or run relay-agent login")
-        return api_client.call(server or saved.get("server") or DEFAULT_SERVER, token, method, path, body)
+        server = server or saved.get("server") or DEFAULT_SERVER
+        return api_client.call(server, token, method, path, body, tls)
     except RelayError as exc:
         raise click.ClickException(str(exc)) from exc
 

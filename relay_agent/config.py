@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ class AgentConfig:
     #: Tunnel settings to store on the server (mode, max_concurrency); empty: keep them.
     settings: dict[str, Any] = field(default_factory=dict)
     label: str = ""
+    #: Verifies an https:// server (``tls.client_context``); plain http:// ignores it.
+    tls: ssl.SSLContext = field(default_factory=ssl.create_default_context)
 
     @property
     def agent_url(self) -> str:

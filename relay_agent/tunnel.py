@@ -20,6 +20,7 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
+from urllib.parse import urlsplit
 
 import aiohttp
 from websockets.asyncio.client import ClientConnection, connect
@@ -61,6 +62,7 @@ from .config import AgentConfig
 from .errors import Refused
 from .forward import ForwardFailed, client_session, forward
 from .probe import TargetProbe
+from .tls import certificate_problem
 
 log = logging.getLogger("relay.agent")
 
@@ -395,10 +397,12 @@ class Tunnel:
     async def _connect_once(self) -> bool:
         """One connection, start to end. True if the handshake succeeded."""
         headers = {"Authorization": f"Bearer {self.config.token}"}
+        url = self.config.agent_url
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
                 ws = await connect(
-                    self.config.agent_url,
+                    url,
+                    ssl=self.config.tls if url.startswith("wss://") else None,
                     additional_headers=headers,
                     max_size=MAX_FRAME_SIZE,
                     ping_interval=None,  # the protocol's own PING frames are the heartbeat
@@ -410,6 +414,9 @@ class Tunnel:
             log.warning("server answered the upgrade with HTTP %s", exc.response.status_code)
             return False
         except (OSError, TimeoutError, InvalidHandshake, socket.gaierror) as exc:
+            problem = certificate_problem(exc, urlsplit(url).hostname or url)
+            if problem is not None:
+                raise problem from exc  # configuration, not the network: never retried
             log.warning("cannot connect to %s: %s", self.config.server, exc or type(exc).__name__)
             return False
         session = _Session(ws, self)

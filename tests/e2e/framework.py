@@ -22,6 +22,7 @@ import random
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -245,13 +246,17 @@ class Process:
 class RelayServer:
     """One ``relay-server serve`` process on 127.0.0.1 with its own data dir."""
 
-    def __init__(self, relay: Relay, data_dir: Path, port: int, extra: Iterable[str]) -> None:
+    def __init__(
+        self, relay: Relay, data_dir: Path, port: int, extra: Iterable[str], tls: ssl.SSLContext | None = None
+    ) -> None:
         self.relay = relay
         self.data_dir = data_dir
         self.port = port
         self.extra = list(extra)
         self.apex = f"localhost:{port}"
-        self.public_url = f"http://localhost:{port}"
+        #: Given for a server started with --tls-cert/--tls-key: verifies its certificate.
+        self.tls = tls
+        self.public_url = f"{'https' if tls else 'http'}://localhost:{port}"
         self.process: Process | None = None
 
     def start(self) -> RelayServer:
@@ -277,7 +282,11 @@ class RelayServer:
     def _healthy(self, process: Process) -> bool:
         if not process.running():
             raise AssertionError(f"relay-server exited before it was ready; {process.describe()}")
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+        conn = (
+            http.client.HTTPSConnection("localhost", self.port, timeout=2, context=self.tls)
+            if self.tls is not None
+            else http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+        )
         try:
             conn.request("GET", "/healthz", headers={"Host": self.apex})
             return conn.getresponse().status == 200
@@ -300,7 +309,7 @@ class RelayServer:
 
     def restarted(self) -> RelayServer:
         """A new started server on the same port, data dir and options (stop this one first)."""
-        return self.relay.server(*self.extra, port=self.port, data_dir=self.data_dir)
+        return self.relay.server(*self.extra, port=self.port, data_dir=self.data_dir, tls=self.tls)
 
     # -- the admin commands, run on the same data dir --------------------------------------
 
@@ -412,11 +421,17 @@ class Relay:
         return path
 
     def server(
-        self, *extra: str, port: int | None = None, data_dir: Path | None = None, start: bool = True
+        self,
+        *extra: str,
+        port: int | None = None,
+        data_dir: Path | None = None,
+        start: bool = True,
+        tls: ssl.SSLContext | None = None,
     ) -> RelayServer:
         """A started server (``extra`` are more ``serve`` options, e.g. ``--timeout 1``);
-        with ``start=False`` only its data dir, for the admin commands."""
-        server = RelayServer(self, data_dir or self.new_dir("data"), port or free_port(), extra)
+        with ``start=False`` only its data dir, for the admin commands. ``tls``: it serves
+        HTTPS (``extra`` has --tls-cert/--tls-key), verified with this client context."""
+        server = RelayServer(self, data_dir or self.new_dir("data"), port or free_port(), extra, tls)
         return server.start() if start else server
 
     def target(self, label: str = "target", kind: type[TargetService] | None = None) -> TargetService:

@@ -1,0 +1,287 @@
+"""HTTPS without a proxy (issue 9): ``relay-server serve --tls-cert/--tls-key`` serves
+HTTPS and WSS itself; the agent verifies the certificate (system CAs or ``--ca-file``),
+and a certificate it cannot verify ends it with status 1 and the cause, never a retry.
+
+The certificates are made here with ``cryptography``: a private CA and a server
+certificate for localhost signed by it, plus an unrelated CA, an expired certificate
+and one for another host.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from .framework import EXIT_TIMEOUT, RELAY_SERVER, Relay, RelayServer, free_port
+
+NOW = datetime.datetime.now(datetime.UTC)
+
+
+@dataclass(frozen=True)
+class Pair:
+    cert: Path
+    key: Path
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _write(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> Pair:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (path / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return Pair(path / "cert.pem", path / "key.pem")
+
+
+def _ca(name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = _key()
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - datetime.timedelta(days=1))
+        .not_valid_after(NOW + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _leaf(
+    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], names: list[str], *, expired: bool = False
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = _key()
+    end = NOW - datetime.timedelta(days=1) if expired else NOW + datetime.timedelta(days=30)
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
+    sans.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca[0].subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - datetime.timedelta(days=2))
+        .not_valid_after(end)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca[1], hashes.SHA256())
+    )
+    return cert, key
+
+
+@dataclass(frozen=True)
+class Certs:
+    ca_file: Path
+    other_ca_file: Path
+    good: Pair
+    expired: Pair
+    wrong_host: Pair
+
+    def context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.ca_file)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Certs]:
+    base = tmp_path_factory.mktemp("certs")
+    ca, other = _ca("relay test CA"), _ca("someone else's CA")
+    (base / "ca.pem").write_bytes(ca[0].public_bytes(serialization.Encoding.PEM))
+    (base / "other-ca.pem").write_bytes(other[0].public_bytes(serialization.Encoding.PEM))
+    names = ["localhost", "alice.localhost", "*.localhost"]
+    yield Certs(
+        base / "ca.pem",
+        base / "other-ca.pem",
+        _write(base / "good", *_leaf(ca, names)),
+        _write(base / "expired", *_leaf(ca, names, expired=True)),
+        _write(base / "wrong", *_leaf(ca, ["relay.example.com"])),
+    )
+
+
+def tls_server(relay: Relay, certs: Certs, pair: Pair, *extra: str) -> RelayServer:
+    port = free_port()
+    return relay.server(
+        "--tls-cert",
+        str(pair.cert),
+        "--tls-key",
+        str(pair.key),
+        "--public-url",
+        f"https://localhost:{port}",
+        *extra,
+        port=port,
+        tls=certs.context(),
+    )
+
+
+async def test_agent_over_wss_and_webhooks_over_https(relay: Relay, certs: Certs) -> None:
+    server = tls_server(relay, certs, certs.good)
+    target = relay.target("alice")
+    agent = relay.agent(
+        server, server.token("alice"), target.forward, extra=["--ca-file", str(certs.ca_file)]
+    )
+    assert [url for url, _ in agent.ready()] == [
+        f"https://alice.localhost:{server.port}",
+        f"https://localhost:{server.port}/t/alice",
+    ]
+    body = bytes(range(256)) * 4
+    async with aiohttp.ClientSession(auto_decompress=False) as http:
+        for host, path in ((f"alice.localhost:{server.port}", "/bin?x=1"), (server.apex, "/t/alice/bin?x=1")):
+            async with http.post(
+                f"https://127.0.0.1:{server.port}{path}",
+                data=body,
+                headers={"Host": host, "X-Hub-Signature-256": "sha256=abc"},
+                ssl=certs.context(),
+                server_hostname=host.split(":")[0],
+            ) as resp:
+                assert resp.status == 200
+                assert await resp.read() == body
+    seen = target.seen("/bin")
+    assert [s.raw_path for s in seen] == ["/bin?x=1", "/bin?x=1"]
+    for request in seen:
+        assert request.body == body
+        assert request.header("X-Forwarded-Proto") == "https"
+        assert request.header("X-Forwarded-For") == "127.0.0.1"
+        assert request.header("X-Hub-Signature-256") == "sha256=abc"
+
+    # The API commands verify the same way.
+    shown = relay.agent_cli(server, server.token("alice"), "tunnel", "show", "--ca-file", str(certs.ca_file))
+    assert shown.returncode == 0, shown.stderr
+    unverified = relay.agent_cli(server, server.token("alice"), "tunnel", "show")
+    assert unverified.returncode == 1
+    assert "cannot verify the certificate of localhost" in unverified.stderr
+
+
+@pytest.mark.parametrize(
+    ("pair", "ca", "why"),
+    [
+        ("good", None, "unable to get local issuer certificate"),
+        ("good", "other", "unable to get local issuer certificate"),
+        ("expired", "ca", "certificate has expired"),
+        ("wrong_host", "ca", "Hostname mismatch"),
+    ],
+)
+async def test_a_certificate_that_does_not_verify_ends_the_agent(
+    relay: Relay, certs: Certs, pair: str, ca: str | None, why: str
+) -> None:
+    server = tls_server(relay, certs, certs.good)
+    if pair != "good":  # the served certificate is the bad one: start a second server with it
+        server.stop()
+        server = relay.server(
+            "--tls-cert",
+            str(getattr(certs, pair).cert),
+            "--tls-key",
+            str(getattr(certs, pair).key),
+            "--public-url",
+            f"https://localhost:{server.port}",
+            port=server.port,
+            data_dir=server.data_dir,
+            tls=_unverified(),
+        )
+    extra = [] if ca is None else ["--ca-file", str(certs.ca_file if ca == "ca" else certs.other_ca_file)]
+    agent = relay.agent(server, server.token("alice"), "127.0.0.1:9", ready=False, extra=extra)
+    assert await agent.process.exited(EXIT_TIMEOUT) == 1
+    stderr = agent.process.stderr
+    assert "relay-agent: cannot verify the certificate of localhost: " in stderr
+    assert why in stderr
+    assert "(a private CA needs --ca-file)" in stderr
+    assert "reconnecting" not in stderr
+
+
+def _unverified() -> ssl.SSLContext:
+    """The test's own health check of a server whose certificate is meant to be bad."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+async def test_an_https_url_to_a_plain_http_server_is_not_retried(relay: Relay) -> None:
+    server = relay.server()
+    agent = relay.agent(
+        server,
+        server.token("alice"),
+        "127.0.0.1:9",
+        ready=False,
+        server_url=f"https://localhost:{server.port}",
+    )
+    assert await agent.process.exited(EXIT_TIMEOUT) == 1
+    assert "localhost does not speak TLS on this port" in agent.process.stderr
+
+
+@pytest.mark.parametrize("content", [None, b"not a certificate\n"])
+def test_a_bad_ca_file_is_named(relay: Relay, tmp_path: Path, content: bytes | None) -> None:
+    server = relay.server(start=False)
+    path = tmp_path / "ca.pem"
+    if content is not None:
+        path.write_bytes(content)
+    result = relay.agent_cli(server, server.token("alice"), "tunnel", "show", "--ca-file", str(path))
+    assert result.returncode == 1
+    assert f"--ca-file {path}" in result.stderr
+    agent = relay.agent(
+        server, server.token("alice"), "127.0.0.1:9", ready=False, extra=["--ca-file", str(path)]
+    )
+    assert agent.process.wait(EXIT_TIMEOUT) == 1
+    assert f"--ca-file {path}" in agent.process.stderr
+
+
+def _serve(relay: Relay, tmp_path: Path, *args: str) -> tuple[int, str]:
+    import subprocess
+
+    result = subprocess.run(
+        [str(RELAY_SERVER), "serve", "--port", str(free_port()), "--data-dir", str(tmp_path / "d"), *args],
+        env=relay.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return result.returncode, result.stderr
+
+
+def test_the_server_names_a_bad_certificate_or_key(relay: Relay, certs: Certs, tmp_path: Path) -> None:
+    good, other = certs.good, certs.wrong_host
+    code, err = _serve(relay, tmp_path, "--tls-cert", str(good.cert), "--tls-key", str(other.key))
+    assert code == 1 and f"--tls-cert {good.cert} / --tls-key {other.key}" in err
+    code, err = _serve(relay, tmp_path, "--tls-cert", str(tmp_path / "none.pem"), "--tls-key", str(good.key))
+    assert code == 1 and f"--tls-cert {tmp_path / 'none.pem'}: no such file" in err
+    code, err = _serve(relay, tmp_path, "--tls-cert", str(good.cert))
+    assert code == 2 and "--tls-cert and --tls-key go together" in err
+    code, err = _serve(
+        relay,
+        tmp_path,
+        "--tls-cert",
+        str(good.cert),
+        "--tls-key",
+        str(good.key),
+        "--public-url",
+        "http://x.test",
+    )
+    assert code == 2 and "use an https:// URL" in err
+
+
+async def test_the_dev_banner_prints_https_urls(relay: Relay, certs: Certs) -> None:
+    server = tls_server(relay, certs, certs.good, "--dev")
+    assert server.process is not None
+    lines = await server.process.line(r"--server https://localhost:\d+ ", stream="stdout")
+    assert f"https://localhost:{server.port}" in lines[0].string
