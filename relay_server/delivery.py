@@ -213,8 +213,11 @@ class Deliveries:
                 # Counted again from the store: the in-memory quota counts can never drift
                 # for longer than one interval, whatever failed in between; unless they
                 # changed during the read (the read would then be older than they are).
+                # The read goes through the group commit, so an event stored in the same
+                # batch is counted (its writer resumes first, changing the version) and
+                # one stored later is not in the read: never counted twice.
                 version = self._pending_version
-                totals = await asyncio.to_thread(self.store.pending_totals)
+                totals = await self.commits.write(Store.pending_totals_op())
                 if version == self._pending_version:
                     self._pending = {t: [events, size] for t, (events, size) in totals.items()}
             except StoreError as exc:

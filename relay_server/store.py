@@ -99,6 +99,10 @@ MIGRATIONS: list[str] = [
 STATUSES = ("pending", "retrying", "delivered", "dead")
 #: States of a delivery still waiting: the SQL list of them.
 _WAITING = "('pending', 'retrying')"
+_PENDING_TOTALS = (
+    "SELECT e.tunnel, COUNT(*), SUM(LENGTH(e.body)) FROM events e WHERE e.seq IN"
+    f" (SELECT event_seq FROM deliveries WHERE status IN {_WAITING}) GROUP BY e.tunnel"
+)
 #: ``dead_reason`` of the events waiting on a name when an admin released it: kept for
 #: their owner to read and replay, never delivered to the name's next owner.
 NAME_RELEASED = "name released"
@@ -616,10 +620,16 @@ class Store:
 
     def pending_totals(self) -> dict[str, tuple[int, int]]:
         """Per tunnel: events with a delivery still waiting, and their body bytes."""
-        rows = self._read(
-            "SELECT e.tunnel, COUNT(*), SUM(LENGTH(e.body)) FROM events e WHERE e.seq IN"
-            f" (SELECT event_seq FROM deliveries WHERE status IN {_WAITING}) GROUP BY e.tunnel"
-        )
+        return self._totals(self._read(_PENDING_TOTALS))
+
+    @staticmethod
+    def pending_totals_op() -> Callable[[sqlite3.Connection], dict[str, tuple[int, int]]]:
+        """``pending_totals`` as an operation for ``transaction``: read in the order of the
+        group commit's writes, so a count kept beside them can be checked against it."""
+        return lambda db: Store._totals(db.execute(_PENDING_TOTALS).fetchall())
+
+    @staticmethod
+    def _totals(rows: list[Any]) -> dict[str, tuple[int, int]]:
         return {r[0]: (r[1], r[2] or 0) for r in rows}
 
     def waiting_summary(self) -> dict[str, tuple[int, int, float]]:

@@ -310,6 +310,28 @@ def test_update_delivery_op_records_an_attempt(store: Store) -> None:
     assert store.deliveries(seq)[0] == Delivery(seq, "alice", ANY, "dead", 2, None, None, "agent: gone")
 
 
+async def test_a_recount_in_the_commit_of_an_insert_resumes_after_its_writer(store: Store) -> None:
+    """The quota recount reads through the group commit: a webhook stored in the same
+    batch has been counted by its writer before the recount's result is used (it was
+    counted twice when the recount read beside the commits: a 202 then a wrong 429)."""
+    commits = GroupCommitter(store)
+    commits.start()
+    seen: list[object] = []
+
+    async def insert(name: str) -> None:
+        await commits.write(Store.insert_event_op(_event(name), [_queued()]))
+        seen.append(name)
+
+    async def recount() -> None:
+        seen.append(await commits.write(Store.pending_totals_op()))
+
+    try:
+        await asyncio.wait_for(asyncio.gather(insert("evt_1"), recount(), insert("evt_2")), 10)
+    finally:
+        await commits.stop()
+    assert seen == ["evt_1", {"alice": (1, 7)}, "evt_2"]
+
+
 def test_pending_totals(store: Store) -> None:
     assert store.pending_totals() == {}
     a = _insert(store, _event("evt_a", body=b"x" * 100))
