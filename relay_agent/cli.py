@@ -26,7 +26,7 @@ from . import api_client
 from .config import DEFAULT_SERVER, AgentConfig, load_login, save_login, token_user
 from .errors import InvalidTarget, Refused
 from .target import Target, parse_target
-from .tls import CertificateRefused, client_context
+from .tls import CertificateRefused, client_context, forward_context
 
 
 class TargetType(click.ParamType[Target]):
@@ -125,6 +125,22 @@ def main() -> None:
 )
 @ca_file_option
 @click.option(
+    "--forward-ca",
+    envvar="RELAY_FORWARD_CA",
+    default=None,
+    show_envvar=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="PEM CA certificates to verify an https:// local service with (mkcert's, a dev CA).",
+)
+@click.option(
+    "--forward-verify",
+    envvar="RELAY_FORWARD_VERIFY",
+    is_flag=True,
+    show_envvar=True,
+    help="Verify an https:// local service against the system's CAs.  [default: an https://"
+    " local service's certificate is not checked: it is your own machine]",
+)
+@click.option(
     "--log-level",
     envvar="RELAY_LOG_LEVEL",
     default="warning",
@@ -142,6 +158,8 @@ def connect_command(
     max_concurrency: int | None,
     label: str,
     ca_file: Path | None,
+    forward_ca: Path | None,
+    forward_verify: bool,
     log_level: str,
 ) -> None:
     """Connect to the relay server and forward its requests to a local service."""
@@ -156,6 +174,10 @@ def connect_command(
     if not token:
         raise click.ClickException("no token: pass --token, set RELAY_TOKEN, or run relay-agent login")
     tls = _tls(ca_file)
+    try:
+        forward_tls = forward_context(forward_ca, forward_verify)
+    except RelayError as exc:
+        raise click.ClickException(str(exc)) from exc
     settings = {k: v for k, v in (("mode", mode), ("max_concurrency", max_concurrency)) if v is not None}
     config = AgentConfig(
         server=(server or saved.get("server") or DEFAULT_SERVER).rstrip("/"),
@@ -167,11 +189,18 @@ def connect_command(
         settings=settings,
         label=label,
         tls=tls,
+        forward_tls=forward_tls,
     )
     try:
         config.agent_url  # noqa: B018 - validates the server URL before connecting
     except RelayError as exc:
         raise click.ClickException(str(exc)) from exc
+    if target.scheme == "https" and forward_tls is False:
+        click.echo(
+            f"relay-agent: the certificate of {target.base_url} is not verified (your own machine;"
+            " --forward-ca FILE or --forward-verify to verify it)",
+            err=True,
+        )
     try:
         asyncio.run(_run(config))
     except Refused as exc:
@@ -209,9 +238,10 @@ async def _run(config: AgentConfig) -> None:
         else:
             logging.getLogger("relay.agent").warning("reconnected")
 
-    def on_request(head: RequestHead, status: int | str, seconds: float) -> None:
+    def on_request(head: RequestHead, status: int | str, seconds: float, error: str) -> None:
         path = head.target.decode("utf-8", "replace")
-        click.echo(f"{time.strftime('%H:%M:%S')} {head.method:7} {path} {status} {seconds * 1000:.0f}ms")
+        why = f" {error}" if error else ""
+        click.echo(f"{time.strftime('%H:%M:%S')} {head.method:7} {path} {status} {seconds * 1000:.0f}ms{why}")
 
     task = asyncio.current_task()
     assert task is not None

@@ -30,6 +30,8 @@ class AgentConfig:
     label: str = ""
     #: Verifies an https:// server (``tls.client_context``); plain http:// ignores it.
     tls: ssl.SSLContext = field(default_factory=ssl.create_default_context)
+    #: Checks an https:// target's certificate (``tls.forward_context``); False: not checked.
+    forward_tls: ssl.SSLContext | bool = False
 
     @property
     def agent_url(self) -> str:

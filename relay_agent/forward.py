@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import errno
+import ipaddress
 import re
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
@@ -34,6 +36,14 @@ from relay_protocol.limits import MAX_CONCURRENT_STREAMS, MAX_WEBSOCKET_MESSAGE
 from relay_protocol.messages import Kind, Message, MessageDecoder, encode_message
 
 from .config import AgentConfig
+from .pool import connector, explain_connect_failure
+from .tls import tls_problem
+
+#: Methods whose request may reach the service twice with the effect of once (RFC 9110
+#: 9.2.2): the only ones sent again after the service closed the connection unanswered.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+#: How a certificate error with the local service can be mended.
+FORWARD_CA_HINT = "--forward-ca FILE names its CA; without --forward-ca or --forward-verify it is not checked"
 
 #: Characters of a failure kept for the RESET reason and the log: the target's
 #: garbage (a bad status line) must not flood either.
@@ -159,11 +169,11 @@ def _install_exact_serializer() -> None:
     aiohttp.http_writer._serialize_headers = _serialize_headers
 
 
-def client_session() -> aiohttp.ClientSession:
-    """The one pooled client session of the agent."""
+def client_session(config: AgentConfig) -> aiohttp.ClientSession:
+    """The one pooled client session of the agent, to ``config.target``."""
     _install_exact_serializer()
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=MAX_CONCURRENT_STREAMS, limit_per_host=0),
+        connector=connector(config.forward_tls, MAX_CONCURRENT_STREAMS),
         auto_decompress=False,  # bodies pass byte for byte, Content-Encoding and all
         cookie_jar=aiohttp.DummyCookieJar(),  # cookies belong to the public clients, not to us
         # No total limit: the server bounds the wait for a response head
@@ -210,6 +220,70 @@ def _response_head(response: aiohttp.ClientResponse) -> ResponseHead:
     return head
 
 
+def server_name(config: AgentConfig, headers: Headers) -> str | None:
+    """The TLS server name (SNI, and the name the certificate must carry when verified)
+    for an https:// target: it follows ``--host-header``, as the Host header does.
+    None: the target's own host (``rewrite``), or an IP address (never sent as SNI)."""
+    if config.target.scheme != "https" or config.host_header == "rewrite":
+        return None
+    if config.host_header == "preserve":
+        value = header_value(headers, b"host")
+        host = value.decode("latin-1") if value else ""
+    else:
+        host = config.host_header
+    name = URL.build(scheme="https", authority=host.strip()).host if host.strip() else None
+    if not name:
+        return None
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return name
+    return None
+
+
+def _closed_unanswered(exc: BaseException) -> bool:
+    """The service closed or reset the connection before any byte of an answer."""
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return True
+    return (
+        isinstance(exc, aiohttp.ClientOSError)
+        and not isinstance(exc, aiohttp.ClientConnectorError)
+        and exc.errno in (errno.ECONNRESET, errno.EPIPE)
+    )
+
+
+def _failure(exc: BaseException, config: AgentConfig) -> ForwardFailed | None:
+    """The ``ForwardFailed`` a client error means, with a reason a user can act on (what
+    was tried, how it failed; no exception names), or None for an error of our own."""
+    base = config.target.base_url
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return ForwardFailed(RESET_TARGET_UNREACHABLE, f"no connection to {base} within {CONNECT_TIMEOUT:g}s")
+    if isinstance(exc, TimeoutError):
+        return ForwardFailed(RESET_TARGET_TIMEOUT, f"no answer within {TARGET_READ_TIMEOUT:g}s")
+    if isinstance(exc, aiohttp.ClientSSLError):
+        error = getattr(exc, "certificate_error", None) or exc.os_error
+        problem = tls_problem(error, base, FORWARD_CA_HINT)
+        return ForwardFailed(RESET_TARGET_ERROR, problem or f"TLS with {base} failed: {exc.os_error}")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return ForwardFailed(RESET_TARGET_UNREACHABLE, explain_connect_failure(exc, base))
+    if isinstance(exc, aiohttp.ClientResponseError):
+        # aiohttp's parser refused the response head (a line or field over the limits,
+        # a bad status line): the target answered, with something the agent cannot relay.
+        return ForwardFailed(RESET_BAD_RESPONSE, f"the agent cannot parse the response: {exc.message}")
+    if _closed_unanswered(exc):
+        return ForwardFailed(RESET_TARGET_ERROR, "the local service closed the connection without answering")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return ForwardFailed(RESET_TARGET_ERROR, "the local service's response ended before its end")
+    if isinstance(exc, OSError) and exc.strerror:
+        return ForwardFailed(RESET_TARGET_ERROR, f"the connection to the local service broke: {exc.strerror}")
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        why = str(exc) or type(exc).__name__
+        return ForwardFailed(RESET_TARGET_ERROR, f"the request to the local service failed: {why}")
+    if isinstance(exc, _UnsendableHead):  # a byte HTTP forbids: the relay should have refused it
+        return ForwardFailed(RESET_REFUSED, f"unforwardable request head: {exc}")
+    return None
+
+
 async def forward(
     session: aiohttp.ClientSession, config: AgentConfig, head: RequestHead, has_body: bool, link: Link
 ) -> int:
@@ -219,14 +293,27 @@ async def forward(
         return await forward_websocket(session, config, head, link)
     url = URL(config.target.url_for(head.target), encoded=True)
     exact = _exact_headers.set(_exact(head, config))  # read when the request is built
+    # Sent again once if the service closed the connection without a word of answer: only
+    # a bodiless request of an idempotent method (RFC 9110 9.2.2), which may safely reach
+    # the service twice. (A pooled connection found closed is never used: pool.py.)
+    retries = 0 if has_body or head.method not in IDEMPOTENT_METHODS else 1
     try:
-        async with session.request(
-            head.method,
-            url,
-            data=link.body() if has_body else None,
-            allow_redirects=False,
-            compress=False,
-        ) as response:
+        while True:
+            try:
+                response = await session.request(
+                    head.method,
+                    url,
+                    data=link.body() if has_body else None,
+                    allow_redirects=False,
+                    compress=False,
+                    server_hostname=server_name(config, head.headers),
+                )
+                break
+            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+                if not retries or not _closed_unanswered(exc):
+                    raise
+                retries -= 1
+        async with response:
             no_body = head.method == "HEAD" or response.status in (204, 304)
             await link.respond(_response_head(response), end=no_body)
             if no_body:
@@ -237,20 +324,11 @@ async def forward(
                 await link.send_body(chunk)
             await link.send_body(b"", end=True)
             return response.status
-    except TimeoutError as exc:
-        raise ForwardFailed(RESET_TARGET_TIMEOUT, f"no answer within {TARGET_READ_TIMEOUT:g}s") from exc
-    except aiohttp.ClientConnectorError as exc:
-        raise ForwardFailed(RESET_TARGET_UNREACHABLE, f"cannot connect to {config.target.base_url}") from exc
-    except aiohttp.ClientResponseError as exc:
-        # aiohttp's parser refused the response head (a line or field over the limits,
-        # a bad status line): the target answered, with something the agent cannot relay.
-        raise ForwardFailed(
-            RESET_BAD_RESPONSE, f"the agent cannot parse the response: {exc.message}"
-        ) from exc
-    except (aiohttp.ClientError, OSError) as exc:
-        raise ForwardFailed(RESET_TARGET_ERROR, f"{type(exc).__name__}: {exc}") from exc
-    except _UnsendableHead as exc:  # a byte HTTP forbids: the relay should have refused it
-        raise ForwardFailed(RESET_REFUSED, f"unforwardable request head: {exc}") from exc
+    except (aiohttp.ClientError, OSError, TimeoutError, _UnsendableHead) as exc:
+        failure = _failure(exc, config)
+        if failure is None:
+            raise
+        raise failure from exc
     finally:
         _exact_headers.reset(exact)
 
@@ -274,6 +352,7 @@ async def forward_websocket(
             autoping=False,  # pings and pongs are relayed end to end, not answered here
             max_msg_size=MAX_WEBSOCKET_MESSAGE,
             compress=0,
+            server_hostname=server_name(config, head.headers),
         )
     except aiohttp.WSServerHandshakeError as exc:
         # aiohttp decoded the refusal's header bytes as UTF-8 with surrogateescape: undone
@@ -284,12 +363,11 @@ async def forward_websocket(
         )
         await link.respond(ResponseHead(exc.status, strip_hop_by_hop(refusal)), end=True)
         return exc.status
-    except aiohttp.ClientConnectorError as exc:
-        raise ForwardFailed(RESET_TARGET_UNREACHABLE, f"cannot connect to {config.target.base_url}") from exc
-    except (aiohttp.ClientError, OSError) as exc:
-        raise ForwardFailed(RESET_TARGET_ERROR, f"{type(exc).__name__}: {exc}") from exc
-    except _UnsendableHead as exc:  # a byte HTTP forbids: the relay should have refused it
-        raise ForwardFailed(RESET_REFUSED, f"unforwardable request head: {exc}") from exc
+    except (aiohttp.ClientError, OSError, TimeoutError, _UnsendableHead) as exc:
+        failure = _failure(exc, config)
+        if failure is None:
+            raise
+        raise failure from exc
     finally:
         _exact_headers.reset(exact)
     async with ws:

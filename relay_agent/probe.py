@@ -14,6 +14,8 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from .pool import addresses
+
 log = logging.getLogger("relay.agent")
 
 #: Seconds between two connect attempts: a webhook waits about a second past
@@ -25,14 +27,20 @@ PROBE_CONNECT_TIMEOUT = 1.0
 
 
 async def reachable(host: str, port: int, timeout: float = PROBE_CONNECT_TIMEOUT) -> bool:
-    """True if a TCP connection to ``host:port`` opens within ``timeout``; it is closed at once."""
+    """True if a TCP connection to one of the addresses of ``host:port`` (as forwarding
+    tries them: ``pool.addresses``) opens within ``timeout``; it is closed at once."""
     try:
         async with asyncio.timeout(timeout):
-            _, writer = await asyncio.open_connection(host, port)
+            for address, port_ in await addresses(host, port):
+                try:
+                    _, writer = await asyncio.open_connection(address, port_)
+                except OSError:
+                    continue
+                writer.close()
+                return True
     except (OSError, TimeoutError):
-        return False
-    writer.close()
-    return True
+        pass
+    return False
 
 
 class TargetProbe:

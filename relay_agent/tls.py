@@ -1,8 +1,14 @@
-"""How the agent checks the server's certificate: always, against the system's CAs or
-``--ca-file``; there is no insecure mode.
+"""How the agent checks certificates.
 
-A certificate that does not verify (unknown CA, expired, another host's) is a fault of
-configuration, not of the network: ``connect`` says why and exits 1 instead of retrying.
+The relay server's: always, against the system's CAs or ``--ca-file``; there is no
+insecure mode. A certificate that does not verify (unknown CA, expired, another host's) is a
+fault of configuration, not of the network: ``connect`` says why and exits 1 instead of
+retrying.
+
+The local service's (an https:// ``--forward``): not by default, as the local hop is the
+user's own machine and dev servers use self-signed or dev-CA certificates (ngrok does the
+same for local upstreams); ``--forward-ca FILE`` verifies against that CA and
+``--forward-verify`` against the system's store.
 """
 
 from __future__ import annotations
@@ -23,33 +29,48 @@ class CertificateRefused(RelayError):
     """The server's certificate (or its lack of TLS) makes the connection impossible."""
 
 
-def client_context(ca_file: Path | None) -> ssl.SSLContext:
+def client_context(ca_file: Path | None, option: str = "--ca-file") -> ssl.SSLContext:
     """A verifying TLS client context: the system's CAs, or those in the PEM ``ca_file``.
 
-    Raises ``AgentConfigError`` naming ``ca_file`` if it is missing, unreadable or holds
-    no PEM certificate."""
+    Raises ``AgentConfigError`` naming ``option`` and the file if it is missing,
+    unreadable or holds no PEM certificate."""
     context = ssl.create_default_context()
     if ca_file is None:
         return context
     if not ca_file.is_file():
-        raise AgentConfigError(f"--ca-file {ca_file}: no such file")
+        raise AgentConfigError(f"{option} {ca_file}: no such file")
     try:
         context.load_verify_locations(cafile=ca_file)
     except ssl.SSLError as exc:
-        raise AgentConfigError(f"--ca-file {ca_file}: no PEM CA certificate in it ({exc.reason})") from exc
+        raise AgentConfigError(f"{option} {ca_file}: no PEM CA certificate in it ({exc.reason})") from exc
     except OSError as exc:
-        raise AgentConfigError(f"--ca-file {ca_file}: {exc.strerror or exc}") from exc
+        raise AgentConfigError(f"{option} {ca_file}: {exc.strerror or exc}") from exc
     return context
 
 
-def certificate_problem(exc: BaseException, host: str) -> CertificateRefused | None:
-    """The ``CertificateRefused`` an exception from a TLS handshake with ``host`` means,
-    or None if it is a network failure worth retrying."""
+def forward_context(ca_file: Path | None, verify: bool) -> ssl.SSLContext | bool:
+    """The check of an https:// local service's certificate: a context verifying against
+    ``ca_file`` (``--forward-ca``) or the system's store (``--forward-verify``), else False
+    (not verified). Raises ``AgentConfigError`` as ``client_context``."""
+    if ca_file is None and not verify:
+        return False
+    return client_context(ca_file, "--forward-ca")
+
+
+def tls_problem(exc: BaseException, host: str, hint: str) -> str | None:
+    """What an exception from a TLS handshake with ``host`` says about the configuration
+    (a certificate that does not verify, followed by ``hint``; no TLS on the port), or
+    None if it is something else (a network failure)."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         why = exc.verify_message or exc.reason or str(exc)
-        return CertificateRefused(
-            f"cannot verify the certificate of {host}: {why} (a private CA needs --ca-file)"
-        )
+        return f"cannot verify the certificate of {host}: {why} ({hint})"
     if isinstance(exc, ssl.SSLError) and exc.reason == NOT_TLS_REASON:
-        return CertificateRefused(f"{host} does not speak TLS on this port (is the URL http://?)")
+        return f"{host} does not speak TLS on this port (is the URL http://?)"
     return None
+
+
+def certificate_problem(exc: BaseException, host: str) -> CertificateRefused | None:
+    """The ``CertificateRefused`` an exception from a TLS handshake with the relay server
+    ``host`` means, or None if it is a network failure worth retrying."""
+    problem = tls_problem(exc, host, "a private CA needs --ca-file")
+    return CertificateRefused(problem) if problem is not None else None

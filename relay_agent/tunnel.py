@@ -302,20 +302,21 @@ class _Session:
     async def _serve(self, stream: AgentStream) -> None:
         started = time.monotonic()
         status: int | str = "-"
+        error = ""
         try:
             status = await forward(
                 self.tunnel.client, self.tunnel.config, stream.head, stream.has_body, stream
             )
         except ForwardFailed as exc:
             status = 504 if exc.code == RESET_TARGET_TIMEOUT else 502  # what the client sees
-            log.info("stream %d: %s", stream.id, exc)
+            error = str(exc)
             if exc.code == RESET_TARGET_UNREACHABLE:
                 self.tunnel.target_unreachable()
             await stream.reset(exc.code, str(exc))
         except BadHead as exc:  # the local app's answer cannot travel (a head over the limits)
             status = 502
-            log.info("stream %d: the app's response cannot be relayed: %s", stream.id, exc)
-            await stream.reset(RESET_BAD_RESPONSE, f"the response head cannot be relayed: {exc}")
+            error = f"the response head cannot be relayed: {exc}"
+            await stream.reset(RESET_BAD_RESPONSE, error)
         except StreamGone:
             status = "reset"
         except asyncio.CancelledError:
@@ -327,7 +328,7 @@ class _Session:
             self.streams.pop(stream.id, None)
             # Still open if answered before the request body ended: nothing more will be read.
             self.reset(stream.id, RESET_CANCEL, "response complete")
-            self.tunnel.on_request(stream.head, status, time.monotonic() - started)
+            self.tunnel.on_request(stream.head, status, time.monotonic() - started, error)
 
     async def _heartbeat(self) -> None:
         while not self.closed:
@@ -343,7 +344,9 @@ class _Session:
             await asyncio.sleep(beat.wait)
 
 
-RequestLogger = Callable[[RequestHead, "int | str", float], None]
+#: Called once a stream ends: its head, the status the public client saw (or how it
+#: ended: "reset", "cancelled"), seconds taken, and why it failed ("" if it did not).
+RequestLogger = Callable[[RequestHead, "int | str", float, str], None]
 UrlPrinter = Callable[[Welcome], None]
 
 
@@ -362,7 +365,7 @@ class Tunnel:
     async def run(self) -> None:
         """Serve until cancelled. Raises ``Refused`` when the server refuses this agent."""
         try:
-            async with client_session() as self.client:
+            async with client_session(self.config) as self.client:
                 delays = backoff()
                 while True:
                     served = await self._connect_once()

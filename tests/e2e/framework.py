@@ -48,7 +48,7 @@ READY_TIMEOUT = 20.0
 EXIT_TIMEOUT = 20.0
 
 FORWARDING = re.compile(r"^Forwarding (\S+) -> (\S+)$")
-REQUEST_LINE = r"^\d\d:\d\d:\d\d {method}\s+{path} {status} \d+ms$"
+REQUEST_LINE = r"^\d\d:\d\d:\d\d {method}\s+{path} {status} \d+ms(?: .+)?$"
 
 
 #: Ports for servers are handed out from a block of this process's own, below the kernel's

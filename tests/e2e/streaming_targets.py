@@ -10,10 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ssl
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import WSMsgType, web
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 #: One 64 KiB block of every byte value: big bodies are this, repeated.
 BLOCK = bytes(range(256)) * 256
@@ -44,7 +48,13 @@ class StreamingTarget:
     hanging: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
     close_codes: list[int] = field(default_factory=list)
+    #: Where it listens: any free port of 127.0.0.1 unless given (``::1``, a fixed port).
+    host: str = "127.0.0.1"
     port: int = 0
+    #: Serves HTTPS with this context when given.
+    tls: ssl.SSLContext | None = None
+    #: Who asked for each request (``host``, ``x-forwarded-for``), in order.
+    hosts: list[str] = field(default_factory=list)
 
     def start(self) -> None:
         self.hold_uploads = threading.Event()
@@ -54,7 +64,9 @@ class StreamingTarget:
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
 
     async def _start(self) -> None:
-        app = web.Application(client_max_size=0, handler_args={"auto_decompress": False})
+        app = web.Application(
+            client_max_size=0, handler_args={"auto_decompress": False}, middlewares=[self._note_host]
+        )
         app.router.add_get("/ws", self._ws)
         app.router.add_get("/sse", self._sse)
         app.router.add_get("/down", self._down)
@@ -63,7 +75,7 @@ class StreamingTarget:
         app.router.add_get("/small", self._small)
         self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.tls)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
 
@@ -78,6 +90,11 @@ class StreamingTarget:
     @property
     def forward(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @web.middleware
+    async def _note_host(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        self.hosts.append(request.headers.get("Host", ""))
+        return await handler(request)
 
     async def _ws(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(protocols=("chat", "v2"))

@@ -130,7 +130,7 @@ async def test_the_app_back_means_at_once_and_in_arrival_order(relay: Relay) -> 
         assert set(listed) == set(ids)  # retrying, with when and why
         for event in listed.values():
             [delivery] = event["deliveries"]
-            assert delivery["next_attempt_at"] and "cannot connect" in (delivery["last_error"] or ""), (
+            assert delivery["next_attempt_at"] and "connection refused" in (delivery["last_error"] or ""), (
                 delivery
             )
         target = app_up(relay, app_port)

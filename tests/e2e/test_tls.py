@@ -9,8 +9,6 @@ and one for another host.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,77 +16,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from .certificates import Pair, make_ca, make_leaf, write_cert, write_pair
 from .framework import EXIT_TIMEOUT, RELAY_SERVER, Relay, RelayServer, free_port
-
-NOW = datetime.datetime.now(datetime.UTC)
-
-
-@dataclass(frozen=True)
-class Pair:
-    cert: Path
-    key: Path
-
-
-def _key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _write(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> Pair:
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (path / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return Pair(path / "cert.pem", path / "key.pem")
-
-
-def _ca(name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = _key()
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - datetime.timedelta(days=1))
-        .not_valid_after(NOW + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
-
-
-def _leaf(
-    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], names: list[str], *, expired: bool = False
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = _key()
-    end = NOW - datetime.timedelta(days=1) if expired else NOW + datetime.timedelta(days=30)
-    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
-    sans.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-        .issuer_name(ca[0].subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - datetime.timedelta(days=2))
-        .not_valid_after(end)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca[1], hashes.SHA256())
-    )
-    return cert, key
 
 
 @dataclass(frozen=True)
@@ -106,16 +36,14 @@ class Certs:
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Certs]:
     base = tmp_path_factory.mktemp("certs")
-    ca, other = _ca("relay test CA"), _ca("someone else's CA")
-    (base / "ca.pem").write_bytes(ca[0].public_bytes(serialization.Encoding.PEM))
-    (base / "other-ca.pem").write_bytes(other[0].public_bytes(serialization.Encoding.PEM))
+    ca, other = make_ca("relay test CA"), make_ca("someone else's CA")
     names = ["localhost", "alice.localhost", "*.localhost"]
     yield Certs(
-        base / "ca.pem",
-        base / "other-ca.pem",
-        _write(base / "good", *_leaf(ca, names)),
-        _write(base / "expired", *_leaf(ca, names, expired=True)),
-        _write(base / "wrong", *_leaf(ca, ["relay.example.com"])),
+        write_cert(base / "ca.pem", ca[0]),
+        write_cert(base / "other-ca.pem", other[0]),
+        write_pair(base / "good", *make_leaf(ca, names)),
+        write_pair(base / "expired", *make_leaf(ca, names, expired=True)),
+        write_pair(base / "wrong", *make_leaf(ca, ["relay.example.com"])),
     )
 
 

@@ -295,7 +295,7 @@ async def _forward_to_raw_app(answer: bytes, head: RequestHead) -> tuple[bytes, 
     config = AgentConfig(server="http://relay.test", token="t", target=Target("http", "127.0.0.1", port))
     link = _Link()
     try:
-        async with client_session() as session:
+        async with client_session(config) as session:
             await forward(session, config, head, False, link)
     except ForwardFailed as exc:
         return seen[0], exc
