@@ -43,7 +43,8 @@ from .tls import tls_problem
 #: 9.2.2): the only ones sent again after the service closed the connection unanswered.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 #: How a certificate error with the local service can be mended.
-FORWARD_CA_HINT = "--forward-ca FILE names its CA; without --forward-ca or --forward-verify it is not checked"
+FORWARD_CA_HINT = "without --forward-ca or --forward-verify it is not checked; to verify it, --forward-ca"
+FORWARD_NAME_HINT = "check the --forward host, or --host-header"
 
 #: Characters of a failure kept for the RESET reason and the log: the target's
 #: garbage (a bad status line) must not flood either.
@@ -262,7 +263,7 @@ def _failure(exc: BaseException, config: AgentConfig) -> ForwardFailed | None:
         return ForwardFailed(RESET_TARGET_TIMEOUT, f"no answer within {TARGET_READ_TIMEOUT:g}s")
     if isinstance(exc, aiohttp.ClientSSLError):
         error = getattr(exc, "certificate_error", None) or exc.os_error
-        problem = tls_problem(error, base, FORWARD_CA_HINT)
+        problem = tls_problem(error, base, FORWARD_CA_HINT, FORWARD_NAME_HINT)
         return ForwardFailed(RESET_TARGET_ERROR, problem or f"TLS with {base} failed: {exc.os_error}")
     if isinstance(exc, aiohttp.ClientConnectorError):
         return ForwardFailed(RESET_TARGET_UNREACHABLE, explain_connect_failure(exc, base))

@@ -13,6 +13,7 @@ same for local upstreams); ``--forward-ca FILE`` verifies against that CA and
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from pathlib import Path
 
@@ -57,20 +58,54 @@ def forward_context(ca_file: Path | None, verify: bool) -> ssl.SSLContext | bool
     return client_context(ca_file, "--forward-ca")
 
 
-def tls_problem(exc: BaseException, host: str, hint: str) -> str | None:
+#: OpenSSL's verification codes (``X509_V_ERR_*``) a hint can be given for.
+_UNKNOWN_ISSUER = frozenset({18, 19, 20, 21})  # self-signed, self-signed in chain, no issuer, no first issuer
+_NOT_IN_TIME = frozenset({9, 10})  # not yet valid, expired
+_OTHER_NAME = 62  # hostname mismatch
+
+
+def tls_problem(exc: BaseException, host: str, ca_option: str, name_hint: str) -> str | None:
     """What an exception from a TLS handshake with ``host`` says about the configuration
-    (a certificate that does not verify, followed by ``hint``; no TLS on the port), or
+    (a certificate that does not verify, with a hint fitting the cause: ``ca_option`` for
+    an unknown CA, ``name_hint`` for another host's certificate; no TLS on the port), or
     None if it is something else (a network failure)."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         why = exc.verify_message or exc.reason or str(exc)
-        return f"cannot verify the certificate of {host}: {why} ({hint})"
+        if exc.verify_code in _UNKNOWN_ISSUER:
+            hint = f" ({ca_option} must name the CA that signed it)"
+        elif exc.verify_code in _NOT_IN_TIME:
+            hint = " (the certificate must be renewed, or this machine's clock is wrong)"
+        elif exc.verify_code == _OTHER_NAME:
+            hint = f" (it was issued for other names: {name_hint})"
+        else:
+            hint = ""
+        return f"cannot verify the certificate of {host}: {why}{hint}"
     if isinstance(exc, ssl.SSLError) and exc.reason == NOT_TLS_REASON:
         return f"{host} does not speak TLS on this port (is the URL http://?)"
     return None
 
 
+#: Seconds to find out whether a port that did not answer HTTP speaks TLS instead.
+TLS_SNIFF_TIMEOUT = 5.0
+
+
+async def speaks_tls(host: str, port: int) -> bool:
+    """True if a TLS handshake with ``host:port`` completes (its certificate unchecked: only
+    the question "is this TLS?" is asked, and nothing is sent after the handshake)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        async with asyncio.timeout(TLS_SNIFF_TIMEOUT):
+            _, writer = await asyncio.open_connection(host, port, ssl=context)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
 def certificate_problem(exc: BaseException, host: str) -> CertificateRefused | None:
     """The ``CertificateRefused`` an exception from a TLS handshake with the relay server
     ``host`` means, or None if it is a network failure worth retrying."""
-    problem = tls_problem(exc, host, "a private CA needs --ca-file")
+    problem = tls_problem(exc, host, "a private CA needs --ca-file, and it", "check the server URL")
     return CertificateRefused(problem) if problem is not None else None

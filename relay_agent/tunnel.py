@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidMessage, InvalidStatus
 
 from relay_protocol import (
     PROTOCOL_VERSION,
@@ -62,7 +62,7 @@ from .config import AgentConfig
 from .errors import Refused
 from .forward import ForwardFailed, client_session, forward
 from .probe import TargetProbe
-from .tls import certificate_problem
+from .tls import CertificateRefused, certificate_problem, speaks_tls
 
 log = logging.getLogger("relay.agent")
 
@@ -417,7 +417,15 @@ class Tunnel:
             log.warning("server answered the upgrade with HTTP %s", exc.response.status_code)
             return False
         except (OSError, TimeoutError, InvalidHandshake, socket.gaierror) as exc:
-            problem = certificate_problem(exc, urlsplit(url).hostname or url)
+            parts = urlsplit(url)
+            problem = certificate_problem(exc, parts.hostname or url)
+            if problem is None and isinstance(exc, InvalidMessage) and parts.scheme == "ws":
+                # Not HTTP on an http:// URL: an HTTPS server (--tls-cert, a proxy's 443)?
+                port = parts.port or 80
+                if await speaks_tls(parts.hostname or "", port):
+                    problem = CertificateRefused(
+                        f"{parts.hostname}:{port} speaks TLS: the server URL must be https://"
+                    )
             if problem is not None:
                 raise problem from exc  # configuration, not the network: never retried
             log.warning("cannot connect to %s: %s", self.config.server, exc or type(exc).__name__)

@@ -14,6 +14,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterable
+from typing import Any
 
 from aiohttp import web
 
@@ -26,6 +27,10 @@ access_log = logging.getLogger("relay.access")
 REQUEST_ID = web.RequestKey("relay.request_id", str)
 ROUTE = web.RequestKey("relay.route", str)  # one of metrics.ROUTES
 TUNNEL = web.RequestKey("relay.tunnel", str)  # the claimed tunnel's name, once its owner is known
+#: The host name a TLS ask (``/_relay/tls-ask?domain=``) asked about, for the access log.
+ASKED = web.RequestKey("relay.asked", str)
+#: The response whose head went out, if any: what the client got if it leaves before the end.
+STARTED = web.RequestKey("relay.started", web.StreamResponse)
 
 #: A client's X-Request-Id kept as it is: 1 to 128 URL-safe token characters.
 _SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._~:+/=-]{1,128}")
@@ -36,9 +41,16 @@ CLIENT_CLOSED = 499  # nginx's "client closed request"
 
 
 class CountedResponse(web.StreamResponse):
-    """A streamed response that counts the body bytes written (``sent``)."""
+    """A streamed response that counts the body bytes written (``sent``) and notes itself
+    on its request once its head is written (``STARTED``)."""
 
     sent = 0
+
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        writer = await super().prepare(request)
+        if isinstance(request, web.Request):
+            request[STARTED] = self
+        return writer
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         self.sent += len(data)
@@ -63,7 +75,7 @@ def request_id(raw_headers: Iterable[tuple[bytes, bytes]]) -> str:
     return str(uuid.uuid4())
 
 
-def _loggable_path(raw_path: str) -> str:
+def loggable_path(raw_path: str) -> str:
     """The path of a raw target (no query: it may carry a secret), printable ASCII only."""
     path = raw_path.split("?", 1)[0]
     cut = path[:MAX_LOGGED_PATH].encode("ascii", "backslashreplace").decode("ascii")
@@ -85,8 +97,12 @@ class RequestNotes:
         return time.monotonic()
 
     def end(self, request: web.Request, response: web.StreamResponse | None, started: float) -> None:
-        """Count the answered request; ``response`` None: the client went away first."""
+        """Count the answered request. ``response`` None: the handler did not end (the
+        client went away): what it had started to send (status, bytes so far) is counted
+        then, ``CLIENT_CLOSED`` if nothing."""
         seconds = time.monotonic() - started
+        if response is None:
+            response = request.get(STARTED)
         status = CLIENT_CLOSED if response is None else response.status
         error = "" if response is None else response.headers.get("X-Relay-Error", "")
         read = request.content.total_bytes
@@ -103,7 +119,8 @@ class RequestNotes:
             "client": client_of(request, self.trusted_proxies),
             "method": request.method,
             "tunnel": tunnel or "-",
-            "path": _loggable_path(request.raw_path),
+            "path": loggable_path(request.raw_path),
+            **({"asked": request[ASKED]} if ASKED in request else {}),
             "status": status,
             "error": error or "-",
             "bytes_in": read,

@@ -29,7 +29,7 @@ from .delivery import Deliveries
 from .errors import AuthError, ConfigError, NameRefused
 from .names import PublicOrigin, is_valid_name, name_allowed
 from .public_errors import relay_error
-from .registry import Registry
+from .registry import InFlight, Registry
 from .session import AgentSession
 from .settings import is_valid_label
 from .store import Store
@@ -50,8 +50,10 @@ class AgentEndpoint:
         registry: Registry,
         origin: PublicOrigin,
         deliveries: Deliveries,
+        inflight: InFlight,
         trusted_proxies: tuple[Network, ...] = (),
     ):
+        self.inflight = inflight
         self.trusted_proxies = trusted_proxies
         self.secret = secret
         self.store = store
@@ -100,6 +102,8 @@ class AgentEndpoint:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         # aiohttp refuses a message whose size equals max_msg_size: hence the + 1.
         ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_SIZE + 1, autoping=True)
+        if self.inflight.draining:  # its agents are being closed: come back to the next server
+            return relay_error("not-ready", "the relay server is shutting down")
         if not ws.can_prepare(request).ok:
             return relay_error("bad-request", "this endpoint takes a websocket upgrade from relay-agent")
         await ws.prepare(request)

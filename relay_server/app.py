@@ -12,13 +12,14 @@ from aiohttp import web
 from relay_protocol.frames import CLOSE_GOING_AWAY
 
 from . import tokens
-from .access import RequestNotes
+from .access import RequestNotes, loggable_path
 from .agent_endpoint import AgentEndpoint
 from .api import Api
 from .commits import GroupCommitter
 from .config import ServerConfig
 from .connections import DEFAULT_KEEPALIVE_TIMEOUT, AcceptErrorLog, ConnectionGuard, GuardedAppRunner
 from .delivery import Deliveries
+from .errors import ConfigError
 from .ingress import MAX_HEADER_LINE, MAX_REQUEST_HEADERS, Ingress
 from .metrics import Metrics
 from .names import PublicOrigin
@@ -57,6 +58,7 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
         registry=registry,
         origin=origin,
         deliveries=deliveries,
+        inflight=inflight,
         trusted_proxies=config.trusted_proxies,
     )
     metrics = Metrics(registry=registry, store=store, per_tunnel=config.metrics_per_tunnel)
@@ -105,12 +107,13 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
             response = await ingress.handle(request)
         except ConnectionResetError as exc:  # aiohttp's ClientConnectionResetError too
             # The public client went away mid-response: nobody to answer, no bug to report.
-            log.info("client went away during %s %s: %s", request.method, request.path, exc)
+            path = loggable_path(request.raw_path)
+            log.info("client went away during %s %s: %s", request.method, path, exc)
             if request.transport is not None:
                 request.transport.close()
             return web.Response()  # never written: aiohttp finds the connection closed
         except Exception:  # a bug: log it, never show a traceback to the client
-            log.exception("internal error on %s %s", request.method, request.path)
+            log.exception("internal error on %s %s", request.method, loggable_path(request.raw_path))
             response = relay_error("internal-error", "the relay server failed on this request")
         finally:
             notes.end(request, response, started)  # response None: the client left first
@@ -158,8 +161,9 @@ async def _watch_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _drain(app: web.Application) -> None:
-    """On shutdown: refuse new tunnel requests, let in-flight ones finish (bounded),
-    then close every agent connection with GOING_AWAY so agents reconnect elsewhere."""
+    """On shutdown: refuse new tunnel requests and agents (503; /readyz says not-ready),
+    let in-flight ones finish (bounded), then close every agent connection with
+    GOING_AWAY so agents reconnect elsewhere."""
     inflight = app[INFLIGHT]
     inflight.draining = True
     if not await inflight.wait_idle(app[CONFIG].shutdown_grace):
@@ -203,11 +207,13 @@ async def serve(config: ServerConfig, app: web.Application, ready: asyncio.Event
     try:
         await stop.wait()
         log.info("shutting down: finishing in-flight requests")
-        # Stop accepting, then drain while the agent connections still carry the
-        # answers: aiohttp's cleanup() closes every connection before its
-        # shutdown hooks run, which would cut the requests we wait for.
-        await site.stop()
+        # Drain while still listening, so that /readyz and the status say "draining" to
+        # whoever asks (a load balancer, `relay-server status`) and new requests get a
+        # 503 rather than a refused connection; and while the agent connections still
+        # carry the answers: aiohttp's cleanup() closes every connection before its
+        # shutdown hooks run, which would cut the requests we wait for. Then stop.
         await _drain(app)
+        await site.stop()
     finally:
         if metrics_runner is not None:
             await metrics_runner.cleanup()
@@ -217,7 +223,7 @@ async def serve(config: ServerConfig, app: web.Application, ready: asyncio.Event
 
 async def _metrics_site(config: ServerConfig, metrics: Metrics) -> web.AppRunner:
     """The ``--metrics-listen`` listener: ``GET /metrics`` and nothing else, to anyone who
-    reaches it (the operator chose its address). Raises OSError if it cannot bind."""
+    reaches it (the operator chose its address). Raises ``ConfigError`` if it cannot bind."""
     assert config.metrics_listen is not None
     host, port = config.metrics_listen
     app = web.Application()
@@ -226,6 +232,9 @@ async def _metrics_site(config: ServerConfig, metrics: Metrics) -> web.AppRunner
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(f"cannot listen on --metrics-listen {host}:{port}: {exc.strerror or exc}") from exc
     except BaseException:
         await runner.cleanup()
         raise

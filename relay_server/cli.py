@@ -372,6 +372,8 @@ def serve_command(
         raise click.ClickException(f"cannot use data dir {data_dir}: {exc}") from exc
     try:
         asyncio.run(_serve(config, app, banner))
+    except RelayError as exc:  # --metrics-listen's port in use
+        raise _fail(exc) from exc
     except OSError as exc:  # port in use, permission denied
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 

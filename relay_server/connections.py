@@ -124,13 +124,21 @@ def client_of(request: web.BaseRequest, trusted: Iterable[Network]) -> str:
     return forwarded_client(trusted, request.remote or "", forwarded_for(request.raw_headers))
 
 
+#: Headers that say a request was relayed for someone else (lower case).
+_FORWARDING = frozenset({b"x-forwarded-for", b"forwarded", b"x-real-ip"})
+
+
 def is_local(request: web.BaseRequest, trusted: Iterable[Network]) -> bool:
-    """True if ``request`` comes from this host or from a trusted proxy itself (not from a
-    client it forwards for): who may read /metrics, the status and the TLS ask endpoint."""
-    networks = tuple(trusted)
-    client = client_of(request, networks)
-    address = parse_address(client)
-    return address is not None and (address.is_loopback or trusts(networks, client))
+    """True if ``request`` was made by this host or by a trusted proxy itself, for no one
+    else: its peer is a loopback address or in ``trusted``, and it carries no forwarding
+    header (``X-Forwarded-For``, ``Forwarded``, ``X-Real-IP``). Who may read /metrics,
+    the status and the TLS ask endpoint. A client behind the proxy is never local, whatever
+    its address (a proxy's gateway address, a forged or unparsable chain): the proxy
+    marks every request it relays, and asks (Caddy's on-demand TLS) without a mark."""
+    peer = parse_address(request.remote or "")
+    if peer is None or not (peer.is_loopback or trusts(tuple(trusted), str(peer))):
+        return False
+    return not any(name.lower() in _FORWARDING for name, _ in request.raw_headers)
 
 
 class ConnectionGuard:

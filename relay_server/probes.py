@@ -16,6 +16,7 @@ from aiohttp import web
 
 from relay_protocol import RelayError
 
+from .access import ASKED
 from .connections import Network, is_local
 from .names import BadHost, PublicOrigin, is_valid_name, normalize_host
 from .public_errors import relay_error
@@ -65,6 +66,8 @@ class Probes:
         one, 403 unless the request comes from this host or a trusted proxy itself."""
         if not is_local(request, self.trusted_proxies):
             return relay_error("forbidden", "only the front proxy may ask")
+        if request.method not in ("GET", "HEAD"):
+            return relay_error("method-not-allowed", "ask with GET /_relay/tls-ask?domain=HOST")
         domain = request.query.get("domain", "")
         try:
             host = normalize_host(domain)
@@ -72,6 +75,10 @@ class Probes:
             return relay_error("bad-request", f"domain: {exc}")
         if not host:
             return relay_error("bad-request", "give the domain: /_relay/tls-ask?domain=HOST")
+        request[ASKED] = host
+        # A certificate is for a name alone: Caddy asks with the bare server name (SNI).
+        if domain != domain.strip() or ":" in domain:
+            return relay_error("bad-request", "domain: a bare host name, without port or spaces")
         if host == self.origin.host:
             return web.Response(text="ok\n")
         name = self.origin.subdomain_of(host)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import http.client
 import http.server
+import ipaddress
 import json
 import os
 import re
@@ -847,11 +848,16 @@ def test_compose_structure() -> None:
     # Caddy waits for the Dockerfile's HEALTHCHECK.
     assert caddy["depends_on"] == {"relay": {"condition": "service_healthy"}}
     assert _instruction("HEALTHCHECK")
-    # relay-server believes forwarding headers from exactly the network Caddy is on.
+    # relay-server believes forwarding headers from Caddy's own fixed address alone: not
+    # the network, which holds Docker's gateway, where every outside client may arrive from.
     (network,) = compose["networks"]
-    assert relay["networks"] == caddy["networks"] == [network]
+    assert relay["networks"] == [network]
+    caddy_address = caddy["networks"][network]["ipv4_address"]
     (ipam,) = compose["networks"][network]["ipam"]["config"]
-    assert relay["environment"]["RELAY_TRUSTED_PROXY"] == ipam["subnet"]
+    subnet = ipaddress.ip_network(ipam["subnet"])
+    assert ipaddress.ip_address(caddy_address) in subnet
+    assert caddy_address != str(next(subnet.hosts()))  # not the gateway
+    assert relay["environment"]["RELAY_TRUSTED_PROXY"] == f"{caddy_address}/32"
     # The Caddyfile's ask and proxy reach the relay service where its Dockerfile listens.
     assert caddy["environment"]["RELAY_UPSTREAM"] == "relay:8000"
     assert "RELAY_PORT=8000" in " ".join(_instruction("ENV")).split()

@@ -13,20 +13,24 @@ import asyncio
 import json
 import re
 import signal
+import socket
 import subprocess
 import uuid
+from http.client import HTTPConnection
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from .framework import (
     RELAY_SERVER,
+    SIZED_BODY,
     Relay,
     RelayServer,
     Reply,
     client_session,
     fetch,
     free_port,
+    raw_exchange,
     through,
     until,
 )
@@ -149,7 +153,7 @@ async def test_tls_ask_answers_only_the_apex_and_claimed_names(
         url = server.url("/_relay/tls-ask")
         return await fetch(http, "GET", url if domain is None else url.with_query(domain=domain), server.apex)
 
-    for domain in ("localhost", "alice.localhost", "ALICE.localhost.", "alice.localhost:443"):
+    for domain in ("localhost", "alice.localhost", "ALICE.localhost."):
         assert (await ask(domain)).status == 200, domain
     for domain in (
         "bob.localhost",
@@ -299,3 +303,164 @@ async def test_access_log_request_ids_and_no_secret_in_any_log(relay: Relay) -> 
             assert secret not in text, secret
     for text in (server.process.stdout, server.process.stderr):  # type: ignore[union-attr]
         assert "QUERY-SECRET" not in text
+
+
+# -- found by a newcomer's and an attacker's review -------------------------------------------
+
+RELAYED = [
+    [("X-Forwarded-For", "127.0.0.1")],  # a client behind the proxy claiming to be the proxy's host
+    [("X-Forwarded-For", "10.254.77.1")],  # a gateway address inside a trusted range
+    [("X-Forwarded-For", "garbage")],
+    [("X-Forwarded-For", "unknown")],
+    [("X-Forwarded-For", "203.0.113.9:5555")],
+    [("X-Forwarded-For", "")],
+    [("X-Real-IP", "127.0.0.1")],
+    [("Forwarded", "for=127.0.0.1")],
+]
+
+
+async def test_a_request_relayed_for_anyone_is_never_this_hosts(
+    relay: Relay, http: aiohttp.ClientSession
+) -> None:
+    server = relay.server(
+        "--trusted-proxy", "127.0.0.0/8", "--trusted-proxy", "10.254.77.0/24", "--admin-token", ADMIN_TOKEN
+    )
+    relay.tunnel(server)
+    ask = server.url("/_relay/tls-ask").with_query(domain="alice.localhost")
+    for headers in RELAYED:
+        assert (await scrape(http, server, headers)).relay_error == "not-found", headers
+        status = await fetch(http, "GET", server.url("/_relay/status"), server.apex, headers=headers)
+        assert status.status == 401, headers
+        assert (await fetch(http, "GET", ask, server.apex, headers=headers)).status == 403, headers
+    # Asked directly, for no one else: answered.
+    assert (await scrape(http, server)).status == 200
+    assert (await fetch(http, "GET", ask, server.apex)).status == 200
+    assert (await fetch(http, "GET", server.url("/_relay/status"), server.apex)).status == 200
+
+
+async def test_tls_ask_takes_a_bare_name_by_get_and_is_logged_with_it(relay: Relay) -> None:
+    server = relay.server("--access-log")
+    relay.tunnel(server)
+    url = server.url("/_relay/tls-ask")
+    async with client_session() as http:
+        answers = [
+            (method, domain, (await fetch(http, method, url.with_query(domain=domain), server.apex)).status)
+            for method, domain in [
+                ("GET", "alice.localhost"),
+                ("POST", "alice.localhost"),
+                ("GET", "alice.localhost:443"),
+                ("GET", "localhost:0"),
+                ("GET", "alice.localhost "),
+                ("GET", "bob.localhost"),
+            ]
+        ]
+    assert [status for *_, status in answers] == [200, 405, 400, 400, 400, 404], answers
+    await server.process.line(  # type: ignore[union-attr]
+        r"path=/_relay/tls-ask asked=bob\.localhost status=404", stream="stderr"
+    )
+
+
+async def test_malformed_requests_log_no_byte_of_them_and_one_line(relay: Relay) -> None:
+    server = relay.server("--log-level", "debug")
+    relay.tunnel(server)
+    malformed = [
+        b"POST /hook?token=QUERY-SECRET-1\x7f HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer AUTH-SECRET-2\x01x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nCookie: session=COOKIE-SECRET-3\rx\r\n\r\n",
+        *[b"GET /\x01 HTTP/1.1\r\nHost: x\r\n\r\n"] * 50,
+    ]
+    for request in malformed:
+        reply, _ = await raw_exchange(server.port, request)
+        assert reply.status == 400
+    async with client_session() as http:  # the server is there for everyone else
+        assert (await fetch(http, "GET", server.url("/t/alice/ok"), server.apex)).status == 200
+    assert server.stop() == 0
+    stderr = server.process.stderr  # type: ignore[union-attr]
+    for secret in ("QUERY-SECRET", "AUTH-SECRET", "COOKIE-SECRET"):
+        assert secret not in stderr
+    assert "Traceback" not in stderr and "Error handling request" not in stderr
+    lines = [line for line in stderr.splitlines() if "malformed requests" in line]
+    assert 1 <= len(lines) <= 2, lines  # one per 30 s, with a count: not 53
+
+
+async def test_a_complete_answer_counts_as_sent_when_the_client_leaves_at_once(relay: Relay) -> None:
+    server = relay.server("--access-log")
+    tunnel = relay.tunnel(server, agent_extra=("--mode", "live"))
+    count = 60
+
+    def ask_and_leave() -> list[bytes]:
+        bodies = []
+        for i in range(count):
+            connection = HTTPConnection("127.0.0.1", server.port, timeout=30)
+            connection.request("GET", f"/t/alice/sized?i={i}", headers={"Host": server.apex})
+            reply = connection.getresponse()
+            bodies.append(reply.read())  # every byte of it, then the client is gone at once
+            connection.close()
+        return bodies
+
+    bodies = await asyncio.to_thread(ask_and_leave)
+    assert bodies == [SIZED_BODY] * count
+    lines = await server.process.line(  # type: ignore[union-attr]
+        r"method=GET tunnel=alice path=/t/alice/sized ", stream="stderr", count=count
+    )
+    statuses = [re.search(r" status=(\d+) ", m.string)[1] for m in lines]  # type: ignore[index]
+    sent = [re.search(r" bytes_out=(\d+) ", m.string)[1] for m in lines]  # type: ignore[index]
+    assert statuses == ["200"] * count  # never 499: the client got it all
+    assert sent == [str(len(SIZED_BODY))] * count
+    async with client_session() as http:
+        found = samples((await scrape(http, server)).body.decode())
+    ok = found[("relay_requests_total", (("error", ""), ("route", "tunnel"), ("status_class", "2xx")))]
+    assert ok == count
+    assert tunnel.target.seen("/sized")
+
+
+async def test_draining_is_seen_from_new_connections(relay: Relay, http: aiohttp.ClientSession) -> None:
+    tunnel = relay.tunnel()
+    server = tunnel.server
+    slow = asyncio.create_task(through(http, tunnel, "subdomain", "GET", "/slow?seconds=4"))
+    await until(lambda: tunnel.target.seen("/slow"), 10, "the slow request to reach the target")
+    server.process.send(signal.SIGTERM)  # type: ignore[union-attr]
+
+    async def fresh(path: str, **headers: str) -> Reply:
+        async with client_session() as new:  # a new connection each time
+            return await fetch(new, "GET", server.url(path), server.apex, headers=list(headers.items()))
+
+    async def not_ready() -> bool:
+        return (await fresh("/readyz")).relay_error == "not-ready"
+
+    await until(not_ready, 10, "/readyz to say not-ready on a new connection")
+    status = status_cli(server, "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["draining"] is True
+    assert (await fresh("/t/alice/new")).status == 503  # new work is refused, not dropped
+    agent = await fresh("/_relay/agent", Upgrade="websocket", Connection="Upgrade")
+    assert (agent.status, agent.relay_error) == (503, "not-ready")
+    assert (await slow).status == 200
+    assert await server.process.exited() == 0  # type: ignore[union-attr]
+
+
+def test_a_metrics_listener_that_cannot_bind_is_named(relay: Relay) -> None:
+    busy = socket.create_server(("127.0.0.1", 0))
+    try:
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [
+                str(RELAY_SERVER),
+                "serve",
+                "--port",
+                str(free_port()),
+                "--data-dir",
+                str(relay.new_dir("data")),
+                "--metrics-listen",
+                f"127.0.0.1:{port}",
+            ],
+            env=relay.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        busy.close()
+    assert result.returncode == 1
+    assert f"cannot listen on --metrics-listen 127.0.0.1:{port}: " in result.stderr, result.stderr

@@ -103,16 +103,16 @@ async def test_agent_over_wss_and_webhooks_over_https(relay: Relay, certs: Certs
 
 
 @pytest.mark.parametrize(
-    ("pair", "ca", "why"),
+    ("pair", "ca", "why", "hint"),
     [
-        ("good", None, "unable to get local issuer certificate"),
-        ("good", "other", "unable to get local issuer certificate"),
-        ("expired", "ca", "certificate has expired"),
-        ("wrong_host", "ca", "Hostname mismatch"),
+        ("good", None, "unable to get local issuer certificate", "(a private CA needs --ca-file, and it"),
+        ("good", "other", "unable to get local issuer certificate", "it must name the CA that signed it)"),
+        ("expired", "ca", "certificate has expired", "(the certificate must be renewed, or this machine's"),
+        ("wrong_host", "ca", "Hostname mismatch", "(it was issued for other names: check the server URL)"),
     ],
 )
 async def test_a_certificate_that_does_not_verify_ends_the_agent(
-    relay: Relay, certs: Certs, pair: str, ca: str | None, why: str
+    relay: Relay, certs: Certs, pair: str, ca: str | None, why: str, hint: str
 ) -> None:
     # The test's own health check of a server whose certificate is meant to be bad skips checks.
     served = getattr(certs, pair)
@@ -123,7 +123,7 @@ async def test_a_certificate_that_does_not_verify_ends_the_agent(
     stderr = agent.process.stderr
     assert "relay-agent: cannot verify the certificate of localhost: " in stderr
     assert why in stderr
-    assert "(a private CA needs --ca-file)" in stderr
+    assert hint in stderr
     assert "reconnecting" not in stderr
 
 
@@ -146,6 +146,19 @@ async def test_an_https_url_to_a_plain_http_server_is_not_retried(relay: Relay) 
     )
     assert await agent.process.exited(EXIT_TIMEOUT) == 1
     assert "localhost does not speak TLS on this port" in agent.process.stderr
+
+
+async def test_an_http_url_to_an_https_server_is_not_retried(relay: Relay, certs: Certs) -> None:
+    server = tls_server(relay, certs, certs.good)
+    agent = relay.agent(
+        server,
+        server.token("alice"),
+        "127.0.0.1:9",
+        ready=False,
+        server_url=f"http://localhost:{server.port}",
+    )
+    assert await agent.process.exited(EXIT_TIMEOUT) == 1
+    assert f"localhost:{server.port} speaks TLS: the server URL must be https://" in agent.process.stderr
 
 
 @pytest.mark.parametrize("content", [None, b"not a certificate\n"])
@@ -181,7 +194,13 @@ def _serve(relay: Relay, tmp_path: Path, *args: str) -> tuple[int, str]:
 def test_the_server_names_a_bad_certificate_or_key(relay: Relay, certs: Certs, tmp_path: Path) -> None:
     good, other = certs.good, certs.wrong_host
     code, err = _serve(relay, tmp_path, "--tls-cert", str(good.cert), "--tls-key", str(other.key))
-    assert code == 1 and f"--tls-cert {good.cert} / --tls-key {other.key}" in err
+    assert code == 1 and f"--tls-cert {good.cert} / --tls-key {other.key}: the key does not match" in err
+    not_pem = tmp_path / "notpem.py"
+    not_pem.write_text("print('hello')\n")
+    code, err = _serve(relay, tmp_path, "--tls-cert", str(not_pem), "--tls-key", str(good.key))
+    assert code == 1 and f"--tls-cert {not_pem}: no PEM certificate in it" in err, err
+    code, err = _serve(relay, tmp_path, "--tls-cert", str(good.cert), "--tls-key", str(good.cert))
+    assert code == 1 and f"--tls-key {good.cert}: no PEM private key in it" in err, err
     code, err = _serve(relay, tmp_path, "--tls-cert", str(tmp_path / "none.pem"), "--tls-key", str(good.key))
     assert code == 1 and f"--tls-cert {tmp_path / 'none.pem'}: no such file" in err
     code, err = _serve(relay, tmp_path, "--tls-cert", str(good.cert))

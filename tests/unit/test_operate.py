@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from relay_server.access import MAX_LOGGED_PATH, _loggable_path, request_id
+from relay_server.access import MAX_LOGGED_PATH, loggable_path, request_id
 from relay_server.app import create_app
 from relay_server.config import ServerConfig, parse_listen
 from relay_server.connections import forwarded_client
@@ -55,9 +55,9 @@ def test_any_other_gets_a_new_uuid(headers: list[tuple[bytes, bytes]]) -> None:
 
 
 def test_the_logged_path_has_no_query_and_only_printable_ascii() -> None:
-    assert _loggable_path("/hook?token=secret") == "/hook"
-    assert _loggable_path("/caf\udce9 x\x7f") == "/caf\\udce9\\x20x\\x7f"
-    long = _loggable_path("/" + "a" * 1000)
+    assert loggable_path("/hook?token=secret") == "/hook"
+    assert loggable_path("/caf\udce9 x\x7f") == "/caf\\udce9\\x20x\\x7f"
+    long = loggable_path("/" + "a" * 1000)
     assert long.endswith("...") and len(long) == MAX_LOGGED_PATH + 3
 
 
