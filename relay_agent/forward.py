@@ -35,6 +35,23 @@ from relay_protocol.heads import Headers, encode_response_head
 from relay_protocol.limits import MAX_CONCURRENT_STREAMS, MAX_WEBSOCKET_MESSAGE
 from relay_protocol.messages import Kind, Message, MessageDecoder, encode_message
 
+from .client import (
+    CONNECT_TIMEOUT,
+    MAX_RESPONSE_HEADER_LINE,
+    MAX_RESPONSE_HEADERS,
+    READ_TIMEOUT,
+    BadResponse,
+    BodyCut,
+    ClosedUnanswered,
+    ConnectFailed,
+    ConnectTimeout,
+    LocalClient,
+    LocalError,
+    ReadTimeout,
+    TlsFailed,
+    chunk,
+    request_head,
+)
 from .config import AgentConfig
 from .pool import connector, explain_connect_failure
 from .tls import tls_problem
@@ -49,25 +66,12 @@ FORWARD_NAME_HINT = "check the --forward host, or --host-header"
 #: Characters of a failure kept for the RESET reason and the log: the target's
 #: garbage (a bad status line) must not flood either.
 MAX_REASON = 200
-#: Seconds to connect to the local service before answering 502.
-CONNECT_TIMEOUT = 10.0
-#: Seconds the local service may stay silent mid-request before the agent gives
-#: up (504). Longer than the server's default idle limit, which acts first.
-TARGET_READ_TIMEOUT = 600.0
-
-#: Longest response header line (name and value) the agent reads from the local
-#: service: the relay's own limit on a request header line (MAX_HEADER_LINE of
-#: relay_server.ingress), so an answer as large as a request the relay takes passes.
-MAX_RESPONSE_HEADER_LINE = 16 * 1024
-#: Most header fields in a response from the local service: the relay's limit on
-#: a request (MAX_REQUEST_HEADERS of relay_server.ingress), below the protocol's
-#: MAX_HEADER_COUNT. The whole head must also fit the protocol's MAX_HEAD_SIZE.
-MAX_RESPONSE_HEADERS = 240
 
 # aiohttp adds these when the request lacks them; a tunnel must not.
 _NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 # RFC 9110 5.5: a field value may not hold controls other than HTAB (nor DEL).
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 #: Seconds to wait for the other side's CLOSE once one side of a websocket closed.
@@ -89,6 +93,9 @@ class Link(Protocol):
     async def send_body(self, chunk: bytes, end: bool = False) -> None: ...
     async def reset(self, code: int, reason: str) -> None: ...
     def body(self) -> AsyncIterator[bytes]: ...
+    def whole_body(self) -> bytes | None:
+        """The whole request body if its end has arrived (taken: ``body`` yields no
+        more), else None."""
 
 
 class ForwardFailed(Exception):
@@ -171,7 +178,8 @@ def _install_exact_serializer() -> None:
 
 
 def client_session(config: AgentConfig) -> aiohttp.ClientSession:
-    """The one pooled client session of the agent, to ``config.target``."""
+    """The agent's aiohttp session, for WebSocket upgrades to ``config.target`` (every
+    other request goes through ``client.LocalClient``)."""
     _install_exact_serializer()
     return aiohttp.ClientSession(
         connector=connector(config.forward_tls, MAX_CONCURRENT_STREAMS),
@@ -180,7 +188,7 @@ def client_session(config: AgentConfig) -> aiohttp.ClientSession:
         # No total limit: the server bounds the wait for a response head
         # (--timeout) and resets the stream; this only catches a dead target.
         timeout=aiohttp.ClientTimeout(
-            total=None, sock_connect=CONNECT_TIMEOUT, sock_read=TARGET_READ_TIMEOUT
+            total=None, sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT
         ),
         skip_auto_headers=_NO_AUTO_HEADERS,
         request_class=_ExactRequest,
@@ -210,11 +218,11 @@ def _exact(head: RequestHead, config: AgentConfig) -> Headers:
     return tuple(headers)
 
 
-def _response_head(response: aiohttp.ClientResponse) -> ResponseHead:
+def _response_head(status: int, headers: Headers) -> ResponseHead:
     """The target's response head as it came, less hop-by-hop headers. Raises
     ``ForwardFailed`` if the protocol cannot carry it (over MAX_HEAD_SIZE, bad name)."""
     try:
-        head = ResponseHead(response.status, strip_hop_by_hop(tuple(response.raw_headers)))
+        head = ResponseHead(status, strip_hop_by_hop(headers))
         encode_response_head(head)
     except RelayError as exc:
         raise ForwardFailed(RESET_BAD_RESPONSE, f"the response head cannot be relayed: {exc}") from exc
@@ -244,7 +252,7 @@ def server_name(config: AgentConfig, headers: Headers) -> str | None:
 
 def _closed_unanswered(exc: BaseException) -> bool:
     """The service closed or reset the connection before any byte of an answer."""
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
+    if isinstance(exc, ClosedUnanswered | aiohttp.ServerDisconnectedError):
         return True
     return (
         isinstance(exc, aiohttp.ClientOSError)
@@ -257,27 +265,34 @@ def _failure(exc: BaseException, config: AgentConfig) -> ForwardFailed | None:
     """The ``ForwardFailed`` a client error means, with a reason a user can act on (what
     was tried, how it failed; no exception names), or None for an error of our own."""
     base = config.target.base_url
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+    if isinstance(exc, ConnectTimeout | ConnectFailed | aiohttp.ConnectionTimeoutError):
+        if isinstance(exc, ConnectFailed):
+            return ForwardFailed(RESET_TARGET_UNREACHABLE, explain_connect_failure(exc.error, config.target))
         return ForwardFailed(RESET_TARGET_UNREACHABLE, f"no connection to {base} within {CONNECT_TIMEOUT:g}s")
-    if isinstance(exc, TimeoutError):
-        return ForwardFailed(RESET_TARGET_TIMEOUT, f"no answer within {TARGET_READ_TIMEOUT:g}s")
-    if isinstance(exc, aiohttp.ClientSSLError):
-        error = getattr(exc, "certificate_error", None) or exc.os_error
+    if isinstance(exc, ReadTimeout | TimeoutError):
+        return ForwardFailed(RESET_TARGET_TIMEOUT, f"no answer within {READ_TIMEOUT:g}s")
+    if isinstance(exc, TlsFailed | aiohttp.ClientSSLError):
+        if isinstance(exc, TlsFailed):
+            error: BaseException = exc.error
+        else:
+            error = getattr(exc, "certificate_error", None) or exc.os_error
         problem = tls_problem(error, base, FORWARD_CA_HINT, FORWARD_NAME_HINT)
-        return ForwardFailed(RESET_TARGET_ERROR, problem or f"TLS with {base} failed: {exc.os_error}")
+        return ForwardFailed(RESET_TARGET_ERROR, problem or f"TLS with {base} failed: {error}")
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return ForwardFailed(RESET_TARGET_UNREACHABLE, explain_connect_failure(exc, base))
+        return ForwardFailed(RESET_TARGET_UNREACHABLE, explain_connect_failure(exc.os_error, config.target))
+    if isinstance(exc, BadResponse):
+        return ForwardFailed(RESET_BAD_RESPONSE, str(exc))
     if isinstance(exc, aiohttp.ClientResponseError):
         # aiohttp's parser refused the response head (a line or field over the limits,
         # a bad status line): the target answered, with something the agent cannot relay.
         return ForwardFailed(RESET_BAD_RESPONSE, f"the agent cannot parse the response: {exc.message}")
     if _closed_unanswered(exc):
         return ForwardFailed(RESET_TARGET_ERROR, "the local service closed the connection without answering")
-    if isinstance(exc, aiohttp.ClientPayloadError):
+    if isinstance(exc, BodyCut | aiohttp.ClientPayloadError):
         return ForwardFailed(RESET_TARGET_ERROR, "the local service's response ended before its end")
     if isinstance(exc, OSError) and exc.strerror:
         return ForwardFailed(RESET_TARGET_ERROR, f"the connection to the local service broke: {exc.strerror}")
-    if isinstance(exc, aiohttp.ClientError | OSError):
+    if isinstance(exc, aiohttp.ClientError | OSError | LocalError):
         why = str(exc) or type(exc).__name__
         return ForwardFailed(RESET_TARGET_ERROR, f"the request to the local service failed: {why}")
     if isinstance(exc, _UnsendableHead):  # a byte HTTP forbids: the relay should have refused it
@@ -286,52 +301,80 @@ def _failure(exc: BaseException, config: AgentConfig) -> ForwardFailed | None:
 
 
 async def forward(
-    session: aiohttp.ClientSession, config: AgentConfig, head: RequestHead, has_body: bool, link: Link
+    local: LocalClient,
+    session: aiohttp.ClientSession,
+    config: AgentConfig,
+    head: RequestHead,
+    has_body: bool,
+    link: Link,
 ) -> int:
     """Send ``head`` (and the body ``link`` yields) to the target, stream the answer
-    back through ``link``. Returns the status. Raises ``ForwardFailed``."""
+    back through ``link``. Returns the status. Raises ``ForwardFailed``.
+
+    ``local`` carries every request but WebSocket upgrades, which go through ``session``."""
     if is_websocket_upgrade(head.method, head.headers):
         return await forward_websocket(session, config, head, link)
-    url = URL(config.target.url_for(head.target), encoded=True)
-    exact = _exact_headers.set(_exact(head, config))  # read when the request is built
+    headers = _exact(head, config)
+    if _CONTROL_BYTES.search(b"".join(value for _, value in headers)):
+        # A byte HTTP forbids (the relay should have refused it): never split a head.
+        raise ForwardFailed(RESET_REFUSED, "unforwardable request head: a control character in a header")
+    sized = any(name.lower() == b"content-length" for name, _ in headers)
+    body: bytes | AsyncIterator[bytes] | None = None
+    if has_body:
+        whole = link.whole_body()
+        if whole is None:
+            body = _framed(link.body(), sized)
+        else:
+            body = whole if sized else (chunk(whole) if whole else b"") + chunk(b"")
+    request = request_head(head.method, head.target, headers, chunked=has_body and not sized)
+    sni = server_name(config, head.headers)
     # Sent again once if the service closed the connection without a word of answer: only
     # a bodiless request of an idempotent method (RFC 9110 9.2.2), which may safely reach
-    # the service twice. (A pooled connection found closed is never used: pool.py.)
+    # the service twice. (A pooled connection found closed is never used: client.py.)
     retries = 0 if has_body or head.method not in IDEMPOTENT_METHODS else 1
     try:
         while True:
             try:
-                response = await session.request(
-                    head.method,
-                    url,
-                    data=link.body() if has_body else None,
-                    allow_redirects=False,
-                    compress=False,
-                    server_hostname=server_name(config, head.headers),
-                )
+                response, writer = await local.request(head.method, request, body, sni)
                 break
-            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
-                if not retries or not _closed_unanswered(exc):
+            except ClosedUnanswered:
+                if not retries:
                     raise
                 retries -= 1
-        async with response:
+        try:
             no_body = head.method == "HEAD" or response.status in (204, 304)
-            await link.respond(_response_head(response), end=no_body)
-            if no_body:
-                return response.status
-            # readany() hands over whatever arrived, so a slow drip (server-sent
-            # events) reaches the public client chunk by chunk, never batched.
-            while chunk := await response.content.readany():
-                await link.send_body(chunk)
-            await link.send_body(b"", end=True)
-            return response.status
-    except (aiohttp.ClientError, OSError, TimeoutError, _UnsendableHead) as exc:
+            await link.respond(_response_head(response.status, response.headers), end=no_body)
+            if not no_body:
+                # Each chunk goes as it arrives (an event stream is never batched); the
+                # body's end rides on the last one when it came with it.
+                while data := await response.read():
+                    end = response.at_end()
+                    await link.send_body(data, end=end)
+                    if end:
+                        break
+                else:
+                    await link.send_body(b"", end=True)
+        finally:
+            if writer is not None and not writer.done():
+                writer.cancel()  # answered before the body was sent: the connection is not reused
+            if writer is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await writer  # its failure is the response's business, already reported
+            local.release(response, sni)
+        return response.status
+    except (LocalError, OSError) as exc:
         failure = _failure(exc, config)
         if failure is None:
             raise
         raise failure from exc
-    finally:
-        _exact_headers.reset(exact)
+
+
+async def _framed(body: AsyncIterator[bytes], sized: bool) -> AsyncIterator[bytes]:
+    """A request body as it goes on the wire: as is with a Content-Length, else chunked."""
+    async for data in body:
+        yield data if sized else chunk(data)
+    if not sized:
+        yield chunk(b"")
 
 
 async def forward_websocket(
@@ -388,8 +431,8 @@ async def forward_websocket(
 
 async def _server_to_target(ws: aiohttp.ClientWebSocketResponse, link: Link) -> None:
     decoder = MessageDecoder()
-    async for chunk in link.body():
-        for message in decoder.feed(chunk):
+    async for data in link.body():
+        for message in decoder.feed(data):
             if message.kind is Kind.CLOSE:
                 code, reason = message.close_code()
                 await ws.close(code=code if code not in _NOT_SENDABLE else 1000, message=reason.encode())

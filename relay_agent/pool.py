@@ -40,6 +40,8 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.client_reqrep import ConnectionKey
 from aiohttp.tracing import Trace
 
+from .target import Target
+
 #: The loopback addresses ``localhost`` means, IPv6 first as getaddrinfo orders them
 #: (RFC 6761 6.3: "localhost" names resolve to loopback addresses, never the network).
 LOOPBACK = ("::1", "127.0.0.1")
@@ -163,19 +165,20 @@ def _where(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
-def explain_connect_failure(exc: aiohttp.ClientConnectorError, base_url: str) -> str:
+def explain_connect_failure(error: OSError, target: Target) -> str:
     """One line naming what was tried and how each failed, e.g. ``connection refused on
-    [::1]:8080 and 127.0.0.1:8080``; no exception names or internals."""
-    if isinstance(exc, aiohttp.ClientConnectorDNSError):
-        return f"cannot resolve {exc.host}: {_strerror(exc.os_error)}"
+    [::1]:8080 and 127.0.0.1:8080``, for the ``error`` a connect to ``target`` raised
+    (``socket.gaierror``: the name does not resolve); no exception names or internals."""
+    if isinstance(error, socket.gaierror):
+        return f"cannot resolve {target.host}: {_strerror(error)}"
     failures: dict[str, list[str]] = {}
-    for number, address, port in _CONNECT_FAILED.findall(str(exc.os_error)):
+    for number, address, port in _CONNECT_FAILED.findall(str(error)):
         why = os.strerror(int(number)).lower()
         where = _where(address, int(port))
         if where not in failures.setdefault(why, []):
             failures[why].append(where)
     if not failures:
-        return f"cannot connect to {base_url}: {_strerror(exc.os_error)}"
+        return f"cannot connect to {target.base_url}: {_strerror(error)}"
     return "; ".join(f"{why} on {' and '.join(where)}" for why, where in failures.items())
 
 

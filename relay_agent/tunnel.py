@@ -15,6 +15,7 @@ after any network failure.
 from __future__ import annotations
 
 import asyncio
+import collections
 import importlib.metadata
 import logging
 import socket
@@ -48,6 +49,7 @@ from relay_protocol.frames import (
     CLOSE_NORMAL,
     CLOSE_PROTOCOL_ERROR,
     CLOSE_VERSION,
+    FEATURE_BATCH,
     FEATURE_TARGET_UP,
     RESET_BAD_RESPONSE,
     RESET_CANCEL,
@@ -58,6 +60,7 @@ from relay_protocol.frames import (
 from relay_protocol.limits import HEARTBEAT_TIMEOUT, MAX_FRAME_SIZE, SEND_TIMEOUT
 
 from .backoff import backoff, should_retry
+from .client import LocalClient
 from .config import AgentConfig
 from .errors import Refused
 from .forward import ForwardFailed, client_session, forward
@@ -84,7 +87,9 @@ class AgentStream:
         self.id = open_frame.stream_id
         self.head = open_frame.head
         self.has_body = not open_frame.end_stream
-        self._chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._ended = False  # the request body's end arrived
+        self._arrived: asyncio.Future[None] | None = None
         self.credit_changed = asyncio.Event()
         self.gone = False
         self.task: asyncio.Task[None] | None = None
@@ -92,9 +97,11 @@ class AgentStream:
     # fed by the session's read loop
     def feed(self, data: bytes, end: bool) -> None:
         if data:
-            self._chunks.put_nowait(data)
+            self._chunks.append(data)
         if end:
-            self._chunks.put_nowait(None)
+            self._ended = True
+        if self._arrived is not None and not self._arrived.done():
+            self._arrived.set_result(None)
 
     def kill(self) -> None:
         self.gone = True
@@ -104,10 +111,26 @@ class AgentStream:
 
     # forward.Link
     async def body(self) -> AsyncIterator[bytes]:
-        while (chunk := await self._chunks.get()) is not None:
-            yield chunk
-            # The target took the previous chunk: grant the server that much credit.
-            await self._session.consumed(self.id, len(chunk))
+        while True:
+            if self._chunks:
+                chunk = self._chunks.popleft()
+                yield chunk
+                # The target took the previous chunk: grant the server that much credit.
+                await self._session.consumed(self.id, len(chunk))
+            elif self._ended:
+                return
+            else:
+                self._arrived = asyncio.get_running_loop().create_future()
+                await self._arrived
+                self._arrived = None
+
+    def whole_body(self) -> bytes | None:
+        if not self._ended:
+            return None
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        self._session.grant(self.id, len(data))
+        return data
 
     async def respond(self, head: ResponseHead, end: bool) -> None:
         await self._session.respond(self, head, end)
@@ -188,9 +211,14 @@ class _Session:
         self._ready.set()
 
     async def consumed(self, stream_id: int, size: int) -> None:
-        self.engine.consumed(stream_id, size, time.monotonic())
-        if self.engine.buffered:
-            self._ready.set()
+        self.grant(stream_id, size)
+
+    def grant(self, stream_id: int, size: int) -> None:
+        """``size`` request body bytes of a stream went to the target: credit the server."""
+        if size:
+            self.engine.consumed(stream_id, size, time.monotonic())
+            if self.engine.buffered:
+                self._ready.set()
 
     async def _wait_room(self) -> None:
         while not self.engine.has_room and not self.closed:
@@ -207,7 +235,8 @@ class _Session:
         config = self.tunnel.config
         tunnels = tuple({"name": n, **config.settings} for n in config.names)
         # Sent before the writer starts; the caller bounds the whole handshake in time.
-        self.engine.send(Hello(PROTOCOL_VERSION, tunnels, AGENT_NAME, config.label), time.monotonic())
+        hello = Hello(PROTOCOL_VERSION, tunnels, AGENT_NAME, config.label, (FEATURE_BATCH,))
+        self.engine.send(hello, time.monotonic())
         await self._send_now()
         message = await self.ws.recv()
         if not isinstance(message, bytes):
@@ -220,6 +249,7 @@ class _Session:
                 CLOSE_VERSION, f"server speaks protocol {frame.version}, this agent {PROTOCOL_VERSION}"
             )
         self.features = frame.features
+        self.engine.batching = FEATURE_BATCH in frame.features
         return frame
 
     async def run(self) -> None:
@@ -231,14 +261,13 @@ class _Session:
                 if not isinstance(message, bytes):
                     raise ProtocolError("server sent a text frame")
                 try:
-                    frame = engine.receive(message, time.monotonic())
+                    frames = engine.receive_all(message, time.monotonic())
                 except LocalProtocolError:  # ConnectionFailed: the writer or heartbeat gave up
                     break
-                if frame is None:
-                    if engine.buffered:
-                        self._ready.set()  # a PONG
-                    continue
-                self._dispatch(frame)
+                for frame in frames:
+                    self._dispatch(frame)
+                if engine.buffered:
+                    self._ready.set()  # a PONG
         finally:
             heartbeat.cancel()
             writer.cancel()
@@ -304,8 +333,9 @@ class _Session:
         status: int | str = "-"
         error = ""
         try:
+            tunnel = self.tunnel
             status = await forward(
-                self.tunnel.client, self.tunnel.config, stream.head, stream.has_body, stream
+                tunnel.local, tunnel.client, tunnel.config, stream.head, stream.has_body, stream
             )
         except ForwardFailed as exc:
             status = 504 if exc.code == RESET_TARGET_TIMEOUT else 502  # what the client sees
@@ -357,13 +387,15 @@ class Tunnel:
         self.config = config
         self.on_welcome = on_welcome
         self.on_request = on_request
-        self.client: aiohttp.ClientSession
+        self.client: aiohttp.ClientSession  # WebSocket upgrades to the target
+        self.local: LocalClient  # every other request to the target
         self._probe = TargetProbe(config.target.host, config.target.port, self._target_up)
         self._session: _Session | None = None  # the welcomed connection, if any
         self._target_up_due = False  # the probe saw the target back; TARGET_UP not sent yet
 
     async def run(self) -> None:
         """Serve until cancelled. Raises ``Refused`` when the server refuses this agent."""
+        self.local = LocalClient(self.config.target, self.config.forward_tls)
         try:
             async with client_session(self.config) as self.client:
                 delays = backoff()
@@ -375,6 +407,7 @@ class Tunnel:
                     log.info("reconnecting in %.1fs", delay)
                     await asyncio.sleep(delay)
         finally:
+            await self.local.close()
             await self._probe.stop()
 
     def target_unreachable(self) -> None:

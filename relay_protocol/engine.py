@@ -7,7 +7,10 @@ out, and owns the rules in between, once, for both sides:
 - cutting a body into DATA frames within the credit, ``MAX_DATA_SIZE`` and the
   room left in the outgoing buffer (``send_data``);
 - the outgoing buffer itself: encoded frames, oldest first, with their byte
-  count and the time the oldest was queued;
+  count and the time the oldest was queued; with ``batching`` on (both peers
+  listed the ``"batch"`` feature), ``outgoing`` hands over every frame that fits
+  in one BATCH message, so what a pass of the event loop queued leaves in one
+  websocket message and one write;
 - answering PING with PONG, with at most one PONG owed (a peer that pings
   faster than it reads cannot grow this side's memory);
 - the heartbeat: when to PING, when the peer is dead (silent, or not reading);
@@ -30,13 +33,28 @@ the wire raises ``HeadTooLarge`` before a stream id is spent.
 from __future__ import annotations
 
 import collections
+import itertools
 
 from .connection import Connection, Half, Role
 from .errors import ConnectionFailed, LocalProtocolError, ProtocolError, StreamClosed
-from .frames import Data, Frame, Hello, Open, Ping, Pong, Reset, Response, Welcome
+from .frames import (
+    Data,
+    Frame,
+    Hello,
+    Open,
+    Ping,
+    Pong,
+    Reset,
+    Response,
+    Welcome,
+    batch_size,
+    encode_batch,
+    is_batch,
+    split_batch,
+)
 from .heads import RequestHead, ResponseHead
 from .heartbeat import Beat, Heartbeat
-from .limits import MAX_CONCURRENT_STREAMS, MAX_DATA_SIZE, SEND_HIGH_WATER, SEND_TIMEOUT
+from .limits import MAX_CONCURRENT_STREAMS, MAX_DATA_SIZE, MAX_FRAME_SIZE, SEND_HIGH_WATER, SEND_TIMEOUT
 
 _PONG = Pong.TYPE
 
@@ -58,6 +76,13 @@ class Engine:
         self._heartbeat = Heartbeat(now)
         # Encoded frames not yet taken by the transport, and when each was queued.
         self._frames: collections.deque[tuple[bytes, float]] = collections.deque()
+        #: Hand several frames over as one BATCH message: set once both peers listed
+        #: the ``"batch"`` feature in the handshake.
+        self.batching = False
+        # What ``outgoing`` handed over and ``sent`` has not confirmed: the message,
+        # and how many frames of the buffer's head it carries.
+        self._out: bytes | None = None
+        self._out_count = 0
         #: Bytes of the frames in the outgoing buffer.
         self.buffered = 0
         self._pong_owed = False  # a PONG waits in the buffer: a new PING is not answered
@@ -78,6 +103,7 @@ class Engine:
         more will be sent) and every later call raises ``ConnectionFailed``."""
         self._conn.fail(reason)
         self._frames.clear()
+        self._out, self._out_count = None, 0
         self.buffered = 0
         self._pong_owed = False
 
@@ -101,18 +127,37 @@ class Engine:
         return self.buffered < self.high_water
 
     def outgoing(self) -> bytes | None:
-        """The oldest frame to send, or None. It stays queued (and counts as
-        waiting, for the heartbeat) until ``sent``."""
-        return self._frames[0][0] if self._frames else None
+        """The next websocket message to send, or None: the oldest frame, or with
+        ``batching`` a BATCH of the oldest frames that fit in ``MAX_FRAME_SIZE``. It
+        stays queued (and counts as waiting, for the heartbeat) until ``sent``; until
+        then every call returns the same message."""
+        if self._out is not None:
+            return self._out
+        if not self._frames:
+            return None
+        first = self._frames[0][0]
+        count, size = 1, len(first)
+        if self.batching:
+            for data, _ in itertools.islice(self._frames, 1, None):
+                if batch_size(size + len(data), count + 1) > MAX_FRAME_SIZE:
+                    break
+                count += 1
+                size += len(data)
+        if count == 1:
+            self._out = first
+        else:
+            self._out = encode_batch([data for data, _ in itertools.islice(self._frames, count)])
+        self._out_count = count
+        return self._out
 
     def sent(self) -> None:
-        """The frame ``outgoing`` returned left: the transport took it."""
-        if not self._frames:  # dropped by ``fail`` while it was being sent
-            return
-        data, _ = self._frames.popleft()
-        self.buffered -= len(data)
-        if data[0] == _PONG:
-            self._pong_owed = False
+        """The message ``outgoing`` returned left: the transport took it."""
+        count, self._out, self._out_count = self._out_count or 1, None, 0
+        for _ in range(min(count, len(self._frames))):  # fewer: dropped by ``fail`` meanwhile
+            data, _ = self._frames.popleft()
+            self.buffered -= len(data)
+            if data[0] == _PONG:
+                self._pong_owed = False
 
     def oldest_queued(self) -> float | None:
         """When the oldest frame not yet taken by the transport was queued; None if none waits."""
@@ -123,6 +168,28 @@ class Engine:
         self.buffered += len(data)
 
     # -- receiving ---------------------------------------------------------------
+
+    def receive_all(self, message: bytes, now: float) -> list[Frame]:
+        """Take one received websocket message, a frame or a BATCH of frames; returns
+        the frames the caller acts on, in order (see ``receive``). A BATCH is taken
+        only after the handshake. Raises as ``receive``; the frames of a BATCH before
+        the faulty one have then been taken (the connection is closed anyway)."""
+        if not is_batch(message):
+            frame = self.receive(message, now)
+            return [] if frame is None else [frame]
+        try:
+            if not self._greeted:
+                raise ProtocolError(f"expected {self._greeting.__name__.upper()}, got a BATCH")
+            inner = split_batch(message)
+        except ProtocolError as exc:
+            self.fail(f"protocol error: {exc}")
+            raise
+        frames = []
+        for data in inner:
+            frame = self.receive(data, now)
+            if frame is not None:
+                frames.append(frame)
+        return frames
 
     def receive(self, message: bytes, now: float) -> Frame | None:
         """Take one received websocket message.

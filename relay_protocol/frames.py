@@ -1,10 +1,15 @@
 """Frames: the messages of the wire protocol, and their encoding.
 
-One binary websocket message carries exactly one frame::
+One binary websocket message carries one frame::
 
     +--------+--------+----------------------------+-----------------+
     | type   | flags  | stream id (u32, big end.)  | payload ...     |
     +--------+--------+----------------------------+-----------------+
+
+or, between peers that both list the ``"batch"`` feature, a BATCH: several frames
+in one message (type 0x0B, flags 0, stream 0, then for each frame its length as a
+u32 and its bytes), so that what one side queued in one pass of its event loop
+leaves in one websocket message and one write (``encode_batch``, ``split_batch``).
 
 Each frame is a frozen dataclass; ``FRAME_TYPES`` is the one table mapping type
 codes to classes (a test pins it). ``AgentFrame`` and ``ServerFrame`` are the
@@ -54,6 +59,9 @@ class Hello:
     #: The agent's label (its host name by default): fan-out destinations
     #: ``agent:LABEL`` pick agents by it. Sent only when not empty.
     label: str = ""
+    #: What the agent understands beyond version 1 (``"batch"``): the server sends
+    #: an optional form only to an agent that lists it. Sent only when not empty.
+    features: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,12 @@ class TargetUp:
 
 #: The feature a server lists in WELCOME when it understands TARGET_UP.
 FEATURE_TARGET_UP = "target-up"
+#: The feature a side lists (agent: HELLO, server: WELCOME) when it reads BATCH messages.
+FEATURE_BATCH = "batch"
+#: Type code of a BATCH message (not a frame of its own: it carries frames).
+BATCH = 0x0B
+#: Bytes before each frame in a BATCH: its length (u32, big endian).
+_BATCH_LENGTH_SIZE = 4
 
 Frame = Hello | Welcome | Open | Response | Data | Window | Reset | Ping | Pong | TargetUp
 AgentFrame = Hello | Response | Data | Window | Reset | Ping | Pong | TargetUp
@@ -220,6 +234,8 @@ def _payload(frame: Frame) -> bytes:
         hello: dict[str, Any] = {"tunnels": list(frame.tunnels), "agent": frame.agent}
         if frame.label:
             hello["label"] = frame.label
+        if frame.features:
+            hello["features"] = list(frame.features)
         return frame.version.to_bytes(2, "big") + _json(hello)
     if isinstance(frame, Welcome):
         welcome: dict[str, Any] = {
@@ -258,6 +274,54 @@ def encode(frame: Frame) -> bytes:
     return header + _payload(frame)
 
 
+def encode_batch(frames: list[bytes]) -> bytes:
+    """One BATCH message carrying ``frames`` (encoded frames, none a BATCH), in order.
+    The caller keeps it within ``MAX_FRAME_SIZE`` (``batch_size`` says what it takes)."""
+    parts = [bytes((BATCH, 0, 0, 0, 0, 0))]
+    for frame in frames:
+        parts.append(len(frame).to_bytes(_BATCH_LENGTH_SIZE, "big"))
+        parts.append(frame)
+    return b"".join(parts)
+
+
+def batch_size(sizes: int, count: int) -> int:
+    """Bytes of a BATCH carrying ``count`` frames of ``sizes`` bytes in all."""
+    return FRAME_HEADER_SIZE + count * _BATCH_LENGTH_SIZE + sizes
+
+
+def is_batch(message: bytes) -> bool:
+    return bool(message) and message[0] == BATCH
+
+
+def split_batch(message: bytes) -> list[bytes]:
+    """The frames a BATCH message carries, each still encoded (``decode`` checks each).
+
+    Raises ``ProtocolError`` (``FrameTooLarge``) for a message over ``MAX_FRAME_SIZE``,
+    flags or a stream id that are not 0, a length running past the end, an empty
+    frame, a BATCH inside a BATCH, or no frame at all."""
+    if len(message) > MAX_FRAME_SIZE:
+        raise FrameTooLarge(f"BATCH of {len(message)} bytes, over {MAX_FRAME_SIZE}")
+    if len(message) < FRAME_HEADER_SIZE or message[1:FRAME_HEADER_SIZE] != bytes(5):
+        raise ProtocolError("BATCH header must have flags and stream id 0")
+    frames = []
+    offset, end = FRAME_HEADER_SIZE, len(message)
+    view = memoryview(message)
+    while offset < end:
+        if offset + _BATCH_LENGTH_SIZE > end:
+            raise ProtocolError("BATCH cut inside a frame length")
+        size = int.from_bytes(view[offset : offset + _BATCH_LENGTH_SIZE], "big")
+        offset += _BATCH_LENGTH_SIZE
+        if size == 0 or offset + size > end:
+            raise ProtocolError("BATCH frame length of 0 or past the end")
+        if message[offset] == BATCH:
+            raise ProtocolError("BATCH inside a BATCH")
+        frames.append(bytes(view[offset : offset + size]))
+        offset += size
+    if not frames:
+        raise ProtocolError("empty BATCH")
+    return frames
+
+
 def decode(message: bytes) -> Frame:
     """Decode one websocket message into a frame.
 
@@ -294,17 +358,17 @@ def _decode_payload(cls: type[Frame], stream_id: int, payload: bytes, end_stream
         version = int.from_bytes(payload[:2], "big")
         body = _unjson(payload[2:])
         tunnels = _tunnel_list(body.get("tunnels"))
+        features = body.get("features", [])
+        if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+            raise ProtocolError(f"{cls.__name__.upper()} features must be a list of strings")
         if cls is Hello:
             agent, label = body.get("agent", ""), body.get("label", "")
             if not isinstance(agent, str) or not isinstance(label, str):
                 raise ProtocolError("agent and label must be strings")
-            return Hello(version, tunnels, agent, label)
+            return Hello(version, tunnels, agent, label, tuple(features))
         session, limits = body.get("session"), body.get("limits", {})
         if not isinstance(session, str) or not isinstance(limits, dict):
             raise ProtocolError("WELCOME needs a session string and a limits object")
-        features = body.get("features", [])
-        if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
-            raise ProtocolError("WELCOME features must be a list of strings")
         return Welcome(version, session, tunnels, limits, tuple(features))
     if cls is Open:
         return Open(stream_id, decode_request_head(payload), end_stream)
@@ -340,6 +404,7 @@ def _decode_payload(cls: type[Frame], stream_id: int, payload: bytes, end_stream
 
 __all__ = [
     "AGENT_FRAMES",
+    "BATCH",
     "CLOSE_FORBIDDEN",
     "CLOSE_GOING_AWAY",
     "CLOSE_HEARTBEAT",
@@ -349,6 +414,7 @@ __all__ = [
     "CLOSE_UNAUTHORIZED",
     "CLOSE_UNSUPPORTED",
     "CLOSE_VERSION",
+    "FEATURE_BATCH",
     "FEATURE_TARGET_UP",
     "FINAL_CLOSE_CODES",
     "FLAG_END_STREAM",

@@ -14,6 +14,7 @@ from relay_protocol.frames import (
     CLOSE_PROTOCOL_ERROR,
     CLOSE_UNAUTHORIZED,
     CLOSE_VERSION,
+    FEATURE_BATCH,
     FEATURE_TARGET_UP,
 )
 from relay_protocol.limits import (
@@ -153,7 +154,7 @@ class AgentEndpoint:
                     "initial_window": INITIAL_WINDOW,
                     "max_data": MAX_DATA_SIZE,
                 },
-                features=(FEATURE_TARGET_UP,),
+                features=(FEATURE_TARGET_UP, FEATURE_BATCH),
             )
         )
         session.on_target_up = lambda: self.registry.target_up(session)

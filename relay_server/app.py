@@ -96,9 +96,12 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
         trusted_proxies=config.trusted_proxies,
     )
 
-    # Ingress is a middleware in front of an empty router: aiohttp's router
-    # would answer CONNECT (authority-form) and absolute-form targets itself,
-    # and would route those by the URL's host instead of the Host header.
+    # Ingress is a middleware that never calls the routed handler: aiohttp's router
+    # would answer CONNECT (authority-form) and absolute-form targets itself, and
+    # would route those by the URL's host instead of the Host header. The router
+    # has one catch-all route so that it matches at once: with none, it builds a
+    # 404 exception and the middleware chain anew for every request (9% of the
+    # server's time at 16 concurrent webhooks, measured with py-spy).
     @web.middleware
     async def everything(request: web.Request, handler: object) -> web.StreamResponse:
         started = notes.begin(request)
@@ -129,6 +132,7 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
             "max_headers": MAX_REQUEST_HEADERS,
         },
     )
+    app.router.add_route("*", "/{path:.*}", _never_called)
     app[CONFIG] = config
     app[STORE] = store
     app[REGISTRY] = registry
@@ -140,6 +144,11 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
     app[WATCH] = Watch(store=store, registry=registry, deliveries=deliveries)
     app.cleanup_ctx.append(_watch_ctx)
     return app
+
+
+async def _never_called(request: web.Request) -> web.StreamResponse:
+    """The catch-all route's handler: the ``everything`` middleware answers instead."""
+    raise AssertionError("the ingress middleware answers every request")
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -220,6 +220,16 @@ class RelayedResponse(CountedResponse):
     head; the httpbin fidelity tests catch any change to it.)
     """
 
+    #: The head waits for the first body bytes, to leave in one write with them; the
+    #: ingress sends it alone (``send_head``) when no body bytes are there yet.
+    _send_headers_immediately = False
+
+    def send_head(self) -> None:
+        """Send the head now if it still waits (a body that has not arrived yet, an
+        event stream: the client must see the head without waiting for it)."""
+        if self._payload_writer is not None:
+            self._payload_writer.send_headers()
+
     async def _prepare_headers(self) -> None:
         had_type = "Content-Type" in self.headers
         await super()._prepare_headers()
@@ -424,9 +434,20 @@ class Ingress:
             if session.closed:
                 return relay_error("tunnel-offline", f"no agent is connected for {where.name!r}")
             return _refusal(exc).response()
-        pump = (
-            asyncio.create_task(self._pump_body(request, session, stream, read_ahead)) if has_body else None
-        )
+        pump = None
+        if has_body:
+            # A small body already read whole (a webhook, as a rule) goes out right behind
+            # the OPEN, in the same pass of the writer: no task, no second wake-up.
+            if not upgrade and request.content.is_eof():
+                read_ahead += request.content.read_nowait()
+                try:
+                    taken = session.send_body_now(stream, read_ahead, end=True)
+                except StreamFailed:
+                    taken = -1  # the response side reports it
+                has_body = taken != len(read_ahead)  # END_STREAM went with the last byte
+                read_ahead = read_ahead[max(taken, 0) :]
+            if has_body:
+                pump = asyncio.create_task(self._pump_body(request, session, stream, read_ahead))
         try:
             try:
                 async with asyncio.timeout_at(deadline):
@@ -512,6 +533,8 @@ class Ingress:
         sent = 0
         try:
             while True:
+                if not stream.has_chunk():
+                    response.send_head()
                 async with asyncio.timeout(self.idle_timeout):
                     chunk = await stream.read()
                 if not chunk:
@@ -539,6 +562,8 @@ class Ingress:
         """End a response that cannot be completed: close the client's connection, so it
         sees a truncated response and never reads what follows as another one."""
         log.info("stream %s: %s; closing the client's connection", stream.id, why)
+        if isinstance(response, RelayedResponse):
+            response.send_head()  # what was relayed of it, the head at least, reaches the client
         response.force_close()
         if request.transport is not None:
             request.transport.close()

@@ -50,6 +50,7 @@ from relay_protocol.frames import (
     CLOSE_HEARTBEAT,
     CLOSE_PROTOCOL_ERROR,
     CLOSE_UNSUPPORTED,
+    FEATURE_BATCH,
     RESET_CANCEL,
 )
 from relay_protocol.limits import HEARTBEAT_TIMEOUT, SEND_TIMEOUT
@@ -86,6 +87,10 @@ class Stream:
         if isinstance(item, StreamFailed):
             raise item
         return item
+
+    def has_chunk(self) -> bool:
+        """True if ``read`` would return without waiting."""
+        return not self._chunks.empty()
 
     def feed(self, data: bytes, end: bool) -> None:
         """Called by the session with body bytes from the agent."""
@@ -148,10 +153,12 @@ class AgentSession:
     # -- handshake (used by the agent endpoint) --------------------------------
 
     def receive_handshake(self, message: bytes) -> Hello:
-        """Decode the agent's first frame; raises ``ProtocolError`` unless it is HELLO."""
+        """Decode the agent's first frame; raises ``ProtocolError`` unless it is HELLO.
+        An agent that lists ``"batch"`` gets BATCH messages from then on."""
         frame = self._engine.receive(message, self._loop.time())
         if not isinstance(frame, Hello):
             raise ProtocolError(f"expected HELLO, got {type(frame).__name__}")
+        self._engine.batching = FEATURE_BATCH in frame.features
         return frame
 
     async def welcome(self, frame: Welcome) -> None:
@@ -190,6 +197,19 @@ class AgentSession:
         self._ready.set()
         stream = self._streams[stream_id] = Stream(stream_id)
         return stream
+
+    def send_body_now(self, stream: Stream, chunk: bytes, end: bool) -> int:
+        """Queue as much of ``chunk`` as credit and room allow, without waiting; returns
+        how many bytes were taken (``send_body`` the rest). Raises ``StreamFailed``."""
+        if stream.failure:
+            raise stream.failure
+        try:
+            taken = self._engine.send_data(stream.id, chunk, end, self._loop.time())
+        except LocalProtocolError as exc:  # StreamClosed, ConnectionFailed
+            raise stream.failure or StreamFailed(str(exc)) from exc
+        if self._engine.buffered:
+            self._ready.set()
+        return taken
 
     async def send_body(self, stream: Stream, chunk: bytes, end: bool = False) -> None:
         """Send request body bytes, waiting for credit and room. Raises ``StreamFailed``."""
@@ -273,18 +293,17 @@ class AgentSession:
                     await self.close(CLOSE_UNSUPPORTED, "only binary frames are accepted")
                     break
                 try:
-                    frame = engine.receive(msg.data, self._loop.time())
+                    frames = engine.receive_all(msg.data, self._loop.time())
                 except ProtocolError as exc:
                     log.warning("session %s: protocol error: %s", self.id, exc)
                     await self.close(CLOSE_PROTOCOL_ERROR, f"protocol error: {exc}")
                     break
                 except LocalProtocolError:  # ConnectionFailed: the writer or heartbeat gave up
                     break
-                if frame is None:
-                    if engine.buffered:
-                        self._ready.set()  # a PONG
-                    continue
-                self._dispatch(frame)
+                for frame in frames:
+                    self._dispatch(frame)
+                if engine.buffered:
+                    self._ready.set()  # a PONG
         finally:
             heartbeat.cancel()
             writer.cancel()

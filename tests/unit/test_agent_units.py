@@ -15,6 +15,7 @@ from yarl import URL
 from relay_agent.backoff import BACKOFF_BASE, BACKOFF_CAP, backoff, should_retry
 from relay_agent.config import AgentConfig, load_login, login_file, save_login
 from relay_agent.errors import AgentConfigError
+from relay_agent.client import LocalClient
 from relay_agent.forward import MAX_RESPONSE_HEADER_LINE, ForwardFailed, client_session, forward
 from relay_agent.target import Target, parse_target
 from relay_protocol import RequestHead, ResponseHead
@@ -295,8 +296,12 @@ async def _forward_to_raw_app(answer: bytes, head: RequestHead) -> tuple[bytes, 
     config = AgentConfig(server="http://relay.test", token="t", target=Target("http", "127.0.0.1", port))
     link = _Link()
     try:
-        async with client_session(config) as session:
-            await forward(session, config, head, False, link)
+        local = LocalClient(config.target, False)
+        try:
+            async with client_session(config) as session:
+                await forward(local, session, config, head, False, link)
+        finally:
+            await local.close()
     except ForwardFailed as exc:
         return seen[0], exc
     finally:

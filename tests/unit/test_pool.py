@@ -13,8 +13,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.client_reqrep import ConnectionKey
 
+from relay_agent.client import ConnectFailed, LocalClient, request_head
 from relay_agent.config import AgentConfig
 from relay_agent.forward import server_name
 from relay_agent.pool import (
@@ -191,18 +191,15 @@ def test_idle_connections_are_closed_before_common_services_close_them() -> None
 # -- what a failed connect says -----------------------------------------------------------------
 
 
-def _key(host: str, port: int) -> ConnectionKey:
-    return ConnectionKey(host, port, False, True, None, None, None)
-
-
 async def test_a_refused_connect_names_every_address() -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     listener.close()  # nothing listens there now
-    async with aiohttp.ClientSession(connector=connector(False, 10)) as session:
-        with pytest.raises(aiohttp.ClientConnectorError) as caught:
-            await session.get(f"http://localhost:{port}/")
-    text = explain_connect_failure(caught.value, f"http://localhost:{port}")
+    target = Target("http", "localhost", port)
+    client = LocalClient(target, False)
+    with pytest.raises(ConnectFailed) as caught:
+        await client.request("GET", request_head("GET", b"/", (), chunked=False), None, None)
+    text = explain_connect_failure(caught.value.error, target)
     assert text.startswith("connection refused on ")
     assert f"127.0.0.1:{port}" in text
     assert f"[::1]:{port}" in text or "on [::1]" not in text  # an IPv6-less host names its own failure
@@ -213,20 +210,18 @@ def test_mixed_failures_are_grouped_by_cause() -> None:
         "Multiple exceptions: [Errno 99] Connect call failed ('::1', 80, 0, 0), "
         "[Errno 111] Connect call failed ('127.0.0.1', 80)"
     )
-    text = explain_connect_failure(aiohttp.ClientConnectorError(_key("localhost", 80), error), "http://localhost")
+    text = explain_connect_failure(error, Target("http", "localhost", 80))
     assert text == "cannot assign requested address on [::1]:80; connection refused on 127.0.0.1:80"
 
 
 def test_an_unknown_failure_names_the_target() -> None:
-    error = OSError(113, "No route to host")
-    text = explain_connect_failure(aiohttp.ClientConnectorError(_key("app", 80), error), "http://app")
+    text = explain_connect_failure(OSError(113, "No route to host"), Target("http", "app", 80))
     assert text == "cannot connect to http://app: no route to host"
 
 
 def test_a_name_that_does_not_resolve() -> None:
     error = socket.gaierror(-2, "Name or service not known")
-    dns = aiohttp.ClientConnectorDNSError(_key("nope.invalid", 80), error)
-    text = explain_connect_failure(dns, "http://nope.invalid")
+    text = explain_connect_failure(error, Target("http", "nope.invalid", 80))
     assert text == "cannot resolve nope.invalid: name or service not known"
 
 
