@@ -364,6 +364,8 @@ BAD_FRAMES = {
     "unknown type": (b"\x7f\x00\x00\x00\x00\x00junk", (1002,)),
     "short": (b"\x05\x00", (1002,)),
     "data on a stream never opened": (b"\x05\x00\x00\x00\x03\xe7hello", (1002,)),
+    "batch inside a batch": (bytes.fromhex("0b00000000000000000006 0b0000000000"), (1002,)),
+    "batch running past its end": (bytes.fromhex("0b00000000000000000009 0800000000"), (1002,)),
     "text": ("a text message", (1003,)),
 }
 
