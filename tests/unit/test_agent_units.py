@@ -13,9 +13,9 @@ import pytest
 from yarl import URL
 
 from relay_agent.backoff import BACKOFF_BASE, BACKOFF_CAP, backoff, should_retry
+from relay_agent.client import LocalClient
 from relay_agent.config import AgentConfig, load_login, login_file, save_login
 from relay_agent.errors import AgentConfigError
-from relay_agent.client import LocalClient
 from relay_agent.forward import MAX_RESPONSE_HEADER_LINE, ForwardFailed, client_session, forward
 from relay_agent.target import Target, parse_target
 from relay_protocol import RequestHead, ResponseHead
