@@ -28,6 +28,7 @@ import asyncio
 import collections
 import socket
 import ssl
+import typing
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -150,8 +151,8 @@ class LocalConnection(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport (uvloop's is not an asyncio.Transport subclass: no isinstance).
+        self.transport = typing.cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self._last_read = self.loop.time()

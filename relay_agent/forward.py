@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import contextvars
 import errno
-import ipaddress
 import re
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
@@ -54,7 +53,8 @@ from .client import (
 )
 from .config import AgentConfig
 from .pool import connector, explain_connect_failure
-from .tls import tls_problem
+from .target import tls_name
+from .tls import speaks_tls, tls_problem
 
 #: Methods whose request may reach the service twice with the effect of once (RFC 9110
 #: 9.2.2): the only ones sent again after the service closed the connection unanswered.
@@ -65,7 +65,7 @@ FORWARD_NAME_HINT = "check the --forward host, or --host-header"
 
 #: Characters of a failure kept for the RESET reason and the log: the target's
 #: garbage (a bad status line) must not flood either.
-MAX_REASON = 200
+MAX_REASON = 400
 
 # aiohttp adds these when the request lacks them; a tunnel must not.
 _NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
@@ -177,6 +177,42 @@ def _install_exact_serializer() -> None:
     aiohttp.http_writer._serialize_headers = _serialize_headers
 
 
+# -- websocket upgrades: what the target answered, when it was not 101 -----------------
+
+#: The target's answer to an upgrade when it is not a 101 (status, raw headers, body):
+#: kept by the trace callbacks below, in the forwarding task's context.
+_refusal: contextvars.ContextVar[tuple[int, Headers, bytes] | None] = contextvars.ContextVar(
+    "relay_refusal", default=None
+)
+
+
+class _NotUpgraded(Exception):
+    """The target answered an upgrade with a redirect: it is not followed (the agent dials
+    only its target), it goes back to the client."""
+
+
+async def _keep_refusal(
+    session: aiohttp.ClientSession,
+    context: object,
+    params: aiohttp.TraceRequestEndParams | aiohttp.TraceRequestRedirectParams,
+) -> None:
+    """aiohttp trace callback (``on_request_end``, ``on_request_redirect``): keep an answer
+    that is not a 101, body included (``ws_connect`` would drop it), and stop a redirect."""
+    response = params.response
+    if response.status == 101:
+        return
+    _refusal.set((response.status, tuple(response.raw_headers), await response.read()))
+    if isinstance(params, aiohttp.TraceRequestRedirectParams):
+        raise _NotUpgraded()
+
+
+def _upgrade_traces() -> list[aiohttp.TraceConfig]:
+    trace = aiohttp.TraceConfig()
+    trace.on_request_end.append(_keep_refusal)
+    trace.on_request_redirect.append(_keep_refusal)
+    return [trace]
+
+
 def client_session(config: AgentConfig) -> aiohttp.ClientSession:
     """The agent's aiohttp session, for WebSocket upgrades to ``config.target`` (every
     other request goes through ``client.LocalClient``)."""
@@ -192,6 +228,7 @@ def client_session(config: AgentConfig) -> aiohttp.ClientSession:
         ),
         skip_auto_headers=_NO_AUTO_HEADERS,
         request_class=_ExactRequest,
+        trace_configs=_upgrade_traces(),
         max_line_size=MAX_RESPONSE_HEADER_LINE,
         max_field_size=MAX_RESPONSE_HEADER_LINE,
         max_headers=MAX_RESPONSE_HEADERS,
@@ -232,7 +269,8 @@ def _response_head(status: int, headers: Headers) -> ResponseHead:
 def server_name(config: AgentConfig, headers: Headers) -> str | None:
     """The TLS server name (SNI, and the name the certificate must carry when verified)
     for an https:// target: it follows ``--host-header``, as the Host header does.
-    None: the target's own host (``rewrite``), or an IP address (never sent as SNI)."""
+    None: the target's own host (``rewrite``), or an IP address (never sent as SNI).
+    Raises ``ForwardFailed`` for a Host that is not a DNS name (``preserve``)."""
     if config.target.scheme != "https" or config.host_header == "rewrite":
         return None
     if config.host_header == "preserve":
@@ -240,14 +278,12 @@ def server_name(config: AgentConfig, headers: Headers) -> str | None:
         host = value.decode("latin-1") if value else ""
     else:
         host = config.host_header
-    name = URL.build(scheme="https", authority=host.strip()).host if host.strip() else None
-    if not name:
+    if not host.strip():
         return None
     try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return name
-    return None
+        return tls_name(host)
+    except ValueError as exc:
+        raise ForwardFailed(RESET_REFUSED, f"no TLS server name: {exc}") from exc
 
 
 def _closed_unanswered(exc: BaseException) -> bool:
@@ -366,6 +402,12 @@ async def forward(
         failure = _failure(exc, config)
         if failure is None:
             raise
+        target = config.target
+        # Not HTTP on an http:// target: an HTTPS dev server behind the wrong scheme?
+        not_http = isinstance(exc, ClosedUnanswered | BadResponse) and target.scheme == "http"
+        if not_http and await speaks_tls(target.host, target.port):
+            why = f"{target.authority} speaks TLS: forward to https://{target.authority}"
+            raise ForwardFailed(RESET_TARGET_ERROR, why) from exc
         raise failure from exc
 
 
@@ -389,6 +431,7 @@ async def forward_websocket(
     # protocols); every other header goes as the client sent it, byte for byte.
     handshake = (*WEBSOCKET_HANDSHAKE, b"sec-websocket-protocol", b"upgrade")
     exact = _exact_headers.set(without(_exact(head, config), *handshake))
+    _refusal.set(None)
     try:
         ws = await session.ws_connect(
             url,
@@ -398,15 +441,14 @@ async def forward_websocket(
             compress=0,
             server_hostname=server_name(config, head.headers),
         )
-    except aiohttp.WSServerHandshakeError as exc:
-        # aiohttp decoded the refusal's header bytes as UTF-8 with surrogateescape: undone
-        # the same way, every byte comes back as it was (latin-1 would fail on them).
-        refusal = tuple(
-            (k.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape"))
-            for k, v in (exc.headers or {}).items()
-        )
-        await link.respond(ResponseHead(exc.status, strip_hop_by_hop(refusal)), end=True)
-        return exc.status
+    except (aiohttp.WSServerHandshakeError, _NotUpgraded):
+        # The target answered with something else than 101 (a 404, a redirect, which is
+        # never followed): that answer goes back as it came, head and body.
+        status, headers, body = _refusal.get() or (502, (), b"")
+        await link.respond(ResponseHead(status, strip_hop_by_hop(headers)), end=not body)
+        if body:
+            await link.send_body(body, end=True)
+        return status
     except (aiohttp.ClientError, OSError, TimeoutError, _UnsendableHead) as exc:
         failure = _failure(exc, config)
         if failure is None:

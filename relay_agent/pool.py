@@ -149,6 +149,7 @@ def connector(tls: ssl.SSLContext | bool, limit: int) -> LocalConnector:
         limit_per_host=0,
         resolver=LocalResolver(),
         happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY,
+        use_dns_cache=False,  # aiohttp's cache rotates the addresses: ::1 first, always
         keepalive_timeout=REUSE_IDLE,
         ssl=tls,
     )

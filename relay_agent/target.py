@@ -1,4 +1,5 @@
-"""The local target: parse ``--forward`` and build the URL of each forwarded request."""
+"""The local target: parse ``--forward``, build the URL of each forwarded request, and
+name the TLS server (``tls_name``)."""
 
 from __future__ import annotations
 
@@ -86,3 +87,31 @@ def parse_target(text: str) -> Target:
     if not 0 < port < 65536:
         raise refuse("the port must be 1 to 65535")
     return Target(parts.scheme, host, port)
+
+
+#: A DNS label as a TLS server name takes it (RFC 1035 2.3.4, RFC 6066 3: no IP address).
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
+#: Longest DNS name (RFC 1035 2.3.4).
+MAX_DNS_NAME = 253
+
+
+def tls_name(host: str) -> str | None:
+    """The TLS server name for a ``host[:port]`` (a Host header's value): the host name
+    without port or final dot, None for an IP address (never sent as SNI). Raises
+    ``ValueError`` naming the value if the host is not a DNS name."""
+    host = host.strip()
+    if host.startswith("["):
+        return None  # an IPv6 literal
+    name, colon, port = host.rpartition(":")
+    if not colon or not port.isdigit():
+        name = host
+    name = name.rstrip(".")
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        pass
+    else:
+        return None
+    if not name or len(name) > MAX_DNS_NAME or not all(_DNS_LABEL.match(label) for label in name.split(".")):
+        raise ValueError(f"{host[:64]!r} is not a host name a certificate can be for")
+    return name

@@ -92,6 +92,7 @@ class AgentStream:
         self._arrived: asyncio.Future[None] | None = None
         self.credit_changed = asyncio.Event()
         self.gone = False
+        self.why_gone = ""  # set by ``kill``: what ended the stream from the server's side
         self.task: asyncio.Task[None] | None = None
 
     # fed by the session's read loop
@@ -103,8 +104,9 @@ class AgentStream:
         if self._arrived is not None and not self._arrived.done():
             self._arrived.set_result(None)
 
-    def kill(self) -> None:
+    def kill(self, why: str = "the connection to the server was lost") -> None:
         self.gone = True
+        self.why_gone = why
         self.credit_changed.set()
         if self.task is not None:
             self.task.cancel()
@@ -326,7 +328,7 @@ class _Session:
         elif isinstance(frame, Window):
             stream_or_none.credit_changed.set()
         elif isinstance(frame, Reset):
-            stream_or_none.kill()
+            stream_or_none.kill(f"the server ended it: {frame.reason or frame.code}")
 
     async def _serve(self, stream: AgentStream) -> None:
         started = time.monotonic()
@@ -349,8 +351,10 @@ class _Session:
             await stream.reset(RESET_BAD_RESPONSE, error)
         except StreamGone:
             status = "reset"
+            error = stream.why_gone
         except asyncio.CancelledError:
             status = "cancelled"
+            error = stream.why_gone
         except Exception as exc:  # a bug: keep the connection and other streams alive
             log.exception("stream %d: internal error", stream.id)
             await stream.reset(RESET_INTERNAL, f"agent error: {type(exc).__name__}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
+import importlib.util
 import ipaddress
 import json
 import os
@@ -371,7 +373,8 @@ def serve_command(
     except OSError as exc:
         raise click.ClickException(f"cannot use data dir {data_dir}: {exc}") from exc
     try:
-        asyncio.run(_serve(config, app, banner))
+        with asyncio.Runner(loop_factory=_event_loop()) as runner:
+            runner.run(_serve(config, app, banner))
     except RelayError as exc:  # --metrics-listen's port in use
         raise _fail(exc) from exc
     except OSError as exc:  # port in use, permission denied
@@ -683,3 +686,11 @@ def _networks(values: tuple[str, ...]) -> tuple[Network, ...]:
                 f"{value!r} is not an IP address or CIDR", param_hint="--trusted-proxy"
             ) from exc
     return tuple(networks)
+
+
+def _event_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop where it installs (a tenth of the agent's CPU per request,
+    bench/), else asyncio's own; ``RELAY_EVENT_LOOP=asyncio`` picks asyncio's anyway."""
+    if os.environ.get("RELAY_EVENT_LOOP") == "asyncio" or importlib.util.find_spec("uvloop") is None:
+        return None
+    return importlib.import_module("uvloop").new_event_loop  # type: ignore[no-any-return]

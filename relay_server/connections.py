@@ -15,10 +15,11 @@ import collections
 import ipaddress
 import logging
 import resource
+import typing
 from collections.abc import Iterable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
@@ -187,6 +188,7 @@ class GuardedRequestHandler(RequestHandler):
         self._guard = guard
         self._client: str | None = None
         self._head_timer: asyncio.TimerHandle | None = None
+        self._last_body: StreamReader | None = None  # the body of the last request parsed
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -194,25 +196,35 @@ class GuardedRequestHandler(RequestHandler):
         client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         if not self._guard.admit(client):
             log.debug("refused a connection from %s: over the connection caps", client)
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(BUSY_RESPONSE)
+            # A stream transport (uvloop's is not an asyncio.WriteTransport subclass).
+            typing.cast(asyncio.WriteTransport, transport).write(BUSY_RESPONSE)
             self.force_close()  # closes the transport once the 503 is flushed
             return
         self._client = client
         self._head_timer = self._loop.call_later(self._guard.head_timeout, self._head_timed_out)
 
     def data_received(self, data: bytes) -> None:
-        if self._head_timer is None and data and self._waiter is not None and not self._waiter.done():
-            # The first bytes of the next head on a kept-alive connection (the handler
-            # is idle, waiting for a request): the head timeout starts again.
+        if self._head_timer is None and data and self._between_requests():
+            # The first bytes of the next head on a kept-alive connection (the last
+            # request's body is all in, whether or not its answer is written yet):
+            # the head timeout starts again.
             self._head_timer = self._loop.call_later(self._guard.head_timeout, self._head_timed_out)
         requests = self._request_count
         super().data_received(data)
-        if self._head_timer is not None and self._request_count != requests:
+        if self._request_count != requests:
             # A complete head arrived: from here on the handler's own timeouts apply,
             # and between requests aiohttp's keep-alive timer.
-            self._head_timer.cancel()
-            self._head_timer = None
+            self._last_body = self._messages[-1][1] if self._messages else None
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+    def _between_requests(self) -> bool:
+        """No request is being received: the last one's body (if any) is complete, and the
+        connection was not upgraded (then its bytes are websocket frames, not heads)."""
+        if self._upgraded or self._payload_parser is not None:
+            return False
+        return self._last_body is None or self._last_body.is_eof()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._head_timer is not None:

@@ -453,6 +453,7 @@ class Ingress:
                 async with asyncio.timeout_at(deadline):
                     response_head = await asyncio.shield(stream.head)
             except TimeoutError:
+                stream.reset_reason = f"no response head within {self.timeout:g}s (--timeout)"
                 return self._timed_out()
             except StreamFailed as exc:
                 return self._failure_response(exc, where.name)

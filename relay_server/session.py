@@ -75,6 +75,8 @@ class Stream:
         self._chunks: asyncio.Queue[bytes | StreamFailed | None] = asyncio.Queue()
         self.credit_changed = asyncio.Event()
         self.failure: StreamFailed | None = None
+        #: Why the relay gives the stream up, sent in its RESET if it did not end normally.
+        self.reset_reason = "public client went away"
         # False once the stream is winding down on its own (a websocket close was
         # relayed): the agent then finishes it, even if the public client is gone.
         self.reset_on_finish = True
@@ -247,7 +249,7 @@ class AgentSession:
         """
         self._streams.pop(stream.id, None)
         if stream.reset_on_finish and self._engine.reset(
-            stream.id, RESET_CANCEL, "public client went away", self._loop.time()
+            stream.id, RESET_CANCEL, stream.reset_reason, self._loop.time()
         ):
             self._ready.set()
 

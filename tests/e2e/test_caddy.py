@@ -259,7 +259,8 @@ def resolution_env(relay: Relay) -> dict[str, str]:
     shim = relay.new_dir("resolve-localhost")
     (shim / "sitecustomize.py").write_text(SITECUSTOMIZE.format(domain=DOMAIN, suffix="." + DOMAIN))
     path = os.pathsep.join(p for p in (str(shim), relay.env.get("PYTHONPATH", "")) if p)
-    return {"PYTHONPATH": path}
+    # uvloop resolves names with libuv, past socket.getaddrinfo: asyncio's loop uses the shim.
+    return {"PYTHONPATH": path, "RELAY_EVENT_LOOP": "asyncio"}
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ raw asyncio HTTP/1.1 app with a 1 s keep-alive timeout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import re
 import socket
@@ -19,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from .certificates import Pair, make_ca, make_leaf, write_cert, write_pair
-from .framework import Relay, RelayServer, client_session, free_port
+from .framework import Relay, RelayServer, client_session, fetch, free_port, raw_exchange
 from .streaming_targets import StreamingTarget, big_body
 
 
@@ -264,6 +266,13 @@ def test_a_bad_forward_ca_is_named(relay: Relay, tmp_path: Path) -> None:
 # -- stale keep-alive connections ----------------------------------------------------------------
 
 
+class _Echo:
+    """KeepAliveApp's default answer: 200 with the request's body."""
+
+
+ECHO = _Echo()
+
+
 class KeepAliveApp:
     """A raw HTTP/1.1 app (asyncio streams, on its own thread) that answers every request
     with its body, and closes a connection that stayed idle for ``idle`` seconds, as Node
@@ -272,8 +281,12 @@ class KeepAliveApp:
     real app, now and then: 3 of 15 pooled POSTs got 202 before the fix). ``requests``
     holds the path of each request answered, in order."""
 
-    def __init__(self, idle: float) -> None:
+    def __init__(self, idle: float, answer: bytes | _Echo | None = ECHO) -> None:
+        """``answer``: ``ECHO`` (200 with the body), fixed bytes to write for every request
+        (b"": close the connection without a word), or None (never answer)."""
         self.idle = idle
+        self.answer = answer
+        self.heads: list[str] = []  # the path of every request head read, answered or not
         self.requests: list[str] = []
         self.connections = 0
         self.closed_idle = 0
@@ -298,10 +311,18 @@ class KeepAliveApp:
                 if loop.time() - since >= self.idle and self.requests:
                     self.closed_idle += 1
                     return  # the idle timer fired: the request is never read
+                self.heads.append(head.split(b" ", 2)[1].decode())
                 length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
                 body = await reader.readexactly(int(length[1])) if length else b""
+                if self.answer is None:
+                    await asyncio.sleep(3600)
+                if self.answer == b"":
+                    return
                 self.requests.append(head.split(b" ", 2)[1].decode())
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                if isinstance(self.answer, bytes):
+                    writer.write(self.answer)
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
                 await writer.drain()
         finally:
             writer.close()
@@ -389,5 +410,156 @@ async def test_a_get_closed_unanswered_is_sent_again_once_and_a_post_never(relay
         assert len(posts) == len(set(posts))  # never twice
         assert len(posts) == 8 - (app.closed_idle - refused)  # a POST the app closed on is not resent
         await agent.process.line(r" POST\s+/post/\d 502 \d+ms the local service closed the connection")
+    finally:
+        app.stop()
+
+
+# -- found by a newcomer's and an attacker's review ------------------------------------------
+
+
+@contextlib.contextmanager
+def tagged_app(host: str, port: int, tag: str) -> Iterator[list[str]]:
+    """An aiohttp app on ``host:port`` that answers ``tag`` and closes each connection
+    (so every request through the agent needs a new one); yields the paths it saw."""
+    seen: list[str] = []
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def answer(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        return web.Response(text=tag, headers={"Connection": "close"})
+
+    async def start() -> web.AppRunner:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", answer)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+        return runner
+
+    runner = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    try:
+        yield seen
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+@needs_ipv6
+async def test_localhost_tries_ipv6_first_every_time(relay: Relay) -> None:
+    port = free_port()
+    with tagged_app("::1", port, "v6") as on_v6, tagged_app("127.0.0.1", port, "v4") as on_v4:
+        server = relay.server()
+        _live_agent(relay, server, f"localhost:{port}")
+        answers = [await _get(server, f"/n{i}") for i in range(6)]
+    assert answers == [(200, None, "v6")] * 6  # never rotated to the other family
+    assert len(on_v6) == 6 and on_v4 == []
+
+
+def _upgrade(server: RelayServer, *extra: bytes) -> bytes:
+    """A websocket upgrade request to /t/alice/ws, closing the connection after the answer."""
+    return (
+        b"GET /t/alice/ws HTTP/1.1\r\nHost: " + server.apex.encode() + b"\r\nConnection: Upgrade, close\r\n"
+        b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n" + b"".join(extra) + b"\r\n"
+    )
+
+
+async def test_a_websocket_upgrade_never_follows_a_redirect(relay: Relay) -> None:
+    port = free_port()
+    moved = b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:%d/admin\r\nContent-Length: 5\r\n\r\nmoved"
+    with tagged_app("127.0.0.1", port, "elsewhere") as elsewhere:
+        redirecting = KeepAliveApp(idle=60.0, answer=moved % port)
+        try:
+            server = relay.server()
+            _live_agent(relay, server, f"127.0.0.1:{redirecting.port}")
+            reply, _ = await raw_exchange(server.port, _upgrade(server, b"Cookie: session=VICTIM\r\n"))
+        finally:
+            redirecting.stop()
+    assert (reply.status, reply.body) == (302, b"moved")  # passed back, as for a plain GET
+    assert reply.header("Location") == f"http://127.0.0.1:{port}/admin"
+    assert elsewhere == []  # the agent dialled nothing but its target
+
+
+async def test_a_refused_upgrade_comes_back_with_its_body(relay: Relay) -> None:
+    app = KeepAliveApp(idle=60.0, answer=b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\n\r\nno socket")
+    try:
+        server = relay.server()
+        _live_agent(relay, server, f"127.0.0.1:{app.port}")
+        reply, _ = await raw_exchange(server.port, _upgrade(server))
+    finally:
+        app.stop()
+    assert (reply.status, reply.body) == (404, b"no socket")
+
+
+async def test_an_unanswered_request_reaches_the_app_at_most_twice(relay: Relay) -> None:
+    app = KeepAliveApp(idle=60.0, answer=b"")  # reads each head, then closes without a word
+    try:
+        server = relay.server()
+        _live_agent(relay, server, f"127.0.0.1:{app.port}")
+        base = f"http://127.0.0.1:{server.port}/t/alice"
+        async with client_session() as http:
+            for method in ("GET", "DELETE", "POST"):
+                async with http.request(method, f"{base}/{method}", headers={"Host": server.apex}) as reply:
+                    assert reply.status == 502, method
+    finally:
+        app.stop()
+    assert sorted(app.heads) == ["/DELETE", "/DELETE", "/GET", "/GET", "/POST"]
+
+
+async def test_a_host_that_is_no_tls_server_name_is_named_not_a_traceback(
+    relay: Relay, services: list[StreamingTarget], dev_certs: DevCerts
+) -> None:
+    app = _service(services, tls=dev_certs.self_signed.server_context())
+    server = relay.server()
+    agent = relay.agent(
+        server,
+        server.token("alice"),
+        f"https://localhost:{app.port}",
+        extra=["--mode", "live", "--host-header", "preserve"],
+    )
+    long_label = "a" * 70
+    async with client_session() as http:
+        reply = await fetch(http, "GET", server.url("/p"), f"{long_label}.alice.{server.apex}")
+        assert reply.status in (404, 502)  # the server may refuse the name itself
+        ok = await fetch(http, "GET", server.url("/small"), f"alice.{server.apex}")
+    assert ok.status == 200  # and the tunnel still works
+    assert "Traceback" not in agent.process.stderr and "internal error" not in agent.process.stderr
+
+
+def test_bad_tls_options_are_usage_errors(relay: Relay) -> None:
+    server = relay.server(start=False)
+    for extra, why in (
+        (["--forward-ca", "ca.pem", "--forward-verify"], "not both"),
+        (["--host-header", "garbage value with spaces"], "--host-header"),
+        (["--host-header", "a" * 300], "--host-header"),
+    ):
+        agent = relay.agent(server, server.token("alice"), "https://localhost:9", ready=False, extra=extra)
+        assert agent.process.wait(20) == 2, extra
+        assert why in agent.process.stderr, agent.process.stderr
+
+
+async def test_http_to_an_https_app_says_it_speaks_tls(
+    relay: Relay, services: list[StreamingTarget], dev_certs: DevCerts
+) -> None:
+    app = _service(services, tls=dev_certs.self_signed.server_context())
+    server = relay.server()
+    _live_agent(relay, server, f"127.0.0.1:{app.port}")
+    status, _, text = await _get(server, "/small")
+    assert status == 502
+    assert f"127.0.0.1:{app.port} speaks TLS: forward to https://127.0.0.1:{app.port}" in text, text
+
+
+async def test_a_request_the_server_gave_up_on_says_why_in_the_agent_line(relay: Relay) -> None:
+    app = KeepAliveApp(idle=60.0, answer=None)  # reads the head, never answers
+    try:
+        server = relay.server("--timeout", "1")
+        agent = relay.agent(server, server.token("alice"), f"127.0.0.1:{app.port}", extra=["--mode", "live"])
+        assert (await _get(server, "/hang"))[0] == 504
+        ended = r" GET\s+/hang cancelled \d+ms the server ended it: no response head within 1s"
+        await agent.process.line(ended)
     finally:
         app.stop()
