@@ -99,10 +99,12 @@ async def attempt_agent(
                 stream = await session.open(head, end_stream=not event.body)
             except BadHead as exc:
                 return Outcome(None, f"the stored request cannot be forwarded: {exc}", final=True), None
-            if event.body:
-                # Concurrent with the wait for the head: an app may answer before it
-                # read the whole body, and that answer is a success.
-                pump = asyncio.ensure_future(_send_body(session, stream, event.body))
+            # A body that fits goes right behind the OPEN; the rest, if any, concurrently
+            # with the wait for the head: an app may answer before it read the whole
+            # body, and that answer is a success.
+            taken = session.send_body_now(stream, event.body, end=True) if event.body else 0
+            if taken < len(event.body):
+                pump = asyncio.ensure_future(_send_body(session, stream, event.body[taken:]))
             answer = await asyncio.shield(stream.head)
     except (TimeoutError, StreamFailed) as exc:
         if pump is not None:

@@ -376,23 +376,44 @@ class Deliveries:
             # the dispatcher off it until the attempt is over (or the server died).
             lease = now + self.config.timeout + 30 if slot else now
             deliveries = [Delivery(0, tunnel, d, "pending", 0, lease) for d in settings.destinations]
+            commit = asyncio.ensure_future(self.commits.write(Store.insert_event_op(event, deliveries)))
+            # The first attempt starts while the event is being committed: the sender
+            # waits for the longer of the fsync and the app, not for their sum. Nothing
+            # is answered before the commit (never a 2xx for a webhook not stored); if it
+            # fails, the attempt is cut short and the sender gets 503 (and retries: the
+            # app may then see it twice, as webhooks are delivered at least once).
+            attempt = None
+            if slot:
+                assert session is not None
+                attempt = asyncio.ensure_future(attempt_agent(session, event, 1, self.config.timeout))
             try:
-                seq = await self.commits.write(Store.insert_event_op(event, deliveries))
+                seq = await asyncio.shield(commit)
+            except asyncio.CancelledError:
+                if attempt is not None:  # the sender left: the attempt's outcome is still recorded
+                    handed_over = True
+                    left = self._abandoned_before_commit(
+                        commit, attempt, event, deliveries[0], settings, dispatcher
+                    )
+                    self.tasks.spawn(left, f"abandoned attempt of {event.id}")
+                raise
             except StoreError as exc:
+                if attempt is not None:
+                    attempt.cancel()
+                    await asyncio.gather(attempt, return_exceptions=True)
                 self.store_trouble(exc)
                 return relay_error(
                     "store-unavailable", "the relay cannot store this request now; retry later"
                 )
             event = replace(event, seq=seq)
             self._count(tunnel, 1, len(body))
-            if not slot:
+            if attempt is None:
                 for destination in settings.destinations:
                     self.dispatcher(tunnel, destination).wake()
                 return self._queued(event)
             assert session is not None
             handed_over = True  # the first attempt owns the slot from here
             return await self._first_attempt(
-                event, replace(deliveries[0], event_seq=seq), session, settings, write_response
+                attempt, event, replace(deliveries[0], event_seq=seq), settings, write_response
             )
         finally:
             if slot and not handed_over:
@@ -414,17 +435,17 @@ class Deliveries:
 
     async def _first_attempt(
         self,
+        attempt: asyncio.Future[tuple[Outcome, AgentExchange | None]],
         event: Event,
         delivery: Delivery,
-        session: AgentSession,
         settings: TunnelSettings,
         write_response: WriteResponse,
     ) -> web.StreamResponse:
-        """The inline attempt: the app's own answer goes back to the sender, or 202."""
+        """The inline attempt (started, its event committed): the app's own answer goes
+        back to the sender, or 202."""
         dispatcher = self.dispatcher(event.tunnel, delivery.destination)
         owns_slot = True
         try:
-            attempt = asyncio.ensure_future(attempt_agent(session, event, 1, self.config.timeout))
             try:
                 # Shielded: a sender that gives up (its handler is cancelled) does not
                 # cancel the attempt; its outcome is recorded all the same.
@@ -448,7 +469,7 @@ class Deliveries:
                 return self._queued(event)  # durable when down: the relay retries
             # Transparent when up: the sender gets the local service's own answer.
             try:
-                return await write_response(session, exchange.stream, exchange.head)
+                return await write_response(exchange.session, exchange.stream, exchange.head)
             finally:
                 await exchange.finish()
         finally:
@@ -467,6 +488,29 @@ class Deliveries:
             await self.record(event, delivery, outcome, settings, scheduled=True)
         finally:
             dispatcher.recorded(event.id)
+
+    async def _abandoned_before_commit(
+        self,
+        commit: asyncio.Future[int],
+        attempt: asyncio.Future[tuple[Outcome, AgentExchange | None]],
+        event: Event,
+        delivery: Delivery,
+        settings: TunnelSettings,
+        dispatcher: Dispatcher,
+    ) -> None:
+        """The sender left while its webhook was being committed: once it is stored,
+        finish the attempt as ``_abandoned`` does; if it could not be stored, cut it short."""
+        try:
+            seq = await commit
+        except StoreError as exc:
+            attempt.cancel()
+            await asyncio.gather(attempt, return_exceptions=True)
+            dispatcher.release(event.id)
+            self.store_trouble(exc)
+            return
+        self._count(event.tunnel, 1, len(event.body))
+        stored, delivery = replace(event, seq=seq), replace(delivery, event_seq=seq)
+        await self._abandoned(attempt, stored, delivery, settings, dispatcher)
 
     async def _abandoned(
         self,

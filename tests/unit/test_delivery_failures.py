@@ -302,7 +302,11 @@ async def test_every_failure_path_gives_back_its_delivery_slot(
 
     # One webhook through the faulty path; the agent answers whatever reaches it.
     first = asyncio.create_task(_post(client))
-    if point not in ("attempt_agent", "commit_insert"):  # those fail before the agent sees it
+    if point == "commit_insert":
+        # The attempt starts while the event is committed: the agent sees it, then its
+        # RESET once the commit failed (the sender gets 503, never a false 202).
+        await agent.next_request()
+    elif point != "attempt_agent":  # that one fails before the agent sees it
         opened = await agent.next_request()
         if point == "finish_after_503":
             await agent.answer(opened, 503, ((b"Retry-After", b"3600"),))
