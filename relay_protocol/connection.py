@@ -51,7 +51,14 @@ from .frames import (
     decode,
     encode,
 )
-from .limits import INITIAL_WINDOW, MAX_CONCURRENT_STREAMS, MAX_STREAM_ID
+from .limits import (
+    FAST_GRANT_INTERVAL,
+    INITIAL_WINDOW,
+    MAX_CONCURRENT_STREAMS,
+    MAX_STREAM_ID,
+    MAX_WINDOW,
+    MAX_WINDOW_GROWTH,
+)
 
 
 class Role(enum.Enum):
@@ -89,6 +96,8 @@ class _Stream:
     send_credit: int = INITIAL_WINDOW
     recv_window: int = INITIAL_WINDOW  # what the peer may still send
     unacked: int = 0  # consumed by the application, not yet granted back
+    window: int = INITIAL_WINDOW  # the credit this side grants: grows while the stream is fast
+    granted_at: float | None = None  # when the last WINDOW was granted (the caller's clock)
 
 
 def _steps(frame: Frame) -> list[Step]:
@@ -105,6 +114,7 @@ class Connection:
         self.role = role
         self.max_streams = max_streams
         self._streams: dict[int, _Stream] = {}
+        self._growth = 0  # credit granted beyond INITIAL_WINDOW, all open streams together
         self._last_stream_id = 0  # highest stream id opened so far (by the server)
         self._hello_seen = False  # HELLO sent or received: at most one per connection
         self._handshaken = False  # WELCOME sent or received: no handshake frame after it
@@ -194,7 +204,7 @@ class Connection:
             return data
         data = encode(frame)
         if isinstance(frame, Reset):
-            self._streams.pop(frame.stream_id, None)
+            self._drop(frame.stream_id)
         return data
 
     def _opened(self, stream_id: int, half: Half, *, sending: bool) -> None:
@@ -202,24 +212,40 @@ class Connection:
         self._streams[stream_id] = stream
         self._last_stream_id = stream_id
 
-    def consumed(self, stream_id: int, size: int) -> bytes | None:
-        """Tell the connection the application has taken ``size`` body bytes.
+    def consumed(self, stream_id: int, size: int, now: float = 0.0) -> bytes | None:
+        """Tell the connection the application has taken ``size`` body bytes at ``now``
+        (the caller's clock, seconds).
 
-        Returns a WINDOW frame to send once half a window is owed, else None.
-        Call it after the bytes left this process (written to the client or
-        the target), so a slow reader slows the sender. Raises ``ConnectionFailed``
-        in the error state.
+        Returns a WINDOW frame to send once half the stream's window is owed, else None.
+        Call it after the bytes left this process (written to the client or the
+        target), so a slow reader slows the sender. A stream whose half window was
+        taken again within ``FAST_GRANT_INTERVAL`` gets its window doubled, up to
+        ``MAX_WINDOW`` and within the connection's ``MAX_WINDOW_GROWTH``. Raises
+        ``ConnectionFailed`` in the error state.
         """
         self._check_usable()
         stream = self._streams.get(stream_id)
         if stream is None or stream.recv is not Half.BODY or size <= 0:
             return None
         stream.unacked += size
-        if stream.unacked < INITIAL_WINDOW // 2:
+        if stream.unacked < stream.window // 2:
             return None
-        increment, stream.unacked = stream.unacked, 0
+        grow = 0
+        fast = stream.granted_at is not None and now - stream.granted_at < FAST_GRANT_INTERVAL
+        if fast and stream.window < MAX_WINDOW and self._growth + stream.window <= MAX_WINDOW_GROWTH:
+            grow = stream.window
+            stream.window += grow
+            self._growth += grow
+        increment, stream.unacked = stream.unacked + grow, 0
+        stream.granted_at = now
         stream.recv_window += increment
         return encode(Window(stream_id, increment))
+
+    def _drop(self, stream_id: int) -> None:
+        """Forget a stream; its window's growth goes back to the connection."""
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None:
+            self._growth -= stream.window - INITIAL_WINDOW
 
     # -- receiving -----------------------------------------------------------
 
@@ -264,7 +290,7 @@ class Connection:
                 raise ProtocolError(f"{type(frame).__name__} on stream {stream_id} never opened")
             return None  # the stream ended or was reset here; the peer had not seen it yet
         if isinstance(frame, Reset):
-            del self._streams[stream_id]
+            self._drop(stream_id)
             return frame
         if isinstance(frame, Window):
             if stream.send_credit + frame.increment > 2**31 - 1:
@@ -282,7 +308,7 @@ class Connection:
 
     def _forget_if_done(self, stream_id: int, stream: _Stream) -> None:
         if stream.send is Half.CLOSED and stream.recv is Half.CLOSED:
-            del self._streams[stream_id]
+            self._drop(stream_id)
 
 
 def _next_half(

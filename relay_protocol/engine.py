@@ -283,7 +283,7 @@ class Engine:
         a window is owed. Does nothing in the error state."""
         if self._conn.error is not None:
             return
-        window = self._conn.consumed(stream_id, size)
+        window = self._conn.consumed(stream_id, size, now)
         if window is not None:
             self._queue(window, now)
 

@@ -32,7 +32,13 @@ from relay_protocol.frames import (
     encode,
 )
 from relay_protocol.heads import RequestHead, ResponseHead
-from relay_protocol.limits import INITIAL_WINDOW, MAX_DATA_SIZE, PROTOCOL_VERSION
+from relay_protocol.limits import (
+    INITIAL_WINDOW,
+    MAX_DATA_SIZE,
+    MAX_WINDOW,
+    MAX_WINDOW_GROWTH,
+    PROTOCOL_VERSION,
+)
 
 HEAD = RequestHead("POST", b"/hook", ((b"Content-Type", b"application/json"),), "127.0.0.1")
 OK = ResponseHead(200, ((b"Content-Type", b"text/plain"),))
@@ -439,3 +445,57 @@ def test_errors_say_whose_fault() -> None:
     assert not issubclass(LocalProtocolError, ProtocolError)
     assert not issubclass(ProtocolError, LocalProtocolError)
     assert issubclass(FlowControlError, ProtocolError)
+
+
+# -- window growth (a receiver's policy) ----------------------------------------------------
+
+
+def _grants(conn: Connection, stream_id: int, times: list[float], size: int) -> list[int]:
+    """Take ``size`` body bytes at each of ``times``; the WINDOW increments granted."""
+    got = []
+    for now in times:
+        window = conn.consumed(stream_id, size, now)
+        if window is not None:
+            frame = decode(window)
+            assert isinstance(frame, Window)
+            got.append(frame.increment)
+    return got
+
+
+def _receiving(role: Role = Role.AGENT, streams: int = 1) -> Connection:
+    conn = Connection(role)
+    conn.receive(encode(Welcome(PROTOCOL_VERSION, "s", ())))
+    for sid in range(1, streams + 1):
+        conn.receive(encode(Open(sid, RequestHead("POST", b"/", ()), end_stream=False)))
+    return conn
+
+
+def test_a_fast_stream_gets_its_window_doubled_up_to_the_maximum() -> None:
+    conn = _receiving()
+    half = INITIAL_WINDOW // 2
+    # Half a window taken every millisecond: the reader keeps up, the window doubles.
+    increments = _grants(conn, 1, [i * 0.001 for i in range(200)], half)
+    assert increments[0] == half  # the first grant: nothing known yet
+    assert max(increments) <= MAX_WINDOW
+    windows = [conn._streams[1].window]
+    assert windows == [MAX_WINDOW]
+
+
+def test_a_slow_stream_keeps_the_initial_window() -> None:
+    conn = _receiving()
+    half = INITIAL_WINDOW // 2
+    increments = _grants(conn, 1, [i * 1.0 for i in range(20)], half)  # a second apart
+    assert increments == [half] * 20
+    assert conn._streams[1].window == INITIAL_WINDOW
+
+
+def test_growth_is_bounded_per_connection_and_given_back_by_finished_streams() -> None:
+    streams = MAX_WINDOW_GROWTH // (MAX_WINDOW - INITIAL_WINDOW) + 2
+    conn = _receiving(streams=streams)
+    for sid in range(1, streams + 1):
+        _grants(conn, sid, [i * 0.001 for i in range(100)], INITIAL_WINDOW // 2)
+    grown = sum(s.window - INITIAL_WINDOW for s in conn._streams.values())
+    assert grown <= MAX_WINDOW_GROWTH
+    assert conn._growth == grown
+    conn.receive(encode(Reset(1, 1, "done")))
+    assert conn._growth == grown - (MAX_WINDOW - INITIAL_WINDOW)
