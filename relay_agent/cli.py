@@ -7,6 +7,7 @@ import contextlib
 import functools
 import json
 import logging
+import shlex
 import signal
 import socket
 import ssl
@@ -405,28 +406,64 @@ def events_group() -> None:
     default=None,
     help="Only events with a delivery in this state.",
 )
-@click.option("--limit", type=click.IntRange(1, 1000), default=50, help="Most events listed, newest first.")
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 1000),
+    default=50,
+    help="Most events listed, newest first (with --all: per call to the server).",
+)
+@click.option("--before", metavar="CURSOR", default=None, help="Only events older than this page's cursor.")
+@click.option("--all", "all_pages", is_flag=True, help="Follow the pages down to the oldest event.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @api_options
 def events_list(
-    name: str | None, status: str | None, limit: int, as_json: bool, server: str | None, token: str | None
+    name: str | None,
+    status: str | None,
+    limit: int,
+    before: str | None,
+    all_pages: bool,
+    as_json: bool,
+    server: str | None,
+    token: str | None,
 ) -> None:
-    """List events, newest first."""
-    query = urlencode({k: v for k, v in (("name", name), ("status", status), ("limit", limit)) if v})
-    data = _api(server, token, "GET", f"events?{query}")
+    """List events, newest first, a page at a time (--all: every one).
+
+    When more remain, the command that lists the next page is printed on stderr."""
+    filters = {k: v for k, v in (("name", name), ("status", status), ("limit", limit)) if v}
+    listed: list[dict[str, Any]] = []
+    if not as_json:
+        click.echo(f"{'ID':34} {'TUNNEL':16} {'STATUS':9} {'TRIES':5} {'RECEIVED':24} REQUEST")
+    cursor = before
+    while True:
+        query = urlencode({**filters, **({"before": cursor} if cursor else {})})
+        data = _api(server, token, "GET", f"events?{query}")
+        if as_json:
+            listed += data["events"]
+        else:
+            for event in data["events"]:
+                _event_rows(event)
+        cursor = data.get("next")
+        if not cursor or not all_pages:
+            break
     if as_json:
-        click.echo(json.dumps(data["events"], indent=2))
-        return
-    click.echo(f"{'ID':34} {'TUNNEL':16} {'STATUS':9} {'TRIES':5} {'RECEIVED':24} REQUEST")
-    for event in data["events"]:
-        tries = max((d["attempts"] for d in event["deliveries"]), default=0)
-        click.echo(
-            f"{event['id']:34} {event['tunnel']:16} {event['status']:9} {tries:<5} "
-            f"{event['received_at']:24} {event['method']} {event['target']}"
-        )
-        if event["status"] in ("retrying", "dead"):  # when, and why
-            for d in event["deliveries"]:
-                click.echo(f"{'':34} -> {d['destination']}: {_delivery_line(d)}")
+        click.echo(json.dumps(listed, indent=2))
+    if cursor:
+        words = ["relay-agent", "events", "list"]
+        words += [f"--{k}={v}" for k, v in filters.items()] + ([f"--server={server}"] if server else [])
+        words += ["--json"] if as_json else []
+        click.echo(f"more: {shlex.join([*words, f'--before={cursor}'])}", err=True)
+
+
+def _event_rows(event: dict[str, Any]) -> None:
+    """``events list``'s line for one event, and for a retrying or dead one its deliveries."""
+    tries = max((d["attempts"] for d in event["deliveries"]), default=0)
+    click.echo(
+        f"{event['id']:34} {event['tunnel']:16} {event['status']:9} {tries:<5} "
+        f"{event['received_at']:24} {event['method']} {event['target']}"
+    )
+    if event["status"] in ("retrying", "dead"):  # when, and why
+        for d in event["deliveries"]:
+            click.echo(f"{'':34} -> {d['destination']}: {_delivery_line(d)}")
 
 
 @events_group.command("show")
@@ -448,6 +485,9 @@ def events_show(event_id: str, as_json: bool, server: str | None, token: str | N
     click.echo("")
     for d in event["deliveries"]:
         click.echo(f"-> {d['destination']}: {_delivery_line(d)}")
+        for attempt in d.get("history", []):
+            outcome = attempt["status"] or attempt["error"] or "-"
+            click.echo(f"   attempt {attempt['attempt']} at {attempt['at']}: {outcome}")
 
 
 def _delivery_line(d: dict[str, Any]) -> str:
