@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 import click
@@ -25,7 +25,12 @@ from relay_protocol import RelayError, RequestHead, Welcome
 
 from . import api_client
 from .config import DEFAULT_SERVER, AgentConfig, load_login, save_login, token_user
-from .errors import InvalidTarget, Refused
+from .errors import AgentConfigError, InvalidTarget, Refused
+from .inspector.address import InspectAddress, default_address, parse_address
+
+if TYPE_CHECKING:
+    from .console import Console
+    from .inspector.state import Inspector
 from .target import Target, parse_target
 from .tls import CertificateRefused, client_context, forward_context
 
@@ -142,6 +147,24 @@ def main() -> None:
     " local service's certificate is not checked: it is your own machine]",
 )
 @click.option(
+    "--inspect",
+    "inspect_at",
+    envvar="RELAY_INSPECT",
+    default=None,
+    show_envvar=True,
+    metavar="ADDR",
+    help="Serve the inspector (every request, replay, the server's history) on PORT or"
+    " HOST:PORT; an address other than loopback opens it to that network.  [default:"
+    " 127.0.0.1:4040, or the next free port]",
+)
+@click.option(
+    "--no-inspect",
+    envvar="RELAY_NO_INSPECT",
+    is_flag=True,
+    show_envvar=True,
+    help="No inspector: nothing is recorded.",
+)
+@click.option(
     "--log-level",
     envvar="RELAY_LOG_LEVEL",
     default="warning",
@@ -161,6 +184,8 @@ def connect_command(
     ca_file: Path | None,
     forward_ca: Path | None,
     forward_verify: bool,
+    inspect_at: str | None,
+    no_inspect: bool,
     log_level: str,
 ) -> None:
     """Connect to the relay server and forward its requests to a local service."""
@@ -179,6 +204,12 @@ def connect_command(
         forward_tls = forward_context(forward_ca, forward_verify)
     except RelayError as exc:
         raise click.ClickException(str(exc)) from exc
+    if no_inspect and inspect_at is not None:
+        raise click.UsageError("--inspect and --no-inspect exclude each other")
+    try:
+        inspect = None if no_inspect else parse_address(inspect_at) if inspect_at else default_address()
+    except AgentConfigError as exc:
+        raise click.BadParameter(str(exc).removeprefix("invalid --inspect "), param_hint="--inspect") from exc
     settings = {k: v for k, v in (("mode", mode), ("max_concurrency", max_concurrency)) if v is not None}
     config = AgentConfig(
         server=(server or saved.get("server") or DEFAULT_SERVER).rstrip("/"),
@@ -203,7 +234,9 @@ def connect_command(
             err=True,
         )
     try:
-        asyncio.run(_run(config))
+        asyncio.run(_run(config, inspect))
+    except AgentConfigError as exc:  # the inspector's address cannot be bound
+        raise click.ClickException(str(exc)) from exc
     except Refused as exc:
         click.echo(f"relay-agent: the server refused this agent: {exc.reason}", err=True)
         sys.exit(1)
@@ -219,38 +252,64 @@ def _tls(ca_file: Path | None) -> ssl.SSLContext:
         raise click.ClickException(str(exc)) from exc
 
 
-async def _run(config: AgentConfig) -> None:
+async def _run(config: AgentConfig, inspect: InspectAddress | None) -> None:
+    """Run the tunnel, with the inspector at ``inspect`` (None: no inspector, nothing
+    recorded) and the console, until cancelled (SIGTERM, SIGINT) or refused."""
     # Imported here: the other commands (events, tunnel, login) need none of the
     # tunnel's machinery, and start faster without it.
+    from .console import console_for
+    from .inspector.app import serve
+    from .inspector.recorder import Recorder
+    from .inspector.state import Inspector
     from .tunnel import Tunnel
-
-    printed: list[str] = []
-
-    def on_welcome(welcome: Welcome) -> None:
-        lines = [
-            f"Forwarding {url} -> {config.target.base_url}"
-            for tunnel in welcome.tunnels
-            for url in tunnel.get("urls", [])
-        ]
-        if lines != printed:
-            printed[:] = lines
-            for line in lines:
-                click.echo(line)
-        else:
-            logging.getLogger("relay.agent").warning("reconnected")
-
-    def on_request(head: RequestHead, status: int | str, seconds: float, error: str) -> None:
-        path = head.target.decode("utf-8", "replace")
-        why = f" {error}" if error else ""
-        click.echo(f"{time.strftime('%H:%M:%S')} {head.method:7} {path} {status} {seconds * 1000:.0f}ms{why}")
 
     task = asyncio.current_task()
     assert task is not None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, task.cancel)
+    recorder = Recorder() if inspect is not None else None
+    watchers = _Watchers()
+    tunnel = Tunnel(
+        config, watchers.welcome, watchers.request, recorder=recorder, on_offline=watchers.offline
+    )
     with contextlib.suppress(asyncio.CancelledError):
-        await Tunnel(config, on_welcome, on_request).run()
+        async with contextlib.AsyncExitStack() as stack:
+            bound = None
+            if recorder is not None and inspect is not None:
+                inspector = Inspector(recorder, tunnel)
+                bound = await stack.enter_async_context(serve(inspector, inspect))
+                if bound is None:
+                    tunnel.recorder = None  # every default port is taken: no inspector, nothing recorded
+                else:
+                    watchers.inspector = inspector
+            console = console_for(sys.stdout, config, bound.url if bound is not None else None)
+            console.start()
+            stack.push_async_callback(console.stop)
+            watchers.console = console
+            await tunnel.run()
+
+
+class _Watchers:
+    """Who is told what the tunnel does: the inspector (if it serves) and the console."""
+
+    def __init__(self) -> None:
+        self.inspector: Inspector | None = None
+        self.console: Console | None = None
+
+    def welcome(self, welcome: Welcome) -> None:
+        for watcher in (self.inspector, self.console):
+            if watcher is not None:
+                watcher.welcome(welcome)
+
+    def offline(self, why: str, delay: float) -> None:
+        for watcher in (self.inspector, self.console):
+            if watcher is not None:
+                watcher.offline(why, delay)
+
+    def request(self, head: RequestHead, status: int | str, seconds: float, error: str) -> None:
+        if self.console is not None:
+            self.console.request(head, status, seconds, error)
 
 
 @main.command("login")

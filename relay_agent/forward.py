@@ -98,6 +98,11 @@ class ForwardFailed(Exception):
         super().__init__(reason[:MAX_REASON] + ("..." if len(reason) > MAX_REASON else ""))
         self.code = code
 
+    @property
+    def status(self) -> int:
+        """The status the public client sees: 504 for a timeout, else 502."""
+        return 504 if self.code == RESET_TARGET_TIMEOUT else 502
+
 
 # -- request heads, byte for byte --------------------------------------------------------
 #
@@ -190,7 +195,7 @@ def client_session(config: AgentConfig) -> aiohttp.ClientSession:
     )
 
 
-def _exact(head: RequestHead, config: AgentConfig) -> Headers:
+def outgoing_headers(head: RequestHead, config: AgentConfig) -> Headers:
     """The request's headers as they go to the target: hop-by-hop ones removed, Host
     set by ``--host-header`` (in the place the client's Host had), all else as sent."""
     headers: list[tuple[bytes, bytes]] = []
@@ -293,7 +298,7 @@ async def forward(
     if is_websocket_upgrade(head.method, head.headers):
         return await forward_websocket(session, config, head, link)
     url = URL(config.target.url_for(head.target), encoded=True)
-    exact = _exact_headers.set(_exact(head, config))  # read when the request is built
+    exact = _exact_headers.set(outgoing_headers(head, config))  # read when the request is built
     # Sent again once if the service closed the connection without a word of answer: only
     # a bodiless request of an idempotent method (RFC 9110 9.2.2), which may safely reach
     # the service twice. (A pooled connection found closed is never used: pool.py.)
@@ -345,7 +350,7 @@ async def forward_websocket(
     # aiohttp runs its own handshake with the target (key, version, the offered
     # protocols); every other header goes as the client sent it, byte for byte.
     handshake = (*WEBSOCKET_HANDSHAKE, b"sec-websocket-protocol", b"upgrade")
-    exact = _exact_headers.set(without(_exact(head, config), *handshake))
+    exact = _exact_headers.set(without(outgoing_headers(head, config), *handshake))
     try:
         ws = await session.ws_connect(
             url,
