@@ -162,7 +162,7 @@ def main() -> None:
     envvar="RELAY_NO_INSPECT",
     is_flag=True,
     show_envvar=True,
-    help="No inspector: nothing is recorded.",
+    help="No inspector, and nothing recorded (wins over --inspect).",
 )
 @click.option(
     "--log-level",
@@ -204,8 +204,6 @@ def connect_command(
         forward_tls = forward_context(forward_ca, forward_verify)
     except RelayError as exc:
         raise click.ClickException(str(exc)) from exc
-    if no_inspect and inspect_at is not None:
-        raise click.UsageError("--inspect and --no-inspect exclude each other")
     try:
         inspect = None if no_inspect else parse_address(inspect_at) if inspect_at else default_address()
     except AgentConfigError as exc:

@@ -17,6 +17,7 @@ drawing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import time
@@ -148,6 +149,7 @@ class LiveConsole:
         self.waiting: int | None = None
         self.lines: deque[tuple[str, str]] = deque(maxlen=MAX_LINES)
         self._dirty = asyncio.Event()
+        self._poll_now = asyncio.Event()
         self._log_handler = _ToConsole(self)
         self._stderr_handlers: list[logging.Handler] = []
 
@@ -179,6 +181,7 @@ class LiveConsole:
         self.urls = forwarding_lines(welcome, self.config.target.base_url)
         self.state = "online"
         self._dirty.set()
+        self._poll_now.set()
 
     def request(self, head: RequestHead, status: int | str, seconds: float, error: str) -> None:
         self.total += 1
@@ -266,6 +269,10 @@ class LiveConsole:
     async def _poll_waiting(self) -> None:
         config = self.config
         while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(WAITING_POLL):
+                    await self._poll_now.wait()  # set when the agent is (again) online
+            self._poll_now.clear()
             if self.state == "online":
                 try:
                     answer = await asyncio.to_thread(
@@ -278,4 +285,3 @@ class LiveConsole:
                 if waiting != self.waiting:
                     self.waiting = waiting
                     self._dirty.set()
-            await asyncio.sleep(WAITING_POLL)

@@ -135,9 +135,7 @@ async def curl(request: web.Request) -> web.Response:
 async def replay(request: web.Request) -> web.Response:
     inspector = request.app[INSPECTOR]
     original = _exchange(request)
-    raw = await request.content.read(MAX_REPLAY_REQUEST + 1)
-    if len(raw) > MAX_REPLAY_REQUEST:
-        return api_error(413, "too-large", f"a replay request is at most {MAX_REPLAY_REQUEST} bytes")
+    raw = await request.read()  # at most MAX_REPLAY_REQUEST (client_max_size), else 413
     try:
         edits = json.loads(raw) if raw.strip() else {}
     except ValueError as exc:

@@ -48,6 +48,7 @@ READY_TIMEOUT = 20.0
 EXIT_TIMEOUT = 20.0
 
 FORWARDING = re.compile(r"^Forwarding (\S+) -> (\S+)$")
+INSPECT = re.compile(r"^Inspect    (http://\S+)$")
 REQUEST_LINE = r"^\d\d:\d\d:\d\d {method}\s+{path} {status} \d+ms(?: .+)?$"
 
 
@@ -364,6 +365,10 @@ class Agent:
     def forwarding(self) -> list[str]:
         return [line for line in self.process.stdout_lines if FORWARDING.match(line)]
 
+    def inspector(self) -> str:
+        """The inspector's URL, from the ``Inspect`` line (waited for)."""
+        return self.process.wait_for_line(INSPECT.pattern)[0].group(1)
+
 
 @dataclass
 class Tunnel:
@@ -409,7 +414,13 @@ class Relay:
         self._dirs = 0
 
     def spawn(self, argv: list[str], label: str, env: Mapping[str, str] | None = None) -> Process:
-        """Start ``argv`` with the suite's environment (plus ``env``); killed in ``close()``."""
+        """Start ``argv`` with the suite's environment (plus ``env``); killed in ``close()``.
+
+        A ``relay-agent connect`` serves its inspector (and so records every request, as
+        by default) on a port of this worker's block (``RELAY_INSPECT``), never on the
+        machine's shared 4040; ``--inspect ADDR`` or ``--no-inspect`` in ``argv`` win."""
+        if argv[:2] == [str(RELAY_AGENT), "connect"] and "RELAY_INSPECT" not in (env or {}):
+            env = {**(env or {}), "RELAY_INSPECT": f"127.0.0.1:{free_port()}"}
         process = Process(argv, {**self.env, **(env or {})}, label)
         self.processes.append(process)
         return process
