@@ -234,7 +234,8 @@ def connect_command(
     try:
         asyncio.run(_run(config, inspect))
     except AgentConfigError as exc:  # the inspector's address cannot be bound
-        raise click.ClickException(str(exc)) from exc
+        click.echo(f"relay-agent: {exc}", err=True)
+        sys.exit(1)
     except Refused as exc:
         click.echo(f"relay-agent: the server refused this agent: {exc.reason}", err=True)
         sys.exit(1)

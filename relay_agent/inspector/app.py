@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -119,7 +120,8 @@ async def serve(inspector: Inspector, address: InspectAddress) -> AsyncIterator[
         bound = candidate
         break
     if runner is None:
-        why = failure.strerror if failure is not None and failure.strerror else str(failure)
+        # asyncio wraps the system's words in its own ("error while attempting to bind ...").
+        why = os.strerror(failure.errno).lower() if failure is not None and failure.errno else str(failure)
         if address.exact:
             raise AgentConfigError(f"cannot serve the inspector on {address.authority}: {why}")
         tried = address.candidates()

@@ -131,17 +131,22 @@ function drawList() {
 }
 
 async function loadExchanges() {
+  // Merged into what the stream already brought: an exchange the stream told of while
+  // this list was on its way is newer than the list's copy, or missing from it.
   const data = await api("/api/exchanges");
-  live.exchanges = new Map(data.exchanges.map((s) => [s.id, s]));
+  for (const summary of data.exchanges) {
+    const known = live.exchanges.get(summary.id);
+    if (!known || (known.status === null && summary.status !== null)) live.exchanges.set(summary.id, summary);
+  }
   drawList();
 }
 
 function connectStream() {
   const source = new EventSource("/api/exchanges/stream");
-  source.addEventListener("open", () => {
-    $("#live-connection").textContent = "live";
+  source.addEventListener("open", async () => {
     // After a reconnect, the list may have missed exchanges: read it again.
-    loadExchanges().catch(() => {});
+    await loadExchanges().catch(() => {});
+    $("#live-connection").textContent = "live";
     loadStatus();
   });
   source.addEventListener("error", () => {
