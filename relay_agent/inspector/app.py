@@ -126,10 +126,10 @@ async def serve(inspector: Inspector, address: InspectAddress) -> AsyncIterator[
             raise AgentConfigError(f"cannot serve the inspector on {address.authority}: {why}")
         tried = address.candidates()
         log.warning(
-            "no inspector: ports %d to %d of %s are taken (%s); --inspect ADDR picks another",
+            "no inspector: cannot listen on %s, ports %d to %d (%s); --inspect ADDR picks another",
+            address.host,
             tried[0].port,
             tried[-1].port,
-            address.host,
             why,
         )
     try:
