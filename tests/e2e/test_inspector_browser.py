@@ -282,6 +282,6 @@ def test_an_event_queued_while_the_agent_was_down_is_in_the_server_history(
     redelivered = _seen(alice, path, 2)[1]
     assert redelivered.header("X-Relay-Event-Id") == event_id  # through the server: the same event
     assert redelivered.header("X-Relay-Attempt") == "2"
-    page.locator("#event-note", has_text="Redelivering").wait_for()
+    page.locator("#redeliver-note", has_text=f"Redelivering {event_id} to agent:*").wait_for()
     _shot(page, tmp_path, "server-history-redelivered")
     assert page.errors == []

@@ -406,6 +406,7 @@ async function showEvent(id) {
       el("div", { class: "actions" },
         el("button", { type: "button", id: "redeliver", onclick: () => redeliver(event.id) }, "Redeliver"),
       ),
+      el("div", { id: "redeliver-note" }),
       el("div", { id: "event-note", class: "muted" }, `tunnel ${event.tunnel} · received ${new Date(event.received_at).toLocaleString()} · from ${event.client} · ${event.status}`),
     ),
     el("section", { class: "deliveries" },
@@ -428,14 +429,16 @@ async function showEvent(id) {
 }
 
 async function redeliver(id) {
-  const note = $("#event-note");
+  let said;
   try {
     const answer = await api(`/api/server/events/${encodeURIComponent(id)}/replay`, { method: "POST" });
-    note.textContent = `Redelivering ${answer.event} to ${answer.replayed.join(", ")}`;
+    said = `Redelivering ${answer.event} to ${answer.replayed.join(", ")}`;
     await loadHistory(true);
+    await showEvent(id);  // its new state
   } catch (error) {
-    note.textContent = `Redeliver refused: ${error.message}`;
+    said = `Redeliver refused: ${error.message}`;
   }
+  $("#redeliver-note").textContent = said;
 }
 
 // -- tabs and start ------------------------------------------------------------------------
