@@ -213,9 +213,7 @@ def test_mixed_failures_are_grouped_by_cause() -> None:
         "Multiple exceptions: [Errno 99] Connect call failed ('::1', 80, 0, 0), "
         "[Errno 111] Connect call failed ('127.0.0.1', 80)"
     )
-    text = explain_connect_failure(
-        aiohttp.ClientConnectorError(_key("localhost", 80), error), "http://localhost"
-    )
+    text = explain_connect_failure(aiohttp.ClientConnectorError(_key("localhost", 80), error), "http://localhost")
     assert text == "cannot assign requested address on [::1]:80; connection refused on 127.0.0.1:80"
 
 
