@@ -10,6 +10,7 @@ from aiohttp.test_utils import unused_port
 
 from relay_agent.config import AgentConfig
 from relay_agent.errors import AgentConfigError
+from relay_agent.inspector import address as address_module
 from relay_agent.inspector.address import InspectAddress, default_address, parse_address
 from relay_agent.inspector.app import serve
 from relay_agent.inspector.recorder import Recorder
@@ -100,7 +101,10 @@ async def test_a_taken_exact_port_is_an_error_naming_it() -> None:
     assert str(caught.value).startswith(f"cannot serve the inspector on 127.0.0.1:{port}: ")
 
 
-async def test_no_free_default_port_means_no_inspector(caplog: pytest.LogCaptureFixture) -> None:
+async def test_no_free_default_port_means_no_inspector(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(address_module, "DEFAULT_PORT_TRIES", 2)  # two ports to take, not ten
     taken = []
     base = unused_port()
     try:
@@ -111,7 +115,7 @@ async def test_no_free_default_port_means_no_inspector(caplog: pytest.LogCapture
                 pytest.skip("a port of the range is in use elsewhere")
         async with serve(_inspector(), InspectAddress("127.0.0.1", base, exact=False)) as bound:
             assert bound is None
-        assert "no inspector: cannot listen on 127.0.0.1, ports" in caplog.text
+        assert f"no inspector: cannot listen on 127.0.0.1, ports {base} to {base + 1}" in caplog.text
     finally:
         for sock in taken:
             sock.close()
