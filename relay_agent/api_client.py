@@ -26,7 +26,12 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class ApiError(RelayError):
-    """The server refused an API call; the message is its explanation."""
+    """The server refused an API call (``status``: its HTTP status), or could not be
+    reached (``status`` None); the message is the explanation."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def call(
@@ -57,7 +62,7 @@ def call(
         text = exc.read().decode("utf-8", "replace")
         answer = _decode(text.encode())
         message = answer.get("message") if isinstance(answer, dict) else text.strip()
-        raise ApiError(f"{exc.code}: {message}") from exc
+        raise ApiError(f"{exc.code}: {message}", exc.code) from exc
     except TimeoutError as exc:
         raise ApiError(f"no answer from {url} within {API_TIMEOUT:g}s") from exc
     except (urllib.error.URLError, OSError, ValueError) as exc:

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import logging
 import os
+import shlex
 import signal
 import socket
 import ssl
@@ -17,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 import click
@@ -27,7 +28,12 @@ from relay_protocol import RelayError, RequestHead, Welcome
 
 from . import api_client
 from .config import DEFAULT_SERVER, AgentConfig, load_login, save_login, token_user
-from .errors import InvalidTarget, Refused
+from .errors import AgentConfigError, InvalidTarget, Refused
+from .inspector.address import InspectAddress, default_address, parse_address
+
+if TYPE_CHECKING:
+    from .console import Console
+    from .inspector.state import Inspector
 from .target import Target, parse_target, tls_name
 from .tls import CertificateRefused, client_context, forward_context
 
@@ -144,6 +150,24 @@ def main() -> None:
     " local service's certificate is not checked: it is your own machine]",
 )
 @click.option(
+    "--inspect",
+    "inspect_at",
+    envvar="RELAY_INSPECT",
+    default=None,
+    show_envvar=True,
+    metavar="ADDR",
+    help="Serve the inspector (every request, replay, the server's history) on PORT or"
+    " HOST:PORT; an address other than loopback opens it to that network.  [default:"
+    " 127.0.0.1:4040, or the next free port]",
+)
+@click.option(
+    "--no-inspect",
+    envvar="RELAY_NO_INSPECT",
+    is_flag=True,
+    show_envvar=True,
+    help="No inspector, and nothing recorded (wins over --inspect).",
+)
+@click.option(
     "--log-level",
     envvar="RELAY_LOG_LEVEL",
     default="warning",
@@ -163,6 +187,8 @@ def connect_command(
     ca_file: Path | None,
     forward_ca: Path | None,
     forward_verify: bool,
+    inspect_at: str | None,
+    no_inspect: bool,
     log_level: str,
 ) -> None:
     """Connect to the relay server and forward its requests to a local service."""
@@ -188,6 +214,10 @@ def connect_command(
         forward_tls = forward_context(forward_ca, forward_verify)
     except RelayError as exc:
         raise click.ClickException(str(exc)) from exc
+    try:
+        inspect = None if no_inspect else parse_address(inspect_at) if inspect_at else default_address()
+    except AgentConfigError as exc:
+        raise click.BadParameter(str(exc).removeprefix("invalid --inspect "), param_hint="--inspect") from exc
     settings = {k: v for k, v in (("mode", mode), ("max_concurrency", max_concurrency)) if v is not None}
     config = AgentConfig(
         server=(server or saved.get("server") or DEFAULT_SERVER).rstrip("/"),
@@ -213,7 +243,10 @@ def connect_command(
         )
     try:
         with asyncio.Runner(loop_factory=_event_loop()) as runner:
-            runner.run(_run(config))
+            runner.run(_run(config, inspect))
+    except AgentConfigError as exc:  # the inspector's address cannot be bound
+        click.echo(f"relay-agent: {exc}", err=True)
+        sys.exit(1)
     except Refused as exc:
         click.echo(f"relay-agent: the server refused this agent: {exc.reason}", err=True)
         sys.exit(1)
@@ -229,38 +262,64 @@ def _tls(ca_file: Path | None) -> ssl.SSLContext:
         raise click.ClickException(str(exc)) from exc
 
 
-async def _run(config: AgentConfig) -> None:
+async def _run(config: AgentConfig, inspect: InspectAddress | None) -> None:
+    """Run the tunnel, with the inspector at ``inspect`` (None: no inspector, nothing
+    recorded) and the console, until cancelled (SIGTERM, SIGINT) or refused."""
     # Imported here: the other commands (events, tunnel, login) need none of the
     # tunnel's machinery, and start faster without it.
+    from .console import console_for
+    from .inspector.app import serve
+    from .inspector.recorder import Recorder
+    from .inspector.state import Inspector
     from .tunnel import Tunnel
-
-    printed: list[str] = []
-
-    def on_welcome(welcome: Welcome) -> None:
-        lines = [
-            f"Forwarding {url} -> {config.target.base_url}"
-            for tunnel in welcome.tunnels
-            for url in tunnel.get("urls", [])
-        ]
-        if lines != printed:
-            printed[:] = lines
-            for line in lines:
-                click.echo(line)
-        else:
-            logging.getLogger("relay.agent").warning("reconnected")
-
-    def on_request(head: RequestHead, status: int | str, seconds: float, error: str) -> None:
-        path = head.target.decode("utf-8", "replace")
-        why = f" {error}" if error else ""
-        click.echo(f"{time.strftime('%H:%M:%S')} {head.method:7} {path} {status} {seconds * 1000:.0f}ms{why}")
 
     task = asyncio.current_task()
     assert task is not None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, task.cancel)
+    recorder = Recorder() if inspect is not None else None
+    watchers = _Watchers()
+    tunnel = Tunnel(
+        config, watchers.welcome, watchers.request, recorder=recorder, on_offline=watchers.offline
+    )
     with contextlib.suppress(asyncio.CancelledError):
-        await Tunnel(config, on_welcome, on_request).run()
+        async with contextlib.AsyncExitStack() as stack:
+            bound = None
+            if recorder is not None and inspect is not None:
+                inspector = Inspector(recorder, tunnel)
+                bound = await stack.enter_async_context(serve(inspector, inspect))
+                if bound is None:
+                    tunnel.recorder = None  # every default port is taken: no inspector, nothing recorded
+                else:
+                    watchers.inspector = inspector
+            console = console_for(sys.stdout, config, bound.url if bound is not None else None)
+            console.start()
+            stack.push_async_callback(console.stop)
+            watchers.console = console
+            await tunnel.run()
+
+
+class _Watchers:
+    """Who is told what the tunnel does: the inspector (if it serves) and the console."""
+
+    def __init__(self) -> None:
+        self.inspector: Inspector | None = None
+        self.console: Console | None = None
+
+    def welcome(self, welcome: Welcome) -> None:
+        for watcher in (self.inspector, self.console):
+            if watcher is not None:
+                watcher.welcome(welcome)
+
+    def offline(self, why: str, delay: float) -> None:
+        for watcher in (self.inspector, self.console):
+            if watcher is not None:
+                watcher.offline(why, delay)
+
+    def request(self, head: RequestHead, status: int | str, seconds: float, error: str) -> None:
+        if self.console is not None:
+            self.console.request(head, status, seconds, error)
 
 
 @main.command("login")
@@ -416,28 +475,64 @@ def events_group() -> None:
     default=None,
     help="Only events with a delivery in this state.",
 )
-@click.option("--limit", type=click.IntRange(1, 1000), default=50, help="Most events listed, newest first.")
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 1000),
+    default=50,
+    help="Most events listed, newest first (with --all: per call to the server).",
+)
+@click.option("--before", metavar="CURSOR", default=None, help="Only events older than this page's cursor.")
+@click.option("--all", "all_pages", is_flag=True, help="Follow the pages down to the oldest event.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @api_options
 def events_list(
-    name: str | None, status: str | None, limit: int, as_json: bool, server: str | None, token: str | None
+    name: str | None,
+    status: str | None,
+    limit: int,
+    before: str | None,
+    all_pages: bool,
+    as_json: bool,
+    server: str | None,
+    token: str | None,
 ) -> None:
-    """List events, newest first."""
-    query = urlencode({k: v for k, v in (("name", name), ("status", status), ("limit", limit)) if v})
-    data = _api(server, token, "GET", f"events?{query}")
+    """List events, newest first, a page at a time (--all: every one).
+
+    When more remain, the command that lists the next page is printed on stderr."""
+    filters = {k: v for k, v in (("name", name), ("status", status), ("limit", limit)) if v}
+    listed: list[dict[str, Any]] = []
+    if not as_json:
+        click.echo(f"{'ID':34} {'TUNNEL':16} {'STATUS':9} {'TRIES':5} {'RECEIVED':24} REQUEST")
+    cursor = before
+    while True:
+        query = urlencode({**filters, **({"before": cursor} if cursor else {})})
+        data = _api(server, token, "GET", f"events?{query}")
+        if as_json:
+            listed += data["events"]
+        else:
+            for event in data["events"]:
+                _event_rows(event)
+        cursor = data.get("next")
+        if not cursor or not all_pages:
+            break
     if as_json:
-        click.echo(json.dumps(data["events"], indent=2))
-        return
-    click.echo(f"{'ID':34} {'TUNNEL':16} {'STATUS':9} {'TRIES':5} {'RECEIVED':24} REQUEST")
-    for event in data["events"]:
-        tries = max((d["attempts"] for d in event["deliveries"]), default=0)
-        click.echo(
-            f"{event['id']:34} {event['tunnel']:16} {event['status']:9} {tries:<5} "
-            f"{event['received_at']:24} {event['method']} {event['target']}"
-        )
-        if event["status"] in ("retrying", "dead"):  # when, and why
-            for d in event["deliveries"]:
-                click.echo(f"{'':34} -> {d['destination']}: {_delivery_line(d)}")
+        click.echo(json.dumps(listed, indent=2))
+    if cursor:
+        words = ["relay-agent", "events", "list"]
+        words += [f"--{k}={v}" for k, v in filters.items()] + ([f"--server={server}"] if server else [])
+        words += ["--json"] if as_json else []
+        click.echo(f"more: {shlex.join([*words, f'--before={cursor}'])}", err=True)
+
+
+def _event_rows(event: dict[str, Any]) -> None:
+    """``events list``'s line for one event, and for a retrying or dead one its deliveries."""
+    tries = max((d["attempts"] for d in event["deliveries"]), default=0)
+    click.echo(
+        f"{event['id']:34} {event['tunnel']:16} {event['status']:9} {tries:<5} "
+        f"{event['received_at']:24} {event['method']} {event['target']}"
+    )
+    if event["status"] in ("retrying", "dead"):  # when, and why
+        for d in event["deliveries"]:
+            click.echo(f"{'':34} -> {d['destination']}: {_delivery_line(d)}")
 
 
 @events_group.command("show")
@@ -459,6 +554,9 @@ def events_show(event_id: str, as_json: bool, server: str | None, token: str | N
     click.echo("")
     for d in event["deliveries"]:
         click.echo(f"-> {d['destination']}: {_delivery_line(d)}")
+        for attempt in d.get("history", []):
+            outcome = attempt["status"] or attempt["error"] or "-"
+            click.echo(f"   attempt {attempt['attempt']} at {attempt['at']}: {outcome}")
 
 
 def _delivery_line(d: dict[str, Any]) -> str:

@@ -105,6 +105,11 @@ class ForwardFailed(Exception):
         super().__init__(reason[:MAX_REASON] + ("..." if len(reason) > MAX_REASON else ""))
         self.code = code
 
+    @property
+    def status(self) -> int:
+        """The status the public client sees: 504 for a timeout, else 502."""
+        return 504 if self.code == RESET_TARGET_TIMEOUT else 502
+
 
 # -- request heads, byte for byte --------------------------------------------------------
 #
@@ -235,7 +240,7 @@ def client_session(config: AgentConfig) -> aiohttp.ClientSession:
     )
 
 
-def _exact(head: RequestHead, config: AgentConfig) -> Headers:
+def outgoing_headers(head: RequestHead, config: AgentConfig) -> Headers:
     """The request's headers as they go to the target: hop-by-hop ones removed, Host
     set by ``--host-header`` (in the place the client's Host had), all else as sent."""
     headers: list[tuple[bytes, bytes]] = []
@@ -350,7 +355,7 @@ async def forward(
     ``local`` carries every request but WebSocket upgrades, which go through ``session``."""
     if is_websocket_upgrade(head.method, head.headers):
         return await forward_websocket(session, config, head, link)
-    headers = _exact(head, config)
+    headers = outgoing_headers(head, config)
     if _CONTROL_BYTES.search(b"".join(value for _, value in headers)):
         # A byte HTTP forbids (the relay should have refused it): never split a head.
         raise ForwardFailed(RESET_REFUSED, "unforwardable request head: a control character in a header")
@@ -430,7 +435,7 @@ async def forward_websocket(
     # aiohttp runs its own handshake with the target (key, version, the offered
     # protocols); every other header goes as the client sent it, byte for byte.
     handshake = (*WEBSOCKET_HANDSHAKE, b"sec-websocket-protocol", b"upgrade")
-    exact = _exact_headers.set(without(_exact(head, config), *handshake))
+    exact = _exact_headers.set(without(outgoing_headers(head, config), *handshake))
     _refusal.set(None)
     try:
         ws = await session.ws_connect(

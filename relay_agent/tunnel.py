@@ -54,7 +54,6 @@ from relay_protocol.frames import (
     RESET_BAD_RESPONSE,
     RESET_CANCEL,
     RESET_INTERNAL,
-    RESET_TARGET_TIMEOUT,
     RESET_TARGET_UNREACHABLE,
 )
 from relay_protocol.limits import HEARTBEAT_TIMEOUT, MAX_FRAME_SIZE, SEND_TIMEOUT
@@ -63,7 +62,8 @@ from .backoff import backoff, should_retry
 from .client import LocalClient
 from .config import AgentConfig
 from .errors import Refused
-from .forward import ForwardFailed, client_session, forward
+from .forward import ForwardFailed, Link, client_session, forward
+from .inspector.recorder import Recorder
 from .probe import TargetProbe
 from .tls import CertificateRefused, certificate_problem, speaks_tls
 
@@ -334,13 +334,16 @@ class _Session:
         started = time.monotonic()
         status: int | str = "-"
         error = ""
+        recorder = self.tunnel.recorder
+        recording = recorder.record(stream.head, stream.has_body, stream) if recorder is not None else None
+        link: Link = recording or stream
         try:
             tunnel = self.tunnel
             status = await forward(
-                tunnel.local, tunnel.client, tunnel.config, stream.head, stream.has_body, stream
+                tunnel.local, tunnel.client, tunnel.config, stream.head, stream.has_body, link
             )
         except ForwardFailed as exc:
-            status = 504 if exc.code == RESET_TARGET_TIMEOUT else 502  # what the client sees
+            status = exc.status  # what the client sees
             error = str(exc)
             if exc.code == RESET_TARGET_UNREACHABLE:
                 self.tunnel.target_unreachable()
@@ -362,6 +365,8 @@ class _Session:
             self.streams.pop(stream.id, None)
             # Still open if answered before the request body ended: nothing more will be read.
             self.reset(stream.id, RESET_CANCEL, "response complete")
+            if recording is not None:
+                recording.finish(status, error)
             self.tunnel.on_request(stream.head, status, time.monotonic() - started, error)
 
     async def _heartbeat(self) -> None:
@@ -382,15 +387,30 @@ class _Session:
 #: ended: "reset", "cancelled"), seconds taken, and why it failed ("" if it did not).
 RequestLogger = Callable[[RequestHead, "int | str", float, str], None]
 UrlPrinter = Callable[[Welcome], None]
+#: Called when a connection failed or ended: why, and the seconds until the next try.
+OfflineReporter = Callable[[str, float], None]
 
 
 class Tunnel:
-    """Keeps the agent connected: connect, serve, and reconnect with backoff, until refused."""
+    """Keeps the agent connected: connect, serve, and reconnect with backoff, until refused.
 
-    def __init__(self, config: AgentConfig, on_welcome: UrlPrinter, on_request: RequestLogger) -> None:
+    With a ``recorder`` (the inspector's), every stream is recorded as it is forwarded."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        on_welcome: UrlPrinter,
+        on_request: RequestLogger,
+        *,
+        recorder: Recorder | None = None,
+        on_offline: OfflineReporter = lambda why, delay: None,
+    ) -> None:
         self.config = config
         self.on_welcome = on_welcome
         self.on_request = on_request
+        self.recorder = recorder
+        self.on_offline = on_offline
+        self.offline_reason = "not connected yet"
         self.client: aiohttp.ClientSession  # WebSocket upgrades to the target
         self.local: LocalClient  # every other request to the target
         self._probe = TargetProbe(config.target.host, config.target.port, self._target_up)
@@ -409,6 +429,7 @@ class Tunnel:
                         delays = backoff()  # it worked for a while: start over from short delays
                     delay = next(delays)
                     log.info("reconnecting in %.1fs", delay)
+                    self.on_offline(self.offline_reason, delay)
                     await asyncio.sleep(delay)
         finally:
             await self.local.close()
@@ -451,7 +472,7 @@ class Tunnel:
                     open_timeout=None,
                 )
         except InvalidStatus as exc:
-            log.warning("server answered the upgrade with HTTP %s", exc.response.status_code)
+            self._offline(f"server answered the upgrade with HTTP {exc.response.status_code}")
             return False
         except (OSError, TimeoutError, InvalidHandshake, socket.gaierror) as exc:
             parts = urlsplit(url)
@@ -465,7 +486,7 @@ class Tunnel:
                     )
             if problem is not None:
                 raise problem from exc  # configuration, not the network: never retried
-            log.warning("cannot connect to %s: %s", self.config.server, exc or type(exc).__name__)
+            self._offline(f"cannot connect to {self.config.server}: {exc or type(exc).__name__}")
             return False
         session = _Session(ws, self)
         welcomed = False
@@ -483,7 +504,7 @@ class Tunnel:
             code = exc.rcvd.code if exc.rcvd else None
             reason = exc.rcvd.reason if exc.rcvd else str(exc)
         except (ProtocolError, TimeoutError, OSError) as exc:
-            log.warning("connection failed: %s", exc or type(exc).__name__)
+            self._offline(f"connection failed: {exc or type(exc).__name__}")
             await ws.close(CLOSE_PROTOCOL_ERROR if isinstance(exc, ProtocolError) else CLOSE_NORMAL)
             return welcomed
         finally:
@@ -492,5 +513,10 @@ class Tunnel:
                 stream.kill()
         if not should_retry(code):
             raise Refused(code or 0, reason or "refused")
-        log.warning("disconnected from the server (%s %s)", code, reason or "no reason given")
+        self._offline(f"disconnected from the server ({code} {reason or 'no reason given'})")
         return welcomed
+
+    def _offline(self, reason: str) -> None:
+        """Say why the connection failed or ended (on stderr, and to ``on_offline`` next)."""
+        log.warning("%s", reason)
+        self.offline_reason = reason

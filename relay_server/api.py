@@ -9,8 +9,10 @@ user's event or tunnel answers 404, as if it did not exist.
     GET   /_relay/api/tunnels                      the user's tunnels and settings
     GET   /_relay/api/tunnels/NAME                 one tunnel
     PATCH /_relay/api/tunnels/NAME                 change settings (JSON object of fields)
-    GET   /_relay/api/events?name=&status=&limit=  events, newest first
-    GET   /_relay/api/events/ID                    one event, with headers and body
+    GET   /_relay/api/events?name=&status=&limit=&before=
+                                                   events, newest first, a page at a time:
+                                                   {"events": [...], "next": CURSOR or null}
+    GET   /_relay/api/events/ID                    one event, with headers, body and every attempt
     POST  /_relay/api/events/ID/replay             deliver it again (same id, next attempt)
 
 A revoked or expired token answers 401 on the next call (checked on every call, never
@@ -40,8 +42,12 @@ from .settings import TunnelSettings
 from .states import event_json
 from .store import STATUSES, Store
 
-#: Most events one list call returns.
+#: Most events one list call returns (a page; ``next`` leads to the one after it).
 MAX_LIST = 1000
+#: Events one list call returns when it does not say.
+DEFAULT_LIST = 100
+#: Digits of a ``before`` cursor: a SQLite rowid has at most 19.
+MAX_CURSOR = 19
 #: Largest JSON body the API reads (settings are small).
 MAX_API_BODY = 64 * 1024
 
@@ -101,7 +107,8 @@ class Api:
 
     def _tunnel_json(self, name: str, settings: TunnelSettings) -> dict[str, Any]:
         agents = sum(1 for s in self.registry.sessions() if name in s.names and not s.closed)
-        return {"name": name, "agents": agents, "settings": settings.to_json()}
+        waiting = self.deliveries.waiting(name)
+        return {"name": name, "agents": agents, "waiting": waiting, "settings": settings.to_json()}
 
     async def _tunnels(self, claims: tokens.Claims) -> web.Response:
         rows = await asyncio.to_thread(self.store.user_tunnels, claims.user)
@@ -141,19 +148,27 @@ class Api:
         if status is not None and status not in STATUSES:
             return api_error("bad-request", f"status must be one of {', '.join(STATUSES)}")
         try:
-            limit = max(1, min(int(request.query.get("limit", "100")), MAX_LIST))
+            limit = max(1, min(int(request.query.get("limit", str(DEFAULT_LIST))), MAX_LIST))
         except ValueError:
             return api_error("bad-request", "limit must be a number")
+        try:
+            before = parse_cursor(request.query.get("before") or None)
+        except ValueError as exc:
+            return api_error("bad-request", str(exc))
+        # One more than a page: whether it exists says if there is a next page.
         found = await asyncio.to_thread(
-            self.store.find_events, claims.user, request.query.get("name") or None, status, limit
+            self.store.find_events, claims.user, request.query.get("name") or None, status, limit + 1, before
         )
-        return web.json_response({"events": [event_json(e, d) for e, d in found]})
+        page = found[:limit]
+        following = str(page[-1][0].seq) if len(found) > limit else None
+        return web.json_response({"events": [event_json(e, d) for e, d in page], "next": following})
 
     async def _event(self, claims: tokens.Claims, event_id: str) -> web.Response:
         found = await asyncio.to_thread(self.store.find_event, claims.user, event_id, True)
         if found is None:
             return api_error("not-found", f"you have no event {event_id[:64]!r}")
-        return web.json_response(event_json(*found, with_body=True))
+        attempts = await asyncio.to_thread(self.store.attempts, found[0].seq)
+        return web.json_response(event_json(*found, with_body=True, attempts=attempts))
 
     async def _replay(self, claims: tokens.Claims, event_id: str) -> web.Response:
         found = await asyncio.to_thread(self.store.find_event, claims.user, event_id, True)
@@ -173,6 +188,17 @@ class Api:
             return api_error("conflict", f"an attempt of {event_id} is in flight; replay it once it ends")
         destinations = await self.deliveries.replay(event, deliveries)
         return web.json_response({"event": event.id, "replayed": destinations}, status=202)
+
+
+def parse_cursor(text: str | None) -> int | None:
+    """The seq a ``before`` cursor stands for (None without one). Raises ``ValueError``
+    if it is not a cursor. Clients treat it as opaque: it is the seq of the last event
+    of the previous page."""
+    if text is None:
+        return None
+    if not text.isascii() or not text.isdigit() or len(text) > MAX_CURSOR:
+        raise ValueError("before must be the next cursor of an earlier answer")
+    return int(text)
 
 
 def refuse_private(destination: str) -> None:

@@ -618,6 +618,10 @@ class Deliveries:
         ):
             self._count(event.tunnel, -1, -len(event.body))
 
+    def waiting(self, tunnel: str) -> int:
+        """Events of ``tunnel`` waiting for delivery (the count its quota checks)."""
+        return self._pending.get(tunnel, [0, 0])[0]
+
     def _count(self, tunnel: str, events: int, size: int) -> None:
         """Add to ``tunnel``'s count of waiting events and bytes (never below zero)."""
         pending = self._pending.setdefault(tunnel, [0, 0])

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .retry import RetryPolicy, next_attempt_at
-from .store import Delivery, Event
+from .store import Attempt, Delivery, Event
 
 #: Seconds before an attempt that never reached its destination is made again (unless
 #: an agent connects first): short, since it spends no step of the schedule, yet not a
@@ -101,8 +101,11 @@ def received_at_text(stamp: float) -> str:
     return datetime.fromtimestamp(stamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def event_json(event: Event, deliveries: list[Delivery], with_body: bool = False) -> dict[str, Any]:
-    """The API's view of an event."""
+def event_json(
+    event: Event, deliveries: list[Delivery], with_body: bool = False, attempts: list[Attempt] | None = None
+) -> dict[str, Any]:
+    """The API's view of an event; with ``attempts`` (``Store.attempts``), each delivery
+    lists every attempt: ``{"attempt": N, "at": TIME, "status": CODE|null, "error": TEXT|null}``."""
     data: dict[str, Any] = {
         "id": event.id,
         "tunnel": event.tunnel,
@@ -126,6 +129,13 @@ def event_json(event: Event, deliveries: list[Delivery], with_body: bool = False
             for d in deliveries
         ],
     }
+    if attempts is not None:
+        for shown in data["deliveries"]:
+            shown["history"] = [
+                {"attempt": a.attempt, "at": received_at_text(a.at), "status": a.status, "error": a.error}
+                for a in attempts
+                if a.destination == shown["destination"]
+            ]
     if with_body:
         data["headers"] = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in event.headers]
         try:

@@ -90,6 +90,19 @@ MIGRATIONS: list[str] = [
     UPDATE deliveries SET status = 'pending' WHERE status = 'queued';
     UPDATE deliveries SET status = 'retrying' WHERE status = 'failed';
     """,
+    # v4 (issue 11): every attempt's outcome and time, for `events show` and the inspector
+    # (a delivery row keeps only the last one).
+    """
+    CREATE TABLE attempts (
+        event_seq INTEGER NOT NULL REFERENCES events(seq) ON DELETE CASCADE,
+        destination TEXT NOT NULL,
+        attempt INTEGER NOT NULL,       -- 1, 2, ... as X-Relay-Attempt
+        at REAL NOT NULL,               -- when its outcome was recorded
+        status INTEGER,
+        error TEXT,
+        PRIMARY KEY (event_seq, destination, attempt)
+    );
+    """,
 ]
 
 #: Delivery states (the README defines them for users). ``pending``: waiting for
@@ -164,6 +177,18 @@ class Delivery:
     @property
     def waiting(self) -> bool:
         return self.status in ("pending", "retrying")
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The outcome of one attempt at one destination: the status the destination
+    answered, or why it did not (``error``), recorded at ``at`` (seconds since the epoch)."""
+
+    destination: str
+    attempt: int
+    at: float
+    status: int | None
+    error: str | None
 
 
 @dataclass(frozen=True)
@@ -514,9 +539,12 @@ class Store:
 
     @staticmethod
     def update_delivery_op(delivery: Delivery) -> Callable[[sqlite3.Connection], None]:
-        """An operation recording the outcome of an attempt (or a replay)."""
+        """An operation recording the outcome of an attempt (or a replay). The outcome of
+        attempt number ``delivery.attempts`` joins the delivery's history once: a replay,
+        or the same outcome written again after a store failure, adds nothing."""
 
         def op(db: sqlite3.Connection) -> None:
+            now = time.time()
             db.execute(
                 "UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, last_status = ?,"
                 " last_error = ?, failures = ?, dead_reason = ?, since = ?, updated_at = ?"
@@ -530,11 +558,24 @@ class Store:
                     delivery.failures,
                     delivery.dead_reason,
                     delivery.since,
-                    time.time(),
+                    now,
                     delivery.event_seq,
                     delivery.destination,
                 ),
             )
+            if delivery.attempts and (delivery.last_status is not None or delivery.last_error is not None):
+                db.execute(
+                    "INSERT OR IGNORE INTO attempts (event_seq, destination, attempt, at, status, error)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        delivery.event_seq,
+                        delivery.destination,
+                        delivery.attempts,
+                        now,
+                        delivery.last_status,
+                        delivery.last_error,
+                    ),
+                )
 
         return op
 
@@ -655,10 +696,15 @@ class Store:
         return {r[0]: r[1] for r in rows}, pages * page_size
 
     def find_events(
-        self, user: str, tunnel: str | None, status: str | None, limit: int
+        self, user: str, tunnel: str | None, status: str | None, limit: int, before: int | None = None
     ) -> list[tuple[Event, list[Delivery]]]:
-        """``user``'s events, newest first, without bodies; filtered by tunnel and delivery status."""
-        where, args = ["e.user = ?"], [user]
+        """``user``'s events, newest first, without bodies; filtered by tunnel and delivery
+        status, and to those older than the event with seq ``before`` (the next page)."""
+        where: list[str] = ["e.user = ?"]
+        args: list[object] = [user]
+        if before is not None:
+            where.append("e.seq < ?")
+            args.append(before)
         if tunnel:
             where.append("e.tunnel = ?")
             args.append(tunnel)
@@ -687,6 +733,15 @@ class Store:
             return None
         event = self._event(rows[0], bytes(rows[0][9]) if with_body else b"")
         return event, self.deliveries(event.seq)
+
+    def attempts(self, event_seq: int) -> list[Attempt]:
+        """The recorded attempts of an event, by destination then attempt number."""
+        rows = self._read(
+            "SELECT destination, attempt, at, status, error FROM attempts WHERE event_seq = ?"
+            " ORDER BY destination, attempt",
+            event_seq,
+        )
+        return [Attempt(*r) for r in rows]
 
     def deliveries(self, event_seq: int) -> list[Delivery]:
         rows = self._read(

@@ -13,18 +13,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import fcntl
 import gzip
 import hashlib
 import http.client
 import json
 import os
+import pty
 import random
 import re
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping
@@ -48,6 +52,7 @@ READY_TIMEOUT = 20.0
 EXIT_TIMEOUT = 20.0
 
 FORWARDING = re.compile(r"^Forwarding (\S+) -> (\S+)$")
+INSPECT = re.compile(r"^Inspect    (http://\S+)$")
 REQUEST_LINE = r"^\d\d:\d\d:\d\d {method}\s+{path} {status} \d+ms(?: .+)?$"
 
 
@@ -110,6 +115,12 @@ def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now, from this process's own block (see
     ``PORT_BASE``), never one this process has handed out before in the same round."""
     return _ports.take()
+
+
+def in_ci() -> bool:
+    """True in CI (``CI`` set), where a missing tool (caddy, chromium) fails its tests
+    instead of skipping them."""
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
@@ -364,6 +375,10 @@ class Agent:
     def forwarding(self) -> list[str]:
         return [line for line in self.process.stdout_lines if FORWARDING.match(line)]
 
+    def inspector(self) -> str:
+        """The inspector's URL, from the ``Inspect`` line (waited for)."""
+        return self.process.wait_for_line(INSPECT.pattern)[0].group(1)
+
 
 @dataclass
 class Tunnel:
@@ -395,7 +410,7 @@ class Relay:
 
     def __init__(self, base: Path) -> None:
         self.base = base
-        self.processes: list[Process] = []
+        self.processes: list[Process | Terminal] = []
         self.targets: list[TargetService] = []
         config = base / "xdg-config"
         config.mkdir(parents=True, exist_ok=True)
@@ -409,10 +424,22 @@ class Relay:
         self._dirs = 0
 
     def spawn(self, argv: list[str], label: str, env: Mapping[str, str] | None = None) -> Process:
-        """Start ``argv`` with the suite's environment (plus ``env``); killed in ``close()``."""
+        """Start ``argv`` with the suite's environment (plus ``env``); killed in ``close()``.
+
+        A ``relay-agent connect`` serves its inspector (and so records every request, as
+        by default) on a port of this worker's block (``RELAY_INSPECT``), never on the
+        machine's shared 4040; ``--inspect ADDR`` or ``--no-inspect`` in ``argv`` win."""
+        if argv[:2] == [str(RELAY_AGENT), "connect"] and "RELAY_INSPECT" not in (env or {}):
+            env = {**(env or {}), "RELAY_INSPECT": f"127.0.0.1:{free_port()}"}
         process = Process(argv, {**self.env, **(env or {})}, label)
         self.processes.append(process)
         return process
+
+    def terminal(self, argv: list[str], label: str) -> Terminal:
+        """Start ``argv`` on a pseudo-terminal with the suite's environment; killed in ``close()``."""
+        terminal = Terminal(argv, self.env, label)
+        self.processes.append(terminal)
+        return terminal
 
     def new_dir(self, prefix: str) -> Path:
         self._dirs += 1
@@ -517,6 +544,60 @@ class Relay:
             process.kill()
         for target in self.targets:
             target.stop()
+
+
+class Terminal:
+    """A console script run on a pseudo-terminal (stdout, stderr and stdin), as in a
+    shell: what it draws is read by a thread, and ``text()`` is it without escape codes."""
+
+    #: Rows and columns of the terminal.
+    SIZE = (40, 140)
+    _ESCAPES = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|\][^\x07]*\x07|[()][A-Z0-9]|[=>])")
+
+    def __init__(self, argv: list[str], env: Mapping[str, str], label: str) -> None:
+        self.label = label
+        self._master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", *self.SIZE, 0, 0))
+        env = {**env, "TERM": "xterm-256color"}
+        self.popen = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
+        os.close(slave)
+        self.pid = self.popen.pid
+        self._raw = bytearray()
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(self._master, 65536)
+            except OSError:  # EIO: the process closed the terminal
+                return
+            if not data:
+                return
+            with self._lock:
+                self._raw += data
+
+    def text(self) -> str:
+        with self._lock:
+            raw = bytes(self._raw)
+        return self._ESCAPES.sub("", raw.decode("utf-8", "replace"))
+
+    def wait_for(self, pattern: str, timeout: float = READY_TIMEOUT) -> re.Match[str]:
+        """The first match of ``pattern`` in what was drawn, once it appears."""
+        regex = re.compile(pattern)
+        what = f"{pattern!r} on {self.label}'s terminal"
+        return wait_until(lambda: regex.search(self.text()), timeout, what)
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(10)
+        self._reader.join(5)
+        with contextlib.suppress(OSError):
+            os.close(self._master)
 
 
 # -- the local target service ---------------------------------------------------------------
@@ -744,6 +825,33 @@ async def through(
     """One request to ``path`` through ``tunnel``'s public URL in ``form``."""
     url, host = tunnel.url(form, path)
     return await fetch(http, method, url, host["Host"], headers=headers, body=body)
+
+
+def send(
+    tunnel: Tunnel,
+    method: str,
+    path: str,
+    *,
+    headers: Iterable[tuple[str, str]] = (),
+    body: bytes | None = None,
+    form: str = "path",
+) -> Reply:
+    """``through`` for tests without an event loop (a browser's): one request to ``path``
+    through ``tunnel``'s public URL in ``form``, on a fresh connection."""
+    url, host = tunnel.url(form, path)
+    conn = http.client.HTTPConnection("127.0.0.1", tunnel.server.port, timeout=60)
+    try:
+        conn.putrequest(method, url.raw_path_qs, skip_host=True, skip_accept_encoding=True)
+        conn.putheader("Host", host["Host"])
+        for name, value in headers:
+            conn.putheader(name, value)
+        if body is not None:
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        response = conn.getresponse()
+        return Reply(response.status, list(response.getheaders()), response.read())
+    finally:
+        conn.close()
 
 
 async def api(

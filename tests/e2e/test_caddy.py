@@ -51,6 +51,7 @@ from .framework import (
     TargetService,
     fetch,
     free_port,
+    in_ci,
     until,
     wait_until,
 )
@@ -97,10 +98,6 @@ def _loopback_getaddrinfo(host, *args, **kwargs):
 
 socket.getaddrinfo = _loopback_getaddrinfo
 '''
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 
 
 def _system_resolves(name: str) -> bool:
@@ -266,7 +263,7 @@ def resolution_env(relay: Relay) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def stack(module_relay: Relay) -> Stack:
     if CADDY is None:
-        if _in_ci():
+        if in_ci():
             pytest.fail("caddy is not installed, and CI must run this test (apt-get install caddy)")
         pytest.skip("caddy is not installed (apt-get install caddy); CI runs this test")
     relay = module_relay

@@ -669,7 +669,7 @@ async def test_another_users_token_cannot_see_or_replay_events(
 
     # The API: an empty list, and 404 as if the event and tunnel did not exist.
     reply = await api(http, stack.server, bob, "GET", "events?limit=1000")
-    assert (reply.status, reply.json()) == (200, {"events": []})
+    assert (reply.status, reply.json()) == (200, {"events": [], "next": None})
     for method, path in (
         ("GET", f"events/{event_id}"),
         ("POST", f"events/{event_id}/replay"),

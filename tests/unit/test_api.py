@@ -290,17 +290,68 @@ async def test_events_list_filters(client: TestClient, tmp_path: Path) -> None:
     assert (status, headers["X-Relay-Error"]) == (400, "bad-request")
 
 
-async def test_a_negative_limit_does_not_lift_the_cap(client: TestClient, tmp_path: Path) -> None:
-    store = _store(client)
+def _many_events(store: Store, count: int) -> list[str]:
+    """Store ``count`` waiting events of alice's at once; their ids, oldest first."""
+    ids = [f"evt_{i:05}" for i in range(count)]
+    now = time.time()
     store.transaction(
         [
             Store.insert_event_op(
-                Event(0, f"evt_{i:05}", "alice", "alice", 1.0, "POST", b"/", (), "", b""),
+                Event(0, event_id, "alice", "alice", now, "POST", b"/", (), "", b""),
                 [Delivery(0, "alice", "agent:*", "pending", 0, time.time() + 3600)],
             )
-            for i in range(MAX_LIST + 1)
+            for event_id in ids
         ]
     )
+    return ids
+
+
+async def test_the_oldest_of_1010_events_are_found_on_the_next_page(
+    client: TestClient, tmp_path: Path
+) -> None:
+    ids = _many_events(_store(client), MAX_LIST + 10)
+    token = _token(client, tmp_path, "alice")
+    status, _, first = await _api(client, "GET", f"events?limit={MAX_LIST}", token)
+    assert status == 200
+    assert [e["id"] for e in first["events"]] == ids[::-1][:MAX_LIST]  # newest first
+    assert isinstance(first["next"], str)
+    status, _, second = await _api(client, "GET", f"events?limit={MAX_LIST}&before={first['next']}", token)
+    assert status == 200
+    assert [e["id"] for e in second["events"]] == ids[9::-1]  # the oldest ten
+    assert second["next"] is None
+
+
+async def test_pages_follow_the_filters_and_end_exactly(client: TestClient, tmp_path: Path) -> None:
+    ids = _many_events(_store(client), 6)
+    token = _token(client, tmp_path, "alice")
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        query = "events?name=alice&status=pending&limit=3" + (f"&before={cursor}" if cursor else "")
+        status, _, page = await _api(client, "GET", query, token)
+        assert status == 200
+        seen += [e["id"] for e in page["events"]]
+        pages += 1
+        cursor = page["next"]
+        if cursor is None:
+            break
+    assert (seen, pages) == (ids[::-1], 2)  # 6 events in pages of 3: no empty third page
+    _, _, other = await _api(client, "GET", "events?status=dead&limit=3", token)
+    assert other == {"events": [], "next": None}
+
+
+@pytest.mark.parametrize("cursor", ["abc", "-1", "1.5", "١٢", "9" * 20])
+async def test_a_bad_cursor_is_400(client: TestClient, tmp_path: Path, cursor: str) -> None:
+    status, headers, answer = await _api(
+        client, "GET", f"events?before={cursor}", _token(client, tmp_path, "alice")
+    )
+    assert (status, headers["X-Relay-Error"]) == (400, "bad-request")
+    assert "cursor" in answer["message"]
+
+
+async def test_a_negative_limit_does_not_lift_the_cap(client: TestClient, tmp_path: Path) -> None:
+    _many_events(_store(client), MAX_LIST + 1)
     status, _, answer = await _api(client, "GET", "events?limit=-1", _token(client, tmp_path, "alice"))
     assert status == 200
     assert len(answer["events"]) <= MAX_LIST
@@ -322,9 +373,9 @@ async def test_another_user_sees_nothing_of_alices_events(client: TestClient, tm
     event_id = (await _post(client, "alice"))[1]["X-Relay-Event"]
     bob = _token(client, tmp_path, "bob")
     status, _, listed = await _api(client, "GET", "events", bob)
-    assert (status, listed) == (200, {"events": []})
+    assert (status, listed) == (200, {"events": [], "next": None})
     status, _, listed = await _api(client, "GET", "events?name=alice", bob)
-    assert (status, listed) == (200, {"events": []})
+    assert (status, listed) == (200, {"events": [], "next": None})
     for method, path in (("GET", f"events/{event_id}"), ("POST", f"events/{event_id}/replay")):
         status, headers, answer = await _api(client, method, path, bob)
         assert status == 404, path
@@ -347,6 +398,7 @@ async def test_tunnel_settings_default_and_list(client: TestClient, tmp_path: Pa
     assert answer == {
         "name": "alice",
         "agents": 0,
+        "waiting": 0,
         "settings": {
             "mode": "queue",
             "retry_on": [429, 502, 503, 504],
@@ -358,6 +410,17 @@ async def test_tunnel_settings_default_and_list(client: TestClient, tmp_path: Pa
     assert [t["name"] for t in answer["tunnels"]] == ["alice"]
     status, _, _ = await _api(client, "GET", "tunnels/alice", _token(client, tmp_path, "bob"))
     assert status == 404
+
+
+async def test_a_tunnel_says_how_many_events_wait(client: TestClient, tmp_path: Path) -> None:
+    _store(client).claim_name("alice", "alice")
+    for _ in range(3):
+        assert (await _post(client, "alice"))[0] == 202
+    token = _token(client, tmp_path, "alice")
+    _, _, answer = await _api(client, "GET", "tunnels/alice", token)
+    assert answer["waiting"] == 3
+    _, _, answer = await _api(client, "GET", "tunnels", token)
+    assert [t["waiting"] for t in answer["tunnels"]] == [3]
 
 
 async def test_live_mode_answers_503_without_agent(client: TestClient, tmp_path: Path) -> None:
@@ -373,7 +436,7 @@ async def test_live_mode_answers_503_without_agent(client: TestClient, tmp_path:
     assert "X-Relay-Event" not in headers
     # The setting is stored: it holds for a later read, and nothing was queued.
     assert (await _api(client, "GET", "tunnels/alice", token))[2]["settings"]["mode"] == "live"
-    assert (await _api(client, "GET", "events", token))[2] == {"events": []}
+    assert (await _api(client, "GET", "events", token))[2] == {"events": [], "next": None}
     # Back to queue mode: the same request is accepted.
     await _api(client, "PATCH", "tunnels/alice", token, {"mode": "queue"})
     assert (await _post(client, "alice"))[0] == 202
@@ -573,6 +636,34 @@ async def test_replay_delivers_again_with_the_same_id_and_the_next_attempt(
     await agent.ws.close()
 
 
+async def test_every_attempt_is_shown_with_its_status_error_and_time(
+    client: TestClient, tmp_path: Path
+) -> None:
+    agent = await _agent(client, tmp_path)
+    before = time.time()
+    pending = asyncio.create_task(_post(client, "alice"))
+    opened, _ = await agent.request()
+    await agent.send(Response(opened.stream_id, ResponseHead(503, ()), end_stream=True))
+    assert (await asyncio.wait_for(pending, WAIT))[0] == 202
+    event_id = opened.head.event_id
+    token = _token(client, tmp_path, "alice")
+    await _recorded(client, token, event_id, 1)
+    status, _, _ = await _api(client, "POST", f"events/{event_id}/replay", token)
+    assert status == 202
+    again, _ = await agent.request()
+    await agent.send(Reset(again.stream_id, 2, "the app fell over"))
+    shown = await _recorded(client, token, event_id, 2)
+    history = shown["deliveries"][0]["history"]
+    assert [(a["attempt"], a["status"]) for a in history] == [(1, 503), (2, None)]
+    assert history[0]["error"] is None and history[1]["error"]
+    for attempt in history:
+        assert before - 1 <= datetime.fromisoformat(attempt["at"]).timestamp() <= time.time() + 1
+    # The list stays light: the history is in the event's own view only.
+    _, _, listed = await _api(client, "GET", "events", token)
+    assert "history" not in listed["events"][0]["deliveries"][0]
+    await agent.ws.close()
+
+
 async def test_a_get_is_never_an_event(client: TestClient, tmp_path: Path) -> None:
     agent = await _agent(client, tmp_path)
 
@@ -588,7 +679,7 @@ async def test_a_get_is_never_an_event(client: TestClient, tmp_path: Path) -> No
     await agent.send(Response(opened.stream_id, ResponseHead(503, ()), end_stream=True))
     assert await asyncio.wait_for(pending, WAIT) == 503  # live: the 503 reaches the client
     _, _, listed = await _api(client, "GET", "events", _token(client, tmp_path, "alice"))
-    assert listed == {"events": []}
+    assert listed == {"events": [], "next": None}
     await agent.ws.close()
 
 

@@ -1,0 +1,141 @@
+"""The inspector's web server: the page, its assets, and its JSON API, on the agent's loop.
+
+::
+
+    GET  /                      the page (static/index.html; its script and style beside it)
+    GET  /api/status            {"server", "target", "names", "urls", "online", "limits"}
+    ...  /api/exchanges...      exchanges.py
+    ...  /api/server/events...  history.py
+
+Every answer refuses a request whose Host or Origin is not the inspector's own (403,
+``address.py`` says why), and carries a Content-Security-Policy that lets the page load
+nothing but its own files: no CDN, no inline script, works offline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from ..errors import AgentConfigError
+from . import exchanges, history
+from .address import InspectAddress
+from .recorder import MAX_BODY, MAX_EXCHANGES
+from .state import INSPECTOR, Inspector, api_error
+
+log = logging.getLogger("relay.agent")
+
+STATIC = Path(__file__).parent / "static"
+#: Seconds the inspector's open requests (event streams, a replay's answer) get to end
+#: when the agent stops.
+SHUTDOWN_TIMEOUT = 1.0
+_SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; object-src 'none';"
+    " base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def create_app(inspector: Inspector, address: InspectAddress) -> web.Application:
+    """The inspector's application, answering only to ``address``'s own names."""
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not address.allows_host(request.headers.get("Host", "")):
+            return _secured(
+                api_error(403, "forbidden", "this is not the inspector's address (DNS rebinding?)")
+            )
+        origin = request.headers.get("Origin")
+        if origin is not None and not address.allows_origin(origin):
+            return _secured(api_error(403, "forbidden", "requests from other sites are refused"))
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            if exc.content_type == "application/json":
+                raise
+            response = api_error(
+                exc.status,
+                exc.reason.lower().replace(" ", "-"),
+                f"{request.method} {request.path}: {exc.reason}",
+            )
+        return _secured(response)
+
+    app = web.Application(middlewares=[guard], client_max_size=exchanges.MAX_REPLAY_REQUEST)
+    app[INSPECTOR] = inspector
+    app.router.add_get("/", _page)
+    app.router.add_get("/api/status", _status)
+    app.router.add_routes(exchanges.routes)
+    app.router.add_routes(history.routes)
+    app.router.add_static("/static", STATIC, show_index=False, follow_symlinks=False)
+    return app
+
+
+def _secured(response: web.StreamResponse) -> web.StreamResponse:
+    for name, value in _SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    return response
+
+
+async def _page(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC / "index.html")
+
+
+async def _status(request: web.Request) -> web.Response:
+    status = request.app[INSPECTOR].status()
+    return web.json_response({**status, "limits": {"exchanges": MAX_EXCHANGES, "body": MAX_BODY}})
+
+
+@contextlib.asynccontextmanager
+async def serve(inspector: Inspector, address: InspectAddress) -> AsyncIterator[InspectAddress | None]:
+    """Serve the inspector on ``address`` (or the first free of its ``candidates``) while
+    the block runs; yields the address bound. An exact address that cannot be bound
+    raises ``AgentConfigError``; when every default port is taken, the agent goes on
+    without an inspector (a warning says so) and None is yielded."""
+    runner: web.AppRunner | None = None
+    bound: InspectAddress | None = None
+    failure: OSError | None = None
+    for candidate in address.candidates():
+        runner = web.AppRunner(
+            create_app(inspector, candidate), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT
+        )
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, candidate.host, candidate.port).start()
+        except OSError as exc:
+            await runner.cleanup()
+            runner, failure = None, exc
+            if exc.errno == errno.EADDRINUSE:
+                continue  # the next port, for the default address
+            break
+        bound = candidate
+        break
+    if runner is None:
+        # asyncio wraps the system's words in its own ("error while attempting to bind ...").
+        why = os.strerror(failure.errno).lower() if failure is not None and failure.errno else str(failure)
+        if address.exact:
+            raise AgentConfigError(f"cannot serve the inspector on {address.authority}: {why}")
+        tried = address.candidates()
+        log.warning(
+            "no inspector: cannot listen on %s, ports %d to %d (%s); --inspect ADDR picks another",
+            address.host,
+            tried[0].port,
+            tried[-1].port,
+            why,
+        )
+    try:
+        yield bound
+    finally:
+        inspector.recorder.close()
+        await inspector.background.stop()
+        if runner is not None:
+            await runner.cleanup()

@@ -1,0 +1,168 @@
+"""Replaying an exchange to the local service, as it was or edited first.
+
+A replay takes the path of a tunnel request: ``forward.forward`` with the agent's pooled
+client session and configuration (so ``--host-header``, the exact header bytes and the
+TLS checks apply alike), through a link recorded like any stream, so that it appears in
+the list as a new exchange whose ``replay_of`` is the original. The link gives the body
+and takes the response, which the recording keeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+import aiohttp
+
+from relay_protocol import RelayError, RequestHead, ResponseHead
+from relay_protocol.headers import header_value, is_websocket_upgrade
+
+from ..background import Background
+from ..client import LocalClient
+from ..config import AgentConfig
+from ..forward import ForwardFailed, forward
+from .recorder import MAX_BODY, Exchange, Recorder, RecordingLink
+from .views import replay_refusal
+
+#: Bytes of an edited body: what the recorder keeps of one, so that a replay can always
+#: be shown, replayed again and copied as curl.
+MAX_EDITED_BODY = MAX_BODY
+_FIELDS = frozenset({"method", "target", "headers", "body", "body_base64"})
+
+
+class LocalService(Protocol):
+    """What a replay needs of the tunnel: its clients to the local service and its configuration."""
+
+    local: LocalClient
+    client: aiohttp.ClientSession
+    config: AgentConfig
+
+
+class EditRefused(ValueError):
+    """A replay that cannot be made as asked; ``status`` is the API's answer (400, 409, 413)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def encode(text: str, what: str) -> bytes:
+    """Text from the page back to the bytes it stands for (``views.text`` reversed)."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as exc:
+        raise EditRefused(400, f"{what} holds a character that is no byte: {exc.reason}") from exc
+
+
+def edited(original: Exchange, edits: Any) -> tuple[RequestHead, bytes]:
+    """The request to replay: ``original``'s, with what ``edits`` changes. ``edits`` is the
+    API's JSON: ``{}`` (as it was) or any of ``{"method": "PUT", "target": "/path?q",
+    "headers": [[name, value], ...], "body": TEXT}`` (or ``"body_base64"`` instead of
+    ``"body"``). A changed body sets any Content-Length to its length. Raises
+    ``EditRefused``."""
+    if not isinstance(edits, dict):
+        raise EditRefused(400, "the replay's edits must be a JSON object")
+    if unknown := sorted(set(edits) - _FIELDS):
+        raise EditRefused(400, f"unknown fields {', '.join(unknown)}; use {', '.join(sorted(_FIELDS))}")
+    head = original.head
+    if is_websocket_upgrade(head.method, head.headers):
+        raise EditRefused(409, "a websocket cannot be replayed")
+    method = _string(edits, "method", head.method)
+    target = encode(_string(edits, "target", ""), "target") if "target" in edits else head.target
+    headers = _headers(edits["headers"]) if "headers" in edits else head.headers
+    if "body" in edits and "body_base64" in edits:
+        raise EditRefused(400, "give body or body_base64, not both")
+    if "body" in edits:
+        body = encode(_string(edits, "body", ""), "body")
+    elif "body_base64" in edits:
+        try:
+            body = base64.b64decode(_string(edits, "body_base64", ""), validate=True)
+        except binascii.Error as exc:
+            raise EditRefused(400, f"body_base64 is not base64: {exc}") from exc
+    else:
+        if (refusal := replay_refusal(original)) is not None:
+            raise EditRefused(409, f"this exchange cannot be replayed as it was: {refusal}; send a body")
+        body = original.request.data()
+    if len(body) > MAX_EDITED_BODY:
+        raise EditRefused(413, f"a body of {len(body)} bytes is over the limit of {MAX_EDITED_BODY}")
+    if "body" in edits or "body_base64" in edits:
+        length = str(len(body)).encode()
+        headers = tuple((n, length if n.lower() == b"content-length" else v) for n, v in headers)
+    try:
+        return RequestHead(method, target, headers, client=head.client, event_id=head.event_id), body
+    except RelayError as exc:  # BadHead: a method, target or header HTTP does not allow
+        raise EditRefused(400, f"cannot send this request: {exc}") from exc
+
+
+def _string(edits: dict[str, Any], field: str, default: str) -> str:
+    value = edits.get(field, default)
+    if not isinstance(value, str):
+        raise EditRefused(400, f"{field} must be a string")
+    return value
+
+
+def _headers(value: Any) -> tuple[tuple[bytes, bytes], ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair) for pair in value
+    ):
+        raise EditRefused(400, 'headers must be a list of [name, value] strings: [["Accept", "*/*"], ...]')
+    return tuple((encode(name, "a header name"), encode(field, "a header value")) for name, field in value)
+
+
+class _LocalLink:
+    """The far end of a replay: gives the body, drops the response (the recording keeps it)."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    async def body(self) -> AsyncIterator[bytes]:
+        if self._body:
+            yield self._body
+
+    def whole_body(self) -> bytes | None:
+        whole, self._body = self._body, b""
+        return whole
+
+    async def respond(self, head: ResponseHead, end: bool) -> None:
+        pass
+
+    async def send_body(self, chunk: bytes, end: bool = False) -> None:
+        pass
+
+    async def reset(self, code: int, reason: str) -> None:
+        pass
+
+
+def start_replay(
+    service: LocalService,
+    recorder: Recorder,
+    background: Background,
+    head: RequestHead,
+    body: bytes,
+    replay_of: int,
+) -> Exchange:
+    """Record a new exchange for the replay and forward it in the background; the
+    exchange is returned at once (the page follows it in the list as it runs)."""
+    has_body = bool(body) or header_value(head.headers, b"content-length") is not None
+    recording = recorder.record(head, has_body, _LocalLink(body), replay_of=replay_of)
+    background.spawn(_forward(service, head, has_body, recording), f"replay {recording.exchange.id}")
+    return recording.exchange
+
+
+async def _forward(
+    service: LocalService, head: RequestHead, has_body: bool, recording: RecordingLink
+) -> None:
+    status: int | str = "error"  # a bug: Background logs it
+    error = ""
+    try:
+        status = await forward(service.local, service.client, service.config, head, has_body, recording)
+    except ForwardFailed as exc:
+        status, error = exc.status, str(exc)
+    except asyncio.CancelledError:
+        status = "cancelled"
+        raise
+    finally:
+        recording.finish(status, error)

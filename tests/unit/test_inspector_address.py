@@ -1,0 +1,121 @@
+"""Where the inspector listens (``--inspect``), the Host names it answers, and binding."""
+
+from __future__ import annotations
+
+import socket
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import unused_port
+
+from relay_agent.config import AgentConfig
+from relay_agent.errors import AgentConfigError
+from relay_agent.inspector import address as address_module
+from relay_agent.inspector.address import InspectAddress, default_address, parse_address
+from relay_agent.inspector.app import serve
+from relay_agent.inspector.recorder import Recorder
+from relay_agent.inspector.state import Inspector
+from relay_agent.target import Target
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port"),
+    [
+        ("4041", "127.0.0.1", 4041),
+        ("127.0.0.1:5000", "127.0.0.1", 5000),
+        ("[::1]:5000", "::1", 5000),
+        ("0.0.0.0:4040", "0.0.0.0", 4040),
+        ("laptop.lan:4040", "laptop.lan", 4040),
+    ],
+)
+def test_parse_address(text: str, host: str, port: int) -> None:
+    assert parse_address(text) == InspectAddress(host, port)
+
+
+@pytest.mark.parametrize(
+    "text", ["", "host", "host:", ":4040", "host:99999", "host:0", "h:1/path", "u@h:1", "x:y"]
+)
+def test_a_bad_address_names_the_option(text: str) -> None:
+    with pytest.raises(AgentConfigError, match="--inspect"):
+        parse_address(text)
+
+
+def test_the_default_is_loopback_4040_and_the_next_ports() -> None:
+    default = default_address()
+    assert (default.host, default.port, default.exact) == ("127.0.0.1", 4040, False)
+    assert [a.port for a in default.candidates()] == list(range(4040, 4050))
+    assert parse_address("4040").candidates() == [InspectAddress("127.0.0.1", 4040)]
+
+
+@pytest.mark.parametrize(
+    ("bound", "host", "allowed"),
+    [
+        (InspectAddress("127.0.0.1", 4040), "127.0.0.1:4040", True),
+        (InspectAddress("127.0.0.1", 4040), "localhost:4040", True),
+        (InspectAddress("127.0.0.1", 4040), "LOCALHOST:4040", True),
+        (InspectAddress("127.0.0.1", 4040), "[::1]:4040", True),
+        (InspectAddress("127.0.0.1", 4040), "127.0.0.1:4041", False),
+        (InspectAddress("127.0.0.1", 4040), "127.0.0.1", False),
+        (InspectAddress("127.0.0.1", 4040), "rebind.evil.example:4040", False),
+        (InspectAddress("127.0.0.1", 4040), "localhost.evil.example:4040", False),
+        (InspectAddress("127.0.0.1", 4040), "user@127.0.0.1:4040", False),
+        (InspectAddress("127.0.0.1", 4040), "", False),
+        (InspectAddress("127.0.0.1", 80), "127.0.0.1", True),
+        (InspectAddress("::1", 4040), "[::1]:4040", True),
+        (InspectAddress("192.168.1.5", 4040), "192.168.1.5:4040", True),
+        (InspectAddress("192.168.1.5", 4040), "localhost:4040", False),  # not listening there
+        (InspectAddress("0.0.0.0", 4040), "192.168.1.5:4040", True),  # an address is no name to rebind
+        (InspectAddress("0.0.0.0", 4040), "laptop.lan:4040", False),
+        (InspectAddress("laptop.lan", 4040), "laptop.lan:4040", True),
+    ],
+)
+def test_the_hosts_an_inspector_answers(bound: InspectAddress, host: str, allowed: bool) -> None:
+    assert bound.allows_host(host) is allowed
+    assert bound.allows_origin(f"http://{host}") is allowed
+    assert not bound.allows_origin(f"https://{host}")
+
+
+def _inspector() -> Inspector:
+    class Service:
+        config = AgentConfig(server="http://relay.test", token="t", target=Target("http", "127.0.0.1", 9))
+        client: aiohttp.ClientSession
+
+    return Inspector(Recorder(), Service())
+
+
+async def test_a_taken_default_port_moves_to_the_next() -> None:
+    base = unused_port()
+    with socket.create_server(("127.0.0.1", base)):
+        address = InspectAddress("127.0.0.1", base, exact=False)
+        async with serve(_inspector(), address) as bound:
+            assert bound is not None and bound.port > base
+            async with aiohttp.ClientSession() as http, http.get(f"{bound.url}/api/status") as response:
+                assert response.status == 200
+
+
+async def test_a_taken_exact_port_is_an_error_naming_it() -> None:
+    port = unused_port()
+    with socket.create_server(("127.0.0.1", port)), pytest.raises(AgentConfigError) as caught:
+        async with serve(_inspector(), InspectAddress("127.0.0.1", port)):
+            pass
+    assert str(caught.value).startswith(f"cannot serve the inspector on 127.0.0.1:{port}: ")
+
+
+async def test_no_free_default_port_means_no_inspector(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(address_module, "DEFAULT_PORT_TRIES", 2)  # two ports to take, not ten
+    taken = []
+    base = unused_port()
+    try:
+        for address in InspectAddress("127.0.0.1", base, exact=False).candidates():
+            try:
+                taken.append(socket.create_server(("127.0.0.1", address.port)))
+            except OSError:
+                pytest.skip("a port of the range is in use elsewhere")
+        async with serve(_inspector(), InspectAddress("127.0.0.1", base, exact=False)) as bound:
+            assert bound is None
+        assert f"no inspector: cannot listen on 127.0.0.1, ports {base} to {base + 1}" in caplog.text
+    finally:
+        for sock in taken:
+            sock.close()

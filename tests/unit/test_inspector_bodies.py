@@ -1,0 +1,127 @@
+"""How the inspector decides to show a body (``bodies.render``): the kind, and its data."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+
+import pytest
+
+from relay_agent.inspector.bodies import MAX_HEX, MAX_JSON_DEPTH, media_type, render
+
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(32))
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "kind"),
+    [
+        (b"", "application/json", "empty"),
+        (b'{"a": 1}', "application/json", "json"),
+        (b'{"a": 1}', "application/vnd.github+json; charset=utf-8", "json"),
+        (b"[1, 2]", None, "json"),  # no type: sniffed
+        (b'{"a": 1', "application/json", "text"),  # says JSON, is not
+        (b"NaN", "application/json", "text"),  # not strict JSON: the page's parser would refuse it
+        (b"a=1&b=2", "application/x-www-form-urlencoded", "form"),
+        (b"<a href='x'>t</a>", "text/html", "markup"),
+        (b'<r><x y="1"/></r>', "application/xml", "markup"),
+        (b"<feed/>", "application/atom+xml", "markup"),
+        (b"plain words\nand lines", "text/plain", "text"),
+        (b"plain words", None, "text"),
+        (PNG, "image/png", "image"),
+        (PNG, "image/svg+xml", "hex"),  # svg is markup that runs scripts: never an <img> of ours
+        (b"\x00\x01\x02binary", None, "hex"),
+        (b"readable but declared binary", "application/octet-stream", "hex"),
+        (b"\xff\xfe\xfd", "application/pdf", "hex"),
+    ],
+)
+def test_the_kind_follows_the_type_and_the_bytes(body: bytes, content_type: str | None, kind: str) -> None:
+    shown = render(body, content_type)
+    assert shown["kind"] == kind, shown
+    assert shown["size"] == len(body)
+
+
+def test_json_gives_the_parsed_document_for_the_tree() -> None:
+    document = {"order": {"customer": {"address": {"city": "Lisbon"}}}, "items": [1, None, True]}
+    shown = render(json.dumps(document).encode(), "application/json")
+    assert shown["value"] == document
+    json.dumps(shown, allow_nan=False)  # the page gets strict JSON
+
+
+def test_json_nested_deeper_than_a_tree_is_worth_is_text() -> None:
+    deep = b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1)
+    assert render(deep, "application/json")["kind"] == "text"
+    fine = b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH
+    assert render(fine, "application/json")["kind"] == "json"
+    very_deep = b"[" * 100_000 + b"]" * 100_000  # past Python's recursion limit: no crash
+    assert render(very_deep, "application/json")["kind"] == "text"
+
+
+def test_form_fields_in_order_with_repeats_and_blanks() -> None:
+    shown = render(b"a=1&b=caf%C3%A9&a=2&empty=&plus=x+y", "application/x-www-form-urlencoded")
+    assert shown["fields"] == [["a", "1"], ["b", "café"], ["a", "2"], ["empty", ""], ["plus", "x y"]]
+
+
+def test_multipart_fields_and_files() -> None:
+    body = (
+        b'--XX\r\nContent-Disposition: form-data; name="note"\r\n\r\nhello there\r\n'
+        b'--XX\r\nContent-Disposition: form-data; name="upload"; filename="a.bin"\r\n'
+        b"Content-Type: application/octet-stream\r\n\r\n\x00\x01\x02\r\n--XX--\r\n"
+    )
+    shown = render(body, "multipart/form-data; boundary=XX")
+    assert shown["kind"] == "form"
+    assert shown["fields"] == [
+        ["note", "hello there"],
+        ["upload", "(file a.bin, application/octet-stream, 3 bytes)"],
+    ]
+
+
+def test_bytes_that_are_not_utf8_never_break_a_text() -> None:
+    shown = render(b"caf\xe9 au lait", "text/plain")
+    assert (shown["kind"], shown["text"], shown["lossy"]) == ("text", "caf\ufffd au lait", True)
+    latin = render(b"caf\xe9", "text/plain; charset=iso-8859-1")
+    assert (latin["text"], latin.get("lossy")) == ("café", None)
+    unknown_charset = render(b"plain", "text/plain; charset=x-no-such-thing")
+    assert unknown_charset["text"] == "plain"
+    json.dumps(shown)  # what the page receives is valid JSON
+
+
+def test_gzip_and_deflate_are_shown_decoded_but_not_brotli() -> None:
+    document = b'{"x": [1, 2]}'
+    shown = render(gzip.compress(document), "application/json", "gzip")
+    assert (shown["kind"], shown["decoded"], shown["value"]) == ("json", "gzip", {"x": [1, 2]})
+    assert render(zlib.compress(document), "application/json", "deflate")["value"] == {"x": [1, 2]}
+    assert render(b"\x1b\x00", "application/json", "br")["kind"] == "hex"
+    assert render(b"not gzip at all", "text/plain", "gzip")["kind"] == "hex"
+
+
+def test_a_decompression_bomb_stops_at_the_cap() -> None:
+    bomb = gzip.compress(b"a" * (50 * 1024 * 1024))
+    shown = render(bomb, "text/plain", "gzip")
+    assert shown["kind"] == "text"
+    assert len(shown["text"]) == 1024 * 1024
+
+
+def test_a_truncated_body_is_never_parsed() -> None:
+    shown = render(b'{"a": 1}', "application/json", complete=False)
+    assert (shown["kind"], shown["truncated"]) == ("text", True)
+    assert render(PNG, "image/png", complete=False)["kind"] == "hex"
+
+
+def test_the_hex_dump_shows_offsets_bytes_and_ascii_up_to_its_cap() -> None:
+    shown = render(b"\x00AB" + bytes(range(0x80, 0x90)) + b"\xff" * (2 * MAX_HEX), None)
+    assert shown["kind"] == "hex" and shown["shown"] == MAX_HEX
+    assert shown["hex"][0] == "00000000  00 41 42 80 81 82 83 84  85 86 87 88 89 8a 8b 8c  |.AB.............|"
+    assert len(shown["hex"]) == MAX_HEX // 16
+
+
+@pytest.mark.parametrize(
+    ("header", "parsed"),
+    [
+        (None, ("", {})),
+        ('Text/HTML; Charset="UTF-8"', ("text/html", {"charset": "UTF-8"})),
+        ("multipart/form-data; boundary=a=b", ("multipart/form-data", {"boundary": "a=b"})),
+    ],
+)
+def test_media_type(header: str | None, parsed: tuple[str, dict[str, str]]) -> None:
+    assert media_type(header) == parsed
