@@ -137,6 +137,15 @@ def _x(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+#: A load generator using this share of a core (or more) may be what limits the point.
+GENERATOR_LIMIT = 0.9
+
+
+def _gen(share: float) -> str:
+    """The load generator's CPU share; "!" where it may be the bottleneck."""
+    return f"{share:.0%}" + (" !" if share >= GENERATOR_LIMIT else "")
+
+
 def _ms(cpu: dict[str, float], key: str) -> str:
     return f"{cpu[key]:.3f}" if key in cpu else "-"
 
@@ -202,10 +211,23 @@ def render(doc: dict[str, Any], judged: list[Goal]) -> str:
                             _ms(cpu, "agent"),
                             _ms(cpu, "target"),
                             _x(f.get("vs_live")),
-                            f"{f['generator_cpu_share']:.0%}",
+                            _gen(f["generator_cpu_share"]),
                         ]
                     )
             out += _table(rows)
+            points = small["points"]
+            lost = sum(p["queue"]["lost"] for p in points)
+            undrained = [str(p["concurrency"]) for p in points if p["queue"]["drained_s"] is None]
+            accepted = sum(p["queue"]["accepted"] for p in points)
+            left = sum(
+                p["queue"].get("left_waiting", 0) for p in points if p["queue"]["drained_s"] is not None
+            )
+            out.append(
+                f"  queue: {accepted} webhooks accepted (warm-ups included),"
+                + (f" LOST {lost} (not at the app)" if lost else " every one reached the app")
+                + (f"; still waiting after c={','.join(undrained)}" if undrained else "")
+                + (f"; {left} abandoned by the generator mid-request wait for their lease" if left else "")
+            )
     large = doc.get("large")
     if large is not None:
         out.append("")
@@ -325,7 +347,7 @@ def render(doc: dict[str, Any], judged: list[Goal]) -> str:
                         _ms(cpu, "server"),
                         _ms(cpu, "agents"),
                         _ms(cpu, "target"),
-                        f"{f['generator_cpu_share']:.0%}",
+                        _gen(f["generator_cpu_share"]),
                     ]
                 )
             out += _table(rows)
@@ -334,6 +356,11 @@ def render(doc: dict[str, Any], judged: list[Goal]) -> str:
                 f" in {fanin['agent_start_seconds']:.1f} s,"
                 f" {fanin['agents_rss_bytes'] / MIB:.0f} MiB RSS together"
             )
+    if "% !" in "\n".join(out):
+        out.append("")
+        out.append(
+            f"  ! the load generator used >= {GENERATOR_LIMIT:.0%} of a core: it may be what limits the point"
+        )
     out.append("")
     out.append("Goals (a miss is reported, never an error)")
     for g in judged:

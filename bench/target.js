@@ -24,8 +24,20 @@ function download(res, total) {
   more();
 }
 
+// Distinct X-Relay-Event-Id seen: the bench checks that every webhook a queue tunnel
+// accepted reached the app (a retried one counts once).
+const events = new Set();
+
 const server = http.createServer((req, res) => {
   const url = new URL(req.url, "http://x");
+  const event = req.headers["x-relay-event-id"];
+  if (event !== undefined) events.add(event);
+  if (req.method === "GET" && url.pathname === "/counts") {
+    const body = Buffer.from(JSON.stringify({ events: events.size }));
+    res.writeHead(200, { "Content-Type": "application/json", "Content-Length": String(body.length) });
+    res.end(body);
+    return;
+  }
   if (req.method === "GET" && url.pathname === "/healthz") {
     res.writeHead(200, { "Content-Type": "text/plain", "Content-Length": "2" });
     res.end("ok");

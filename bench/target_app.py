@@ -7,10 +7,25 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from aiohttp import web
 
 CHUNK = b"x" * (64 * 1024)
+#: Distinct X-Relay-Event-Id seen (GET /counts): a retried webhook counts once.
+EVENTS: web.AppKey[set[str]] = web.AppKey("events", set)
+
+
+@web.middleware
+async def count_events(request: web.Request, handler: Any) -> web.StreamResponse:
+    event = request.headers.get("X-Relay-Event-Id")
+    if event is not None:
+        request.app[EVENTS].add(event)
+    return await handler(request)
+
+
+async def counts(request: web.Request) -> web.Response:
+    return web.json_response({"events": len(request.app[EVENTS])})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -44,7 +59,9 @@ async def hook(request: web.Request) -> web.Response:
 
 
 def main() -> None:
-    app = web.Application(client_max_size=1 << 40)
+    app = web.Application(client_max_size=1 << 40, middlewares=[count_events])
+    app[EVENTS] = set()
+    app.router.add_get("/counts", counts)
     app.router.add_get("/healthz", healthz)
     app.router.add_post("/upload", upload)
     app.router.add_get("/download", download)

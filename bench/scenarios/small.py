@@ -7,7 +7,8 @@ back (so the baseline sees the same machine load): straight to the target, throu
 live tunnel, through the queue tunnel. A queue tunnel answers 200 when the app answered
 the first (inline) attempt, 202 when it stored the webhook for later; both are accepted
 webhooks and count in req/s, and 202s are counted apart. After each queue point the
-bench waits for the stored events to reach the app, so they do not load the next point.
+bench waits for the stored events to reach the app, so they do not load the next point,
+and checks that every webhook answered 2xx reached it (distinct ``X-Relay-Event-Id``).
 """
 
 from __future__ import annotations
@@ -61,8 +62,13 @@ async def run(ctx: Context) -> dict[str, Any]:
             for name, base, host, agent in paths:
                 label = f"small-{name}-c{concurrency}"
                 load = {"base": base, "path": PATH, "hosts": [host], "body": body, "concurrency": concurrency}
+                events_before = await target.events(ctx.http)
+                accepted = 0
                 if cfg.warmup >= 1:
-                    await http_load(procs, ctx.generator, label + "-warmup", duration=cfg.warmup, **load)
+                    warm = await http_load(
+                        procs, ctx.generator, label + "-warmup", duration=cfg.warmup, **load
+                    )
+                    accepted += warm.ok
                 pids = {"target": target.child.pid}
                 if agent is not None:
                     pids |= {"server": server.pid, "agent": agent.pid}
@@ -76,8 +82,19 @@ async def run(ctx: Context) -> dict[str, Any]:
                     figures = compared(figures, row["direct"])
                 if name == "queue":
                     figures["vs_live"] = ratio(figures["rps"], row["live"]["rps"])
-                    drained = await wait_drained(ctx.http, server, DRAIN_TIMEOUT)
+                    # At most one request per connection is abandoned when the generator
+                    # stops, in the warm-up and in the point.
+                    drained, left = await wait_drained(ctx.http, server, DRAIN_TIMEOUT, 2 * concurrency)
                     figures["drained_s"] = None if drained is None else round(drained, 2)
+                    figures["left_waiting"] = left
+                    # Every webhook answered 2xx (warm-up included) must have reached the
+                    # app: the target counts distinct X-Relay-Event-Id. Requests the
+                    # generator abandoned at its end may add events no client saw accepted.
+                    accepted += result.ok
+                    delivered = await target.events(ctx.http) - events_before
+                    figures["accepted"] = accepted
+                    figures["delivered_events"] = delivered
+                    figures["lost"] = max(0, accepted - delivered)
                 row[name] = figures
                 ctx.say(_line(concurrency, name, figures))
             points.append(row)
@@ -97,6 +114,8 @@ def _line(concurrency: int, name: str, f: dict[str, Any]) -> str:
     extra = f"  x{f['ratio']:.2f} of direct" if "ratio" in f and f["ratio"] is not None else ""
     if f.get("status_202"):
         extra += f"  ({f['status_202']} answered 202)"
+    if f.get("lost"):
+        extra += f"  LOST {f['lost']} accepted webhooks"
     return (
         f"  c={concurrency:<3} {name:6} {f['rps']:9.0f} req/s  p50 {f['p50_ms']:7.2f} ms"
         f"  p99 {f['p99_ms']:7.2f} ms  errors {f['errors']}{extra}"
