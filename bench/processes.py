@@ -40,7 +40,7 @@ READY_TIMEOUT = 30.0
 #: Seconds after SIGTERM before SIGKILL. relay-server drains for up to 10 s.
 STOP_GRACE = 15.0
 #: Seconds a few queued events may stay waiting, unchanged, before ``wait_drained`` lets them be.
-STUCK_AFTER = 2.0
+STUCK_AFTER = 1.0
 #: Seconds a one-shot command (token create, a version query) may take.
 COMMAND_TIMEOUT = 30.0
 
