@@ -191,13 +191,14 @@ class Processes:
                     popen.returncode = os.waitstatus_to_exitcode(status)
                     break
                 if time.monotonic() - started > timeout:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(popen.pid, signal.SIGKILL)
-                    _, status, usage = os.wait4(popen.pid, 0)
-                    popen.returncode = os.waitstatus_to_exitcode(status)
                     raise RunFailed(f"{label} did not finish within {timeout:g} s: {child.describe()}")
                 await asyncio.sleep(0.02)
         finally:
+            if popen.returncode is None:  # timed out, or the run was interrupted
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(popen.pid, signal.SIGKILL)
+                _, status, usage = os.wait4(popen.pid, 0)
+                popen.returncode = os.waitstatus_to_exitcode(status)
             self.children.remove(child)
         return Finished(
             popen.returncode,

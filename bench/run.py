@@ -130,18 +130,21 @@ def execute(config: BenchConfig) -> int:
         "tools": {"load_generator": "?", "transfer_client": "?", "target": "?"},
     }
     print(f"temp dir {base} ({filesystem_of(base)}); {os.cpu_count()} CPUs, load {_load()}", flush=True)
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop children on SIGTERM too
     code = 2
     began = time.monotonic()
     try:
         limit = budget(config)
 
         async def bounded() -> bool:
+            # SIGTERM cancels the run as Ctrl-C does: each scenario stops what it started.
+            task = asyncio.current_task()
+            assert task is not None
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
             async with asyncio.timeout(limit):
                 return await _scenarios(config, processes, doc)
 
         code = 0 if asyncio.run(bounded()) else 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         print("bench: interrupted", file=sys.stderr)
         doc["interrupted"] = True
     except (RunFailed, TimeoutError, OSError, aiohttp.ClientError) as exc:
@@ -149,7 +152,6 @@ def execute(config: BenchConfig) -> int:
         doc["error"] = str(exc) or type(exc).__name__
     finally:
         processes.stop_all()
-        signal.signal(signal.SIGTERM, previous)
         if config.keep_tmp:
             print(f"kept {base}")
         else:
@@ -160,6 +162,9 @@ def execute(config: BenchConfig) -> int:
     judged = report.goals(doc)
     print()
     print(report.render(doc, judged))
+    if doc.get("interrupted"):  # the last complete run's figures stay where they are
+        print(f"\ninterrupted: {config.output} left as it was")
+        return code
     report.write_json(config.output, doc, judged)
     print(f"\nfigures written to {config.output}")
     return code
