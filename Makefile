@@ -32,7 +32,7 @@ run: $(VENV)/.run-installed
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check relay_protocol relay_server relay_agent tests bench
-	$(BIN)/mypy relay_protocol relay_server relay_agent
+	$(BIN)/mypy relay_protocol relay_server relay_agent bench
 
 test: lint
 	$(BIN)/pytest -q $(PARALLEL)

@@ -26,6 +26,7 @@ import os
 import resource
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -143,7 +144,7 @@ async def hold(url: str, token: str, prefix: str, count: int) -> None:
         failed=failed,
         seconds=round(time.monotonic() - started, 3),
         error=first_error,
-        rss_kib=int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]),  # noqa: SIM115
+        rss_kib=int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]),
     )
     await stdin.read()  # until the bench closes our stdin
 

@@ -91,6 +91,18 @@ class LoadResult:
         return self.ok / self.seconds if self.seconds else 0.0
 
 
+@dataclass(frozen=True)
+class Load:
+    """What a load point sends: ``body`` POSTed to ``base + path`` from ``concurrency``
+    connections, with the Host header ``hosts[0]``, or each of ``hosts`` in turn."""
+
+    base: str
+    path: str
+    hosts: tuple[str, ...]
+    body: bytes
+    concurrency: int
+
+
 # -- wrk -------------------------------------------------------------------------------------
 
 _WRK_COUNTS = """
@@ -142,35 +154,26 @@ def wrk_script(path: str, body: bytes, hosts: list[str]) -> str:
     return "\n".join(lines) + "\n" + _WRK_COUNTS
 
 
-async def _wrk(
-    processes: Processes,
-    label: str,
-    base: str,
-    path: str,
-    hosts: list[str],
-    body: bytes,
-    concurrency: int,
-    duration: float,
-) -> LoadResult:
+async def _wrk(processes: Processes, label: str, load: Load, duration: float) -> LoadResult:
     script = processes.base / f"{label}.lua"
-    script.write_text(wrk_script(path, body, hosts))
+    script.write_text(wrk_script(load.path, load.body, list(load.hosts)))
     argv = [
         "wrk",
         "-t1",
-        f"-c{concurrency}",
+        f"-c{load.concurrency}",
         f"-d{max(1, round(duration))}s",
         "--latency",
         f"--timeout={REQUEST_TIMEOUT}s",
         "-s",
         str(script),
-        base + path,
+        load.base + load.path,
     ]
     done = await processes.run_to_end(label, argv, duration + GRACE)
     doc = _parse(done.stdout, label, done.returncode)
     seconds = doc["duration_us"] / 1e6
     return LoadResult(
         "wrk",
-        concurrency,
+        load.concurrency,
         seconds,
         doc["requests"],
         {str(k): v for k, v in doc["statuses"].items()},
@@ -191,33 +194,24 @@ def _parse(stdout: str, label: str, returncode: int) -> dict[str, Any]:
 # -- the Python fallback -----------------------------------------------------------------------
 
 
-async def _python(
-    processes: Processes,
-    label: str,
-    base: str,
-    path: str,
-    hosts: list[str],
-    body: bytes,
-    concurrency: int,
-    duration: float,
-) -> LoadResult:
+async def _python(processes: Processes, label: str, load: Load, duration: float) -> LoadResult:
     body_file = processes.base / f"{label}.body"
-    body_file.write_bytes(body)
+    body_file.write_bytes(load.body)
     argv = [
         sys.executable,
         "-m",
         "bench.load",
         "http",
         "--url",
-        base + path,
+        load.base + load.path,
         "--body-file",
         str(body_file),
         "--concurrency",
-        str(concurrency),
+        str(load.concurrency),
         "--duration",
         str(duration),
     ]
-    for host in hosts:
+    for host in load.hosts:
         argv += ["--host", host]
     done = await processes.run_to_end(label, argv, duration + GRACE)
     doc = _parse(done.stdout, label, done.returncode)
@@ -227,20 +221,11 @@ async def _python(
 
 
 async def http_load(
-    processes: Processes,
-    generator: str,
-    label: str,
-    *,
-    base: str,
-    path: str,
-    hosts: list[str],
-    body: bytes,
-    concurrency: int,
-    duration: float,
+    processes: Processes, generator: str, label: str, load: Load, duration: float
 ) -> LoadResult:
-    """POST ``body`` to ``base + path`` from ``concurrency`` connections for ``duration`` s."""
+    """Run ``load`` for ``duration`` seconds with ``generator`` ("wrk" or "python")."""
     run = _wrk if generator == "wrk" else _python
-    return await run(processes, label, base, path, hosts, body, concurrency, duration)
+    return await run(processes, label, load, duration)
 
 
 async def _python_load(

@@ -339,10 +339,8 @@ async def start_target(processes: Processes, http: aiohttp.ClientSession, prefer
         child = processes.start("target-node", [shutil.which("node") or "node", str(TARGET_JS), str(port)])
         target = Target("node", f"node {version}", port, child)
     else:
-        import aiohttp as aiohttp_module
-
         child = processes.start("target-aiohttp", [sys.executable, "-m", "bench.target_app", str(port)])
-        target = Target("aiohttp", f"aiohttp {aiohttp_module.__version__}", port, child)
+        target = Target("aiohttp", f"aiohttp {aiohttp.__version__}", port, child)
 
     async def up() -> bool:
         async with http.get(target.url("/healthz")) as resp:

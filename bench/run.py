@@ -37,7 +37,7 @@ OVERHEAD = 120.0
 
 
 def budget(config: BenchConfig) -> float:
-    return OVERHEAD + sum(SCENARIOS[s].budget(config) for s in config.sections)
+    return OVERHEAD + sum(float(SCENARIOS[s].budget(config)) for s in config.sections)
 
 
 def filesystem_of(path: Path) -> str:

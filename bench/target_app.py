@@ -7,9 +7,9 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 CHUNK = b"x" * (64 * 1024)
 #: Distinct X-Relay-Event-Id seen (GET /counts): a retried webhook counts once.
@@ -17,7 +17,7 @@ EVENTS: web.AppKey[set[str]] = web.AppKey("events", set)
 
 
 @web.middleware
-async def count_events(request: web.Request, handler: Any) -> web.StreamResponse:
+async def count_events(request: web.Request, handler: Handler) -> web.StreamResponse:
     event = request.headers.get("X-Relay-Event-Id")
     if event is not None:
         request.app[EVENTS].add(event)

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..config import BenchConfig
 from ..cpu import CpuMeter, rss_bytes
-from ..load import GRACE, http_load, payload
+from ..load import GRACE, Load, http_load, payload
 from ..processes import READY_TIMEOUT, Child, create_token, start_agent, start_server, wait_for_agents
 from . import Context, compared, point
 
@@ -66,12 +66,12 @@ async def run(ctx: Context) -> dict[str, Any]:
         }
         for way, base, hosts, pids in ways:
             label = f"fanin-{way}"
-            load = {"base": base, "path": PATH, "hosts": hosts, "body": body, "concurrency": count}
+            load = Load(base, PATH, tuple(hosts), body, count)
             if cfg.warmup >= 1:
-                await http_load(procs, ctx.generator, label + "-warmup", duration=cfg.warmup, **load)
+                await http_load(procs, ctx.generator, label + "-warmup", load, cfg.warmup)
             meter = CpuMeter(pids)
             meter.start()
-            result = await http_load(procs, ctx.generator, label, duration=cfg.duration, **load)
+            result = await http_load(procs, ctx.generator, label, load, cfg.duration)
             used = meter.stop()
             procs.check_running(started)
             cpu = {"target": used.pop("target")}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from ..config import BenchConfig
@@ -32,7 +33,7 @@ def budget(config: BenchConfig) -> float:
     return 2 * READY_TIMEOUT + 4 * (config.duration + 2 * TRANSFER_TIMEOUT)
 
 
-def _body_file(ctx: Context) -> Any:
+def _body_file(ctx: Context) -> Path:
     path = ctx.processes.base / "large-body.bin"
     block = os.urandom(MIB)  # incompressible, not that anything compresses it
     with path.open("wb") as f:

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..config import BenchConfig
 from ..cpu import CpuMeter
-from ..load import GRACE, http_load, payload
+from ..load import GRACE, Load, http_load, payload
 from ..processes import (
     READY_TIMEOUT,
     Child,
@@ -61,20 +61,18 @@ async def run(ctx: Context) -> dict[str, Any]:
             row: dict[str, Any] = {"concurrency": concurrency}
             for name, base, host, agent in paths:
                 label = f"small-{name}-c{concurrency}"
-                load = {"base": base, "path": PATH, "hosts": [host], "body": body, "concurrency": concurrency}
+                load = Load(base, PATH, (host,), body, concurrency)
                 events_before = await target.events(ctx.http)
                 accepted = 0
                 if cfg.warmup >= 1:
-                    warm = await http_load(
-                        procs, ctx.generator, label + "-warmup", duration=cfg.warmup, **load
-                    )
+                    warm = await http_load(procs, ctx.generator, label + "-warmup", load, cfg.warmup)
                     accepted += warm.ok
                 pids = {"target": target.child.pid}
                 if agent is not None:
                     pids |= {"server": server.pid, "agent": agent.pid}
                 meter = CpuMeter(pids)
                 meter.start()
-                result = await http_load(procs, ctx.generator, label, duration=cfg.duration, **load)
+                result = await http_load(procs, ctx.generator, label, load, cfg.duration)
                 cpu = meter.stop()
                 procs.check_running(started)
                 figures = point(result, cpu)
