@@ -146,6 +146,12 @@ def _gen(share: float) -> str:
     return f"{share:.0%}" + (" !" if share >= GENERATOR_LIMIT else "")
 
 
+def _errors(f: dict[str, Any]) -> str:
+    """Non-2xx answers plus socket errors, the latter named when there are any."""
+    sockets = sum(f["socket_errors"].values())
+    return str(f["errors"]) + (f" ({sockets} socket)" if sockets else "")
+
+
 def _ms(cpu: dict[str, float], key: str) -> str:
     return f"{cpu[key]:.3f}" if key in cpu else "-"
 
@@ -206,7 +212,7 @@ def render(doc: dict[str, Any], judged: list[Goal]) -> str:
                             _x(f.get("p99_ratio")),
                             str(f["requests"] - f["non_2xx"]),
                             str(f["status_202"]),
-                            str(f["errors"]),
+                            _errors(f),
                             _ms(cpu, "server"),
                             _ms(cpu, "agent"),
                             _ms(cpu, "target"),
@@ -343,7 +349,7 @@ def render(doc: dict[str, Any], judged: list[Goal]) -> str:
                         _x(f.get("p50_ratio")),
                         f"{f['p99_ms']:.2f}",
                         _x(f.get("p99_ratio")),
-                        str(f["errors"]),
+                        _errors(f),
                         _ms(cpu, "server"),
                         _ms(cpu, "agents"),
                         _ms(cpu, "target"),
