@@ -10,7 +10,7 @@ DATA_DIR ?= relay-data
 # `make test PARALLEL=` runs it in one process.
 PARALLEL ?= -n 4 --dist worksteal
 
-.PHONY: run test lint unit e2e clean
+.PHONY: run test lint unit e2e bench clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "relay needs Python 3.11 or newer"'
@@ -32,7 +32,7 @@ run: $(VENV)/.run-installed
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check relay_protocol relay_server relay_agent tests bench
-	$(BIN)/mypy relay_protocol relay_server relay_agent
+	$(BIN)/mypy relay_protocol relay_server relay_agent bench
 
 test: lint
 	$(BIN)/pytest -q $(PARALLEL)
@@ -42,6 +42,13 @@ unit: $(VENV)/.test-installed
 
 e2e: $(VENV)/.test-installed
 	$(BIN)/pytest -q $(PARALLEL) tests/e2e
+
+# The benchmarks (bench/README.md): a few minutes, every figure beside a direct baseline
+# measured in the same run; the table is printed, the JSON goes to bench/results/latest.json.
+# Options: make bench BENCH_ARGS='--agents 10000' (python -m bench --help).
+BENCH_ARGS ?=
+bench: $(VENV)/.run-installed
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
