@@ -39,8 +39,6 @@ TARGET_JS = Path(__file__).resolve().parent / "target.js"
 READY_TIMEOUT = 30.0
 #: Seconds after SIGTERM before SIGKILL. relay-server drains for up to 10 s.
 STOP_GRACE = 15.0
-#: Seconds a few queued events may stay waiting, unchanged, before ``wait_drained`` lets them be.
-STUCK_AFTER = 1.0
 #: Seconds a one-shot command (token create, a version query) may take.
 COMMAND_TIMEOUT = 30.0
 
@@ -498,26 +496,18 @@ async def wait_for_agents(
 
 
 async def wait_drained(
-    http: aiohttp.ClientSession, server: RelayServer, timeout: float, stuck: int = 0
+    http: aiohttp.ClientSession, server: RelayServer, timeout: float
 ) -> tuple[float | None, int]:
-    """Wait until no event waits on ``server`` (queued webhooks delivered); returns the
-    seconds it took (None after ``timeout``) and how many still wait.
-
-    Up to ``stuck`` events that stay waiting, unchanged, for ``STUCK_AFTER`` seconds are
-    let be: those whose sender left while the relay was storing them (a load generator
-    stopping mid-request) get their first attempt only when their inline lease ends
-    (``--timeout`` + 30 s later); see bench/README.md.
-    """
+    """Wait until no event waits on ``server`` (queued webhooks delivered, those whose
+    sender left mid-request included); returns the seconds it took (None after
+    ``timeout``) and how many still wait."""
     started = time.monotonic()
-    last, since = -1, started
     while True:
         doc = await server_status(http, server)
         waiting = sum(t["waiting"] for t in doc["tunnels"])
         now = time.monotonic()
-        if waiting != last:
-            last, since = waiting, now
-        if waiting == 0 or (waiting <= stuck and now - since >= STUCK_AFTER):
-            return since - started, waiting
+        if waiting == 0:
+            return now - started, 0
         if now - started > timeout:
             return None, waiting
         await asyncio.sleep(0.1)

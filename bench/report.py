@@ -225,14 +225,10 @@ def render(doc: dict[str, Any], judged: list[Goal]) -> str:
             lost = sum(p["queue"]["lost"] for p in points)
             undrained = [str(p["concurrency"]) for p in points if p["queue"]["drained_s"] is None]
             accepted = sum(p["queue"]["accepted"] for p in points)
-            left = sum(
-                p["queue"].get("left_waiting", 0) for p in points if p["queue"]["drained_s"] is not None
-            )
             out.append(
                 f"  queue: {accepted} webhooks accepted (warm-ups included),"
                 + (f" LOST {lost} (not at the app)" if lost else " every one reached the app")
                 + (f"; still waiting after c={','.join(undrained)}" if undrained else "")
-                + (f"; {left} abandoned by the generator mid-request wait for their lease" if left else "")
             )
     large = doc.get("large")
     if large is not None:

@@ -228,9 +228,7 @@ def client_session(config: AgentConfig) -> aiohttp.ClientSession:
         cookie_jar=aiohttp.DummyCookieJar(),  # cookies belong to the public clients, not to us
         # No total limit: the server bounds the wait for a response head
         # (--timeout) and resets the stream; this only catches a dead target.
-        timeout=aiohttp.ClientTimeout(
-            total=None, sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT
-        ),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT),
         skip_auto_headers=_NO_AUTO_HEADERS,
         request_class=_ExactRequest,
         trace_configs=_upgrade_traces(),

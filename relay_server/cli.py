@@ -642,14 +642,12 @@ def names_release(name: str, yes: bool, data_dir: Path) -> None:
     if owner is None:
         raise click.ClickException(f"nobody holds the name {name!r}")
     effects = (
-        f"{_events(waiting)} waiting for delivery would be dead (\"name released\"), its settings"
+        f'{_events(waiting)} waiting for delivery would be dead ("name released"), its settings'
         " and destinations removed, its agents disconnected"
     )
     if not yes:
         if not _interactive():
-            raise click.ClickException(
-                f"not releasing {name!r} (held by {owner}) without --yes: {effects}"
-            )
+            raise click.ClickException(f"not releasing {name!r} (held by {owner}) without --yes: {effects}")
         click.echo(f"releasing {name!r} (held by {owner}): {effects}", err=True)
         if not click.confirm("Release it?", err=True):
             raise click.ClickException(f"{name!r} not released")

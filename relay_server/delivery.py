@@ -242,8 +242,7 @@ class Deliveries:
     async def save_settings(self, tunnel: str, user: str, settings: TunnelSettings) -> None:
         await asyncio.to_thread(self.store.save_tunnel_settings, tunnel, user, settings.to_json())
         self._settings[tunnel] = settings
-        for destination in settings.destinations:
-            self.dispatcher(tunnel, destination).wake()
+        self._wake_dispatchers(tunnel, settings)
 
     def forget_tunnel(self, tunnel: str) -> None:
         """``tunnel``'s name changed hands (the admin released it, or another user claimed
@@ -389,12 +388,15 @@ class Deliveries:
             try:
                 seq = await asyncio.shield(commit)
             except asyncio.CancelledError:
-                if attempt is not None:  # the sender left: the attempt's outcome is still recorded
+                # The sender left: its webhook is stored all the same, and delivered.
+                if attempt is not None:  # the attempt's outcome is recorded once stored
                     handed_over = True
                     left = self._abandoned_before_commit(
                         commit, attempt, event, deliveries[0], settings, dispatcher
                     )
-                    self.tasks.spawn(left, f"abandoned attempt of {event.id}")
+                else:  # the dispatchers are told once it is stored
+                    left = self._queued_after_leaving(commit, event, settings)
+                self.tasks.spawn(left, f"webhook {event.id} whose sender left")
                 raise
             except StoreError as exc:
                 if attempt is not None:
@@ -407,8 +409,7 @@ class Deliveries:
             event = replace(event, seq=seq)
             self._count(tunnel, 1, len(body))
             if attempt is None:
-                for destination in settings.destinations:
-                    self.dispatcher(tunnel, destination).wake()
+                self._wake_dispatchers(tunnel, settings)
                 return self._queued(event)
             assert session is not None
             handed_over = True  # the first attempt owns the slot from here
@@ -418,6 +419,24 @@ class Deliveries:
         finally:
             if slot and not handed_over:
                 dispatcher.release(event.id)
+
+    def _wake_dispatchers(self, tunnel: str, settings: TunnelSettings) -> None:
+        for destination in settings.destinations:
+            self.dispatcher(tunnel, destination).wake()
+
+    async def _queued_after_leaving(
+        self, commit: asyncio.Future[int], event: Event, settings: TunnelSettings
+    ) -> None:
+        """The sender of a webhook queued without an inline attempt left while it was
+        being committed: once it is stored, count it and wake its dispatchers (or they
+        would find it only at their next pass, which for an idle one is the next webhook)."""
+        try:
+            await commit
+        except StoreError as exc:  # not stored, and nobody left to tell
+            self.store_trouble(exc)
+            return
+        self._count(event.tunnel, 1, len(event.body))
+        self._wake_dispatchers(event.tunnel, settings)
 
     def _queue_full(self, tunnel: str, size: int) -> web.Response | None:
         """429 if one more event of ``size`` bytes would pass the tunnel's quota."""

@@ -80,9 +80,7 @@ async def run(ctx: Context) -> dict[str, Any]:
                     figures = compared(figures, row["direct"])
                 if name == "queue":
                     figures["vs_live"] = ratio(figures["rps"], row["live"]["rps"])
-                    # At most one request per connection is abandoned when the generator
-                    # stops, in the warm-up and in the point.
-                    drained, left = await wait_drained(ctx.http, server, DRAIN_TIMEOUT, 2 * concurrency)
+                    drained, left = await wait_drained(ctx.http, server, DRAIN_TIMEOUT)
                     figures["drained_s"] = None if drained is None else round(drained, 2)
                     figures["left_waiting"] = left
                     # Every webhook answered 2xx (warm-up included) must have reached the

@@ -651,7 +651,7 @@ class TargetService:
         /slow?seconds  sleeps, then "slept"             /sized      1234 bytes (HEAD: none)
         /status/CODE   that status                      /redirect   302 to /elsewhere
         /hop           hop-by-hop response headers      /gzip       a gzip body, not decoded
-        /digest        length and sha256 of the body
+        /digest        length and sha256 of the body    /hold?key   waits for release(key), "released"
 
     Each response carries ``X-Target: <label>`` so tests can tell two targets apart.
     """
@@ -659,6 +659,7 @@ class TargetService:
     label: str
     requests: list[Seen] = field(default_factory=list)
     port: int = 0
+    _gates: dict[str, asyncio.Event] = field(default_factory=dict)
 
     def start(self) -> None:
         self._loop = asyncio.new_event_loop()
@@ -698,6 +699,13 @@ class TargetService:
     def seen(self, path_prefix: str) -> list[Seen]:
         return [r for r in self.requests if r.raw_path.startswith(path_prefix)]
 
+    def release(self, key: str) -> None:
+        """Let every ``/hold?key=KEY`` request answer, and those still to come."""
+        self._loop.call_soon_threadsafe(lambda: self._gate(key).set())
+
+    def _gate(self, key: str) -> asyncio.Event:
+        return self._gates.setdefault(key, asyncio.Event())
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         seen = Seen(
@@ -730,6 +738,9 @@ class TargetService:
             seconds = float(request.query.get("seconds", "1"))
             await asyncio.sleep(seconds)
             return web.Response(text=f"slept {seconds:g}")
+        if path == "/hold":
+            await self._gate(request.query.get("key", "")).wait()
+            return web.Response(text="released")
         if path == "/sized":
             return web.Response(body=SIZED_BODY, content_type="text/plain")
         if path.startswith("/status/"):

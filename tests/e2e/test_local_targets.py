@@ -382,15 +382,12 @@ async def test_steady_traffic_reuses_connections(relay: Relay) -> None:
         app.stop()
 
 
-
 async def test_a_get_closed_unanswered_is_sent_again_once_and_a_post_never(relay: Relay) -> None:
     # An app that gives up idle connections after 50 ms, well inside the agent's reuse window.
     app = KeepAliveApp(idle=0.05)
     try:
         server = relay.server()
-        agent = relay.agent(
-            server, server.token("alice"), f"127.0.0.1:{app.port}", extra=["--mode", "live"]
-        )
+        agent = relay.agent(server, server.token("alice"), f"127.0.0.1:{app.port}", extra=["--mode", "live"])
         base = f"http://127.0.0.1:{server.port}/t/alice"
         async with client_session() as http:
             for i in range(8):

@@ -183,15 +183,16 @@ async def test_readyz_says_not_ready_while_draining(relay: Relay, http: aiohttp.
         healthz = await fetch(http, "GET", server.url("/healthz"), server.apex)
         assert (healthz.status, healthz.body) == (200, b"ok\n")
         assert await readyz() == (200, None)
-        slow = asyncio.create_task(through(http, tunnel, "subdomain", "GET", "/slow?seconds=3"))
-        await until(lambda: tunnel.target.seen("/slow"), 10, "the slow request to reach the target")
+        held = asyncio.create_task(through(http, tunnel, "subdomain", "GET", "/hold?key=ready"))
+        await until(lambda: tunnel.target.seen("/hold"), 10, "the held request to reach the target")
         server.process.send(signal.SIGTERM)  # type: ignore[union-attr]
 
         async def not_ready() -> bool:
             return await readyz() == (503, "not-ready")
 
         await until(not_ready, 10, "/readyz to say not-ready")
-        assert (await slow).status == 200  # the drain still let the request in flight finish
+        tunnel.target.release("ready")
+        assert (await held).status == 200  # the drain still let the request in flight finish
     assert await server.process.exited() == 0  # type: ignore[union-attr]
 
 
@@ -417,8 +418,8 @@ async def test_a_complete_answer_counts_as_sent_when_the_client_leaves_at_once(r
 async def test_draining_is_seen_from_new_connections(relay: Relay, http: aiohttp.ClientSession) -> None:
     tunnel = relay.tunnel()
     server = tunnel.server
-    slow = asyncio.create_task(through(http, tunnel, "subdomain", "GET", "/slow?seconds=4"))
-    await until(lambda: tunnel.target.seen("/slow"), 10, "the slow request to reach the target")
+    held = asyncio.create_task(through(http, tunnel, "subdomain", "GET", "/hold?key=drain"))
+    await until(lambda: tunnel.target.seen("/hold"), 10, "the held request to reach the target")
     server.process.send(signal.SIGTERM)  # type: ignore[union-attr]
 
     async def fresh(path: str, **headers: str) -> Reply:
@@ -435,7 +436,8 @@ async def test_draining_is_seen_from_new_connections(relay: Relay, http: aiohttp
     assert (await fresh("/t/alice/new")).status == 503  # new work is refused, not dropped
     agent = await fresh("/_relay/agent", Upgrade="websocket", Connection="Upgrade")
     assert (agent.status, agent.relay_error) == (503, "not-ready")
-    assert (await slow).status == 200
+    tunnel.target.release("drain")  # the request in flight finishes, then the server exits
+    assert (await held).status == 200
     assert await server.process.exited() == 0  # type: ignore[union-attr]
 
 

@@ -9,7 +9,7 @@ import signal
 import aiohttp
 import pytest
 
-from .framework import REQUEST_LINE, Relay, Reply, Tunnel, free_port, through, until
+from .framework import REQUEST_LINE, Relay, Reply, Tunnel, fetch, free_port, through, until
 
 FORMS = ["subdomain", "path"]
 
@@ -119,13 +119,20 @@ async def test_agent_reconnects_by_itself_after_a_server_restart(
 
 async def test_sigterm_finishes_the_request_in_flight(relay: Relay, http: aiohttp.ClientSession) -> None:
     tunnel = relay.tunnel()
-    slow = asyncio.create_task(through(http, tunnel, "subdomain", "POST", "/slow?seconds=1.5", body=b"x"))
-    await until(lambda: tunnel.target.seen("/slow"), 10, "the slow request to reach the target")
+    held = asyncio.create_task(through(http, tunnel, "subdomain", "POST", "/hold?key=term", body=b"x"))
+    await until(lambda: tunnel.target.seen("/hold"), 10, "the held request to reach the target")
 
     tunnel.server.process.send(signal.SIGTERM)  # type: ignore[union-attr]
-    reply = await slow
+
+    async def draining() -> bool:
+        reply = await fetch(http, "GET", tunnel.server.url("/readyz"), tunnel.server.apex)
+        return reply.relay_error == "not-ready"
+
+    await until(draining, 10, "the server to start draining")
+    tunnel.target.release("term")
+    reply = await held
     assert reply.status == 200
-    assert reply.body == b"slept 1.5"
+    assert reply.body == b"released"
     assert await tunnel.server.process.exited() == 0  # type: ignore[union-attr]
     await tunnel.agent.process.line(r"disconnected from the server \(1001\b", stream="stderr")
 

@@ -75,18 +75,19 @@ async def test_a_head_too_large_to_forward_is_a_4xx_and_the_tunnel_survives(
     alice: Tunnel, http: aiohttp.ClientSession
 ) -> None:
     # One request in flight on the agent's connection the whole time.
-    slow = asyncio.create_task(through(http, alice, "path", "GET", "/slow?seconds=3"))
+    held = asyncio.create_task(through(http, alice, "path", "GET", "/hold?key=strangers"))
     async with asyncio.timeout(WAIT):
-        while not alice.target.seen("/slow"):
+        while not alice.target.seen("/hold"):
             await asyncio.sleep(0.05)
     for label, request in near_limit_requests(alice).items():
         reply, _ = await raw_exchange(alice.server.port, request, timeout=WAIT)
         assert 400 <= reply.status < 500, (label, reply)
         assert reply.status in (400, 414, 431), (label, reply)
         assert reply.relay_error in ("bad-request", "uri-too-long", "headers-too-large"), (label, reply)
-    in_flight = await slow
+    alice.target.release("strangers")
+    in_flight = await held
     assert in_flight.status == 200, in_flight
-    assert in_flight.body == b"slept 3"
+    assert in_flight.body == b"released"
     after = await through(http, alice, "path", "GET", "/after")
     assert after.status == 200, after
     assert after.json()["path"] == "/after"

@@ -32,8 +32,12 @@ def test_a_batch_has_fixed_bytes() -> None:
     wire = encode_batch([ping, data])
     assert wire == (
         bytes.fromhex("0b 00 00000000")
-        + bytes.fromhex("00000007") + bytes.fromhex("08 00 00000000") + b"p"
-        + bytes.fromhex("00000008") + bytes.fromhex("05 01 00000001") + b"ab"
+        + bytes.fromhex("00000007")
+        + bytes.fromhex("08 00 00000000")
+        + b"p"
+        + bytes.fromhex("00000008")
+        + bytes.fromhex("05 01 00000001")
+        + b"ab"
     )
     assert split_batch(wire) == [ping, data]
     assert BATCH == 0x0B and FEATURE_BATCH == "batch"

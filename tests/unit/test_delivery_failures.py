@@ -138,8 +138,9 @@ class FakeAgent:
     """An agent whose local app is the test: it answers every request at once with
     ``auto`` (a status), or, with ``auto`` None, hands each request to the test."""
 
-    def __init__(self, ws: ClientWebSocketResponse, auto: int | None) -> None:
+    def __init__(self, ws: ClientWebSocketResponse, auto: int | None, label: str = "") -> None:
         self.ws = ws
+        self.label = label
         self.conn = Connection(Role.AGENT)
         self.auto = auto
         #: Every event id the agent was sent, in order (one per OPEN: a repeat is a double).
@@ -149,7 +150,8 @@ class FakeAgent:
         self._reader: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        await self.ws.send_bytes(self.conn.send(Hello(PROTOCOL_VERSION, ({"name": "alice"},), "test")))
+        hello = Hello(PROTOCOL_VERSION, ({"name": "alice"},), "test", self.label)
+        await self.ws.send_bytes(self.conn.send(hello))
         msg = await self.ws.receive(timeout=WAIT)
         assert msg.type is WSMsgType.BINARY, msg
         assert isinstance(self.conn.receive(msg.data), Welcome)
@@ -193,10 +195,10 @@ class FakeAgent:
             await asyncio.wait_for(self._reader, WAIT)  # raises what the reader raised
 
 
-async def _connect(client: TestClient, tmp_path: Path, auto: int | None = 200) -> FakeAgent:
+async def _connect(client: TestClient, tmp_path: Path, auto: int | None = 200, label: str = "") -> FakeAgent:
     token = _token(client, tmp_path)
     ws = await client.ws_connect("/_relay/agent", headers={"Authorization": f"Bearer {token}"})
-    agent = FakeAgent(ws, auto)
+    agent = FakeAgent(ws, auto, label)
     await agent.start()
     return agent
 
@@ -353,6 +355,51 @@ async def test_every_failure_path_gives_back_its_delivery_slot(
 async def _statuses_of(client: TestClient, token: str, ids: set[str], status: str) -> bool:
     shown = await _statuses(client, token)
     return all(shown.get(i) == status for i in ids)
+
+
+@pytest.mark.parametrize("fan_out", [False, True], ids=["inline attempt", "fan-out"])
+async def test_a_sender_who_leaves_while_its_webhook_is_committed_still_has_it_delivered(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fan_out: bool
+) -> None:
+    # Fan-out had no inline attempt and nobody woke its dispatcher once the webhook was
+    # stored: idle, it found the webhook only with the next one. This case failed there.
+    token = _token(client, tmp_path)
+    if fan_out:
+        await _settings(client, token, destinations=["agent:laptop"])
+    agent = await _connect(client, tmp_path, auto=200, label="laptop")
+    assert (await _post(client))[0] in (200, 202)  # one delivered: the dispatcher has nothing left to do
+    await _until(lambda: len(agent.seen) == 1, "the first webhook to reach the app")
+    await _until(lambda: _statuses_of(client, token, set(agent.seen), "delivered"), "the first delivery")
+
+    committing, commit_may_end, left = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    real_write = GroupCommitter.write
+
+    async def held_write(self: GroupCommitter, op: Any) -> Any:
+        if not committing.is_set():
+            committing.set()
+            await commit_may_end.wait()
+        return await real_write(self, op)
+
+    monkeypatch.setattr(GroupCommitter, "write", held_write)
+    real_spawn = _deliveries(client).tasks.spawn
+
+    def spawn(coro: Any, name: str) -> Any:
+        if "whose sender left" in name:
+            left.set()
+        return real_spawn(coro, name)
+
+    monkeypatch.setattr(_deliveries(client).tasks, "spawn", spawn)
+    sender = asyncio.create_task(_post(client, b'{"n":2}'))
+    await asyncio.wait_for(committing.wait(), WAIT)
+    sender.cancel()  # the sender hangs up while the relay commits its webhook
+    await asyncio.wait_for(left.wait(), WAIT)
+    commit_may_end.set()
+
+    await _until(lambda: len(agent.seen) == 2, "the second webhook to reach the app")
+    second = agent.seen[1]
+    await _until(lambda: _statuses_of(client, token, {second}, "delivered"), "the second webhook delivered")
+    assert _repeats(agent.seen) == {}
+    await agent.close()
 
 
 # -- (b) the dispatcher's bookkeeping stays bounded --------------------------------------------------
