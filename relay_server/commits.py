@@ -58,11 +58,16 @@ class GroupCommitter:
 
         Raises ``StoreError`` (``StoreFull``) if the commit failed: nothing of it was written.
         """
+        return await self.submit(op)
+
+    def submit(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Queue ``op`` for the next group commit; the future is answered as ``write``
+        returns or raises. (No task per write: the ingress awaits it shielded.)"""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._pending.append((op, future))
         self._idle.clear()
         self._ready.set()
-        return await future
+        return future
 
     async def _run(self) -> None:
         while True:

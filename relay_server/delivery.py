@@ -242,6 +242,9 @@ class Deliveries:
     async def save_settings(self, tunnel: str, user: str, settings: TunnelSettings) -> None:
         await asyncio.to_thread(self.store.save_tunnel_settings, tunnel, user, settings.to_json())
         self._settings[tunnel] = settings
+        for (name, _), dispatcher in self._dispatchers.items():
+            if name == tunnel:
+                dispatcher.slots_changed(settings)
         self._wake_dispatchers(tunnel, settings)
 
     def forget_tunnel(self, tunnel: str) -> None:
@@ -375,7 +378,7 @@ class Deliveries:
             # the dispatcher off it until the attempt is over (or the server died).
             lease = now + self.config.timeout + 30 if slot else now
             deliveries = [Delivery(0, tunnel, d, "pending", 0, lease) for d in settings.destinations]
-            commit = asyncio.ensure_future(self.commits.write(Store.insert_event_op(event, deliveries)))
+            commit = self.commits.submit(Store.insert_event_op(event, deliveries))
             # The first attempt starts while the event is being committed: the sender
             # waits for the longer of the fsync and the app, not for their sum. Nothing
             # is answered before the commit (never a 2xx for a webhook not stored); if it

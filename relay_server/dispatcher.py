@@ -12,16 +12,17 @@ schedule or the next early pass).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import math
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from .attempts import attempt_agent, attempt_url
 from .errors import StoreError
-from .settings import TunnelSettings
+from .settings import DEFAULT_MAX_CONCURRENCY, TunnelSettings
 from .states import Outcome
 from .store import Delivery, Event
 
@@ -37,6 +38,13 @@ STORE_RETRY = 5.0
 #: Seconds a dispatcher sleeps after a whole pass started nothing although something was
 #: due (all of it being recorded or just ended): never a busy loop, whatever the race.
 IDLE_PASS_WAIT = 1.0
+
+
+@dataclass
+class _SlotWaiter:
+    """One place in a dispatcher's line for delivery slots; ``woken`` is set on its turn."""
+
+    woken: asyncio.Future[None]
 
 
 class Dispatcher:
@@ -58,7 +66,10 @@ class Dispatcher:
         self._reading = False
         self._ended: set[str] = set()
         self._wake = asyncio.Event()
-        self._freed = asyncio.Event()
+        #: The tunnel's limit on attempts in flight, as last read from its settings.
+        self.max_concurrency = DEFAULT_MAX_CONCURRENCY
+        #: Who waits for a delivery slot, first come first served (see take_slot).
+        self._slot_line: collections.deque[_SlotWaiter] = collections.deque()
         self._early = False
         self._restart = False
         #: True while everything due is in flight: an ending attempt then wakes the loop.
@@ -76,27 +87,60 @@ class Dispatcher:
         self._restart = True
         self.wake()
 
-    def has_slot(self, settings: TunnelSettings) -> bool:
-        return len(self.in_flight) < settings.max_concurrency
+    def has_slot(self) -> bool:
+        return len(self.in_flight) < self.max_concurrency
 
-    async def take_slot(self, event_id: str, settings: TunnelSettings, timeout: float) -> bool:
-        """Take a delivery slot for ``event_id``, waiting up to ``timeout``; False if none came."""
+    async def take_slot(self, event_id: str, settings: TunnelSettings, timeout: float | None) -> bool:
+        """Take a delivery slot for ``event_id``, waiting up to ``timeout`` seconds (None:
+        as long as it takes); False if none came.
+
+        First come, first served: a freed slot goes to whoever has waited longest (inline
+        attempts and this dispatcher's loop alike), and only they are woken. Without the
+        line, every release woke every waiter and a newcomer could take the slot first:
+        at 64 senders and 8 slots some webhooks waited seconds behind later ones.
+        """
+        self.max_concurrency = settings.max_concurrency
+        if not self._slot_line and self.has_slot():
+            self.in_flight.add(event_id)
+            return True
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not self.has_slot(settings):
-            self._freed.clear()
-            try:
-                await asyncio.wait_for(self._freed.wait(), deadline - loop.time())
-            except TimeoutError:
-                return False
-        self.in_flight.add(event_id)
-        return True
+        waiter = _SlotWaiter(loop.create_future())
+        self._slot_line.append(waiter)
+        taken = False
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    await waiter.woken
+                    if self.has_slot():
+                        self.in_flight.add(event_id)
+                        taken = True
+                        return True
+                    waiter.woken = loop.create_future()  # the limit went down: wait again, in place
+        except TimeoutError:
+            return False
+        finally:
+            self._slot_line.remove(waiter)
+            if not taken and waiter.woken.done() and not waiter.woken.cancelled():
+                self._wake_next()  # woken, then gone: the slot goes on down the line
 
     def release(self, event_id: str) -> None:
         """An attempt on ``event_id`` is over: free its slot."""
         self.in_flight.discard(event_id)
-        self._freed.set()
+        self._wake_next()
         self._ended_now(event_id)
+
+    def slots_changed(self, settings: TunnelSettings) -> None:
+        """The tunnel's settings changed: everyone waiting looks again (in line order)."""
+        self.max_concurrency = settings.max_concurrency
+        for waiter in self._slot_line:
+            if not waiter.woken.done():
+                waiter.woken.set_result(None)
+
+    def _wake_next(self) -> None:
+        for waiter in self._slot_line:
+            if not waiter.woken.done():
+                waiter.woken.set_result(None)
+                return
 
     def recorded(self, event_id: str) -> None:
         """The outcome of ``event_id``'s inline attempt is written (or kept to be written)."""
@@ -161,15 +205,14 @@ class Dispatcher:
                     continue
                 for event, delivery in batch:
                     if not self._busy(event):
-                        while not self.has_slot(settings):
-                            self._freed.clear()
-                            await self._freed.wait()
+                        await self.take_slot(event.id, settings, None)
                         if not deliveries.recording_ok.is_set():
+                            self.release(event.id)
                             break
                         if early and not self._early:  # the app failed: the early pass is over
+                            self.release(event.id)
                             self._restart = True
                             break
-                        self.in_flight.add(event.id)
                         scheduled = (delivery.next_attempt_at or 0.0) <= time.time()
                         # The body is read here, in order: attempts then open their
                         # streams in arrival order (each in its own task, concurrently).

@@ -226,6 +226,25 @@ def _fail_once(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, exc: Exce
     return calls
 
 
+def _fail_first_submit(monkeypatch: pytest.MonkeyPatch, exc: Exception) -> None:
+    """The first write queued with ``GroupCommitter.submit`` (an event's insert) fails
+    with ``exc``, as a failed group commit answers it: not at once."""
+    real = GroupCommitter.submit
+    calls: list[int] = []
+
+    def submit(self: GroupCommitter, op: Any) -> asyncio.Future[Any]:
+        calls.append(1)
+        if len(calls) > 1:
+            return real(self, op)
+        return asyncio.ensure_future(failing())
+
+    async def failing() -> Any:
+        await asyncio.sleep(0)  # a commit fails in its thread, later
+        raise exc
+
+    monkeypatch.setattr(GroupCommitter, "submit", submit)
+
+
 class FailingUpdates:
     """Outcome writes (``Store.update_delivery_op``) fail in the store while ``failing``,
     as on a full disk: the group commit of any batch holding one fails with StoreError.
@@ -281,7 +300,7 @@ def _inject(monkeypatch: pytest.MonkeyPatch, point: str) -> None:
     elif point in ("finish", "finish_after_503"):
         _fail_once(monkeypatch, AgentExchange, "finish", boom)
     elif point == "commit_insert":
-        _fail_once(monkeypatch, GroupCommitter, "write", StoreError("injected: the store is down"))
+        _fail_first_submit(monkeypatch, StoreError("injected: the store is down"))
     elif point == "commit_record":
         monkeypatch.setattr(delivery_module, "RERECORD_FIRST", 0.01)
         FailingUpdates(monkeypatch, once=True)
@@ -372,15 +391,19 @@ async def test_a_sender_who_leaves_while_its_webhook_is_committed_still_has_it_d
     await _until(lambda: _statuses_of(client, token, set(agent.seen), "delivered"), "the first delivery")
 
     committing, commit_may_end, left = asyncio.Event(), asyncio.Event(), asyncio.Event()
-    real_write = GroupCommitter.write
+    real_submit = GroupCommitter.submit
 
-    async def held_write(self: GroupCommitter, op: Any) -> Any:
-        if not committing.is_set():
-            committing.set()
-            await commit_may_end.wait()
-        return await real_write(self, op)
+    async def held(self: GroupCommitter, op: Any) -> Any:
+        committing.set()
+        await commit_may_end.wait()
+        return await real_submit(self, op)
 
-    monkeypatch.setattr(GroupCommitter, "write", held_write)
+    def held_submit(self: GroupCommitter, op: Any) -> asyncio.Future[Any]:
+        if committing.is_set():
+            return real_submit(self, op)
+        return asyncio.ensure_future(held(self, op))
+
+    monkeypatch.setattr(GroupCommitter, "submit", held_submit)
     real_spawn = _deliveries(client).tasks.spawn
 
     def spawn(coro: Any, name: str) -> Any:
