@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -21,19 +22,33 @@ from .tasks import Tasks
 
 T = TypeVar("T")
 
+log = logging.getLogger("relay.server")
+
 #: Most operations in one transaction: bounds how long one commit holds the
 #: writer lock (and the latency of the first caller in a long queue).
 MAX_BATCH = 1000
 #: Seconds ``stop`` lets the writes already waiting be committed.
 STOP_WAIT = 10.0
+#: Seconds a write that may wait (``write_soon``) waits for a commit to ride with: an
+#: inline attempt's outcome, written after its sender has the answer, then costs no
+#: transaction and no fsync of its own, and the next webhook's insert never queues
+#: behind it (one commit per webhook instead of two at one sender).
+SOON = 0.005
 
-Pending = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
+#: Called with an operation's result as soon as its batch is committed, before the
+#: next operation's: in-memory state that follows the store (the quota counts) changes
+#: in the very order of the writes, whoever resumes first afterwards.
+Then = Callable[[Any], None] | None
+Pending = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]", Then]
 
 
 class GroupCommitter:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._pending: list[Pending] = []
+        #: ``write_soon`` operations: they join the next batch, or go alone after SOON.
+        self._soon: list[Pending] = []
+        self._soon_timer: asyncio.TimerHandle | None = None
         self._ready = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -47,67 +62,103 @@ class GroupCommitter:
     async def stop(self) -> None:
         """Commit what is waiting (for at most ``STOP_WAIT`` seconds), then stop; a write
         still waiting then gets ``StoreError``."""
+        self._flush_soon()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), STOP_WAIT)
         await self._tasks.stop()
+        self._take_soon()
         self._fail(self._pending, StoreError("the relay server is stopping"))
         self._pending = []
 
-    async def write(self, op: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``op`` in the next group commit; returns once it is durable.
+    async def write(self, op: Callable[[sqlite3.Connection], T], then: Then = None) -> T:
+        """Run ``op`` in the next group commit; returns once it is durable. ``then`` is
+        called with the result once committed, in the order of the writes (see ``Then``).
 
         Raises ``StoreError`` (``StoreFull``) if the commit failed: nothing of it was written.
         """
-        return await self.submit(op)
+        return await self.submit(op, then)
 
-    def submit(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+    def submit(self, op: Callable[[sqlite3.Connection], T], then: Then = None) -> asyncio.Future[T]:
         """Queue ``op`` for the next group commit; the future is answered as ``write``
         returns or raises. (No task per write: the ingress awaits it shielded.)"""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append((op, future))
+        self._pending.append((op, future, then))
         self._idle.clear()
         self._ready.set()
         return future
+
+    async def write_soon(self, op: Callable[[sqlite3.Connection], T], then: Then = None) -> T:
+        """As ``write``, for an operation that may wait up to ``SOON`` seconds to share
+        the next group commit (nobody waits on it but a background task)."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._soon.append((op, future, then))
+        self._idle.clear()
+        if self._soon_timer is None:
+            self._soon_timer = asyncio.get_running_loop().call_later(SOON, self._flush_soon)
+        return await future
+
+    def _flush_soon(self) -> None:
+        """``SOON`` is up (or the committer stops): the waiting operations go now."""
+        if self._soon:
+            self._take_soon()
+            self._ready.set()
+
+    def _take_soon(self) -> None:
+        if self._soon_timer is not None:
+            self._soon_timer.cancel()
+            self._soon_timer = None
+        self._pending.extend(self._soon)
+        self._soon = []
 
     async def _run(self) -> None:
         while True:
             await self._ready.wait()
             self._ready.clear()
             while self._pending:
+                self._take_soon()
                 batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
                 try:
                     await self._commit(batch)
                 except BaseException as exc:  # cancelled, or a bug: every caller still gets an answer
                     self._fail(batch, StoreError(f"commit interrupted: {type(exc).__name__}"))
                     raise
-            self._idle.set()
+            if not self._soon:
+                self._idle.set()
 
     async def _commit(self, batch: list[Pending]) -> None:
         self.on_batch(len(batch))
         try:
-            results = await asyncio.to_thread(self.store.transaction, [op for op, _ in batch])
+            results = await asyncio.to_thread(self.store.transaction, [op for op, _, _ in batch])
         except StoreError as exc:
             self._fail(batch, exc)
             return
         except Exception:
             # A bug in one operation rolled back the whole batch: run each alone, so
             # only the faulty one fails.
-            for op, future in batch:
+            for op, future, then in batch:
                 try:
                     (result,) = await asyncio.to_thread(self.store.transaction, [op])
                 except Exception as exc:
                     if not future.done():
                         future.set_exception(exc)
                 else:
-                    if not future.done():
-                        future.set_result(result)
+                    self._answer(future, then, result)
             return
-        for (_, future), result in zip(batch, results, strict=True):
-            if not future.done():
-                future.set_result(result)
+        for (_, future, then), result in zip(batch, results, strict=True):
+            self._answer(future, then, result)
+
+    @staticmethod
+    def _answer(future: asyncio.Future[Any], then: Then, result: Any) -> None:
+        if then is not None:
+            try:
+                then(result)
+            except Exception:  # a bug in one caller's bookkeeping: the others still hear
+                log.exception("after a group commit")
+        if not future.done():
+            future.set_result(result)
 
     @staticmethod
     def _fail(batch: list[Pending], exc: Exception) -> None:
-        for _, future in batch:
+        for _, future, _ in batch:
             if not future.done():
                 future.set_exception(exc)

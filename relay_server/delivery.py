@@ -29,7 +29,7 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from functools import partial
 
 import aiohttp
 from aiohttp import web
@@ -170,7 +170,6 @@ class Deliveries:
         self._dispatchers: dict[tuple[str, str], Dispatcher] = {}
         self._settings: dict[str, TunnelSettings] = {}
         self._pending: dict[str, list[int]] = {}  # tunnel -> [events, bytes] not yet finished
-        self._pending_version = 0  # bumped at every change of _pending (see _count)
         #: Outcomes not written yet, by (event seq, destination): written again as records.
         self._unrecorded: dict[tuple[int, str], tuple[Event, Delivery, TunnelSettings]] = {}
         self._rerecording: asyncio.Task[None] | None = None
@@ -211,15 +210,11 @@ class Deliveries:
                     self.store.expire, now - self.config.policy.max_age, "not delivered within the max age"
                 )
                 # Counted again from the store: the in-memory quota counts can never drift
-                # for longer than one interval, whatever failed in between; unless they
-                # changed during the read (the read would then be older than they are).
-                # The read goes through the group commit, so an event stored in the same
-                # batch is counted (its writer resumes first, changing the version) and
-                # one stored later is not in the read: never counted twice.
-                version = self._pending_version
-                totals = await self.commits.write(Store.pending_totals_op())
-                if version == self._pending_version:
-                    self._pending = {t: [events, size] for t, (events, size) in totals.items()}
+                # for longer than one interval, whatever failed in between. The read goes
+                # through the group commit and replaces the counts right when its batch is
+                # committed: every write before it in the batch is in the read and was
+                # counted just before, every write after it is counted just after.
+                await self.recount()
             except StoreError as exc:
                 self.store_trouble(exc)
             else:
@@ -254,7 +249,6 @@ class Deliveries:
         flight end on their own; the registry gives them no agent of the new owner."""
         self._settings.pop(tunnel, None)
         self._pending.pop(tunnel, None)
-        self._pending_version += 1
         for key in [k for k in self._dispatchers if k[0] == tunnel]:
             task = self._dispatchers.pop(key).task
             if task is not None:
@@ -378,7 +372,10 @@ class Deliveries:
             # the dispatcher off it until the attempt is over (or the server died).
             lease = now + self.config.timeout + 30 if slot else now
             deliveries = [Delivery(0, tunnel, d, "pending", 0, lease) for d in settings.destinations]
-            commit = self.commits.submit(Store.insert_event_op(event, deliveries))
+            # Counted in the quota the moment it is committed (in the order of the writes).
+            commit = self.commits.submit(
+                Store.insert_event_op(event, deliveries), lambda _: self._count(tunnel, 1, len(body))
+            )
             # The first attempt starts while the event is being committed: the sender
             # waits for the longer of the fsync and the app, not for their sum. Nothing
             # is answered before the commit (never a 2xx for a webhook not stored); if it
@@ -410,7 +407,6 @@ class Deliveries:
                     "store-unavailable", "the relay cannot store this request now; retry later"
                 )
             event = replace(event, seq=seq)
-            self._count(tunnel, 1, len(body))
             if attempt is None:
                 self._wake_dispatchers(tunnel, settings)
                 return self._queued(event)
@@ -431,14 +427,13 @@ class Deliveries:
         self, commit: asyncio.Future[int], event: Event, settings: TunnelSettings
     ) -> None:
         """The sender of a webhook queued without an inline attempt left while it was
-        being committed: once it is stored, count it and wake its dispatchers (or they
+        being committed: once it is stored, wake its dispatchers (or they
         would find it only at their next pass, which for an idle one is the next webhook)."""
         try:
             await commit
         except StoreError as exc:  # not stored, and nobody left to tell
             self.store_trouble(exc)
             return
-        self._count(event.tunnel, 1, len(event.body))
         self._wake_dispatchers(event.tunnel, settings)
 
     def _queue_full(self, tunnel: str, size: int) -> web.Response | None:
@@ -507,7 +502,7 @@ class Deliveries:
         dispatcher: Dispatcher,
     ) -> None:
         try:
-            await self.record(event, delivery, outcome, settings, scheduled=True)
+            await self.record(event, delivery, outcome, settings, scheduled=True, soon=True)
         finally:
             dispatcher.recorded(event.id)
 
@@ -530,7 +525,6 @@ class Deliveries:
             dispatcher.release(event.id)
             self.store_trouble(exc)
             return
-        self._count(event.tunnel, 1, len(event.body))
         stored, delivery = replace(event, seq=seq), replace(delivery, event_seq=seq)
         await self._abandoned(attempt, stored, delivery, settings, dispatcher)
 
@@ -554,12 +548,21 @@ class Deliveries:
     # -- outcomes ----------------------------------------------------------------------
 
     async def record(
-        self, event: Event, delivery: Delivery, outcome: Outcome, settings: TunnelSettings, *, scheduled: bool
+        self,
+        event: Event,
+        delivery: Delivery,
+        outcome: Outcome,
+        settings: TunnelSettings,
+        *,
+        scheduled: bool,
+        soon: bool = False,
     ) -> Delivery:
         """Store what an attempt found; returns the delivery's new state.
 
         Never raises ``StoreError``: an outcome that cannot be written now is kept and
         written later (``is_unrecorded`` tells dispatchers to leave it alone meanwhile).
+        ``soon``: the write may wait ``commits.SOON`` for a commit to share (an inline
+        attempt's, whose slot is already free).
         """
         updated = settle(
             delivery,
@@ -574,7 +577,10 @@ class Deliveries:
             # The name was released while this attempt ran: never a retry for a new owner.
             updated = replace(updated, status="dead", dead_reason=NAME_RELEASED, next_attempt_at=None)
         try:
-            await self.commits.write(Store.update_delivery_op(updated))
+            write = self.commits.write_soon if soon else self.commits.write
+            await write(
+                Store.update_delivery_op(updated), lambda waiting: self._count_if_finished(event, waiting)
+            )
         except StoreError as exc:
             self.store_trouble(exc)
             self._unrecorded[event.seq, delivery.destination] = (event, updated, settings)
@@ -589,8 +595,6 @@ class Deliveries:
         self.on_recorded(updated)
         if updated.waiting:  # its dispatcher may be asleep until a later time: let it see it
             self.dispatcher(event.tunnel, updated.destination).wake()
-        else:
-            await self._maybe_finished(event, settings.destinations == (updated.destination,))
         log.log(
             logging.DEBUG if updated.status == "delivered" else logging.INFO,
             "event %s -> %s: attempt %d %s (%s)",
@@ -613,13 +617,13 @@ class Deliveries:
             ops = [Store.update_delivery_op(updated) for _, updated, _ in kept.values()]
 
             def write_all(
-                db: sqlite3.Connection, ops: list[Callable[[sqlite3.Connection], Any]] = ops
-            ) -> None:
-                for op in ops:
-                    op(db)
+                db: sqlite3.Connection, ops: list[Callable[[sqlite3.Connection], bool]] = ops
+            ) -> list[bool]:
+                return [op(db) for op in ops]
 
+            events = [event for event, _, _ in kept.values()]
             try:
-                await self.commits.write(write_all)
+                await self.commits.write(write_all, partial(self._counted_if_finished, events))
             except StoreError as exc:
                 self.store_trouble(exc)
                 delay = min(delay * 2, RERECORD_CAP)
@@ -633,13 +637,6 @@ class Deliveries:
         for dispatcher in self._dispatchers.values():
             dispatcher.wake()
 
-    async def _maybe_finished(self, event: Event, only_destination: bool) -> None:
-        """Count ``event`` out of its tunnel's quota once no destination waits for it."""
-        if only_destination or all(
-            not d.waiting for d in await asyncio.to_thread(self.store.deliveries, event.seq)
-        ):
-            self._count(event.tunnel, -1, -len(event.body))
-
     def waiting(self, tunnel: str) -> int:
         """Events of ``tunnel`` waiting for delivery (the count its quota checks)."""
         return self._pending.get(tunnel, [0, 0])[0]
@@ -649,7 +646,27 @@ class Deliveries:
         pending = self._pending.setdefault(tunnel, [0, 0])
         pending[0] = max(0, pending[0] + events)
         pending[1] = max(0, pending[1] + size)
-        self._pending_version += 1
+
+    async def recount(self) -> None:
+        """Count every tunnel's waiting events and bytes again from the store."""
+        await self.commits.write(Store.pending_totals_op(), self._recounted)
+
+    def _count_back(self, event: Event, _still_waiting: bool) -> None:
+        """A replay of ``event``, which nothing waited for, is committed: counted again."""
+        self._count(event.tunnel, 1, len(event.body))
+
+    def _recounted(self, totals: dict[str, tuple[int, int]]) -> None:
+        self._pending = {tunnel: [events, size] for tunnel, (events, size) in totals.items()}
+
+    def _counted_if_finished(self, events: list[Event], still_waiting: list[bool]) -> None:
+        for event, waiting in zip(events, still_waiting, strict=True):
+            self._count_if_finished(event, waiting)
+
+    def _count_if_finished(self, event: Event, still_waiting: bool) -> None:
+        """An outcome of ``event`` is committed: out of its tunnel's quota once no
+        destination waits for it (``still_waiting``: ``Store.update_delivery_op``)."""
+        if not still_waiting:
+            self._count(event.tunnel, -1, -len(event.body))
 
     def in_flight(self, event: Event, deliveries: list[Delivery]) -> bool:
         """True while an attempt of ``event`` runs or its outcome is being written."""
@@ -666,21 +683,14 @@ class Deliveries:
         fresh schedule and max age). The caller checks ``in_flight`` first: an attempt
         still running would overwrite the replay when it records its outcome."""
         now = time.time()
+        # Back in the quota with its first write if nothing of it was waiting.
+        back = not any(delivery.waiting for delivery in deliveries)
         for delivery in deliveries:
-            was_finished = not delivery.waiting
-            await self.commits.write(
-                Store.update_delivery_op(
-                    replace(
-                        delivery,
-                        status="pending",
-                        next_attempt_at=now,
-                        failures=0,
-                        dead_reason=None,
-                        since=now,
-                    )
-                )
+            pending = replace(
+                delivery, status="pending", next_attempt_at=now, failures=0, dead_reason=None, since=now
             )
-            if was_finished:
-                self._count(event.tunnel, 1, len(event.body))
+            then = partial(self._count_back, event) if back else None
+            await self.commits.write(Store.update_delivery_op(pending), then)
+            back = False
             self.dispatcher(event.tunnel, delivery.destination).wake()
         return [d.destination for d in deliveries]

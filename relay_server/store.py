@@ -538,12 +538,13 @@ class Store:
         return op
 
     @staticmethod
-    def update_delivery_op(delivery: Delivery) -> Callable[[sqlite3.Connection], None]:
+    def update_delivery_op(delivery: Delivery) -> Callable[[sqlite3.Connection], bool]:
         """An operation recording the outcome of an attempt (or a replay). The outcome of
         attempt number ``delivery.attempts`` joins the delivery's history once: a replay,
-        or the same outcome written again after a store failure, adds nothing."""
+        or the same outcome written again after a store failure, adds nothing. Returns
+        True if a delivery of the event still waits (this one, or another destination's)."""
 
-        def op(db: sqlite3.Connection) -> None:
+        def op(db: sqlite3.Connection) -> bool:
             now = time.time()
             db.execute(
                 "UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, last_status = ?,"
@@ -576,6 +577,13 @@ class Store:
                         delivery.last_error,
                     ),
                 )
+            if delivery.waiting:
+                return True
+            waiting = db.execute(
+                f"SELECT 1 FROM deliveries WHERE event_seq = ? AND status IN {_WAITING} LIMIT 1",
+                (delivery.event_seq,),
+            ).fetchone()
+            return waiting is not None
 
         return op
 

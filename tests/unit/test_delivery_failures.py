@@ -15,6 +15,7 @@ import collections
 import contextlib
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -232,10 +233,10 @@ def _fail_first_submit(monkeypatch: pytest.MonkeyPatch, exc: Exception) -> None:
     real = GroupCommitter.submit
     calls: list[int] = []
 
-    def submit(self: GroupCommitter, op: Any) -> asyncio.Future[Any]:
+    def submit(self: GroupCommitter, op: Any, then: Any = None) -> asyncio.Future[Any]:
         calls.append(1)
         if len(calls) > 1:
-            return real(self, op)
+            return real(self, op, then)
         return asyncio.ensure_future(failing())
 
     async def failing() -> Any:
@@ -256,10 +257,10 @@ class FailingUpdates:
         self.failed = 0
         real = Store.update_delivery_op
 
-        def update_delivery_op(delivery: Delivery) -> Callable[[sqlite3.Connection], None]:
+        def update_delivery_op(delivery: Delivery) -> Callable[[sqlite3.Connection], bool]:
             op = real(delivery)
 
-            def maybe_failing(db: sqlite3.Connection) -> None:
+            def maybe_failing(db: sqlite3.Connection) -> bool:
                 if self.failing:
                     self.failed += 1
                     if self.once:
@@ -267,7 +268,7 @@ class FailingUpdates:
                     exc = sqlite3.OperationalError("database or disk is full")
                     exc.sqlite_errorcode = sqlite3.SQLITE_FULL
                     raise exc
-                op(db)
+                return op(db)
 
             return maybe_failing
 
@@ -393,15 +394,15 @@ async def test_a_sender_who_leaves_while_its_webhook_is_committed_still_has_it_d
     committing, commit_may_end, left = asyncio.Event(), asyncio.Event(), asyncio.Event()
     real_submit = GroupCommitter.submit
 
-    async def held(self: GroupCommitter, op: Any) -> Any:
+    async def held(self: GroupCommitter, op: Any, then: Any) -> Any:
         committing.set()
         await commit_may_end.wait()
-        return await real_submit(self, op)
+        return await real_submit(self, op, then)
 
-    def held_submit(self: GroupCommitter, op: Any) -> asyncio.Future[Any]:
+    def held_submit(self: GroupCommitter, op: Any, then: Any = None) -> asyncio.Future[Any]:
         if committing.is_set():
-            return real_submit(self, op)
-        return asyncio.ensure_future(held(self, op))
+            return real_submit(self, op, then)
+        return asyncio.ensure_future(held(self, op, then))
 
     monkeypatch.setattr(GroupCommitter, "submit", held_submit)
     real_spawn = _deliveries(client).tasks.spawn
@@ -423,6 +424,51 @@ async def test_a_sender_who_leaves_while_its_webhook_is_committed_still_has_it_d
     await _until(lambda: _statuses_of(client, token, {second}, "delivered"), "the second webhook delivered")
     assert _repeats(agent.seen) == {}
     await agent.close()
+
+
+@pytest.mark.parametrize("order", ["webhook first", "recount first"])
+async def test_a_recount_committed_with_a_webhook_counts_it_once(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, order: str
+) -> None:
+    # The periodic recount replaced the quota counts when its task resumed: a webhook
+    # stored in the same group commit, whose handler resumed later, was counted twice
+    # (with a quota of 2, the second webhook got 429). "webhook first" failed there.
+    _token(client, tmp_path)
+    deliveries, store = _deliveries(client), _store(client)
+    store.claim_name("alice", "alice")
+    blocked, release = threading.Event(), threading.Event()
+    real = store.transaction
+
+    def held(ops: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
+        if not blocked.is_set():
+            blocked.set()
+            release.wait(WAIT)
+        return real(ops)
+
+    monkeypatch.setattr(store, "transaction", held)
+    first = asyncio.ensure_future(deliveries.commits.write(lambda db: None))  # holds the committer
+    assert await asyncio.to_thread(blocked.wait, WAIT)
+
+    def waiting() -> list[str]:  # what waits for the next commit: "insert", "recount"
+        kinds = {"insert_event_op": "insert", "pending_totals_op": "recount"}
+        names = [op.__qualname__.split(".")[1] for op, _, _ in deliveries.commits._pending]
+        return [kinds[name] for name in names if name in kinds]
+
+    expected = ["recount", "insert"] if order == "recount first" else ["insert", "recount"]
+    recount = post = None
+    for kind in expected:
+        if kind == "recount":
+            recount = asyncio.ensure_future(deliveries.recount())
+        else:
+            post = asyncio.create_task(_post(client))  # no agent: stored and queued
+        await _until(lambda kind=kind: kind in waiting(), f"the {kind} to wait for the commit")
+    # (The periodic recount may wait there too: the count must come out right all the same.)
+    assert post is not None and recount is not None
+    release.set()  # the insert and the read: one transaction
+    status, _ = await asyncio.wait_for(post, WAIT)
+    await asyncio.wait_for(asyncio.gather(first, recount), WAIT)
+    assert status == 202
+    assert deliveries.waiting("alice") == 1
 
 
 # -- (b) the dispatcher's bookkeeping stays bounded --------------------------------------------------

@@ -8,11 +8,13 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import relay_server.commits as commits_module
 import relay_server.store as store_module
 from relay_server.commits import GroupCommitter
 from relay_server.errors import StoreError, StoreFull
@@ -179,6 +181,54 @@ async def test_writes_arriving_during_a_commit_share_the_next_one(store: Store) 
     assert batches == [1, 50]
 
 
+async def test_a_write_that_may_wait_rides_with_the_next_commit(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An inline attempt's outcome (write_soon) and the next webhook's insert: one
+    # transaction, one fsync, and the insert never waits behind the outcome's commit.
+    monkeypatch.setattr(commits_module, "SOON", 3600.0)  # only the next write sends it
+    batches: list[int] = []
+    real = store.transaction
+
+    def counting(ops: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
+        batches.append(len(ops))
+        return real(ops)
+
+    store.transaction = counting  # type: ignore[method-assign]
+    commits = GroupCommitter(store)
+    commits.start()
+    try:
+        first = await commits.write(Store.insert_event_op(_event("evt_first"), [_queued()]))
+        delivered = Delivery(first, "alice", ANY, "delivered", 1, None, last_status=200)
+        outcome = asyncio.ensure_future(commits.write_soon(Store.update_delivery_op(delivered)))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not outcome.done() and batches == [1]  # waiting for company
+        await commits.write(Store.insert_event_op(_event("evt_next"), [_queued()]))
+        await asyncio.wait_for(outcome, 10)
+    finally:
+        await commits.stop()
+    assert batches == [1, 2]
+    assert store.deliveries(first)[0].status == "delivered"
+
+
+async def test_a_write_that_may_wait_goes_alone_after_a_while_or_at_stop(store: Store) -> None:
+    commits = GroupCommitter(store)
+    commits.start()
+    seq = await commits.write(Store.insert_event_op(_event("evt_first"), [_queued()]))
+    delivered = Delivery(seq, "alice", ANY, "delivered", 1, None, last_status=200)
+    try:
+        await asyncio.wait_for(commits.write_soon(Store.update_delivery_op(delivered)), 10)  # SOON later
+        assert store.deliveries(seq)[0].status == "delivered"
+        failed = replace(delivered, status="dead", dead_reason="test")
+        pending = asyncio.ensure_future(commits.write_soon(Store.update_delivery_op(failed)))
+        await asyncio.sleep(0)
+    finally:
+        await commits.stop()  # written before the committer stops
+    assert pending.done() and pending.exception() is None
+    assert store.deliveries(seq)[0].status == "dead"
+
+
 async def test_group_commit_answers_each_caller_with_its_own_result(store: Store) -> None:
     commits = GroupCommitter(store)
     commits.start()
@@ -310,26 +360,45 @@ def test_update_delivery_op_records_an_attempt(store: Store) -> None:
     assert store.deliveries(seq)[0] == Delivery(seq, "alice", ANY, "dead", 2, None, None, "agent: gone")
 
 
-async def test_a_recount_in_the_commit_of_an_insert_resumes_after_its_writer(store: Store) -> None:
-    """The quota recount reads through the group commit: a webhook stored in the same
-    batch has been counted by its writer before the recount's result is used (it was
-    counted twice when the recount read beside the commits: a 202 then a wrong 429)."""
+async def test_what_follows_a_commit_happens_in_the_order_of_the_writes(store: Store) -> None:
+    """Each write's ``then`` is called with its result when the batch is committed, in
+    the order of the writes and before any writer resumes: the quota counts follow the
+    store exactly, however the writers' tasks are scheduled (a recount used to be
+    applied when its task resumed, after or before the inserts beside it)."""
     commits = GroupCommitter(store)
     commits.start()
     seen: list[object] = []
+    resumed: list[str] = []
 
     async def insert(name: str) -> None:
-        await commits.write(Store.insert_event_op(_event(name), [_queued()]))
-        seen.append(name)
+        await asyncio.shield(commits.submit(Store.insert_event_op(_event(name), [_queued()]), seen.append))
+        resumed.append(name)
 
     async def recount() -> None:
-        seen.append(await commits.write(Store.pending_totals_op()))
+        await commits.write(Store.pending_totals_op(), seen.append)
+        resumed.append("recount")
 
     try:
         await asyncio.wait_for(asyncio.gather(insert("evt_1"), recount(), insert("evt_2")), 10)
     finally:
         await commits.stop()
-    assert seen == ["evt_1", {"alice": (1, 7)}, "evt_2"]
+    first, second = (
+        found[0].seq for found in (store.find_event("alice", n) for n in ("evt_1", "evt_2")) if found
+    )
+    assert seen == [first, {"alice": (1, 7)}, second]
+    assert sorted(resumed) == ["evt_1", "evt_2", "recount"]
+
+
+def test_an_outcome_says_whether_the_event_still_waits_anywhere(store: Store) -> None:
+    seq = _insert(store, _event("evt_1"), _queued(), _queued(destination="agent:laptop"))
+    retrying = Delivery(seq, "alice", ANY, "retrying", 1, 35.0, 503, None)
+    assert store.transaction([Store.update_delivery_op(retrying)]) == [True]
+    delivered = Delivery(seq, "alice", ANY, "delivered", 2, None, 200, None)
+    assert store.transaction([Store.update_delivery_op(delivered)]) == [True]  # laptop's waits
+    dead = Delivery(seq, "alice", "agent:laptop", "dead", 1, None, None, "agent: gone", dead_reason="x")
+    # Both finish in one transaction: only the last one written says so (counted out once).
+    delivered_again = replace(delivered, attempts=3)
+    assert store.transaction([Store.update_delivery_op(d) for d in (delivered_again, dead)]) == [True, False]
 
 
 def test_pending_totals(store: Store) -> None:
