@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import re
@@ -9,6 +10,7 @@ import re
 import pytest
 from rich.console import Console as RichConsole
 
+import relay_agent.console as console_module
 from relay_agent.config import AgentConfig
 from relay_agent.console import LiveConsole, PlainConsole, console_for, request_line
 from relay_agent.target import Target
@@ -49,6 +51,24 @@ def test_a_reconnect_with_the_same_urls_prints_nothing_new(
     out = capsys.readouterr().out
     assert out.count("Forwarding") == 2 and "Inspect" not in out
     assert "reconnected" in caplog.text
+
+
+async def test_off_a_terminal_a_burst_of_request_lines_is_one_write(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[str] = []
+    monkeypatch.setattr(console_module.click, "echo", writes.append)
+    console = PlainConsole(CONFIG, None)
+    for i in range(50):
+        console.request(RequestHead("POST", b"/hook/%d" % i, ()), 200, 0.001, "")
+    assert writes == []  # kept for PLAIN_FLUSH seconds
+    async with asyncio.timeout(10):
+        while not writes:
+            await asyncio.sleep(0.01)
+    assert len(writes) == 1 and len(writes[0].splitlines()) == 50
+    console.request(RequestHead("POST", b"/last", ()), 200, 0.001, "")
+    await console.stop()  # nothing kept is lost when the agent stops
+    assert writes[1].endswith("/last 200 1ms")
 
 
 def test_request_line_of_a_stream_that_ended_without_status() -> None:
