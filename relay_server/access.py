@@ -18,7 +18,8 @@ from typing import Any
 
 from aiohttp import web
 
-from .connections import Network, client_of
+from .config import Network
+from .connections import client_of
 from .metrics import Metrics
 
 access_log = logging.getLogger("relay.access")

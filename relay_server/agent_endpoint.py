@@ -25,7 +25,8 @@ from relay_protocol.limits import (
 )
 
 from . import tokens
-from .connections import Network, client_of
+from .config import Network
+from .connections import client_of
 from .delivery import Deliveries
 from .errors import AuthError, ConfigError, NameRefused
 from .names import PublicOrigin, is_valid_name, name_allowed

@@ -16,8 +16,8 @@ from .access import RequestNotes, loggable_path
 from .agent_endpoint import AgentEndpoint
 from .api import Api
 from .commits import GroupCommitter
-from .config import ServerConfig
-from .connections import DEFAULT_KEEPALIVE_TIMEOUT, AcceptErrorLog, ConnectionGuard, GuardedAppRunner
+from .config import DEFAULT_KEEPALIVE_TIMEOUT, ServerConfig
+from .connections import AcceptErrorLog, ConnectionGuard, GuardedAppRunner
 from .delivery import Deliveries
 from .errors import ConfigError
 from .ingress import MAX_HEADER_LINE, MAX_REQUEST_HEADERS, Ingress

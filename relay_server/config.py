@@ -1,18 +1,33 @@
-"""The server's configuration: one frozen object the CLI builds and ``run`` takes."""
+"""The server's configuration: one frozen object the CLI builds and ``run`` takes, and
+the defaults its options show. Light on purpose (no aiohttp): ``relay-server token``
+and the other commands that never serve import it, and start in a fraction of the time."""
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .connections import (
-    DEFAULT_HEAD_TIMEOUT,
-    DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
-    Network,
-)
-from .delivery import QueueConfig
+from .retry import RetryPolicy
+
+#: Seconds a connection may take to send a complete request head (from its opening, or,
+#: on a kept-alive connection, from the end of the previous response). Far above what a
+#: real client needs on any network (one round trip), low enough that a slow-loris
+#: client pins a descriptor for seconds, not the hour of aiohttp's keep-alive default.
+DEFAULT_HEAD_TIMEOUT = 10.0
+#: Seconds an idle kept-alive connection stays open between requests: above the idle
+#: time of common clients (aiohttp's 15 s), so a client never reuses a connection the
+#: relay is closing; nginx's default. Once the next head starts, DEFAULT_HEAD_TIMEOUT applies.
+DEFAULT_KEEPALIVE_TIMEOUT = 75.0
+#: Connections open at once, in total (further ones are answered 503 and closed). Also
+#: held below the process's file-descriptor limit by ``FD_RESERVE``.
+DEFAULT_MAX_CONNECTIONS = 10_000
+#: Connections open at once from one client address: far above a browser (6) or a
+#: provider's burst, and the load tests (200 at once), far below the total, so one
+#: address cannot take the server. Peers in ``--trusted-proxy`` are not counted.
+DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 512
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_PORT = 8000
 #: Seconds the server waits for the local service's response head before a 504.
@@ -25,6 +40,29 @@ DEFAULT_SHUTDOWN_GRACE = 10.0
 #: Shortest --admin-token: 32 characters is 192 bits of base64 (``openssl rand -base64 24``),
 #: beyond guessing over the network.
 MIN_ADMIN_TOKEN = 32
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    #: Largest body that becomes an event; larger requests stay live (10 MiB).
+    max_body: int = 10 * 1024 * 1024
+    #: Per tunnel: most events, and most body bytes, waiting for delivery.
+    quota_events: int = 100_000
+    quota_bytes: int = 1024 * 1024 * 1024
+    #: Seconds finished (delivered or dead) events are kept for inspection and replay.
+    retention: float = 7 * 86400.0
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    #: Seconds an attempt may take up to the destination's response head.
+    timeout: float = 30.0
+    #: URL destinations may resolve to loopback, private or link-local addresses.
+    allow_private: bool = False
+    #: Server-wide bytes of webhook bodies held in memory at once (being read, stored,
+    #: tried inline): 256 MiB is 25 bodies of the largest size, what a small VPS can spare.
+    #: Over it, a new webhook gets 503 server-busy (Retry-After) before any byte is read.
+    body_budget: int = 256 * 1024 * 1024
+    #: Seconds a webhook's whole body may take to arrive (10 MiB in 60 s is 170 KB/s):
+    #: a slower sender is cut with 408 and nothing of it is stored.
+    body_timeout: float = 60.0
 
 
 @dataclass(frozen=True)

@@ -23,24 +23,12 @@ from aiohttp import StreamReader, web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
+from .config import (
+    Network,
+)
+
 log = logging.getLogger("relay.server")
 
-#: Seconds a connection may take to send a complete request head (from its opening, or,
-#: on a kept-alive connection, from the end of the previous response). Far above what a
-#: real client needs on any network (one round trip), low enough that a slow-loris
-#: client pins a descriptor for seconds, not the hour of aiohttp's keep-alive default.
-DEFAULT_HEAD_TIMEOUT = 10.0
-#: Seconds an idle kept-alive connection stays open between requests: above the idle
-#: time of common clients (aiohttp's 15 s), so a client never reuses a connection the
-#: relay is closing; nginx's default. Once the next head starts, DEFAULT_HEAD_TIMEOUT applies.
-DEFAULT_KEEPALIVE_TIMEOUT = 75.0
-#: Connections open at once, in total (further ones are answered 503 and closed). Also
-#: held below the process's file-descriptor limit by ``FD_RESERVE``.
-DEFAULT_MAX_CONNECTIONS = 10_000
-#: Connections open at once from one client address: far above a browser (6) or a
-#: provider's burst, and the load tests (200 at once), far below the total, so one
-#: address cannot take the server. Peers in ``--trusted-proxy`` are not counted.
-DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 512
 #: Descriptors kept free below RLIMIT_NOFILE for what is not a public connection: the
 #: store, its WAL, logs, and the socket accepted only to be refused.
 FD_RESERVE = 64
@@ -59,8 +47,6 @@ BUSY_RESPONSE = (
     b"Retry-After: 1\r\n"
     b"Connection: close\r\n\r\n" + _BUSY_TEXT
 )
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def fd_limit() -> int | None:

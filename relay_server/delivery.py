@@ -28,7 +28,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import partial
 
 import aiohttp
@@ -39,11 +39,11 @@ from relay_protocol.headers import without
 
 from .attempts import EVENT_HEADERS, AgentExchange, attempt_agent, url_client
 from .commits import GroupCommitter
+from .config import QueueConfig
 from .dispatcher import Dispatcher
 from .errors import StoreError
 from .public_errors import relay_error
 from .registry import Registry
-from .retry import RetryPolicy
 from .session import AgentSession, Stream
 from .settings import ANY_AGENT, TunnelSettings
 from .states import Outcome, settle
@@ -85,29 +85,6 @@ def _busy() -> web.Response:
     )
     response.force_close()  # the body is not read: do not drain it either
     return response
-
-
-@dataclass(frozen=True)
-class QueueConfig:
-    #: Largest body that becomes an event; larger requests stay live (10 MiB).
-    max_body: int = 10 * 1024 * 1024
-    #: Per tunnel: most events, and most body bytes, waiting for delivery.
-    quota_events: int = 100_000
-    quota_bytes: int = 1024 * 1024 * 1024
-    #: Seconds finished (delivered or dead) events are kept for inspection and replay.
-    retention: float = 7 * 86400.0
-    policy: RetryPolicy = field(default_factory=RetryPolicy)
-    #: Seconds an attempt may take up to the destination's response head.
-    timeout: float = 30.0
-    #: URL destinations may resolve to loopback, private or link-local addresses.
-    allow_private: bool = False
-    #: Server-wide bytes of webhook bodies held in memory at once (being read, stored,
-    #: tried inline): 256 MiB is 25 bodies of the largest size, what a small VPS can spare.
-    #: Over it, a new webhook gets 503 server-busy (Retry-After) before any byte is read.
-    body_budget: int = 256 * 1024 * 1024
-    #: Seconds a webhook's whole body may take to arrive (10 MiB in 60 s is 170 KB/s):
-    #: a slower sender is cut with 408 and nothing of it is stored.
-    body_timeout: float = 60.0
 
 
 class BodyBudget:

@@ -32,7 +32,8 @@ from relay_protocol.limits import MAX_DATA_SIZE, MAX_HEAD_SIZE, MAX_HEADER_COUNT
 
 from .access import REQUEST_ID, ROUTE, TUNNEL, CountedResponse
 from .attempts import EVENT_HEADERS
-from .connections import Network, forwarded_client, forwarded_for, trusts
+from .config import Network
+from .connections import forwarded_client, forwarded_for, trusts
 from .delivery import Deliveries
 from .names import BadHost, PublicOrigin, is_valid_name, normalize_host
 from .public_errors import relay_error

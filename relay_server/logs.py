@@ -7,8 +7,6 @@ import logging
 import time
 from collections import Counter
 
-from aiohttp.http_exceptions import HttpProcessingError
-
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: Seconds between two lines about malformed requests: a stranger sending garbage in a
 #: loop gets one line per interval, with a count, never a line (and a traceback) each.
@@ -46,12 +44,15 @@ class MalformedRequestLog(logging.Filter):
 
     def __init__(self) -> None:
         super().__init__()
+        from aiohttp.http_exceptions import HttpProcessingError  # only a server needs it
+
+        self._parser_error = HttpProcessingError
         self._kinds: Counter[str] = Counter()
         self._last: float | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if not isinstance(error, HttpProcessingError):
+        if not isinstance(error, self._parser_error):
             return True
         self._kinds[type(error).__name__] += 1
         now = time.monotonic()

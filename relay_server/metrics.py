@@ -23,7 +23,8 @@ from prometheus_client import (
     generate_latest,
 )
 
-from .connections import Network, is_local
+from .config import Network
+from .connections import is_local
 from .public_errors import relay_error
 from .registry import Registry
 from .store import STATUSES, Delivery, Store

@@ -17,7 +17,8 @@ from aiohttp import web
 from relay_protocol import RelayError
 
 from .access import ASKED
-from .connections import Network, is_local
+from .config import Network
+from .connections import is_local
 from .names import BadHost, PublicOrigin, is_valid_name, normalize_host
 from .public_errors import relay_error
 from .registry import InFlight

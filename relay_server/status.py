@@ -21,7 +21,8 @@ from aiohttp import web
 
 from relay_protocol import RelayError
 
-from .connections import Network, is_local
+from .config import Network
+from .connections import is_local
 from .public_errors import relay_error
 from .registry import InFlight, Registry
 from .store import Store
