@@ -206,6 +206,24 @@ def test_an_edited_replay_sends_the_new_body(alice: Tunnel, open_page: Any, tmp_
     assert page.errors == []
 
 
+def test_an_edited_replay_with_the_body_untouched_sends_the_original_bytes(
+    alice: Tunnel, open_page: Any, tmp_path: Path
+) -> None:
+    # A textarea turns CRLF into LF: a body nobody typed in must not be sent from it.
+    page = open_page(alice.agent.inspector())
+    path = _unique("crlf")
+    body = b'--b\r\nContent-Disposition: form-data; name="a"\r\n\r\none\rtwo\r\n--b--\r\n'
+    _post(alice, path, body, "multipart/form-data; boundary=b")
+    _row(page, path).click()
+    page.click("#edit-replay")
+    page.locator("#edit-body").wait_for()
+    page.fill("#edit-target", path + "?untouched=1")
+    page.click("#edit-send")
+    edited = _seen(alice, path + "?untouched=1", 1)[0]
+    assert edited.body == body
+    assert page.errors == []
+
+
 def test_copy_as_curl_sends_the_same_bytes(alice: Tunnel, open_page: Any, tmp_path: Path) -> None:
     page = open_page(alice.agent.inspector())
     page.context.grant_permissions(["clipboard-read", "clipboard-write"])

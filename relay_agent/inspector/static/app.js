@@ -302,13 +302,17 @@ async function editForm(data) {
   headers.value = data.request.headers.map(([n, v]) => `${n}: ${v}`).join("\n");
   const body = el("textarea", { id: "edit-body", rows: 10, placeholder: binary ? "binary body: sent unchanged unless you type a new one here" : "" });
   body.value = original;
+  // A textarea's value turns CRLF and CR into LF: comparing it with the original would
+  // see an edit where there is none and send the altered text. Only typing counts.
+  let bodyEdited = false;
+  body.addEventListener("input", () => { bodyEdited = true; });
   const send = () => {
     const edits = { method: method.value.trim(), target: target.value };
     edits.headers = headers.value.split("\n").filter((line) => line.trim()).map((line) => {
       const colon = line.indexOf(":");
       return colon < 0 ? [line.trim(), ""] : [line.slice(0, colon).trim(), line.slice(colon + 1).replace(/^[ \t]+/, "")];
     });
-    if (binary ? body.value !== "" : body.value !== original) edits.body = body.value;
+    if (bodyEdited && !(binary && body.value === "")) edits.body = body.value;
     replay(data.id, edits);
   };
   box.replaceChildren(el("form", { class: "edit", onsubmit: (e) => { e.preventDefault(); send(); } },
