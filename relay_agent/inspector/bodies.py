@@ -5,14 +5,20 @@ bytes themselves) and prepares what the page needs for it::
 
     kind     when                                                   data
     empty    no bytes                                               -
-    json     a JSON type (application/json, */*+json), or none,     "value": the document
-             and the bytes parse as JSON
+    json     a JSON type (application/json, */*+json), or none,     "tree": the document
+             and the bytes parse as JSON                            as nodes (below)
     form     application/x-www-form-urlencoded, multipart/form-data "fields": [[name, value], ...]
     markup   an XML or HTML type (text/xml, */*+xml, text/html)     "text"
     text     text/*, JSON or XML that does not parse, or no type    "text"
              and bytes that are UTF-8 text
     image    a raster image type (png, jpeg, gif, webp, bmp, icon)  - (the page loads the bytes)
     hex      anything else                                          "hex": dump lines
+
+A JSON tree's node is ``[type, payload]``: ``["object", [[key, NODE], ...]]`` (keys in
+their order, repeats kept), ``["array", [NODE, ...]]``, ``["string", "text"]``,
+``["number", "1E+2"]``, ``["boolean", true]`` or ``["null", null]``. A number is its
+literal as the body wrote it: ``820982911946154508``, ``10.10`` and ``1e400`` are shown
+as sent, not as a float would print them (or as ``Infinity``, which is not JSON).
 
 Every kind also says ``size`` (the whole body), ``shown`` (bytes rendered) and, when
 they apply, ``truncated`` (only the first ``recorder.MAX_BODY`` bytes were kept),
@@ -99,9 +105,9 @@ def render(
     if lossy:
         shown["lossy"] = True
     if complete and (_is_json_type(kind) or (not kind and body.lstrip()[:1] in (b"{", b"["))):
-        value = _json(text) if not lossy else None
-        if value is not None:
-            return {**shown, "kind": "json", "shown": len(body), "value": value[0]}
+        tree = _json(text) if not lossy else None
+        if tree is not None:
+            return {**shown, "kind": "json", "shown": len(body), "tree": tree}
     if complete and kind == "application/x-www-form-urlencoded":
         fields = parse_qsl(text, keep_blank_values=True, max_num_fields=None)[:MAX_FORM_FIELDS]
         return {**shown, "kind": "form", "shown": len(body), "fields": [list(f) for f in fields]}
@@ -140,15 +146,54 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-def _json(text: str) -> tuple[Any] | None:
-    """The parsed document, in a 1-tuple (it may be ``None`` itself); None if ``text`` is
+class _Number:
+    """A JSON number as the body wrote it."""
+
+    __slots__ = ("literal",)
+
+    def __init__(self, literal: str) -> None:
+        self.literal = literal
+
+
+class _Object:
+    """A JSON object as the body wrote it: its pairs in order, repeated keys and all."""
+
+    __slots__ = ("pairs",)
+
+    def __init__(self, pairs: list[tuple[str, Any]]) -> None:
+        self.pairs = pairs
+
+
+def _json(text: str) -> list[Any] | None:
+    """The document as a tree of nodes (see the module's docstring); None if ``text`` is
     not strict JSON (NaN and Infinity are not: the page's own parser would refuse them)
     or is nested deeper than ``MAX_JSON_DEPTH``."""
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(
+            text,
+            parse_int=_Number,
+            parse_float=_Number,
+            parse_constant=_reject_constant,
+            object_pairs_hook=_Object,
+        )
     except (ValueError, RecursionError):
         return None
-    return (value,) if _depth(value) <= MAX_JSON_DEPTH else None
+    return _node(value) if _depth(value) <= MAX_JSON_DEPTH else None
+
+
+def _node(value: Any) -> list[Any]:
+    """A parsed value as a node (it is at most ``MAX_JSON_DEPTH`` deep)."""
+    if isinstance(value, _Object):
+        return ["object", [[key, _node(child)] for key, child in value.pairs]]
+    if isinstance(value, list):
+        return ["array", [_node(child) for child in value]]
+    if isinstance(value, _Number):
+        return ["number", value.literal]
+    if isinstance(value, bool):
+        return ["boolean", value]
+    if value is None:
+        return ["null", None]
+    return ["string", value]
 
 
 def _depth(value: Any) -> int:
@@ -159,9 +204,9 @@ def _depth(value: Any) -> int:
         level = [
             child
             for item in level
-            if isinstance(item, dict | list)
-            for child in (item.values() if isinstance(item, dict) else item)
-            if isinstance(child, dict | list)
+            if isinstance(item, _Object | list)
+            for child in ([v for _, v in item.pairs] if isinstance(item, _Object) else item)
+            if isinstance(child, _Object | list)
         ]
     return depth
 

@@ -24,7 +24,7 @@ from .bodies import media_type
 from .curl import curl_command
 from .recorder import MAX_BODY, Exchange
 from .replay import EditRefused, edited, start_replay
-from .state import INSPECTOR, api_error
+from .state import INSPECTOR, api_error, json_answer
 from .views import detail, replay_refusal, summary
 
 #: Seconds between two comments on a quiet event stream: a page that went away is
@@ -87,7 +87,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
 
 @routes.get("/api/exchanges/{id}")
 async def show(request: web.Request) -> web.Response:
-    return web.json_response(detail(_exchange(request)))
+    return json_answer(detail(_exchange(request)))
 
 
 @routes.get("/api/exchanges/{id}/{side:request|response}/body")

@@ -25,7 +25,7 @@ from relay_protocol import RelayError
 
 from .. import api_client
 from .bodies import render
-from .state import INSPECTOR, Inspector, api_error
+from .state import INSPECTOR, Inspector, api_error, json_answer
 
 #: Events per page of the history: a screenful, fetched again as the page scrolls.
 HISTORY_PAGE = 50
@@ -51,7 +51,7 @@ async def _call(inspector: Inspector, method: str, path: str, with_view: bool = 
         return api_error(502, "server-unavailable", f"the relay server: {exc}")
     if with_view and isinstance(answer, dict):
         answer["body_view"] = _body_view(answer)
-    return web.json_response(answer, status=202 if method == "POST" else 200)
+    return json_answer(answer, status=202 if method == "POST" else 200)
 
 
 @routes.get("/api/server/events")

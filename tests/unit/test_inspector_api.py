@@ -212,7 +212,10 @@ async def test_the_list_is_newest_first_and_the_detail_has_everything(stack: Sta
     status, shown = await stack.call("GET", f"/api/exchanges/{first}")
     assert status == 200
     assert shown["request"]["headers"] == [["Content-Type", "application/json"]]
-    assert shown["request"]["body"]["kind"] == "json" and shown["request"]["body"]["value"] == {"a": {"b": 1}}
+    assert shown["request"]["body"]["kind"] == "json" and shown["request"]["body"]["tree"] == [
+        "object",
+        [["a", ["object", [["b", ["number", "1"]]]]]],
+    ]
     assert shown["response"]["status"] == 200 and shown["response"]["body"]["text"] == "ok"
     assert shown["client"] == "203.0.113.9" and shown["replayable"] is True
     assert shown["timing"]["duration_ms"] is not None
@@ -369,6 +372,7 @@ class FakeServer:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, str]] = []
         self.fail: api_client.ApiError | None = None
+        self.event_body = '{"deep": {"er": [1]}}'
 
     def call(self, server: str, token: str, method: str, path: str, body: Any = None, tls: Any = None) -> Any:
         self.calls.append((token, method, path))
@@ -378,7 +382,7 @@ class FakeServer:
             return {"events": [{"id": "evt_1"}], "next": "41"}
         if method == "POST":
             return {"event": "evt_1", "replayed": ["agent:*"]}
-        body_text = '{"deep": {"er": [1]}}'
+        body_text = self.event_body
         return {
             "id": "evt_1",
             "headers": [["Content-Type", "application/json"]],
@@ -400,7 +404,10 @@ async def test_the_history_goes_to_the_server_with_the_agents_token(stack: Stack
     assert server.calls == [(TOKEN, "GET", "events?limit=50&name=alice&status=dead&before=42")]
     status, event = await stack.call("GET", "/api/server/events/evt_1")
     assert status == 200
-    assert event["body_view"]["kind"] == "json" and event["body_view"]["value"] == {"deep": {"er": [1]}}
+    assert event["body_view"]["kind"] == "json" and event["body_view"]["tree"] == [
+        "object",
+        [["deep", ["object", [["er", ["array", [["number", "1"]]]]]]]],
+    ]
     status, answer = await stack.call("POST", "/api/server/events/evt_1/replay")
     assert (status, answer["replayed"]) == (202, ["agent:*"])
     assert server.calls[-1] == (TOKEN, "POST", "events/evt_1/replay")
@@ -440,3 +447,29 @@ async def test_the_servers_refusals_come_back_and_its_failures_are_502(
     assert answered == status
     assert str(error) in answer["message"]
     assert TOKEN not in json.dumps(answer)
+
+
+def _strict(raw: bytes) -> Any:
+    """``raw`` parsed as the page's parser does: NaN and Infinity are not JSON."""
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(raw, parse_constant=refuse)
+
+
+async def test_a_number_too_large_for_a_float_is_strict_json_shown_as_written(
+    stack: Stack, server: FakeServer
+) -> None:
+    body = b'{"a": 1e400, "b": -1e400}'
+    exchange = await stack.record(body=body)
+    async with stack.client.get(f"/api/exchanges/{exchange}") as response:
+        shown = _strict(await response.read())
+    assert shown["request"]["body"]["tree"] == [
+        "object",
+        [["a", ["number", "1e400"]], ["b", ["number", "-1e400"]]],
+    ]
+    server.event_body = body.decode()
+    async with stack.client.get("/api/server/events/evt_1") as response:
+        event = _strict(await response.read())
+    assert event["body_view"]["tree"][1][0] == ["a", ["number", "1e400"]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import zlib
+from typing import Any
 
 import pytest
 
@@ -41,11 +42,44 @@ def test_the_kind_follows_the_type_and_the_bytes(body: bytes, content_type: str 
     assert shown["size"] == len(body)
 
 
+def _document(node: list[Any]) -> Any:
+    """A tree's node back as Python (numbers as their literals)."""
+    kind, payload = node
+    if kind == "object":
+        return {key: _document(child) for key, child in payload}
+    if kind == "array":
+        return [_document(child) for child in payload]
+    return payload
+
+
 def test_json_gives_the_parsed_document_for_the_tree() -> None:
-    document = {"order": {"customer": {"address": {"city": "Lisbon"}}}, "items": [1, None, True]}
+    document = {"order": {"customer": {"address": {"city": "Lisbon"}}}, "items": [1, None, True, "2"]}
     shown = render(json.dumps(document).encode(), "application/json")
-    assert shown["value"] == document
+    assert shown["tree"][1][1] == [
+        "items",
+        ["array", [["number", "1"], ["null", None], ["boolean", True], ["string", "2"]]],
+    ]
+    assert _document(shown["tree"]) == {**document, "items": ["1", None, True, "2"]}
     json.dumps(shown, allow_nan=False)  # the page gets strict JSON
+
+
+def test_json_numbers_are_shown_as_the_body_wrote_them() -> None:
+    body = b'{"id": 820982911946154508, "price": 10.10, "e": 1E+2, "huge": 1e400, "tiny": -1e-400, "z": -0}'
+    shown = render(body, "application/json")
+    assert _document(shown["tree"]) == {
+        "id": "820982911946154508",
+        "price": "10.10",
+        "e": "1E+2",
+        "huge": "1e400",
+        "tiny": "-1e-400",
+        "z": "-0",
+    }
+    json.dumps(shown, allow_nan=False)  # never Infinity
+
+
+def test_json_keys_keep_their_order_and_repeats() -> None:
+    shown = render(b'{"b": 1, "2": 2, "b": 3}', "application/json")
+    assert [key for key, _ in shown["tree"][1]] == ["b", "2", "b"]
 
 
 def test_json_nested_deeper_than_a_tree_is_worth_is_text() -> None:
@@ -89,8 +123,9 @@ def test_bytes_that_are_not_utf8_never_break_a_text() -> None:
 def test_gzip_and_deflate_are_shown_decoded_but_not_brotli() -> None:
     document = b'{"x": [1, 2]}'
     shown = render(gzip.compress(document), "application/json", "gzip")
-    assert (shown["kind"], shown["decoded"], shown["value"]) == ("json", "gzip", {"x": [1, 2]})
-    assert render(zlib.compress(document), "application/json", "deflate")["value"] == {"x": [1, 2]}
+    assert (shown["kind"], shown["decoded"], _document(shown["tree"])) == ("json", "gzip", {"x": ["1", "2"]})
+    deflated = render(zlib.compress(document), "application/json", "deflate")
+    assert _document(deflated["tree"]) == {"x": ["1", "2"]}
     assert render(b"\x1b\x00", "application/json", "br")["kind"] == "hex"
     assert render(b"not gzip at all", "text/plain", "gzip")["kind"] == "hex"
 

@@ -157,17 +157,20 @@ function connectStream() {
 
 // -- body views ------------------------------------------------------------------------------
 
-function jsonTree(value, depth = 0, key = null) {
+function jsonTree(node, depth = 0, key = null) {
+  // A node is [type, payload] (bodies.py): numbers come as the literal the body wrote,
+  // shown as they are, and an object's keys keep their order and repeats.
+  const [type, payload] = node;
   const label = key === null ? [] : [el("span", { class: "key" }, JSON.stringify(key)), ": "];
-  if (value !== null && typeof value === "object") {
-    const isArray = Array.isArray(value);
-    const entries = isArray ? value.map((v, i) => [i, v]) : Object.entries(value);
+  if (type === "object" || type === "array") {
+    const isArray = type === "array";
+    const entries = isArray ? payload.map((child) => [null, child]) : payload;
     const summary = el("summary", {}, ...label, isArray ? `[…] ${entries.length} items` : `{…} ${entries.length} keys`);
-    const children = entries.map(([k, v]) => jsonTree(v, depth + 1, isArray ? null : k));
+    const children = entries.map(([k, child]) => jsonTree(child, depth + 1, k));
     return el("details", { class: "json-node", open: depth < 2 }, summary, el("div", { class: "json-children" }, children));
   }
-  const kind = value === null ? "null" : typeof value;
-  return el("div", { class: "json-leaf" }, ...label, el("span", { class: `json-${kind}` }, JSON.stringify(value)));
+  const shown = type === "number" ? payload : JSON.stringify(payload);
+  return el("div", { class: "json-leaf" }, ...label, el("span", { class: `json-${type}` }, shown));
 }
 
 function markup(text) {
@@ -201,7 +204,7 @@ function bodyView(body, rawUrl) {
   let view;
   switch (body.kind) {
     case "empty": view = el("p", { class: "muted" }, "(no body)"); break;
-    case "json": view = el("div", { class: "json-tree" }, jsonTree(body.value)); break;
+    case "json": view = el("div", { class: "json-tree" }, jsonTree(body.tree)); break;
     case "form": view = el("table", { class: "fields" }, el("tbody", {}, body.fields.map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, v))))); break;
     case "markup": view = markup(body.text); break;
     case "text": view = el("pre", { class: "code" }, body.text); break;
