@@ -112,14 +112,16 @@ class RecordingLink:
 
     async def body(self) -> AsyncIterator[bytes]:
         capture = self.exchange.request
+        known = capture.ended  # recorded already (a replay's body)
         async for chunk in self.inner.body():
-            self.recorder.keep(capture, chunk)
+            if not known:
+                self.recorder.keep(capture, chunk)
             yield chunk
         capture.ended = True
 
     def whole_body(self) -> bytes | None:
         whole = self.inner.whole_body()
-        if whole is not None:
+        if whole is not None and not self.exchange.request.ended:
             if whole:
                 self.recorder.keep(self.exchange.request, whole)
             self.exchange.request.ended = True
@@ -163,14 +165,24 @@ class Recorder:
         self._subscribers: set[asyncio.Queue[Exchange | None]] = set()
 
     def record(
-        self, head: RequestHead, has_body: bool, inner: Link, replay_of: int | None = None
+        self,
+        head: RequestHead,
+        has_body: bool,
+        inner: Link,
+        replay_of: int | None = None,
+        body: bytes | None = None,
     ) -> RecordingLink:
         """Start recording one exchange; forward through the link this returns, and call
-        its ``finish`` when the stream ends."""
+        its ``finish`` when the stream ends. ``body``, a request body known whole from the
+        start (a replay's), is kept at once: the first notice already gives its size."""
         if len(self._exchanges) >= self.max_exchanges:
             self._forget(self._exchanges.popleft())
         self._last_id += 1
         exchange = Exchange(self._last_id, head, has_body, replay_of)
+        if body is not None:
+            if body:
+                self.keep(exchange.request, body)
+            exchange.request.ended = True
         self._exchanges.append(exchange)
         self._by_id[exchange.id] = exchange
         self._notify(exchange)

@@ -61,7 +61,10 @@ def edited(original: Exchange, edits: Any) -> tuple[RequestHead, bytes]:
     """The request to replay: ``original``'s, with what ``edits`` changes. ``edits`` is the
     API's JSON: ``{}`` (as it was) or any of ``{"method": "PUT", "target": "/path?q",
     "headers": [[name, value], ...], "body": TEXT}`` (or ``"body_base64"`` instead of
-    ``"body"``). A changed body sets any Content-Length to its length. Raises
+    ``"body"``). An edited request is framed by what it sends, never by what the edits
+    say: any Content-Length and Transfer-Encoding they give are dropped, and a
+    Content-Length of the body's length is set when there is a body (or the original had
+    a Content-Length), so a body is never sent chunked nor read as two requests. Raises
     ``EditRefused``."""
     if not isinstance(edits, dict):
         raise EditRefused(400, "the replay's edits must be a JSON object")
@@ -71,7 +74,7 @@ def edited(original: Exchange, edits: Any) -> tuple[RequestHead, bytes]:
     if is_websocket_upgrade(head.method, head.headers):
         raise EditRefused(409, "a websocket cannot be replayed")
     method = _string(edits, "method", head.method)
-    target = encode(_string(edits, "target", ""), "target") if "target" in edits else head.target
+    target = _target(_string(edits, "target", "")) if "target" in edits else head.target
     headers = _headers(edits["headers"]) if "headers" in edits else head.headers
     if "body" in edits and "body_base64" in edits:
         raise EditRefused(400, "give body or body_base64, not both")
@@ -88,13 +91,41 @@ def edited(original: Exchange, edits: Any) -> tuple[RequestHead, bytes]:
         body = original.request.data()
     if len(body) > MAX_EDITED_BODY:
         raise EditRefused(413, f"a body of {len(body)} bytes is over the limit of {MAX_EDITED_BODY}")
-    if "body" in edits or "body_base64" in edits:
-        length = str(len(body)).encode()
-        headers = tuple((n, length if n.lower() == b"content-length" else v) for n, v in headers)
+    event_id = head.event_id
+    if edits:
+        headers = _framed(headers, body, header_value(head.headers, b"content-length") is not None)
+        if header_value(headers, b"x-relay-event-id") != head.event_id.encode():
+            event_id = ""  # no longer a delivery of that event
     try:
-        return RequestHead(method, target, headers, client=head.client, event_id=head.event_id), body
+        return RequestHead(method, target, headers, client=head.client, event_id=event_id), body
     except RelayError as exc:  # BadHead: a method, target or header HTTP does not allow
         raise EditRefused(400, f"cannot send this request: {exc}") from exc
+
+
+def _target(text: str) -> bytes:
+    """An edited target: printable ASCII without spaces, as HTTP sends it."""
+    if not all("!" <= c <= "~" for c in text):
+        raise EditRefused(
+            400, "the target must be printable ASCII without spaces: percent-encode the rest (é as %C3%A9)"
+        )
+    return text.encode("ascii")
+
+
+def _framed(
+    headers: tuple[tuple[bytes, bytes], ...], body: bytes, had_length: bool
+) -> tuple[tuple[bytes, bytes], ...]:
+    """``headers`` without the Content-Length and Transfer-Encoding an edit gave, and with
+    the Content-Length of ``body`` when there is one or the original had one (in the
+    place of the first Content-Length given, else last)."""
+    framing = (b"content-length", b"transfer-encoding")
+    place = next((i for i, (n, _) in enumerate(headers) if n.lower() == b"content-length"), None)
+    kept = [(n, v) for i, (n, v) in enumerate(headers) if n.lower() not in framing or i == place]
+    if not (body or had_length):
+        return tuple(pair for pair in kept if pair[0].lower() != b"content-length")
+    length = str(len(body)).encode()
+    if place is None:
+        return (*kept, (b"Content-Length", length))
+    return tuple((n, length) if n.lower() == b"content-length" else (n, v) for n, v in kept)
 
 
 def _string(edits: dict[str, Any], field: str, default: str) -> str:
@@ -147,7 +178,7 @@ def start_replay(
     """Record a new exchange for the replay and forward it in the background; the
     exchange is returned at once (the page follows it in the list as it runs)."""
     has_body = bool(body) or header_value(head.headers, b"content-length") is not None
-    recording = recorder.record(head, has_body, _LocalLink(body), replay_of=replay_of)
+    recording = recorder.record(head, has_body, _LocalLink(body), replay_of=replay_of, body=body)
     background.spawn(_forward(service, head, has_body, recording), f"replay {recording.exchange.id}")
     return recording.exchange
 

@@ -82,10 +82,11 @@ class Stack:
         body: bytes = b'{"a": {"b": 1}}',
         response: ResponseHead | None = OK,
         answer: bytes = b"ok",
+        event_id: str = "",
     ) -> int:
         """A finished exchange, recorded as the tunnel records one; its id."""
         link = self.inspector.recorder.record(
-            RequestHead(method, target, headers, "203.0.113.9"), bool(body), Far(body)
+            RequestHead(method, target, headers, "203.0.113.9", event_id), bool(body), Far(body)
         )
         _ = [chunk async for chunk in link.body()]
         if response is not None:
@@ -320,6 +321,38 @@ async def test_an_edited_replay_sends_the_edits_and_a_right_content_length(stack
     assert stack.seen[1][3] == b"\x00\x01\x02\xff"
 
 
+async def test_an_edited_replay_is_framed_by_the_body_it_sends(stack: Stack) -> None:
+    # A Content-Length shorter than the body would make the local service read the rest
+    # as a second request: the edits' framing headers never go out.
+    original = await stack.record(headers=((b"Content-Type", b"text/plain"),))
+    smuggled = "abcGET /admin HTTP/1.1\r\nHost: x\r\n\r\n"
+    edits = {"headers": [["Content-Length", "3"], ["Content-Type", "text/plain"]], "body": smuggled}
+    status, answer = await stack.call("POST", f"/api/exchanges/{original}/replay", edits)
+    assert status == 202
+    assert answer["exchange"]["request_size"] == len(smuggled)  # what is sent, not 0
+    await stack.until_seen(1)
+    method, path, headers, body = stack.seen[0]
+    assert (path, body) == ("/hook", smuggled.encode())
+    assert [v for k, v in map(tuple, headers) if k.lower() == b"content-length"] == [b"%d" % len(body)]
+    edits = {"headers": [["Transfer-Encoding", "chunked"], ["Content-Length", "99"]], "body": "hello"}
+    status, _ = await stack.call("POST", f"/api/exchanges/{original}/replay", edits)
+    assert status == 202
+    await stack.until_seen(2)
+    sent = {k.decode().lower(): v for k, v in map(tuple, stack.seen[1][2])}
+    assert (sent.get("content-length"), "transfer-encoding" in sent) == (b"5", False)
+    assert stack.seen[1][3] == b"hello"
+
+
+async def test_an_edited_replay_without_the_event_header_is_no_longer_that_event(stack: Stack) -> None:
+    headers = ((b"Content-Type", b"application/json"), (b"X-Relay-Event-Id", b"evt_7"))
+    original = await stack.record(headers=headers, event_id="evt_7")
+    status, answer = await stack.call("POST", f"/api/exchanges/{original}/replay", {})
+    assert (status, answer["exchange"]["event_id"]) == (202, "evt_7")
+    edits = {"headers": [["Content-Type", "application/json"]]}
+    status, answer = await stack.call("POST", f"/api/exchanges/{original}/replay", edits)
+    assert (status, answer["exchange"]["event_id"]) == (202, None)
+
+
 @pytest.mark.parametrize(
     ("edits", "status", "words"),
     [
@@ -334,6 +367,8 @@ async def test_an_edited_replay_sends_the_edits_and_a_right_content_length(stack
         ({"headers": [["X-Split", "a\r\nInjected: yes"]]}, 400, "invalid value"),
         ({"body": "a", "body_base64": "YQ=="}, 400, "not both"),
         ({"body_base64": "***"}, 400, "not base64"),
+        ({"target": "/edited?q=\u00e9"}, 400, "printable ASCII without spaces"),
+        ({"target": "/a b"}, 400, "printable ASCII without spaces"),
         ({"body": "x" * (MAX_BODY + 1)}, 413, "over the limit"),
     ],
 )
