@@ -331,7 +331,7 @@ async def test_an_edited_replay_is_framed_by_the_body_it_sends(stack: Stack) -> 
     assert status == 202
     assert answer["exchange"]["request_size"] == len(smuggled)  # what is sent, not 0
     await stack.until_seen(1)
-    method, path, headers, body = stack.seen[0]
+    _, path, headers, body = stack.seen[0]
     assert (path, body) == ("/hook", smuggled.encode())
     assert [v for k, v in map(tuple, headers) if k.lower() == b"content-length"] == [b"%d" % len(body)]
     edits = {"headers": [["Transfer-Encoding", "chunked"], ["Content-Length", "99"]], "body": "hello"}
