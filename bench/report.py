@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,201 @@ def _ms(cpu: dict[str, float], key: str) -> str:
     return f"{cpu[key]:.3f}" if key in cpu else "-"
 
 
+def _small_lines(small: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    out.append(
+        f"Small webhooks: {small['body_bytes']}-byte JSON POST, {small['duration_s']:g} s per point"
+        f" (+{small['warmup_s']:g} s warm-up); ratio = relay / direct; CPU ms per request"
+    )
+    rows = [
+        [
+            "c",
+            "path",
+            "req/s",
+            "ratio",
+            "p50 ms",
+            "ratio",
+            "p99 ms",
+            "ratio",
+            "2xx",
+            "of them 202",
+            "errors",
+            "server",
+            "agent",
+            "app",
+            "q/live",
+            "loadgen CPU",
+        ]
+    ]
+    for p in small["points"]:
+        for name in ("direct", "live", "queue"):
+            f = p[name]
+            cpu = f["cpu_ms_per_request"]
+            rows.append(
+                [
+                    str(p["concurrency"]),
+                    name,
+                    f"{f['rps']:.0f}",
+                    _x(f.get("ratio")),
+                    f"{f['p50_ms']:.2f}",
+                    _x(f.get("p50_ratio")),
+                    f"{f['p99_ms']:.2f}",
+                    _x(f.get("p99_ratio")),
+                    str(f["requests"] - f["non_2xx"]),
+                    str(f["status_202"]),
+                    _errors(f),
+                    _ms(cpu, "server"),
+                    _ms(cpu, "agent"),
+                    _ms(cpu, "target"),
+                    _x(f.get("vs_live")),
+                    _gen(f["generator_cpu_share"]),
+                ]
+            )
+    out += _table(rows)
+    points = small["points"]
+    lost = sum(p["queue"]["lost"] for p in points)
+    undrained = [str(p["concurrency"]) for p in points if p["queue"]["drained_s"] is None]
+    accepted = sum(p["queue"]["accepted"] for p in points)
+    out.append(
+        f"  queue: {accepted} webhooks accepted (warm-ups included),"
+        + (f" LOST {lost} (not at the app)" if lost else " every one reached the app")
+        + (f"; still waiting after c={','.join(undrained)}" if undrained else "")
+    )
+    return out
+
+
+def _large_lines(large: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    out.append(
+        f"Large bodies: {large['bytes'] / MIB:g} MiB up (POST, read and discarded) and down (GET),"
+        f" live tunnel, client {large['client']}; peak RSS growth over the relayed transfers"
+    )
+    rows = [
+        [
+            "dir",
+            "path",
+            "MB/s",
+            "ratio",
+            "server RSS growth",
+            "agent RSS growth",
+            "server CPU s/GB",
+            "agent CPU s/GB",
+            "transfers",
+        ]
+    ]
+    for direction in ("up", "down"):
+        for way in ("direct", "relay"):
+            f = large[direction][way]
+            rss = f.get("rss", {})
+            cpu = f.get("cpu_s_per_gb", {})
+            rows.append(
+                [
+                    direction,
+                    way,
+                    f"{f['mb_per_s']:.1f}",
+                    _x(f.get("ratio")),
+                    f"{rss['server']['growth'] / MIB:.1f} MiB" if rss else "-",
+                    f"{rss['agent']['growth'] / MIB:.1f} MiB" if rss else "-",
+                    f"{cpu['server']:.2f}" if cpu else "-",
+                    f"{cpu['agent']:.2f}" if cpu else "-",
+                    str(f["transfers"]),
+                ]
+            )
+    out += _table(rows)
+    return out
+
+
+def _scale_lines(scale: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    lat = scale["latency"]
+    out.append(f"Scale: {scale['agents']:,} idle agents held by one process (bench.holder), one socket each")
+    out.append(
+        f"  connected {scale['connected']:,} of {scale['agents']:,}"
+        f" in {scale['connect_seconds']:.1f} s ({scale['agents_per_second']}/s),"
+        f" server CPU {scale['server_cpu_ms_per_connect']:.2f} ms per connect"
+        + (f"; {scale['failed']} failed: {scale['first_error']}" if scale["failed"] else "")
+    )
+    out.append(
+        f"  server RSS {scale['server_rss_one_agent'] / MIB:.1f} MiB with one agent,"
+        f" {scale['server_rss_all_agents'] / MIB:.1f} MiB with {scale['connected']:,}:"
+        f" {scale['rss_per_agent_bytes'] / KIB:.1f} KiB per agent (goal <= {RSS_PER_AGENT_KIB} KiB);"
+        f" {scale['server_fds']:,} descriptors open"
+    )
+    out.append(
+        f"  GET through the last agent's tunnel: p50 {lat['last_agent']['p50_ms']:.2f} ms,"
+        f" max {lat['last_agent']['max_ms']:.2f} ms; baseline with one agent connected:"
+        f" p50 {lat['one_agent']['p50_ms']:.2f} ms, max {lat['one_agent']['max_ms']:.2f} ms;"
+        f" ratio {_x(lat['p50_ratio'])}"
+    )
+    out.append(
+        f"  server CPU while they idle: {scale['server_idle_cpu_share']:.1%} of a core;"
+        f" holder RSS {scale['holder_rss_bytes'] / MIB:.0f} MiB"
+    )
+    return out
+
+
+def _fanin_lines(fanin: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    out.append(
+        f"Fan-in: {fanin['tunnels']} tunnels at once, a relay-agent process each"
+        f" ({fanin['mode']} mode),"
+        f" {fanin['concurrency']} connections, each request to the next tunnel; CPU ms per request"
+    )
+    rows = [
+        [
+            "path",
+            "",
+            "req/s",
+            "ratio",
+            "p50 ms",
+            "ratio",
+            "p99 ms",
+            "ratio",
+            "errors",
+            "server",
+            "agents",
+            "app",
+            "loadgen CPU",
+        ]
+    ]
+    for way in ("direct", "relay"):
+        f = fanin[way]
+        cpu = f["cpu_ms_per_request"]
+        rows.append(
+            [
+                way,
+                "",
+                f"{f['rps']:.0f}",
+                _x(f.get("ratio")),
+                f"{f['p50_ms']:.2f}",
+                _x(f.get("p50_ratio")),
+                f"{f['p99_ms']:.2f}",
+                _x(f.get("p99_ratio")),
+                _errors(f),
+                _ms(cpu, "server"),
+                _ms(cpu, "agents"),
+                _ms(cpu, "target"),
+                _gen(f["generator_cpu_share"]),
+            ]
+        )
+    out += _table(rows)
+    out.append(
+        f"  {fanin['tunnels']} agent processes: started and connected"
+        f" in {fanin['agent_start_seconds']:.1f} s,"
+        f" {fanin['agents_rss_bytes'] / MIB:.0f} MiB RSS together"
+    )
+    return out
+
+
+#: The report's sections: key in the document, title, lines of its figures.
+SECTIONS: tuple[tuple[str, str, Callable[[dict[str, Any]], list[str]]], ...] = (
+    ("small", "Small webhooks", _small_lines),
+    ("large", "Large bodies", _large_lines),
+    ("scale", "Scale", _scale_lines),
+    ("fanin", "Fan-in", _fanin_lines),
+)
+
+
 def render(doc: dict[str, Any], judged: list[Goal]) -> str:
     out: list[str] = []
     tools = doc["tools"]
@@ -166,198 +362,14 @@ def render(doc: dict[str, Any], judged: list[Goal]) -> str:
         f" transfers {tools['transfer_client']}"
         f"{'  [SMOKE: figures not worth reading]' if doc['options']['smoke'] else ''}"
     )
-    small = doc.get("small")
-    if small is not None:
-        out.append("")
-        if "error" in small:
-            out.append(f"Small webhooks: NOT MEASURED: {small['error']}")
-        else:
-            out.append(
-                f"Small webhooks: {small['body_bytes']}-byte JSON POST, {small['duration_s']:g} s per point"
-                f" (+{small['warmup_s']:g} s warm-up); ratio = relay / direct; CPU ms per request"
-            )
-            rows = [
-                [
-                    "c",
-                    "path",
-                    "req/s",
-                    "ratio",
-                    "p50 ms",
-                    "ratio",
-                    "p99 ms",
-                    "ratio",
-                    "2xx",
-                    "of them 202",
-                    "errors",
-                    "server",
-                    "agent",
-                    "app",
-                    "q/live",
-                    "loadgen CPU",
-                ]
-            ]
-            for p in small["points"]:
-                for name in ("direct", "live", "queue"):
-                    f = p[name]
-                    cpu = f["cpu_ms_per_request"]
-                    rows.append(
-                        [
-                            str(p["concurrency"]),
-                            name,
-                            f"{f['rps']:.0f}",
-                            _x(f.get("ratio")),
-                            f"{f['p50_ms']:.2f}",
-                            _x(f.get("p50_ratio")),
-                            f"{f['p99_ms']:.2f}",
-                            _x(f.get("p99_ratio")),
-                            str(f["requests"] - f["non_2xx"]),
-                            str(f["status_202"]),
-                            _errors(f),
-                            _ms(cpu, "server"),
-                            _ms(cpu, "agent"),
-                            _ms(cpu, "target"),
-                            _x(f.get("vs_live")),
-                            _gen(f["generator_cpu_share"]),
-                        ]
-                    )
-            out += _table(rows)
-            points = small["points"]
-            lost = sum(p["queue"]["lost"] for p in points)
-            undrained = [str(p["concurrency"]) for p in points if p["queue"]["drained_s"] is None]
-            accepted = sum(p["queue"]["accepted"] for p in points)
-            out.append(
-                f"  queue: {accepted} webhooks accepted (warm-ups included),"
-                + (f" LOST {lost} (not at the app)" if lost else " every one reached the app")
-                + (f"; still waiting after c={','.join(undrained)}" if undrained else "")
-            )
-    large = doc.get("large")
-    if large is not None:
-        out.append("")
-        if "error" in large:
-            out.append(f"Large bodies: NOT MEASURED: {large['error']}")
-        else:
-            out.append(
-                f"Large bodies: {large['bytes'] / MIB:g} MiB up (POST, read and discarded) and down (GET),"
-                f" live tunnel, client {large['client']}; peak RSS growth over the relayed transfers"
-            )
-            rows = [
-                [
-                    "dir",
-                    "path",
-                    "MB/s",
-                    "ratio",
-                    "server RSS growth",
-                    "agent RSS growth",
-                    "server CPU s/GB",
-                    "agent CPU s/GB",
-                    "transfers",
-                ]
-            ]
-            for direction in ("up", "down"):
-                for way in ("direct", "relay"):
-                    f = large[direction][way]
-                    rss = f.get("rss", {})
-                    cpu = f.get("cpu_s_per_gb", {})
-                    rows.append(
-                        [
-                            direction,
-                            way,
-                            f"{f['mb_per_s']:.1f}",
-                            _x(f.get("ratio")),
-                            f"{rss['server']['growth'] / MIB:.1f} MiB" if rss else "-",
-                            f"{rss['agent']['growth'] / MIB:.1f} MiB" if rss else "-",
-                            f"{cpu['server']:.2f}" if cpu else "-",
-                            f"{cpu['agent']:.2f}" if cpu else "-",
-                            str(f["transfers"]),
-                        ]
-                    )
-            out += _table(rows)
-    scale = doc.get("scale")
-    if scale is not None:
-        out.append("")
-        if "error" in scale:
-            out.append(f"Scale: NOT MEASURED: {scale['error']}")
-        else:
-            lat = scale["latency"]
-            out.append(
-                f"Scale: {scale['agents']:,} idle agents held by one process (bench.holder), one socket each"
-            )
-            out.append(
-                f"  connected {scale['connected']:,} of {scale['agents']:,}"
-                f" in {scale['connect_seconds']:.1f} s ({scale['agents_per_second']}/s),"
-                f" server CPU {scale['server_cpu_ms_per_connect']:.2f} ms per connect"
-                + (f"; {scale['failed']} failed: {scale['first_error']}" if scale["failed"] else "")
-            )
-            out.append(
-                f"  server RSS {scale['server_rss_one_agent'] / MIB:.1f} MiB with one agent,"
-                f" {scale['server_rss_all_agents'] / MIB:.1f} MiB with {scale['connected']:,}:"
-                f" {scale['rss_per_agent_bytes'] / KIB:.1f} KiB per agent (goal <= {RSS_PER_AGENT_KIB} KiB);"
-                f" {scale['server_fds']:,} descriptors open"
-            )
-            out.append(
-                f"  GET through the last agent's tunnel: p50 {lat['last_agent']['p50_ms']:.2f} ms,"
-                f" max {lat['last_agent']['max_ms']:.2f} ms; baseline with one agent connected:"
-                f" p50 {lat['one_agent']['p50_ms']:.2f} ms, max {lat['one_agent']['max_ms']:.2f} ms;"
-                f" ratio {_x(lat['p50_ratio'])}"
-            )
-            out.append(
-                f"  server CPU while they idle: {scale['server_idle_cpu_share']:.1%} of a core;"
-                f" holder RSS {scale['holder_rss_bytes'] / MIB:.0f} MiB"
-            )
-    fanin = doc.get("fanin")
-    if fanin is not None:
-        out.append("")
-        if "error" in fanin:
-            out.append(f"Fan-in: NOT MEASURED: {fanin['error']}")
-        else:
-            out.append(
-                f"Fan-in: {fanin['tunnels']} tunnels at once, a relay-agent process each"
-                f" ({fanin['mode']} mode),"
-                f" {fanin['concurrency']} connections, each request to the next tunnel; CPU ms per request"
-            )
-            rows = [
-                [
-                    "path",
-                    "",
-                    "req/s",
-                    "ratio",
-                    "p50 ms",
-                    "ratio",
-                    "p99 ms",
-                    "ratio",
-                    "errors",
-                    "server",
-                    "agents",
-                    "app",
-                    "loadgen CPU",
-                ]
-            ]
-            for way in ("direct", "relay"):
-                f = fanin[way]
-                cpu = f["cpu_ms_per_request"]
-                rows.append(
-                    [
-                        way,
-                        "",
-                        f"{f['rps']:.0f}",
-                        _x(f.get("ratio")),
-                        f"{f['p50_ms']:.2f}",
-                        _x(f.get("p50_ratio")),
-                        f"{f['p99_ms']:.2f}",
-                        _x(f.get("p99_ratio")),
-                        _errors(f),
-                        _ms(cpu, "server"),
-                        _ms(cpu, "agents"),
-                        _ms(cpu, "target"),
-                        _gen(f["generator_cpu_share"]),
-                    ]
-                )
-            out += _table(rows)
-            out.append(
-                f"  {fanin['tunnels']} agent processes: started and connected"
-                f" in {fanin['agent_start_seconds']:.1f} s,"
-                f" {fanin['agents_rss_bytes'] / MIB:.0f} MiB RSS together"
-            )
+    for key, title, lines in SECTIONS:
+        section = doc.get(key)
+        if section is not None:
+            out.append("")
+            if "error" in section:
+                out.append(f"{title}: NOT MEASURED: {section['error']}")
+            else:
+                out += lines(section)
     if "% !" in "\n".join(out):
         out.append("")
         out.append(

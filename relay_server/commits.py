@@ -81,21 +81,25 @@ class GroupCommitter:
     def submit(self, op: Callable[[sqlite3.Connection], T], then: Then = None) -> asyncio.Future[T]:
         """Queue ``op`` for the next group commit; the future is answered as ``write``
         returns or raises. (No task per write: the ingress awaits it shielded.)"""
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append((op, future, then))
-        self._idle.clear()
+        future = self._queue(self._pending, op, then)
         self._ready.set()
         return future
 
     async def write_soon(self, op: Callable[[sqlite3.Connection], T], then: Then = None) -> T:
         """As ``write``, for an operation that may wait up to ``SOON`` seconds to share
         the next group commit (nobody waits on it but a background task)."""
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._soon.append((op, future, then))
-        self._idle.clear()
+        future = self._queue(self._soon, op, then)
         if self._soon_timer is None:
             self._soon_timer = asyncio.get_running_loop().call_later(SOON, self._flush_soon)
         return await future
+
+    def _queue(
+        self, queue: list[Pending], op: Callable[[sqlite3.Connection], T], then: Then
+    ) -> asyncio.Future[T]:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        queue.append((op, future, then))
+        self._idle.clear()
+        return future
 
     def _flush_soon(self) -> None:
         """``SOON`` is up (or the committer stops): the waiting operations go now."""

@@ -118,7 +118,8 @@ def test_a_failing_op_rolls_back_the_whole_transaction(store: Store, tmp_path: P
     assert _count(tmp_path, "deliveries") == 1
 
 
-async def test_group_commit_batches_concurrent_writes(store: Store) -> None:
+def _count_batches(store: Store) -> list[int]:
+    """From now on, the size of every transaction ``store`` commits, in order."""
     batches: list[int] = []
     real = store.transaction
 
@@ -127,6 +128,11 @@ async def test_group_commit_batches_concurrent_writes(store: Store) -> None:
         return real(ops)
 
     store.transaction = counting  # type: ignore[method-assign]
+    return batches
+
+
+async def test_group_commit_batches_concurrent_writes(store: Store) -> None:
+    batches = _count_batches(store)
     commits = GroupCommitter(store)
     commits.start()
     try:
@@ -187,14 +193,7 @@ async def test_a_write_that_may_wait_rides_with_the_next_commit(
     # An inline attempt's outcome (write_soon) and the next webhook's insert: one
     # transaction, one fsync, and the insert never waits behind the outcome's commit.
     monkeypatch.setattr(commits_module, "SOON", 3600.0)  # only the next write sends it
-    batches: list[int] = []
-    real = store.transaction
-
-    def counting(ops: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
-        batches.append(len(ops))
-        return real(ops)
-
-    store.transaction = counting  # type: ignore[method-assign]
+    batches = _count_batches(store)
     commits = GroupCommitter(store)
     commits.start()
     try:
