@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from relay_protocol import (
     PROTOCOL_VERSION,
@@ -374,7 +375,10 @@ BAD_FRAMES = {
 async def test_a_malformed_frame_ends_only_that_agents_connection(bob: Tunnel, kind: str) -> None:
     frame, codes = BAD_FRAMES[kind]
     async with hostile_agent(bob.server, bob.server.token("alice")) as agent:
-        await agent.ws.send(frame)
+        # The server may close before a 2 MiB frame is all written (it refuses it from its
+        # length): the send is then cut, and the close code below is the verdict.
+        with contextlib.suppress(ConnectionClosed):
+            await agent.ws.send(frame)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(agent.ws.wait_closed(), 30)
         assert agent.ws.close_code in codes, (kind, agent.ws.close_code, agent.ws.close_reason)
