@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from .errors import AgentConfigError, InvalidTarget
 
@@ -41,6 +41,7 @@ class Target:
 #: escapes (IPv6 literals come in brackets and are checked by ``ipaddress``).
 _HOST_NAME = re.compile(r"^[A-Za-z0-9._~-]+\Z")
 _USAGE = "use PORT, HOST:PORT or http(s)://HOST[:PORT]"
+PORT_RANGE = "the port must be a number from 1 to 65535"
 
 
 def parse_target(text: str) -> Target:
@@ -51,7 +52,7 @@ def parse_target(text: str) -> Target:
     """
     given = text
     text = text.strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         text = f"localhost:{text}"
     if "://" not in text:
         text = "http://" + text
@@ -61,9 +62,12 @@ def parse_target(text: str) -> Target:
 
     try:
         parts = urlsplit(text)
-        port = parts.port
     except ValueError as exc:
         raise refuse(f"{exc}; {_USAGE}") from exc
+    try:
+        port = url_port(parts)
+    except ValueError as exc:
+        raise refuse(str(exc)) from exc
     if parts.scheme not in ("http", "https"):
         raise refuse(f"the scheme must be http or https; {_USAGE}")
     if not parts.hostname:
@@ -84,9 +88,20 @@ def parse_target(text: str) -> Target:
         raise refuse(f"{host!r} is not a host name; {_USAGE}")
     if port is None:
         port = 443 if parts.scheme == "https" else 80
-    if not 0 < port < 65536:
-        raise refuse("the port must be 1 to 65535")
     return Target(parts.scheme, host, port)
+
+
+def url_port(parts: SplitResult) -> int | None:
+    """The port of a split URL, None when it names none. Raises ``ValueError`` saying
+    ``PORT_RANGE`` for one that is not a number from 1 to 65535 (urllib's own words
+    differ by case: "out of range 0-65535", "could not be cast to integer")."""
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError(PORT_RANGE)
+    return port
 
 
 #: A DNS label as a TLS server name takes it (RFC 1035 2.3.4, RFC 6066 3: no IP address).

@@ -99,6 +99,6 @@ def parse_listen(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[::1]:9100`` for IPv6) as (host, port); ValueError names the problem."""
     host, sep, port = text.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ValueError(f"{text!r} is not HOST:PORT (such as 127.0.0.1:9100)")
     return host, int(port)

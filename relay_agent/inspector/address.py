@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from ..errors import AgentConfigError
+from ..target import url_port
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 4040
@@ -48,6 +49,11 @@ class InspectAddress:
         return [InspectAddress(self.host, self.port + i, exact=False) for i in range(DEFAULT_PORT_TRIES)]
 
     @property
+    def loopback(self) -> bool:
+        """True if only this machine can reach it."""
+        return _is_loopback(self.host)
+
+    @property
     def url(self) -> str:
         """The URL to print: a wildcard address is reached through 127.0.0.1."""
         if self.host in ("0.0.0.0", "::"):
@@ -69,7 +75,7 @@ class InspectAddress:
         if self.host in ("0.0.0.0", "::"):
             return host == "localhost" or _is_ip(host)
         named = f"[{host}]" if ":" in host else host
-        return _is_loopback(self.host) and named in _LOOPBACK_NAMES
+        return self.loopback and named in _LOOPBACK_NAMES
 
     def allows_origin(self, origin: str) -> bool:
         """True if a browser's ``Origin`` header is this inspector's own page."""
@@ -83,15 +89,15 @@ def default_address() -> InspectAddress:
 
 
 def parse_address(text: str) -> InspectAddress:
-    """``PORT`` (on 127.0.0.1), ``HOST:PORT`` or ``[IPv6]:PORT``. Raises
-    ``AgentConfigError`` naming ``--inspect`` for anything else."""
+    """``PORT`` (on 127.0.0.1), ``HOST:PORT`` or ``[IPv6]:PORT``; ``localhost`` is
+    127.0.0.1. Raises ``AgentConfigError`` naming ``--inspect`` for anything else."""
     given = text
     text = text.strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         text = f"{DEFAULT_HOST}:{text}"
     parts = urlsplit("http://" + text)
     try:
-        port = parts.port
+        port = url_port(parts)
     except ValueError as exc:
         raise AgentConfigError(f"invalid --inspect {given!r}: {exc}") from exc
     host = parts.hostname
@@ -104,8 +110,8 @@ def parse_address(text: str) -> InspectAddress:
         or text.endswith(":")
     ):
         raise AgentConfigError(f"invalid --inspect {given!r}: use PORT, HOST:PORT or [IPv6]:PORT")
-    if not 0 < port < 65536:
-        raise AgentConfigError(f"invalid --inspect {given!r}: the port must be 1 to 65535")
+    if host == "localhost":
+        host = DEFAULT_HOST  # loopback whatever the resolver says, and one address to print
     return InspectAddress(host, port)
 
 

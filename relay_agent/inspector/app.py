@@ -8,7 +8,11 @@
     ...  /api/server/events...  history.py
 
 Every answer refuses a request whose Host or Origin is not the inspector's own (403,
-``address.py`` says why), and carries a Content-Security-Policy that lets the page load
+``address.py`` says why) or that a browser marks as sent by another site
+(``Sec-Fetch-Site: cross-site`` or ``same-site``, Fetch Metadata); a POST must say
+``Content-Type: application/json`` (415 otherwise), which no cross-site form can send and
+a cross-site script cannot send without a CORS preflight the inspector never grants. It
+carries a Content-Security-Policy that lets the page load
 nothing but its own files: no CDN, no inline script, works offline.
 """
 
@@ -18,6 +22,7 @@ import contextlib
 import errno
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -43,6 +48,11 @@ _SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 
+#: Fetch Metadata's ``Sec-Fetch-Site`` values for a request another site's page made
+#: (https://www.w3.org/TR/fetch-metadata/): the inspector's own page sends
+#: ``same-origin``, a typed URL or a bookmark ``none``.
+_OTHER_SITES = frozenset({"cross-site", "same-site"})
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -56,8 +66,14 @@ def create_app(inspector: Inspector, address: InspectAddress) -> web.Application
                 api_error(403, "forbidden", "this is not the inspector's address (DNS rebinding?)")
             )
         origin = request.headers.get("Origin")
-        if origin is not None and not address.allows_origin(origin):
+        if (origin is not None and not address.allows_origin(origin)) or request.headers.get(
+            "Sec-Fetch-Site", ""
+        ).lower() in _OTHER_SITES:
             return _secured(api_error(403, "forbidden", "requests from other sites are refused"))
+        if request.method == "POST" and request.content_type != "application/json":
+            return _secured(
+                api_error(415, "unsupported-media-type", "a POST to the inspector must be application/json")
+            )
         try:
             response = await handler(request)
         except web.HTTPException as exc:
@@ -78,6 +94,17 @@ def create_app(inspector: Inspector, address: InspectAddress) -> web.Application
     app.router.add_routes(history.routes)
     app.router.add_static("/static", STATIC, show_index=False, follow_symlinks=False)
     return app
+
+
+def _bind_error(failure: OSError | None) -> str:
+    """What went wrong binding, in the system's words (asyncio wraps them in its own,
+    "error while attempting to bind ..."; a name that does not resolve is a gaierror,
+    whose negative errno ``os.strerror`` does not know)."""
+    if isinstance(failure, socket.gaierror):
+        return f"cannot resolve the name ({failure.strerror})"
+    if failure is not None and failure.errno:
+        return os.strerror(failure.errno).lower()
+    return str(failure)
 
 
 def _secured(response: web.StreamResponse) -> web.StreamResponse:
@@ -119,9 +146,14 @@ async def serve(inspector: Inspector, address: InspectAddress) -> AsyncIterator[
             break
         bound = candidate
         break
+    if bound is not None and not bound.loopback:
+        log.warning(
+            "the inspector on %s is not on a loopback address: whoever can reach it can read"
+            " and replay your webhooks (it asks for no password)",
+            bound.authority,
+        )
     if runner is None:
-        # asyncio wraps the system's words in its own ("error while attempting to bind ...").
-        why = os.strerror(failure.errno).lower() if failure is not None and failure.errno else str(failure)
+        why = _bind_error(failure)
         if address.exact:
             raise AgentConfigError(f"cannot serve the inspector on {address.authority}: {why}")
         tried = address.candidates()

@@ -2,14 +2,15 @@
 
 The command reproduces the request as the agent sent it (``forward.outgoing_headers``:
 Host per ``--host-header``, hop-by-hop headers removed): the method, the target's exact
-bytes (``--path-as-is --globoff``: curl neither squashes ``/../`` nor expands ``[]``),
-every header in order, repeats included, and the body byte for byte. curl's own
-headers that the request did not have (User-Agent, Accept, and with a body
-Content-Type and Expect) are removed, and a body that came without Content-Length goes
-chunked as it did. A text body travels as an argument (``--data-raw``, which never
-reads a file); any other body as base64 decoded into curl's stdin
-(``base64 -d <<'BODY' | curl ... --data-binary @-``), so that no byte depends on the
-shell or the clipboard. Arguments holding bytes a shell line cannot carry as they are
+bytes (``--request-target``: in a URL curl would cut a ``#`` and what follows, squash
+``/../`` and percent-encode bytes that are not ASCII; ``--globoff`` keeps the brackets of
+an IPv6 address out of its globbing), every header in order, repeats included, and the
+body byte for byte. curl's own headers that the request did not have (User-Agent,
+Accept, and with a body Content-Type and Expect) are removed, and a body that came
+without Content-Length goes chunked as it did. A text body travels as an argument
+(``--data-raw``, which never reads a file); any other body as base64 decoded into curl's
+stdin (``base64 -d <<'BODY' | curl ... --data-binary @-``), so that no byte depends on
+the shell or the clipboard. Arguments holding bytes a shell line cannot carry as they are
 (controls, bytes that are not UTF-8) use bash's ``$'...'`` quoting with ``\\xNN``.
 """
 
@@ -30,14 +31,17 @@ HEREDOC = "BODY"
 _UNQUOTABLE = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def curl_command(method: str, url: bytes, headers: Headers, body: bytes, *, insecure: bool = False) -> str:
-    """The shell command sending ``method url`` with ``headers`` and ``body``; ``insecure``
-    adds ``--insecure`` (an https:// local service whose certificate the agent does not check)."""
-    args = ["curl", "--http1.1", "--globoff", "--path-as-is"]
+def curl_command(
+    method: str, base_url: str, target: bytes, headers: Headers, body: bytes, *, insecure: bool = False
+) -> str:
+    """The shell command sending ``method target`` to ``base_url`` (``http://host:port``, the
+    local service) with ``headers`` and ``body``; ``insecure`` adds ``--insecure`` (an
+    https:// local service whose certificate the agent does not check)."""
+    args = ["curl", "--http1.1", "--globoff"]
     if insecure:
         args.append("--insecure")
     args += ["--head"] if method == "HEAD" else ["-X", quote(method.encode("ascii"))]
-    args.append(quote(url))
+    args += ["--request-target", quote(target), quote(base_url.encode("utf-8", "surrogateescape"))]
     present = {name.lower() for name, _ in headers}
     for name, value in headers:
         # "Name;" is how curl sends a header with an empty value ("Name:" removes it).

@@ -4,8 +4,8 @@ GET  /api/exchanges                        {"exchanges": [SUMMARY, ...]}, newest
 GET  /api/exchanges/stream                 server-sent events: "exchange" with a SUMMARY,
                                            when one starts and when it ends
 GET  /api/exchanges/ID                     DETAIL (views.detail)
-GET  /api/exchanges/ID/request/body        the kept bytes as they are
-GET  /api/exchanges/ID/response/body
+GET  /api/exchanges/ID/request/body        the kept bytes as they are; 410 when the
+GET  /api/exchanges/ID/response/body       recorder let the body go (MAX_KEPT)
 GET  /api/exchanges/ID/curl                {"command": "curl ..."}
 POST /api/exchanges/ID/replay              edits (replay.edited) -> 202 {"exchange": SUMMARY}
 """
@@ -43,7 +43,11 @@ routes = web.RouteTableDef()
 def _exchange(request: web.Request) -> Exchange:
     """The exchange the path names. Raises ``HTTPNotFound`` (a JSON error)."""
     raw = request.match_info["id"]
-    exchange = request.app[INSPECTOR].recorder.get(int(raw)) if raw.isdigit() and len(raw) < 12 else None
+    exchange = (
+        request.app[INSPECTOR].recorder.get(int(raw))
+        if raw.isascii() and raw.isdigit() and len(raw) < 12
+        else None
+    )
     if exchange is None:
         message = f"no exchange {raw[:32]!r}: it may be older than the ones kept"
         raise web.HTTPNotFound(
@@ -98,6 +102,10 @@ async def body(request: web.Request) -> web.Response:
     else:
         capture = exchange.response
         headers = exchange.response_head.headers if exchange.response_head is not None else ()
+    if capture.dropped:
+        side = request.match_info["side"]
+        message = f"the {side} body of exchange {exchange.id} ({capture.size} bytes) is no longer kept"
+        return api_error(410, "gone", message)
     declared = header_value(headers, b"content-type")
     kind, _ = media_type(declared.decode("latin-1") if declared is not None else None)
     inline = kind in _INLINE_TYPES and header_value(headers, b"content-encoding") is None
@@ -119,11 +127,11 @@ async def curl(request: web.Request) -> web.Response:
     if (refusal := replay_refusal(exchange)) is not None:
         return api_error(409, "conflict", f"cannot copy this exchange as curl: {refusal}")
     config = request.app[INSPECTOR].service.config
-    url = config.target.url_for(exchange.head.target).encode("utf-8", "surrogateescape")
     insecure = config.target.scheme == "https" and config.forward_tls is False
     command = curl_command(
         exchange.head.method,
-        url,
+        config.target.base_url,
+        exchange.head.target,
         outgoing_headers(exchange.head, config),
         exchange.request.data(),
         insecure=insecure,

@@ -69,6 +69,9 @@ def replay_refusal(exchange: Exchange) -> str | None:
 
 
 def _body(capture: Capture, headers: Headers) -> dict[str, Any]:
+    if capture.dropped:
+        # Let go to stay within the recorder's budget: its size is all that is left.
+        return {"kind": "dropped", "size": capture.size, "shown": 0, "dropped": True}
     content_type = header_value(headers, b"content-type")
     encoding = header_value(headers, b"content-encoding")
     shown = render(
@@ -78,8 +81,6 @@ def _body(capture: Capture, headers: Headers) -> dict[str, Any]:
         complete=capture.complete,
     )
     shown["size"] = capture.size  # the whole body's, not only the kept bytes'
-    if capture.dropped:
-        shown["dropped"] = True
     return shown
 
 
@@ -92,7 +93,9 @@ def detail(exchange: Exchange) -> dict[str, Any]:
         "timing": {"response_after_ms": 3.2 or null, "duration_ms": 12.5 or null},
         "replayable": true, "why_not_replayable": null or "its body of ... bytes was not kept whole"
 
-    with BODY as ``bodies.render`` makes it (its ``size`` always the whole body's).
+    with BODY as ``bodies.render`` makes it (its ``size`` always the whole body's), or
+    ``{"kind": "dropped", "size": N, "shown": 0, "dropped": true}`` for a body the
+    recorder let go (``recorder.MAX_KEPT``).
     """
     head = exchange.head
     response = exchange.response_head

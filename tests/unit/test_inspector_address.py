@@ -26,6 +26,7 @@ from relay_agent.target import Target
         ("[::1]:5000", "::1", 5000),
         ("0.0.0.0:4040", "0.0.0.0", 4040),
         ("laptop.lan:4040", "laptop.lan", 4040),
+        ("localhost:4040", "127.0.0.1", 4040),  # loopback whatever /etc/hosts says
     ],
 )
 def test_parse_address(text: str, host: str, port: int) -> None:
@@ -38,6 +39,21 @@ def test_parse_address(text: str, host: str, port: int) -> None:
 def test_a_bad_address_names_the_option(text: str) -> None:
     with pytest.raises(AgentConfigError, match="--inspect"):
         parse_address(text)
+
+
+@pytest.mark.parametrize(
+    "text", ["99999", "host:99999", "0", "host:0", "host:abc", "host:-1", "\u00b2", "8\uff10"]
+)
+def test_a_bad_port_is_one_message(text: str) -> None:
+    """urllib's words differ by case ("out of range 0-65535", "could not be cast");
+    full-width and superscript digits are not a port."""
+    with pytest.raises(AgentConfigError) as caught:
+        parse_address(text)
+    assert str(caught.value) in (
+        f"invalid --inspect {text!r}: the port must be a number from 1 to 65535",
+        f"invalid --inspect {text!r}: use PORT, HOST:PORT or [IPv6]:PORT",
+    )
+    assert "range 0-65535" not in str(caught.value) and "cast" not in str(caught.value)
 
 
 def test_the_default_is_loopback_4040_and_the_next_ports() -> None:
@@ -119,3 +135,21 @@ async def test_no_free_default_port_means_no_inspector(
     finally:
         for sock in taken:
             sock.close()
+
+
+async def test_an_address_off_loopback_is_served_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    port = unused_port()
+    async with serve(_inspector(), InspectAddress("0.0.0.0", port)) as bound:
+        assert bound is not None and not bound.loopback
+    assert "not on a loopback address: whoever can reach it can read and replay" in caplog.text
+    caplog.clear()
+    async with serve(_inspector(), InspectAddress("127.0.0.1", unused_port())):
+        pass
+    assert "loopback" not in caplog.text
+
+
+async def test_a_name_that_does_not_resolve_says_so() -> None:
+    with pytest.raises(AgentConfigError) as caught:
+        async with serve(_inspector(), InspectAddress("nosuch.invalid", unused_port())):
+            pass
+    assert "cannot resolve the name" in str(caught.value) and "unknown error" not in str(caught.value).lower()

@@ -97,6 +97,8 @@ class Stack:
 
     async def call(self, method: str, path: str, body: Any = None, **headers: str) -> tuple[int, Any]:
         data = body if isinstance(body, bytes) else None if body is None else json.dumps(body).encode()
+        if method == "POST":
+            headers.setdefault("Content-Type", "application/json")  # as the page sends it
         async with self.client.request(method, path, data=data, headers=headers) as response:
             raw = await response.read()
             return response.status, json.loads(raw) if response.content_type == "application/json" else raw
@@ -155,6 +157,10 @@ async def stack() -> AsyncIterator[Stack]:
         ({"Origin": "http://evil.example"}, 403),
         ({"Origin": "null"}, 403),
         ({"Origin": "https://127.0.0.1:{port}"}, 403),
+        ({"Sec-Fetch-Site": "same-origin"}, 200),
+        ({"Sec-Fetch-Site": "none"}, 200),  # typed in the address bar
+        ({"Sec-Fetch-Site": "cross-site"}, 403),  # a browser without Origin on a GET
+        ({"Sec-Fetch-Site": "same-site"}, 403),  # another port or subdomain of the same site
     ],
 )
 async def test_only_the_inspectors_own_host_and_origin_are_answered(
@@ -167,6 +173,26 @@ async def test_only_the_inspectors_own_host_and_origin_are_answered(
             assert (answered, answer["error"]) == (403, "forbidden"), (method, path)
         else:
             assert answered != 403, (method, path)
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "text/plain"],
+)
+async def test_a_post_that_is_not_json_is_refused_before_it_acts(
+    stack: Stack, server: FakeServer, content_type: str | None
+) -> None:
+    """What a cross-site form (or a fetch without a preflight) can send: nothing is replayed."""
+    original = await stack.record()
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    for path in (f"/api/exchanges/{original}/replay", "/api/server/events/evt_1/replay"):
+        async with stack.client.post(
+            path, data=b"{}", headers=headers, skip_auto_headers={"Content-Type"}
+        ) as response:
+            answer = await response.json()
+            assert (response.status, answer["error"]) == (415, "unsupported-media-type"), path
+    assert len(stack.inspector.recorder.newest_first()) == 1  # no replay started
+    assert stack.seen == [] and server.calls == []
 
 
 async def test_the_page_and_its_assets_are_served_with_a_strict_policy(stack: Stack) -> None:
@@ -192,8 +218,30 @@ async def test_status_never_shows_the_token(stack: Stack) -> None:
     assert status["limits"] == {"exchanges": 500, "body": MAX_BODY}
 
 
+async def test_a_body_let_go_for_the_budget_is_gone_not_empty(stack: Stack) -> None:
+    stack.inspector.recorder.max_kept = 20  # two bodies of 15 and 2 bytes do not fit twice
+    first = await stack.record()
+    await stack.record()
+    status, shown = await stack.call("GET", f"/api/exchanges/{first}")
+    assert status == 200
+    assert shown["request"]["body"] == {"kind": "dropped", "size": 15, "shown": 0, "dropped": True}
+    assert shown["response"]["body"]["kind"] == "dropped" and shown["replayable"] is False
+    for side in ("request", "response"):
+        status, answer = await stack.call("GET", f"/api/exchanges/{first}/{side}/body")
+        assert (status, answer["error"]) == (410, "gone"), side
+
+
 async def test_an_unknown_call_is_a_json_404(stack: Stack) -> None:
-    for path in ("/api/nothing", "/api/exchanges/999", "/api/exchanges/abc", "/api/exchanges/-1/curl"):
+    await stack.record()  # exchange 1: full-width and superscript digits are not its id
+    for path in (
+        "/api/nothing",
+        "/api/exchanges/999",
+        "/api/exchanges/abc",
+        "/api/exchanges/-1/curl",
+        "/api/exchanges/\uff11",
+        "/api/exchanges/\u00b9",
+        "/api/exchanges/\u00b2/request/body",
+    ):
         status, answer = await stack.call("GET", path)
         assert status == 404 and answer["error"] == "not-found", path
 
@@ -268,7 +316,7 @@ async def test_curl_for_an_exchange_and_not_for_a_cut_one(stack: Stack) -> None:
     assert status == 200
     port = stack.inspector.service.config.target.port
     assert answer["command"].startswith(
-        f"curl --http1.1 --globoff --path-as-is -X POST http://127.0.0.1:{port}/hook"
+        f"curl --http1.1 --globoff -X POST --request-target /hook http://127.0.0.1:{port} "
     )
     assert f"-H 'Host: 127.0.0.1:{port}'" in answer["command"]  # as forwarded: --host-header rewrite
     big = await stack.record(body=b"x" * (MAX_BODY + 1))

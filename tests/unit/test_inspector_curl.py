@@ -99,9 +99,7 @@ def test_a_text_body_and_odd_headers_arrive_byte_exact() -> None:
     )
     body = b'{"a": "it\'s", "b": [1, 2]}\n'
     assert len(body) == 27
-    command = curl_command(
-        "POST", f"http://127.0.0.1:{server.port}/p/../a?b=[1]&c={{x}}".encode(), headers, body
-    )
+    command = curl_command("POST", f"http://127.0.0.1:{server.port}", b"/p/../a?b=[1]&c={x}", headers, body)
     assert "\n" not in command  # a text body keeps the command on one line
     _run(command)
     line, sent, received = server.request()
@@ -114,7 +112,7 @@ def test_a_binary_body_goes_through_base64_on_stdin() -> None:
     server = Capture()
     body = bytes(range(256)) * 3 + b"\x00\r\n\x00"
     headers = ((b"Host", b"app.test"), (b"Content-Length", str(len(body)).encode()))
-    command = curl_command("PUT", f"http://127.0.0.1:{server.port}/bin".encode(), headers, body)
+    command = curl_command("PUT", f"http://127.0.0.1:{server.port}", b"/bin", headers, body)
     assert "--data-binary @-" in command and command.startswith("base64 -d <<'BODY' | curl ")
     _run(command)
     line, sent, received = server.request()
@@ -126,7 +124,7 @@ def test_a_binary_body_goes_through_base64_on_stdin() -> None:
 def test_a_body_that_came_chunked_goes_chunked() -> None:
     server = Capture()
     body = b"x" * (MAX_ARGUMENT_BODY + 1)  # too long for an argument: stdin too
-    command = curl_command("POST", f"http://127.0.0.1:{server.port}/up".encode(), ((b"Host", b"h"),), body)
+    command = curl_command("POST", f"http://127.0.0.1:{server.port}", b"/up", ((b"Host", b"h"),), body)
     _run(command)
     _, sent, received = server.request()
     assert sent == [b"Host: h", b"Transfer-Encoding: chunked"]
@@ -146,7 +144,7 @@ def _dechunk(data: bytes) -> bytes:
 def test_a_bodiless_get_adds_no_header_of_curls_own() -> None:
     server = Capture()
     command = curl_command(
-        "GET", f"http://127.0.0.1:{server.port}/".encode(), ((b"Host", b"h"), (b"Accept", b"a/b")), b""
+        "GET", f"http://127.0.0.1:{server.port}", b"/", ((b"Host", b"h"), (b"Accept", b"a/b")), b""
     )
     _run(command)
     line, sent, received = server.request()
@@ -155,6 +153,30 @@ def test_a_bodiless_get_adds_no_header_of_curls_own() -> None:
 
 def test_head_and_insecure() -> None:
     command = curl_command(
-        "HEAD", b"https://localhost:8443/", ((b"Host", b"localhost:8443"),), b"", insecure=True
+        "HEAD", "https://localhost:8443", b"/", ((b"Host", b"localhost:8443"),), b"", insecure=True
     )
     assert " --insecure " in command and " --head " in command and "-X" not in command
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"/a#b?c",  # in a URL curl cuts at '#'
+        b"/caf\xc3\xa9/\xe2\x9c\x93",  # UTF-8: in a URL curl percent-encodes it
+        b"/caf\xe9",  # not UTF-8
+        b"/x/../y/./z",  # in a URL without --path-as-is curl squashes it
+        b"/q?a=[1]&b={x}&c=%zz|^`\\",
+    ],
+)
+def test_the_target_arrives_byte_exact(target: bytes) -> None:
+    server = Capture()
+    _run(curl_command("GET", f"http://127.0.0.1:{server.port}", target, ((b"Host", b"h"),), b""))
+    line, _, _ = server.request()
+    assert line == b"GET " + target + b" HTTP/1.1"
+
+
+def test_an_ipv6_local_service_is_not_globbed() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    command = curl_command("GET", "http://[::1]:8080", b"/", ((b"Host", b"h"),), b"")
+    assert "--globoff" in command and "'http://[::1]:8080'" in command

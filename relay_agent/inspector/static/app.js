@@ -200,10 +200,11 @@ function bodyView(body, rawUrl) {
   const header = el("div", { class: "body-meta" },
     el("span", { class: "kind" }, body.kind), ` ${size(body.size)}`,
     notes.length ? el("span", { class: "muted" }, ` — ${notes.join("; ")}`) : null,
-    rawUrl && body.size ? el("a", { href: rawUrl, class: "raw", download: "" }, "raw bytes") : null);
+    rawUrl && body.size && !body.dropped ? el("a", { href: rawUrl, class: "raw", download: "" }, "raw bytes") : null);
   let view;
   switch (body.kind) {
     case "empty": view = el("p", { class: "muted" }, "(no body)"); break;
+    case "dropped": view = el("p", { class: "muted" }, "(body no longer kept)"); break;
     case "json": view = el("div", { class: "json-tree" }, jsonTree(body.tree)); break;
     case "form": view = el("table", { class: "fields" }, el("tbody", {}, body.fields.map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, v))))); break;
     case "markup": view = markup(body.text); break;
@@ -438,7 +439,11 @@ async function showEvent(id) {
 async function redeliver(id) {
   let said;
   try {
-    const answer = await api(`/api/server/events/${encodeURIComponent(id)}/replay`, { method: "POST" });
+    const answer = await api(`/api/server/events/${encodeURIComponent(id)}/replay`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: "{}",
+    });
     said = `Redelivering ${answer.event} to ${answer.replayed.join(", ")}`;
     await loadHistory(true);
     await showEvent(id);  // its new state
