@@ -1,10 +1,12 @@
 """Small webhooks: 1 KB JSON POSTs at each concurrency, direct, live tunnel, queue tunnel.
 
-One relay-server, two ``relay-agent connect`` processes forwarding to the target:
-``bench-live`` (``--mode live``) and ``bench-queue`` (no ``--mode``: the default, queue,
-with the tunnel's default delivery concurrency). At each concurrency, in turn and back to
-back (so the baseline sees the same machine load): straight to the target, through the
-live tunnel, through the queue tunnel. A queue tunnel answers 200 when the app answered
+One relay-server, three ``relay-agent connect`` processes forwarding to the target:
+``bench-live`` (``--mode live``), ``bench-bare`` (``--mode live --no-inspect``: nothing
+recorded, what the inspector costs is the difference) and ``bench-queue`` (no ``--mode``:
+the default, queue, with the tunnel's default delivery concurrency). At each concurrency,
+in turn and back to back (so the baseline sees the same machine load): straight to the
+target, through the live tunnel and the bare one (taking turns going first), the queue
+tunnel. A queue tunnel answers 200 when the app answered
 the first (inline) attempt, 202 when it stored the webhook for later; both are accepted
 webhooks and count in req/s, and 202s are counted apart. After each queue point the
 bench waits for the stored events to reach the app, so they do not load the next point,
@@ -29,7 +31,7 @@ from ..processes import (
 )
 from . import Context, compared, point, ratio
 
-LIVE, QUEUE = "bench-live", "bench-queue"
+LIVE, BARE, QUEUE = "bench-live", "bench-bare", "bench-queue"
 #: Seconds the queue tunnel's stored webhooks (202s) get to reach the app after a point.
 DRAIN_TIMEOUT = 60.0
 PATH = "/hook"
@@ -37,7 +39,7 @@ PATH = "/hook"
 
 def budget(config: BenchConfig) -> float:
     per_point = config.warmup + config.duration + 2 * GRACE
-    return 2 * READY_TIMEOUT + len(config.concurrency) * (3 * per_point + DRAIN_TIMEOUT)
+    return 2 * READY_TIMEOUT + len(config.concurrency) * (4 * per_point + DRAIN_TIMEOUT)
 
 
 async def run(ctx: Context) -> dict[str, Any]:
@@ -47,19 +49,26 @@ async def run(ctx: Context) -> dict[str, Any]:
     try:
         token = create_token(procs, server.data_dir, "bench")  # may claim bench and bench-*
         live = start_agent(procs, server, token, target, [LIVE], mode="live", extra=cfg.agent_args)
+        bare = start_agent(
+            procs, server, token, target, [BARE], mode="live", extra=["--no-inspect", *cfg.agent_args]
+        )
         queue = start_agent(procs, server, token, target, [QUEUE], extra=cfg.agent_args)
-        started += [live, queue]
-        await wait_for_agents(procs, ctx.http, server, [LIVE, QUEUE], [live, queue])
+        started += [live, bare, queue]
+        await wait_for_agents(procs, ctx.http, server, [LIVE, BARE, QUEUE], [live, bare, queue])
         body = payload(cfg.small_body)
         paths = [
             ("direct", target.url(""), target.forward, None),
             ("live", server.base, server.host(LIVE), live),
+            ("bare", server.base, server.host(BARE), bare),
             ("queue", server.base, server.host(QUEUE), queue),
         ]
         points: list[dict[str, Any]] = []
-        for concurrency in cfg.concurrency:
+        for index, concurrency in enumerate(cfg.concurrency):
             row: dict[str, Any] = {"concurrency": concurrency}
-            for name, base, host, agent in paths:
+            # live and bare take turns going first: whichever follows another point runs
+            # on a machine in a slightly different state, and their difference is small.
+            order = paths if index % 2 == 0 else [paths[0], paths[2], paths[1], paths[3]]
+            for name, base, host, agent in order:
                 label = f"small-{name}-c{concurrency}"
                 load = Load(base, PATH, (host,), body, concurrency)
                 events_before = await target.events(ctx.http)
@@ -99,6 +108,7 @@ async def run(ctx: Context) -> dict[str, Any]:
             "duration_s": cfg.duration,
             "warmup_s": cfg.warmup,
             "live_tunnel": LIVE,
+            "bare_tunnel": BARE,
             "queue_tunnel": QUEUE,
             "points": points,
         }

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from bench import cpu, report
 from bench.cli import config_from, parser
 from bench.load import payload
@@ -74,3 +76,32 @@ def test_a_live_error_misses_its_goal_whatever_the_ratio() -> None:
     doc["small"]["points"][0]["live"]["errors"] = 1  # type: ignore[index]
     judged = {g.goal: g for g in report.goals(doc)}
     assert judged["live >= 0.19 x direct at c=16, zero errors"].passed is False
+
+
+def _cpu(agent_ms: float, requests: int) -> dict[str, object]:
+    return {"requests": requests, "cpu_ms_per_request": {"server": 0.3, "agent": agent_ms, "target": 0.1}}
+
+
+@pytest.mark.parametrize(
+    ("live", "bare", "passed"),
+    [
+        ([(0.21, 1000), (0.20, 3000)], [(0.20, 1000), (0.20, 3000)], True),  # +1.2%
+        ([(0.30, 1000), (0.24, 3000)], [(0.20, 1000), (0.20, 3000)], False),  # +27.5%
+        ([(0.19, 1000)], [(0.20, 1000)], True),  # cheaper with it: noise
+    ],
+)
+def test_the_inspector_goal_weighs_the_agents_cpu_by_requests(
+    live: list[tuple[float, int]], bare: list[tuple[float, int]], passed: bool
+) -> None:
+    points = [
+        {"concurrency": c, "live": _cpu(*with_it), "bare": _cpu(*without)}
+        for c, with_it, without in zip((1, 16, 64), live, bare, strict=False)
+    ]
+    goal = report.inspector_goal(points)
+    assert goal.passed is passed, goal
+
+
+def test_a_run_without_a_bare_tunnel_does_not_judge_the_inspector() -> None:
+    doc = {"small": _small([(16, 1000, 900, 800)])}
+    (goal,) = [g for g in report.goals(doc) if g.goal.startswith("inspector")]
+    assert goal.passed is None and goal.value == "not measured"

@@ -40,9 +40,9 @@ def test_smoke_run_measures_every_scenario_and_writes_json(tmp_path: Path) -> No
     small = doc["small"]
     assert [p["concurrency"] for p in small["points"]] == [1, 16]
     for p in small["points"]:
-        for path in ("direct", "live", "queue"):
+        for path in ("direct", "live", "bare", "queue"):
             assert p[path]["requests"] > 0, (path, p[path])
-        for path in ("live", "queue"):
+        for path in ("live", "bare", "queue"):
             assert p[path]["ratio"] is not None
             assert set(p[path]["cpu_ms_per_request"]) == {"server", "agent", "target"}
         assert p["queue"]["lost"] == 0, p["queue"]
@@ -64,4 +64,5 @@ def test_smoke_run_measures_every_scenario_and_writes_json(tmp_path: Path) -> No
 
     goals = {g["goal"]: g for g in doc["goals"]}
     assert any(g.startswith("live >= 0.19") for g in goals)
+    assert any(g.startswith("inspector costs the agent") for g in goals)
     assert "Goals" in result.stdout and "Small webhooks" in result.stdout
