@@ -137,8 +137,10 @@ def _text(body: bytes, charset: str | None) -> tuple[str, bool]:
             return body.decode(codec), False
         except UnicodeDecodeError:
             break  # the declared charset is wrong or the bytes are not text
-        except LookupError:
-            continue  # a charset Python does not know
+        except (LookupError, UnicodeError, TypeError, ValueError):
+            # A charset Python does not know, or one that is no text codec for bytes
+            # ("undefined" and "punycode" raise UnicodeError, others TypeError).
+            continue
     return body.decode("utf-8", "replace"), True
 
 

@@ -146,6 +146,8 @@ async def replay(request: web.Request) -> web.Response:
     raw = await request.read()  # at most MAX_REPLAY_REQUEST (client_max_size), else 413
     try:
         edits = json.loads(raw) if raw.strip() else {}
+    except RecursionError:
+        return api_error(400, "bad-request", "the replay's edits are nested too deeply")
     except ValueError as exc:
         return api_error(400, "bad-request", f"the replay's edits are not JSON: {exc}")
     try:

@@ -218,6 +218,14 @@ async def test_status_never_shows_the_token(stack: Stack) -> None:
     assert status["limits"] == {"exchanges": 500, "body": MAX_BODY}
 
 
+async def test_edits_nested_too_deeply_are_a_400(stack: Stack) -> None:
+    original = await stack.record()
+    status, answer = await stack.call(
+        "POST", f"/api/exchanges/{original}/replay", b"[" * 200_000 + b"]" * 200_000
+    )
+    assert (status, answer["error"]) == (400, "bad-request") and stack.seen == []
+
+
 async def test_a_body_let_go_for_the_budget_is_gone_not_empty(stack: Stack) -> None:
     stack.inspector.recorder.max_kept = 20  # two bodies of 15 and 2 bytes do not fit twice
     first = await stack.record()

@@ -160,3 +160,9 @@ def test_the_hex_dump_shows_offsets_bytes_and_ascii_up_to_its_cap() -> None:
 )
 def test_media_type(header: str | None, parsed: tuple[str, dict[str, str]]) -> None:
     assert media_type(header) == parsed
+
+
+@pytest.mark.parametrize("charset", ["undefined", "punycode", "rot13", "base64", "idna", "zlib", "no-such"])
+def test_a_charset_that_is_no_text_codec_never_breaks_the_view(charset: str) -> None:
+    shown = render(b"hello", f"text/plain; charset={charset}")
+    assert shown["kind"] in ("text", "hex") and shown["size"] == 5  # shown, not a 500
