@@ -286,19 +286,9 @@ class Deliveries:
         """The body (at most ``max_body`` + 1 bytes), and the bytes of budget now reserved
         for it. Raises ``_BodyRefused`` (its budget given back) when the sender is too slow
         or, without a Content-Length, the budget runs out."""
-        content = request.content
-        unknown_length = request.content_length is None
-        if content.is_eof() and not content.exception():
-            # The whole body came with the head (a typical webhook): no wait, no timer.
-            body = content.read_nowait(self.config.max_body + 1)
-            if unknown_length:
-                if not self.bodies.take(len(body)):
-                    self.bodies.give(reserved)
-                    raise _BodyRefused(_busy())
-                reserved += len(body)
-            return body, reserved
         chunks: list[bytes] = []
         size = 0
+        unknown_length = request.content_length is None
         try:
             async with asyncio.timeout(self.config.body_timeout):
                 while size <= self.config.max_body and (

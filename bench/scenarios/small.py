@@ -6,9 +6,9 @@ recorded, what the inspector costs is the difference) and ``bench-queue`` (no ``
 the default, queue, with the tunnel's default delivery concurrency). At each concurrency,
 in turn and back to back (so the baseline sees the same machine load): straight to the
 target, through the live tunnel and the bare one (taking turns going first), the queue
-tunnel. A queue tunnel answers 200 when the app answered
-the first (inline) attempt, 202 when it stored the webhook for later; both are accepted
-webhooks and count in req/s, and 202s are counted apart. After each queue point the
+tunnel. A queue tunnel answers 200 when the app answered the first (inline) attempt, 202
+when it stored the webhook for later; both are accepted webhooks and count in req/s, and
+202s are counted apart. After each queue point the
 bench waits for the stored events to reach the app, so they do not load the next point,
 and checks that every webhook answered 2xx reached it (distinct ``X-Relay-Event-Id``).
 """

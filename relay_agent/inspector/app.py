@@ -65,10 +65,7 @@ def create_app(inspector: Inspector, address: InspectAddress) -> web.Application
             return _secured(
                 api_error(403, "forbidden", "this is not the inspector's address (DNS rebinding?)")
             )
-        origin = request.headers.get("Origin")
-        if (origin is not None and not address.allows_origin(origin)) or request.headers.get(
-            "Sec-Fetch-Site", ""
-        ).lower() in _OTHER_SITES:
+        if _from_another_site(request, address):
             return _secured(api_error(403, "forbidden", "requests from other sites are refused"))
         if request.method == "POST" and request.content_type != "application/json":
             return _secured(
@@ -94,6 +91,14 @@ def create_app(inspector: Inspector, address: InspectAddress) -> web.Application
     app.router.add_routes(history.routes)
     app.router.add_static("/static", STATIC, show_index=False, follow_symlinks=False)
     return app
+
+
+def _from_another_site(request: web.Request, address: InspectAddress) -> bool:
+    """A browser says another site's page made ``request``: by its Origin, or Fetch Metadata."""
+    origin = request.headers.get("Origin")
+    if origin is not None and not address.allows_origin(origin):
+        return True
+    return request.headers.get("Sec-Fetch-Site", "").lower() in _OTHER_SITES
 
 
 def _bind_error(failure: OSError | None) -> str:

@@ -137,7 +137,7 @@ def _text(body: bytes, charset: str | None) -> tuple[str, bool]:
             return body.decode(codec), False
         except UnicodeDecodeError:
             break  # the declared charset is wrong or the bytes are not text
-        except (LookupError, UnicodeError, TypeError, ValueError):
+        except (LookupError, TypeError, ValueError):
             # A charset Python does not know, or one that is no text codec for bytes
             # ("undefined" and "punycode" raise UnicodeError, others TypeError).
             continue
