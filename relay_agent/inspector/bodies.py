@@ -29,13 +29,11 @@ they apply, ``truncated`` (only the first ``recorder.MAX_BODY`` bytes were kept)
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import json
 import re
 import zlib
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
 #: Bytes of a hex dump: 2,048 lines of 16 bytes is what a person scrolls through; the
 #: raw bytes of the whole kept body stay a click away.
@@ -43,8 +41,18 @@ MAX_HEX = 32 * 1024
 #: Nesting a JSON tree may have: deeper documents (``[[[[...]]]]``) are shown as text,
 #: which neither a reader nor the page's recursive drawing gets lost in.
 MAX_JSON_DEPTH = 100
+#: Values a JSON tree may have: a document of records takes 20 bytes or more a value, so
+#: any such body within ``recorder.MAX_BODY`` fits; a megabyte of ``[],[],...`` (350,000
+#: values) is shown as text, which the page draws at once (as a tree it was 8 MB of
+#: JSON and half a minute of a browser's time).
+MAX_JSON_NODES = 100_000
 #: Fields shown of a form: more than a table anyone reads.
 MAX_FORM_FIELDS = 1000
+#: Length of a multipart boundary: RFC 2046 §5.1.1 allows 1 to 70 characters.
+MAX_BOUNDARY = 70
+#: Bytes of one multipart part's header lines: a name, a filename and a type take a few
+#: hundred; a part whose headers do not end within this is not shown as a form.
+MAX_PART_HEAD = 8 * 1024
 #: Bytes a compressed body may grow to when it is decoded for display: as much as the
 #: recorder keeps of a body (a zip bomb stops there).
 MAX_DECODED = 1024 * 1024
@@ -109,10 +117,12 @@ def render(
         if tree is not None:
             return {**shown, "kind": "json", "shown": len(body), "tree": tree}
     if complete and kind == "application/x-www-form-urlencoded":
-        fields = parse_qsl(text, keep_blank_values=True, max_num_fields=None)[:MAX_FORM_FIELDS]
+        # Only the fields shown are parsed: 500,000 ``&`` cost nothing then.
+        first = "&".join(text.split("&", MAX_FORM_FIELDS)[:MAX_FORM_FIELDS])
+        fields = parse_qsl(first, keep_blank_values=True, max_num_fields=None)
         return {**shown, "kind": "form", "shown": len(body), "fields": [list(f) for f in fields]}
     if complete and kind == "multipart/form-data" and "boundary" in params:
-        parts = _multipart(body, content_type or "")
+        parts = _multipart(body, params["boundary"])
         if parts is not None:
             return {**shown, "kind": "form", "shown": len(body), "fields": parts}
     is_markup = kind in ("text/xml", "application/xml", "text/html") or kind.endswith("+xml")
@@ -169,7 +179,7 @@ class _Object:
 def _json(text: str) -> list[Any] | None:
     """The document as a tree of nodes (see the module's docstring); None if ``text`` is
     not strict JSON (NaN and Infinity are not: the page's own parser would refuse them)
-    or is nested deeper than ``MAX_JSON_DEPTH``."""
+    or is larger than a tree is worth (``MAX_JSON_DEPTH``, ``MAX_JSON_NODES``)."""
     try:
         value = json.loads(
             text,
@@ -180,7 +190,7 @@ def _json(text: str) -> list[Any] | None:
         )
     except (ValueError, RecursionError):
         return None
-    return _node(value) if _depth(value) <= MAX_JSON_DEPTH else None
+    return _node(value) if _fits_tree(value) else None
 
 
 def _node(value: Any) -> list[Any]:
@@ -198,44 +208,98 @@ def _node(value: Any) -> list[Any]:
     return ["string", value]
 
 
-def _depth(value: Any) -> int:
-    """Levels of a parsed document (a scalar is 1), counted without recursion."""
-    depth, level = 0, [value]
+def _fits_tree(value: Any) -> bool:
+    """Whether a parsed document is at most ``MAX_JSON_DEPTH`` levels deep and has at
+    most ``MAX_JSON_NODES`` values; walked level by level, without recursion, and given up
+    on as soon as it is too large."""
+    depth, count, level = 0, 1, [value]
     while level:
         depth += 1
-        level = [
+        if depth > MAX_JSON_DEPTH:
+            return False
+        children = [
             child
             for item in level
             if isinstance(item, _Object | list)
             for child in ([v for _, v in item.pairs] if isinstance(item, _Object) else item)
-            if isinstance(child, _Object | list)
         ]
-    return depth
+        count += len(children)
+        if count > MAX_JSON_NODES:
+            return False
+        level = [child for child in children if isinstance(child, _Object | list)]
+    return True
 
 
-def _multipart(body: bytes, content_type: str) -> list[list[str]] | None:
-    """A multipart/form-data body's fields: text values as they are, files as a line
-    saying their name, type and size. None if it does not parse as multipart."""
-    parser = email.parser.BytesParser(policy=email.policy.HTTP)
-    message = parser.parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n" + body
-    )
-    if not message.is_multipart():
+def _multipart(body: bytes, boundary: str) -> list[list[str]] | None:
+    """A multipart/form-data body's fields (RFC 7578, delimiters as RFC 2046 §5.1.1 has
+    them): text values as they are, files as a line saying their name, type and size.
+    None if it does not parse as multipart. Linear in the body, and it stops after
+    ``MAX_FORM_FIELDS`` parts: a hostile body costs what reading it once costs (Python's
+    email parser spent minutes on 190,000 parameters in one part's header)."""
+    if not 1 <= len(boundary) <= MAX_BOUNDARY:
+        return None
+    # A delimiter is CRLF "--" boundary at the start of a line; the body's first may
+    # have no CRLF before it.
+    pieces = (b"\r\n" + body).split(b"\r\n--" + boundary.encode("latin-1", "replace"), MAX_FORM_FIELDS + 1)
+    if len(pieces) < 2:
         return None
     fields: list[list[str]] = []
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        filename = part.get_filename()
-        payload = part.get_payload(decode=True)
-        data = payload if isinstance(payload, bytes) else b""
+    for piece in pieces[1 : MAX_FORM_FIELDS + 1]:
+        if piece.startswith(b"--"):
+            break  # the close delimiter
+        # Transport padding (RFC 2046: spaces or tabs) ends the delimiter's line.
+        line_end = piece.find(b"\r\n", 0, MAX_PART_HEAD)
+        head_end = piece.find(b"\r\n\r\n", line_end, MAX_PART_HEAD)
+        if line_end < 0 or piece[:line_end].strip(b" \t") or head_end < 0:
+            return None
+        headers = _part_headers(piece[line_end + 2 : head_end])
+        data = piece[head_end + 4 :]
+        disposition = _parameters(headers.get("content-disposition", ""))
+        content_type = media_type(headers.get("content-type"))[0] or "text/plain"
+        filename = disposition.get("filename")
         if filename is not None:
-            value = f"(file {filename}, {part.get_content_type()}, {len(data)} bytes)"
+            value = f"(file {filename}, {content_type}, {len(data)} bytes)"
         else:
             value = data.decode("utf-8", "replace")
-        fields.append([str(name) if name is not None else "", value])
-        if len(fields) >= MAX_FORM_FIELDS:
-            break
+        fields.append([disposition.get("name", ""), value])
     return fields
+
+
+def _part_headers(block: bytes) -> dict[str, str]:
+    """A part's header lines as ``{lowercased name: value}`` (the first of a repeat)."""
+    headers: dict[str, str] = {}
+    for line in block.decode("utf-8", "replace").split("\r\n"):
+        name, colon, value = line.partition(":")
+        if colon:
+            headers.setdefault(name.strip().lower(), value.strip())
+    return headers
+
+
+# ``; key=value`` or ``; key="quoted \" value"`` after a header's first token.
+_PARAMETER = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
+
+
+# The charsets of an ``ext-value`` RFC 8187 §3.2.1 has recipients know.
+_EXT_CHARSETS = ("utf-8", "iso-8859-1")
+
+
+def _parameters(value: str) -> dict[str, str]:
+    """A ``Content-Disposition``'s parameters (RFC 6266 §4.1): ``{"name": ..., "filename":
+    ...}``, names lowercased, quoted strings unquoted, and an ``ext-value`` such as
+    ``filename*=UTF-8''na%C3%AFve.txt`` (RFC 8187) decoded in place of the plain one."""
+    found: dict[str, str] = {}
+    for match in _PARAMETER.finditer(value):
+        key, raw = match.group(1).lower(), match.group(2).strip()
+        if len(raw) >= 2 and raw[0] == raw[-1] == '"':
+            raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
+        if key.endswith("*"):
+            charset, _, rest = raw.partition("'")
+            _, _, encoded = rest.partition("'")
+            if charset.lower() in _EXT_CHARSETS:  # else the plain parameter stays
+                found[key[:-1]] = unquote(encoded, encoding=charset, errors="replace")
+        else:
+            found.setdefault(key, raw)
+    return found
 
 
 def _decompress(body: bytes, encoding: str) -> bytes | None:

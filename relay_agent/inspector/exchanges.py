@@ -24,8 +24,8 @@ from .bodies import media_type
 from .curl import curl_command
 from .recorder import MAX_BODY, Exchange
 from .replay import EditRefused, edited, start_replay
-from .state import INSPECTOR, api_error, json_answer
-from .views import detail, replay_refusal, summary
+from .state import INSPECTOR, api_error
+from .views import detail, detail_json, replay_refusal, summary
 
 #: Seconds between two comments on a quiet event stream: a page that went away is
 #: noticed (the write fails), and no proxy in between takes the stream for dead.
@@ -91,7 +91,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
 
 @routes.get("/api/exchanges/{id}")
 async def show(request: web.Request) -> web.Response:
-    return json_answer(detail(_exchange(request)))
+    view = detail(_exchange(request))
+    return web.Response(text=await asyncio.to_thread(detail_json, view), content_type="application/json")
 
 
 @routes.get("/api/exchanges/{id}/{side:request|response}/body")

@@ -25,7 +25,9 @@ from relay_protocol import RelayError
 
 from .. import api_client
 from .bodies import render
-from .state import INSPECTOR, Inspector, api_error, json_answer
+from .recorder import MAX_BODY
+from .state import INSPECTOR, Inspector, api_error
+from .views import strict_dumps
 
 #: Events per page of the history: a screenful, fetched again as the page scrolls.
 HISTORY_PAGE = 50
@@ -39,19 +41,24 @@ routes = web.RouteTableDef()
 
 async def _call(inspector: Inspector, method: str, path: str, with_view: bool = False) -> web.Response:
     config = inspector.service.config
+
+    def fetch() -> str:
+        # In a thread: the call waits on the network, and an event's body (up to the
+        # server's 10 MiB) is decoded, rendered and encoded again.
+        answer: Any = api_client.call(config.server, config.token, method, path, None, config.tls)
+        if with_view and isinstance(answer, dict):
+            answer["body_view"] = _body_view(answer)
+        return strict_dumps(answer)
+
     try:
-        answer: Any = await asyncio.to_thread(
-            api_client.call, config.server, config.token, method, path, None, config.tls
-        )
+        text = await asyncio.to_thread(fetch)
     except api_client.ApiError as exc:
         if exc.status is not None and 400 <= exc.status < 500 and exc.status != 401:
             return api_error(exc.status, "server-refused", str(exc))
         return api_error(502, "server-unavailable", f"the relay server: {exc}")
     except RelayError as exc:
         return api_error(502, "server-unavailable", f"the relay server: {exc}")
-    if with_view and isinstance(answer, dict):
-        answer["body_view"] = _body_view(answer)
-    return json_answer(answer, status=202 if method == "POST" else 200)
+    return web.Response(text=text, status=202 if method == "POST" else 200, content_type="application/json")
 
 
 @routes.get("/api/server/events")
@@ -92,13 +99,19 @@ async def event(request: web.Request) -> web.Response:
 
 
 def _body_view(event: dict[str, Any]) -> dict[str, Any]:
+    """The event's body as the page shows an exchange's: its first ``MAX_BODY`` bytes
+    (the server keeps up to 10 MiB; a view of the rest is the raw bytes' job)."""
     text = str(event.get("body", ""))
     try:
         body = base64.b64decode(text) if event.get("body_encoding") == "base64" else text.encode("utf-8")
     except (ValueError, binascii.Error):
         body = text.encode("utf-8", "replace")
     headers = {str(k).lower(): str(v) for k, v in event.get("headers", [])}
-    return render(body, headers.get("content-type"), headers.get("content-encoding"))
+    complete = len(body) <= MAX_BODY
+    kept = body[:MAX_BODY]
+    shown = render(kept, headers.get("content-type"), headers.get("content-encoding"), complete=complete)
+    shown["size"] = len(body)
+    return shown
 
 
 @routes.post("/api/server/events/{id}/replay")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import json
 from typing import Any
 
 from aiohttp import web
@@ -50,14 +48,6 @@ class Inspector:
 
 
 INSPECTOR = web.AppKey("inspector", Inspector)
-
-#: The API's JSON: strict, never NaN or Infinity (the page's parser refuses them).
-strict_dumps = functools.partial(json.dumps, allow_nan=False)
-
-
-def json_answer(data: Any, status: int = 200) -> web.Response:
-    """An answer of the API: ``data`` as strict JSON."""
-    return web.json_response(data, status=status, dumps=strict_dumps)
 
 
 def api_error(status: int, code: str, message: str) -> web.Response:

@@ -9,6 +9,8 @@ surrogate, ``\\udcXX``), so an edited replay sends back exactly the bytes it was
 
 from __future__ import annotations
 
+import functools
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,6 +19,9 @@ from relay_protocol.heads import Headers
 
 from .bodies import render
 from .recorder import Capture, Exchange
+
+#: The API's JSON: strict, never NaN or Infinity (the page's parser refuses them).
+strict_dumps = functools.partial(json.dumps, allow_nan=False)
 
 
 def text(data: bytes) -> str:
@@ -68,20 +73,31 @@ def replay_refusal(exchange: Exchange) -> str | None:
     return None
 
 
-def _body(capture: Capture, headers: Headers) -> dict[str, Any]:
-    if capture.dropped:
-        # Let go to stay within the recorder's budget: its size is all that is left.
-        return {"kind": "dropped", "size": capture.size, "shown": 0, "dropped": True}
-    content_type = header_value(headers, b"content-type")
-    encoding = header_value(headers, b"content-encoding")
-    shown = render(
-        capture.data(),
-        content_type.decode("latin-1") if content_type is not None else None,
-        encoding.decode("latin-1") if encoding is not None else None,
-        complete=capture.complete,
-    )
-    shown["size"] = capture.size  # the whole body's, not only the kept bytes'
-    return shown
+class BodySource:
+    """A body as it stood when the page asked: what ``render`` needs, taken on the event
+    loop (the recorder keeps adding to a running exchange's), rendered later in a thread:
+    ``render`` is linear in the body, but a megabyte of JSON still takes a quarter
+    second the tunnel's streams should not wait for."""
+
+    __slots__ = ("complete", "content_type", "data", "dropped", "encoding", "size")
+
+    def __init__(self, capture: Capture, headers: Headers) -> None:
+        self.dropped = capture.dropped
+        self.size = capture.size
+        self.complete = capture.complete
+        self.data = b"" if capture.dropped else capture.data()
+        content_type = header_value(headers, b"content-type")
+        encoding = header_value(headers, b"content-encoding")
+        self.content_type = content_type.decode("latin-1") if content_type is not None else None
+        self.encoding = encoding.decode("latin-1") if encoding is not None else None
+
+    def view(self) -> dict[str, Any]:
+        if self.dropped:
+            # Let go to stay within the recorder's budget: its size is all that is left.
+            return {"kind": "dropped", "size": self.size, "shown": 0, "dropped": True}
+        shown = render(self.data, self.content_type, self.encoding, complete=self.complete)
+        shown["size"] = self.size  # the whole body's, not only the kept bytes'
+        return shown
 
 
 def detail(exchange: Exchange) -> dict[str, Any]:
@@ -93,9 +109,9 @@ def detail(exchange: Exchange) -> dict[str, Any]:
         "timing": {"response_after_ms": 3.2 or null, "duration_ms": 12.5 or null},
         "replayable": true, "why_not_replayable": null or "its body of ... bytes was not kept whole"
 
-    with BODY as ``bodies.render`` makes it (its ``size`` always the whole body's), or
-    ``{"kind": "dropped", "size": N, "shown": 0, "dropped": true}`` for a body the
-    recorder let go (``recorder.MAX_KEPT``).
+    with BODY a ``BodySource`` until ``detail_json`` renders it: as ``bodies.render``
+    makes it (its ``size`` always the whole body's), or ``{"kind": "dropped", "size": N,
+    "shown": 0, "dropped": true}`` for a body the recorder let go (``recorder.MAX_KEPT``).
     """
     head = exchange.head
     response = exchange.response_head
@@ -107,14 +123,14 @@ def detail(exchange: Exchange) -> dict[str, Any]:
             "method": head.method,
             "target": text(head.target),
             "headers": headers_json(head.headers),
-            "body": _body(exchange.request, head.headers),
+            "body": BodySource(exchange.request, head.headers),
         },
         "response": None
         if response is None
         else {
             "status": response.status,
             "headers": headers_json(response.headers),
-            "body": _body(exchange.response, response.headers),
+            "body": BodySource(exchange.response, response.headers),
         },
         "timing": {
             "response_after_ms": milliseconds(exchange.response_after),
@@ -123,3 +139,11 @@ def detail(exchange: Exchange) -> dict[str, Any]:
         "replayable": refusal is None,
         "why_not_replayable": refusal,
     }
+
+
+def detail_json(view: dict[str, Any]) -> str:
+    """``detail``'s view with its bodies rendered, as strict JSON: called in a thread."""
+    for side in (view["request"], view["response"]):
+        if side is not None:
+            side["body"] = side["body"].view()
+    return strict_dumps(view)

@@ -564,3 +564,20 @@ async def test_a_number_too_large_for_a_float_is_strict_json_shown_as_written(
     async with stack.client.get("/api/server/events/evt_1") as response:
         event = _strict(await response.read())
     assert event["body_view"]["tree"][1][0] == ["a", ["number", "1e400"]]
+
+
+async def test_a_stored_body_larger_than_the_recorders_is_shown_by_its_start(
+    stack: Stack, server: FakeServer
+) -> None:
+    # The server keeps up to 10 MiB of an event; the view renders what an exchange's
+    # would, the first MAX_BODY bytes, and says the rest was not shown.
+    server.event_body = "x" * (MAX_BODY + 1)
+    status, event = await stack.call("GET", "/api/server/events/evt_1")
+    view = event["body_view"]
+    assert status == 200
+    assert (view["kind"], view["size"], view["truncated"], len(view["text"])) == (
+        "text",
+        MAX_BODY + 1,
+        True,
+        MAX_BODY,
+    )

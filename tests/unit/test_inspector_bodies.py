@@ -9,7 +9,14 @@ from typing import Any
 
 import pytest
 
-from relay_agent.inspector.bodies import MAX_HEX, MAX_JSON_DEPTH, media_type, render
+from relay_agent.inspector.bodies import (
+    MAX_FORM_FIELDS,
+    MAX_HEX,
+    MAX_JSON_DEPTH,
+    MAX_JSON_NODES,
+    media_type,
+    render,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(32))
 
@@ -108,6 +115,76 @@ def test_multipart_fields_and_files() -> None:
         ["note", "hello there"],
         ["upload", "(file a.bin, application/octet-stream, 3 bytes)"],
     ]
+
+
+def _part(disposition: bytes, value: bytes = b"v", extra: bytes = b"") -> bytes:
+    return (
+        b"--b\r\nContent-Disposition: form-data" + disposition + b"\r\n" + extra + b"\r\n" + value + b"\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("disposition", "field"),
+    [
+        (b'; name="a;b"', ["a;b", "v"]),  # a quoted ";" is the name's
+        (b'; name="say \\"hi\\""', ['say "hi"', "v"]),  # quoted-pair (RFC 9110 §5.6.4)
+        (b"; NAME=plain ; other=1", ["plain", "v"]),
+        (b"", ["", "v"]),
+        (b"; name=f; filename*=UTF-8''na%C3%AFve.txt", ["f", "(file naïve.txt, text/plain, 1 bytes)"]),
+        (
+            b"; name=f; filename=\"a.txt\"; filename*=x-nope''b.txt",
+            ["f", "(file a.txt, text/plain, 1 bytes)"],
+        ),
+    ],
+)
+def test_multipart_parameters(disposition: bytes, field: list[str]) -> None:
+    shown = render(_part(disposition) + b"--b--\r\n", "multipart/form-data; boundary=b")
+    assert (shown["kind"], shown["fields"]) == ("form", [field])
+
+
+def test_multipart_padding_preamble_and_epilogue() -> None:
+    body = b"preamble\r\n--b \t\r\nContent-Disposition: form-data; name=a\r\n\r\none\r\n--b--\r\nepilogue"
+    assert render(body, "multipart/form-data; boundary=b")["fields"] == [["a", "one"]]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # Found by an attacker: 190,000 parameters in one part's header took Python's
+        # email parser 70 s on the agent's loop, and the server dropped the agent.
+        _part(b'; name="x"' + b"; a=b" * 190_000),
+        _part(b'; name="x"', extra=b"X-Long: " + b"y" * 10_000 + b"\r\n"),
+        b"--b\r\nContent-Disposition: form-data; name=x\r\nno blank line",
+        b"--bb\r\nContent-Disposition: form-data; name=x\r\n\r\nv\r\n--bb--",  # another boundary
+    ],
+)
+def test_multipart_that_does_not_parse_within_bounds_is_text(body: bytes) -> None:
+    assert render(body, "multipart/form-data; boundary=b")["kind"] == "text"
+
+
+def test_multipart_and_url_encoded_forms_stop_at_the_fields_shown() -> None:
+    many = _part(b"; name=x") * 80_000 + b"--b--\r\n"
+    assert len(render(many, "multipart/form-data; boundary=b")["fields"]) == MAX_FORM_FIELDS
+    amps = render(b"a=1&" * 500_000, "application/x-www-form-urlencoded")
+    assert amps["fields"] == [["a", "1"]] * MAX_FORM_FIELDS
+
+
+def test_a_boundary_longer_than_rfc_2046_allows_is_no_form() -> None:
+    boundary = "b" * 71
+    body = f"--{boundary}\r\nContent-Disposition: form-data; name=a\r\n\r\nv\r\n--{boundary}--".encode()
+    assert render(body, f"multipart/form-data; boundary={boundary}")["kind"] == "text"
+    assert (
+        render(body.replace(b"b" * 71, b"b" * 70), "multipart/form-data; boundary=" + "b" * 70)["kind"]
+        == "form"
+    )
+
+
+def test_json_with_more_values_than_a_tree_is_worth_is_text() -> None:
+    fits = b"[" + b"0," * (MAX_JSON_NODES - 2) + b"0]"  # the array and its items
+    assert render(fits, "application/json")["kind"] == "json"
+    assert render(b"[0," + fits[1:], "application/json")["kind"] == "text"
+    empties = b"[" + b"[]," * 349_000 + b"[]]"  # a megabyte: 8 MB as a tree
+    assert render(empties, "application/json")["kind"] == "text"
 
 
 def test_bytes_that_are_not_utf8_never_break_a_text() -> None:
