@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import re
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -30,6 +31,9 @@ from .views import replay_refusal
 #: Bytes of an edited body: what the recorder keeps of one, so that a replay can always
 #: be shown, replayed again and copied as curl.
 MAX_EDITED_BODY = MAX_BODY
+# Controls a header value may not hold (RFC 9110 §5.5: field-content is visible
+# characters, space, tab and obs-text); CR, LF and NUL have ``RequestHead``'s own words.
+_CONTROL = re.compile(r"[\x01-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _FIELDS = frozenset({"method", "target", "headers", "body", "body_base64"})
 
 
@@ -76,6 +80,8 @@ def edited(original: Exchange, edits: Any) -> tuple[RequestHead, bytes]:
     method = _string(edits, "method", head.method)
     target = _target(_string(edits, "target", "")) if "target" in edits else head.target
     headers = _headers(edits["headers"]) if "headers" in edits else head.headers
+    if is_websocket_upgrade(method, headers):
+        raise EditRefused(400, "an edited replay cannot be a websocket upgrade: drop Upgrade or Connection")
     if "body" in edits and "body_base64" in edits:
         raise EditRefused(400, "give body or body_base64, not both")
     if "body" in edits:
@@ -93,6 +99,12 @@ def edited(original: Exchange, edits: Any) -> tuple[RequestHead, bytes]:
         raise EditRefused(413, f"a body of {len(body)} bytes is over the limit of {MAX_EDITED_BODY}")
     event_id = head.event_id
     if edits:
+        if _names_framing(headers):
+            raise EditRefused(
+                400,
+                "Connection cannot name Content-Length or Transfer-Encoding: "
+                "an edited replay is framed by the body it sends",
+            )
         headers = _framed(headers, body, header_value(head.headers, b"content-length") is not None)
         if header_value(headers, b"x-relay-event-id") != head.event_id.encode():
             event_id = ""  # no longer a delivery of that event
@@ -128,6 +140,17 @@ def _framed(
     return tuple((n, length) if n.lower() == b"content-length" else (n, v) for n, v in kept)
 
 
+def _names_framing(headers: tuple[tuple[bytes, bytes], ...]) -> bool:
+    """Whether a Connection header names a framing header: the forward would strip it as
+    hop-by-hop (RFC 9110 §7.6.1) and send the body chunked."""
+    return any(
+        token.strip().lower() in (b"content-length", b"transfer-encoding")
+        for name, value in headers
+        if name.lower() == b"connection"
+        for token in value.split(b",")
+    )
+
+
 def _string(edits: dict[str, Any], field: str, default: str) -> str:
     value = edits.get(field, default)
     if not isinstance(value, str):
@@ -140,6 +163,9 @@ def _headers(value: Any) -> tuple[tuple[bytes, bytes], ...]:
         isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair) for pair in value
     ):
         raise EditRefused(400, 'headers must be a list of [name, value] strings: [["Accept", "*/*"], ...]')
+    for _, field in value:
+        if _CONTROL.search(field):
+            raise EditRefused(400, "a header value may hold no control character but tab (RFC 9110 §5.5)")
     return tuple((encode(name, "a header name"), encode(field, "a header value")) for name, field in value)
 
 
