@@ -156,7 +156,7 @@ def test_a_nested_json_value_is_found_in_the_tree(alice: Tunnel, open_page: Any,
     tree = page.locator(".request .json-tree")
     tree.wait_for()
     leaf = tree.locator(".json-leaf", has_text=city)
-    assert not leaf.is_visible()  # deep nodes start folded
+    assert leaf.count() == 0  # deep nodes start folded, and are drawn when opened
     tree.locator("summary", has_text='"customer"').click()
     tree.locator("summary", has_text='"address"').click()
     leaf.wait_for(state="visible")
@@ -166,6 +166,36 @@ def test_a_nested_json_value_is_found_in_the_tree(alice: Tunnel, open_page: Any,
     assert "X-Relay-Event-Id" in headers and "X-Relay-Attempt" in headers
     assert page.locator(".response .status-line").inner_text() == "HTTP/1.1 200"
     _shot(page, tmp_path, "detail-json-tree")
+    assert page.errors == []
+
+
+def test_a_large_array_is_drawn_a_thousand_items_at_a_time(alice: Tunnel, open_page: Any) -> None:
+    page = open_page(alice.agent.inspector())
+    path = _unique("large")
+    _post(alice, path, json.dumps({"items": list(range(2500))}).encode())
+    _row(page, path).click()
+    tree = page.locator(".request .json-tree")
+    tree.wait_for()
+    items = tree.locator(".json-node .json-node > .json-children > .json-leaf")
+    assert items.count() == 1000
+    tree.locator(".json-more", has_text="1500 more").click()
+    tree.locator(".json-more", has_text="500 more").click()
+    wait_until(lambda: items.count() == 2500, WAIT, "every item drawn")
+    assert items.last.inner_text() == "2499"
+    assert tree.locator(".json-more").count() == 0
+    assert page.errors == []
+
+
+def test_markup_with_a_lone_angle_bracket_keeps_the_text(alice: Tunnel, open_page: Any) -> None:
+    page = open_page(alice.agent.inspector())
+    path = _unique("markup")
+    body = b'<p class="a">one</p> 1 < 2 <b>two</b> <' + b"<" * 50_000
+    _post(alice, path, body, "text/html")
+    _row(page, path).click()
+    shown = page.locator(".request pre.markup")
+    shown.wait_for()
+    assert shown.locator(".tag").all_inner_texts() == ['<p class="a">', "</p>", "<b>", "</b>"]
+    assert shown.inner_text() == body.decode()
     assert page.errors == []
 
 

@@ -157,6 +157,12 @@ function connectStream() {
 
 // -- body views ------------------------------------------------------------------------------
 
+// Children of a JSON node drawn at once: more come with a click. A folded node draws its
+// children when it is first opened, so a large document costs what is on screen.
+const CHILDREN_AT_ONCE = 1000;
+// Tags of a markup body drawn in colour: past them the rest is plain text.
+const MAX_TAGS = 10000;
+
 function jsonTree(node, depth = 0, key = null) {
   // A node is [type, payload] (bodies.py): numbers come as the literal the body wrote,
   // shown as they are, and an object's keys keep their order and repeats.
@@ -166,19 +172,37 @@ function jsonTree(node, depth = 0, key = null) {
     const isArray = type === "array";
     const entries = isArray ? payload.map((child) => [null, child]) : payload;
     const summary = el("summary", {}, ...label, isArray ? `[…] ${entries.length} items` : `{…} ${entries.length} keys`);
-    const children = entries.map(([k, child]) => jsonTree(child, depth + 1, k));
-    return el("details", { class: "json-node", open: depth < 2 }, summary, el("div", { class: "json-children" }, children));
+    const children = el("div", { class: "json-children" });
+    const details = el("details", { class: "json-node", open: depth < 2 }, summary, children);
+    let drawn = 0;
+    const drawMore = () => {
+      const next = entries.slice(drawn, drawn + CHILDREN_AT_ONCE);
+      children.append(...next.map(([k, child]) => jsonTree(child, depth + 1, k)));
+      drawn += next.length;
+      const left = entries.length - drawn;
+      if (left > 0) {
+        const more = el("button", { type: "button", class: "json-more" }, `${left} more…`);
+        more.addEventListener("click", () => { more.remove(); drawMore(); });
+        children.append(more);
+      }
+    };
+    if (depth < 2) drawMore();
+    else details.addEventListener("toggle", () => { if (details.open && drawn === 0) drawMore(); });
+    return details;
   }
   const shown = type === "number" ? payload : JSON.stringify(payload);
   return el("div", { class: "json-leaf" }, ...label, el("span", { class: `json-${type}` }, shown));
 }
 
 function markup(text) {
-  // Tags, attribute names and values in their colours; everything stays text.
+  // Tags, attribute names and values in their colours; everything stays text. A tag
+  // ends at its ">" or before the next "<" (so a megabyte of "<" is read once).
   const pre = el("pre", { class: "code markup" });
-  const tag = /<\/?[^>]*>/g;
+  const tag = /<\/?[^<>]*>/g;
   let last = 0;
+  let tags = 0;
   for (const match of text.matchAll(tag)) {
+    if (++tags > MAX_TAGS) break;
     pre.append(text.slice(last, match.index));
     const span = el("span", { class: "tag" });
     const parts = match[0].split(/("[^"]*"|'[^']*')/);
