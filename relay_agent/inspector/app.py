@@ -32,11 +32,12 @@ from ..errors import AgentConfigError
 from . import exchanges, history
 from .address import InspectAddress
 from .recorder import MAX_BODY, MAX_EXCHANGES
-from .state import INSPECTOR, Inspector, api_error
+from .state import INSPECTOR, Inspector, api_error, error_code
 
 log = logging.getLogger("relay.agent")
 
 STATIC = Path(__file__).parent / "static"
+_ASSETS = frozenset({"app.js", "style.css"})
 #: Seconds the inspector's open requests (event streams, a replay's answer) get to end
 #: when the agent stops.
 SHUTDOWN_TIMEOUT = 1.0
@@ -77,9 +78,7 @@ def create_app(inspector: Inspector, address: InspectAddress) -> web.Application
             if exc.content_type == "application/json":
                 raise
             response = api_error(
-                exc.status,
-                exc.reason.lower().replace(" ", "-"),
-                f"{request.method} {request.path}: {exc.reason}",
+                exc.status, error_code(exc.status), f"{request.method} {request.path}: {exc.reason}"
             )
         return _secured(response)
 
@@ -89,7 +88,7 @@ def create_app(inspector: Inspector, address: InspectAddress) -> web.Application
     app.router.add_get("/api/status", _status)
     app.router.add_routes(exchanges.routes)
     app.router.add_routes(history.routes)
-    app.router.add_static("/static", STATIC, show_index=False, follow_symlinks=False)
+    app.router.add_get("/static/{name}", _asset)
     return app
 
 
@@ -120,6 +119,15 @@ def _secured(response: web.StreamResponse) -> web.StreamResponse:
 
 async def _page(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC / "index.html")
+
+
+async def _asset(request: web.Request) -> web.FileResponse:
+    """The page's script or style: only these names (a directory served whole answered
+    paths such as ``..%5c`` with its own empty 404, not the API's JSON)."""
+    name = request.match_info["name"]
+    if name not in _ASSETS:
+        raise web.HTTPNotFound()
+    return web.FileResponse(STATIC / name)
 
 
 async def _status(request: web.Request) -> web.Response:

@@ -24,7 +24,7 @@ from .bodies import media_type
 from .curl import curl_command
 from .recorder import MAX_BODY, Exchange
 from .replay import EditRefused, edited, start_replay
-from .state import INSPECTOR, api_error
+from .state import INSPECTOR, api_error, error_code
 from .views import detail, detail_json, replay_refusal, summary
 
 #: Seconds between two comments on a quiet event stream: a page that went away is
@@ -154,8 +154,7 @@ async def replay(request: web.Request) -> web.Response:
     try:
         head, body_bytes = edited(original, edits)
     except EditRefused as exc:
-        code = {409: "conflict", 413: "too-large"}.get(exc.status, "bad-request")
-        return api_error(exc.status, code, str(exc))
+        return api_error(exc.status, error_code(exc.status), str(exc))
     exchange = start_replay(
         inspector.service, inspector.recorder, inspector.background, head, body_bytes, original.id
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
@@ -48,6 +49,14 @@ class Inspector:
 
 
 INSPECTOR = web.AppKey("inspector", Inspector)
+
+
+def error_code(status: int) -> str:
+    """The API's error code for an HTTP status: its reason phrase as hyphenated lower-case
+    words (``not-found``), but ``body-too-large`` for 413 as the relay server says it."""
+    if status == 413:
+        return "body-too-large"
+    return HTTPStatus(status).phrase.lower().replace(" ", "-")
 
 
 def api_error(status: int, code: str, message: str) -> web.Response:

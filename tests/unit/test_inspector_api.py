@@ -249,6 +249,9 @@ async def test_an_unknown_call_is_a_json_404(stack: Stack) -> None:
         "/api/exchanges/\uff11",
         "/api/exchanges/\u00b9",
         "/api/exchanges/\u00b2/request/body",
+        "/static/..%5capp.py",
+        "/static/nothing.js",
+        "/static/",
     ):
         status, answer = await stack.call("GET", path)
         assert status == 404 and answer["error"] == "not-found", path
@@ -440,7 +443,7 @@ async def test_an_edited_replay_without_the_event_header_is_no_longer_that_event
 async def test_bad_edits_are_refused_with_a_reason(stack: Stack, edits: Any, status: int, words: str) -> None:
     original = await stack.record()
     answered, answer = await stack.call("POST", f"/api/exchanges/{original}/replay", edits)
-    assert (answered, answer["message"]) == (status, answer["message"])
+    assert (answered, answer["error"]) == (status, {400: "bad-request", 413: "body-too-large"}[status])
     assert words in answer["message"]
     assert stack.seen == []
 
@@ -459,10 +462,10 @@ async def test_a_cut_body_or_a_websocket_cannot_be_replayed_as_it_was(stack: Sta
 
 async def test_an_oversized_replay_request_is_413(stack: Stack) -> None:
     original = await stack.record()
-    status, _ = await stack.call(
+    status, answer = await stack.call(
         "POST", f"/api/exchanges/{original}/replay", b"{" + b" " * (2 * MAX_BODY) + b"}"
     )
-    assert status == 413
+    assert (status, answer["error"]) == (413, "body-too-large")  # as an edited body's 413
 
 
 # -- the server's history ----------------------------------------------------------------------
