@@ -28,6 +28,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from relay_protocol.malformed import count_malformed_requests
+
 from ..errors import AgentConfigError
 from . import exchanges, history
 from .address import InspectAddress
@@ -58,7 +60,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def create_app(inspector: Inspector, address: InspectAddress) -> web.Application:
-    """The inspector's application, answering only to ``address``'s own names."""
+    """The inspector's application, answering only to ``address``'s own names. Anything
+    on the machine can reach its port: malformed requests are counted, not each logged
+    with a traceback (``relay_protocol.malformed``)."""
+    count_malformed_requests()
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -184,3 +189,4 @@ async def serve(inspector: Inspector, address: InspectAddress) -> AsyncIterator[
         await inspector.background.stop()
         if runner is not None:
             await runner.cleanup()
+        inspector.renderer.shutdown(wait=False, cancel_futures=True)

@@ -29,6 +29,7 @@ they apply, ``truncated`` (only the first ``recorder.MAX_BODY`` bytes were kept)
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 import zlib
@@ -68,6 +69,8 @@ _IMAGE_TYPES = frozenset(
         "image/vnd.microsoft.icon",
     }
 )
+# Text codecs of Python's that are no charset of a body (see ``_charset``).
+_NOT_CHARSETS = frozenset({"idna", "punycode", "undefined", "unicode-escape", "raw-unicode-escape"})
 # Controls other than tab, LF and CR: bytes that make a body binary rather than text.
 _BINARY = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
@@ -109,8 +112,12 @@ def render(
         return {**shown, **_hex(body)}
     if kind in _IMAGE_TYPES and complete:
         return {**shown, "kind": "image", "shown": len(body)}
+    if complete and kind == "multipart/form-data" and "boundary" in params:
+        parts = _multipart(body, params["boundary"])
+        if parts is not None:
+            return {**shown, "kind": "form", "shown": len(body), "fields": parts}
     text, lossy = _text(body, params.get("charset"))
-    if lossy:
+    if lossy:  # said of a view that shows this text
         shown["lossy"] = True
     if complete and (_is_json_type(kind) or (not kind and body.lstrip()[:1] in (b"{", b"["))):
         tree = _json(text) if not lossy else None
@@ -121,15 +128,12 @@ def render(
         first = "&".join(text.split("&", MAX_FORM_FIELDS)[:MAX_FORM_FIELDS])
         fields = parse_qsl(first, keep_blank_values=True, max_num_fields=None)
         return {**shown, "kind": "form", "shown": len(body), "fields": [list(f) for f in fields]}
-    if complete and kind == "multipart/form-data" and "boundary" in params:
-        parts = _multipart(body, params["boundary"])
-        if parts is not None:
-            return {**shown, "kind": "form", "shown": len(body), "fields": parts}
     is_markup = kind in ("text/xml", "application/xml", "text/html") or kind.endswith("+xml")
     if (kind.startswith("text/") or is_markup or _is_json_type(kind) or not lossy) and not _BINARY.search(
         text
     ):
         return {**shown, "kind": "markup" if is_markup else "text", "shown": len(body), "text": text}
+    shown.pop("lossy", None)  # a hex dump replaces nothing
     return {**shown, **_hex(body)}
 
 
@@ -138,9 +142,9 @@ def _is_json_type(kind: str) -> bool:
 
 
 def _text(body: bytes, charset: str | None) -> tuple[str, bool]:
-    """The body as text: in its declared charset if Python knows it, else UTF-8; and
-    whether any bytes had to be replaced."""
-    for codec in (charset, "utf-8"):
+    """The body as text: in its declared charset if it is one (``_charset``), else UTF-8;
+    and whether any bytes had to be replaced."""
+    for codec in (_charset(charset), "utf-8"):
         if not codec:
             continue
         try:
@@ -148,10 +152,23 @@ def _text(body: bytes, charset: str | None) -> tuple[str, bool]:
         except UnicodeDecodeError:
             break  # the declared charset is wrong or the bytes are not text
         except (LookupError, TypeError, ValueError):
-            # A charset Python does not know, or one that is no text codec for bytes
-            # ("undefined" and "punycode" raise UnicodeError, others TypeError).
-            continue
+            continue  # a codec that takes no bytes after all: UTF-8 then
     return body.decode("utf-8", "replace"), True
+
+
+def _charset(declared: str | None) -> str | None:
+    """``declared`` if Python has it as a text codec that is a charset, else None. Python's
+    codecs also include ones that are not (``hex``, ``rot13``; ``undefined`` always fails)
+    and ones that are not charsets a body is written in and cost time growing with the
+    square of the input (``idna`` and ``punycode``: 8 MB of ``xn--aaa...`` took 30 s)."""
+    if not declared:
+        return None
+    try:
+        info = codecs.lookup(declared)
+    except LookupError:
+        return None
+    text_codec = getattr(info, "_is_text_encoding", True)
+    return declared if text_codec and info.name not in _NOT_CHARSETS else None
 
 
 def _reject_constant(name: str) -> None:
@@ -304,13 +321,24 @@ def _parameters(value: str) -> dict[str, str]:
 
 def _decompress(body: bytes, encoding: str) -> bytes | None:
     """``body`` decoded from gzip or deflate, up to ``MAX_DECODED`` bytes; None if it is
-    not what it says."""
+    not what it says. A gzip body may be several members, one after the other (RFC 1952
+    §2.2): all are decoded, as ``zcat`` does."""
     # 16 + MAX_WBITS: a gzip header; MAX_WBITS: zlib's (RFC 9110's "deflate").
     for wbits in (16 + zlib.MAX_WBITS,) if encoding != "deflate" else (zlib.MAX_WBITS, -zlib.MAX_WBITS):
+        decoded: list[bytes] = []
+        left, rest = MAX_DECODED, body
         try:
-            return zlib.decompressobj(wbits).decompress(body, MAX_DECODED)
+            while rest and left > 0:
+                inflater = zlib.decompressobj(wbits)
+                decoded.append(inflater.decompress(rest, left))
+                left -= len(decoded[-1])
+                if not inflater.eof or wbits != 16 + zlib.MAX_WBITS:
+                    break  # cut at MAX_DECODED, or deflate: one stream
+                rest = inflater.unused_data
         except zlib.error:
-            continue
+            if not decoded:
+                continue
+        return b"".join(decoded)
     return None
 
 

@@ -30,8 +30,10 @@ from .views import detail, detail_json, replay_refusal, summary
 #: Seconds between two comments on a quiet event stream: a page that went away is
 #: noticed (the write fails), and no proxy in between takes the stream for dead.
 KEEPALIVE = 15.0
-#: Largest replay request the API reads: an edited body of MAX_BODY bytes as base64, in JSON.
-MAX_REPLAY_REQUEST = MAX_BODY * 4 // 3 + 64 * 1024
+#: Largest replay request the API reads: an edited body of MAX_BODY bytes as JSON text,
+#: where a byte may take six characters (``\u00e9``, or ``\udcff`` for one that is not
+#: UTF-8), and 1 MiB more for the method, target and headers.
+MAX_REPLAY_REQUEST = 6 * MAX_BODY + 1024 * 1024
 #: Body types served with their own type, to be shown by an ``<img>``; anything else is
 #: served as application/octet-stream, never as a page of the inspector's origin (an
 #: HTML or SVG body would run its scripts there).
@@ -82,8 +84,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
             await response.write(
                 b"event: exchange\ndata: " + json.dumps(summary(exchange)).encode() + b"\n\n"
             )
-    except ConnectionResetError:
-        pass  # the page went away
+    except ConnectionError:
+        pass  # the page went away (reset, or aiohttp's "Connection lost")
     finally:
         recorder.unsubscribe(queue)
     return response
@@ -92,7 +94,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
 @routes.get("/api/exchanges/{id}")
 async def show(request: web.Request) -> web.Response:
     view = detail(_exchange(request))
-    return web.Response(text=await asyncio.to_thread(detail_json, view), content_type="application/json")
+    text = await request.app[INSPECTOR].render(detail_json, view)
+    return web.Response(text=text, content_type="application/json")
 
 
 @routes.get("/api/exchanges/{id}/{side:request|response}/body")

@@ -41,23 +41,18 @@ routes = web.RouteTableDef()
 
 async def _call(inspector: Inspector, method: str, path: str, with_view: bool = False) -> web.Response:
     config = inspector.service.config
-
-    def fetch() -> str:
-        # In a thread: the call waits on the network, and an event's body (up to the
-        # server's 10 MiB) is decoded, rendered and encoded again.
-        answer: Any = api_client.call(config.server, config.token, method, path, None, config.tls)
-        if with_view and isinstance(answer, dict):
-            answer["body_view"] = _body_view(answer)
-        return strict_dumps(answer)
-
     try:
-        text = await asyncio.to_thread(fetch)
+        answer: Any = await asyncio.to_thread(
+            api_client.call, config.server, config.token, method, path, None, config.tls
+        )
     except api_client.ApiError as exc:
         if exc.status is not None and 400 <= exc.status < 500 and exc.status != 401:
             return api_error(exc.status, "server-refused", str(exc))
         return api_error(502, "server-unavailable", f"the relay server: {exc}")
     except RelayError as exc:
         return api_error(502, "server-unavailable", f"the relay server: {exc}")
+    # An event's body (up to the server's 10 MiB) is decoded, rendered and encoded again.
+    text = await inspector.render(_with_view if with_view else strict_dumps, answer)
     return web.Response(text=text, status=202 if method == "POST" else 200, content_type="application/json")
 
 
@@ -96,6 +91,13 @@ async def event(request: web.Request) -> web.Response:
     """The server's view of the event, plus ``body_view``: its body as ``bodies.render``
     shows it (the page draws an event's body as it draws an exchange's)."""
     return await _call(request.app[INSPECTOR], "GET", f"events/{_event_id(request)}", with_view=True)
+
+
+def _with_view(answer: Any) -> str:
+    """The server's event as JSON text, with ``body_view``."""
+    if isinstance(answer, dict):
+        answer["body_view"] = _body_view(answer)
+    return strict_dumps(answer)
 
 
 def _body_view(event: dict[str, Any]) -> dict[str, Any]:

@@ -78,6 +78,8 @@ def edited(original: Exchange, edits: Any) -> tuple[RequestHead, bytes]:
     if is_websocket_upgrade(head.method, head.headers):
         raise EditRefused(409, "a websocket cannot be replayed")
     method = _string(edits, "method", head.method)
+    if method.upper() in ("CONNECT", "TRACE"):
+        raise EditRefused(400, f"the relay never forwards {method.upper()}: a replay cannot send it")
     target = _target(_string(edits, "target", "")) if "target" in edits else head.target
     headers = _headers(edits["headers"]) if "headers" in edits else head.headers
     if is_websocket_upgrade(method, headers):

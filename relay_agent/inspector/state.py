@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -12,6 +15,13 @@ from relay_protocol import Welcome
 from ..background import Background
 from .recorder import Recorder
 from .replay import LocalService
+
+T = TypeVar("T")
+
+#: Threads that render bodies for the page: one. A body is rendered in linear time, but a
+#: megabyte of JSON takes a quarter second; pages asking for many at once wait their
+#: turn here instead of filling the loop's default pool (the history's network calls).
+RENDER_THREADS = 1
 
 
 class Inspector:
@@ -22,10 +32,15 @@ class Inspector:
         self.recorder = recorder
         self.service = service
         self.background = Background()
+        self.renderer = ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix="inspector-render")
         config = service.config
         self.names: list[str] = list(config.names)
         self.urls: list[str] = []
         self.online = False
+
+    async def render(self, function: Callable[[T], str], argument: T) -> str:
+        """``function(argument)`` (a body's rendering, as JSON text) in the render thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.renderer, function, argument)
 
     def welcome(self, welcome: Welcome) -> None:
         """The server (re)accepted the agent: its tunnels' names and URLs."""

@@ -254,6 +254,25 @@ def test_an_edited_replay_with_the_body_untouched_sends_the_original_bytes(
     assert page.errors == []
 
 
+def test_an_edited_body_keeps_its_crlf_line_ends(alice: Tunnel, open_page: Any) -> None:
+    # Found by a newcomer: once typed in, a multipart body went out with LF only.
+    page = open_page(alice.agent.inspector())
+    path = _unique("crlf-edit")
+    body = b'--b\r\nContent-Disposition: form-data; name="a"\r\n\r\none\r\n--b--\r\n'
+    _post(alice, path, body, "multipart/form-data; boundary=b")
+    _row(page, path).click()
+    page.click("#edit-replay")
+    page.locator("#edit-body").wait_for()
+    page.focus("#edit-body")
+    page.keyboard.press("Control+End")
+    page.keyboard.type("x")
+    page.keyboard.press("Backspace")
+    page.fill("#edit-target", path + "?typed=1")
+    page.click("#edit-send")
+    assert _seen(alice, path + "?typed=1", 1)[0].body == body
+    assert page.errors == []
+
+
 def test_copy_as_curl_sends_the_same_bytes(alice: Tunnel, open_page: Any, tmp_path: Path) -> None:
     page = open_page(alice.agent.inspector())
     page.context.grant_permissions(["clipboard-read", "clipboard-write"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,6 +24,7 @@ from relay_agent.config import AgentConfig
 from relay_agent.forward import client_session
 from relay_agent.inspector.address import InspectAddress
 from relay_agent.inspector.app import create_app
+from relay_agent.inspector.exchanges import MAX_REPLAY_REQUEST
 from relay_agent.inspector.recorder import MAX_BODY, Recorder
 from relay_agent.inspector.state import Inspector
 from relay_agent.target import Target
@@ -425,6 +427,8 @@ async def test_an_edited_replay_without_the_event_header_is_no_longer_that_event
         ({"headers": [["Bad Name", "x"]]}, 400, "invalid header name"),
         ({"headers": [["X-Split", "a\r\nInjected: yes"]]}, 400, "invalid value"),
         ({"headers": [["X-Bell", "a\x07b"]]}, 400, "control character"),
+        ({"method": "CONNECT"}, 400, "never forwards CONNECT"),
+        ({"method": "trace"}, 400, "never forwards TRACE"),
         ({"headers": [["X-Del", "a\x7fb"]]}, 400, "control character"),
         (
             {"method": "GET", "headers": [["Upgrade", "websocket"], ["Connection", "Upgrade"]]},
@@ -460,10 +464,21 @@ async def test_a_cut_body_or_a_websocket_cannot_be_replayed_as_it_was(stack: Sta
     assert (status, answer["message"]) == (409, "a websocket cannot be replayed")
 
 
+async def test_a_body_of_a_mebibyte_as_escaped_json_is_read(stack: Stack) -> None:
+    # Found by a newcomer: 512 KiB of "é" sent as \u00e9 (3 MiB of JSON) was refused 413.
+    original = await stack.record()
+    status, _ = await stack.call(
+        "POST", f"/api/exchanges/{original}/replay", {"body": "\u00e9" * (MAX_BODY // 2)}
+    )
+    assert status == 202
+    await stack.until_seen(1)
+    assert stack.seen[0][3] == "\u00e9".encode() * (MAX_BODY // 2)
+
+
 async def test_an_oversized_replay_request_is_413(stack: Stack) -> None:
     original = await stack.record()
     status, answer = await stack.call(
-        "POST", f"/api/exchanges/{original}/replay", b"{" + b" " * (2 * MAX_BODY) + b"}"
+        "POST", f"/api/exchanges/{original}/replay", b"{" + b" " * MAX_REPLAY_REQUEST + b"}"
     )
     assert (status, answer["error"]) == (413, "body-too-large")  # as an edited body's 413
 
@@ -593,3 +608,36 @@ async def test_a_stored_body_larger_than_the_recorders_is_shown_by_its_start(
         True,
         MAX_BODY,
     )
+
+
+# -- what strangers on the machine can make it log -----------------------------------------------
+
+
+async def _raw(stack: Stack, request: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.client.port)
+    writer.write(request)
+    return reader, writer
+
+
+def _errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /api/status HTTP/1.1\r\n\r\n",
+        b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil.example\r\n\r\n",
+        b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\x01\r\n\r\n",
+    ],
+)
+async def test_a_malformed_request_is_a_400_without_a_traceback(
+    stack: Stack, request_bytes: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Found by an attacker: each one wrote a ten-line traceback on the agent's console.
+    with caplog.at_level(logging.INFO):
+        reader, writer = await _raw(stack, request_bytes)
+        answer = await reader.read(200)
+        writer.close()
+    assert answer.split(b" ")[1] == b"400", answer
+    assert _errors(caplog) == []

@@ -110,7 +110,7 @@ def test_multipart_fields_and_files() -> None:
         b"Content-Type: application/octet-stream\r\n\r\n\x00\x01\x02\r\n--XX--\r\n"
     )
     shown = render(body, "multipart/form-data; boundary=XX")
-    assert shown["kind"] == "form"
+    assert (shown["kind"], "lossy" in shown) == ("form", False)  # the file's bytes are not text
     assert shown["fields"] == [
         ["note", "hello there"],
         ["upload", "(file a.bin, application/octet-stream, 3 bytes)"],
@@ -243,3 +243,17 @@ def test_media_type(header: str | None, parsed: tuple[str, dict[str, str]]) -> N
 def test_a_charset_that_is_no_text_codec_never_breaks_the_view(charset: str) -> None:
     shown = render(b"hello", f"text/plain; charset={charset}")
     assert shown["kind"] in ("text", "hex") and shown["size"] == 5  # shown, not a 500
+
+
+def test_a_gzip_body_of_several_members_is_decoded_whole() -> None:
+    body = gzip.compress(b'{"part": ') + gzip.compress(b'"two members"}')
+    shown = render(body, "application/json", "gzip")
+    assert (shown["kind"], _document(shown["tree"])) == ("json", {"part": "two members"})
+
+
+@pytest.mark.parametrize("charset", ["idna", "punycode", "hex", "rot13", "unicode_escape", "undefined"])
+def test_a_codec_that_is_no_charset_is_not_used(charset: str) -> None:
+    # idna and punycode take time growing with the square of the body (8 MB of
+    # "xn--aaa..." took 30 s); the others are no text codecs, or no body's charset.
+    shown = render(b"xn--" + b"a" * 1000 + b"\\n", f"text/plain; charset={charset}")
+    assert (shown["kind"], shown["text"]) == ("text", "xn--" + "a" * 1000 + "\\n")  # as UTF-8

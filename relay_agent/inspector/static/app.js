@@ -118,7 +118,7 @@ function drawList() {
     },
     el("td", { class: "time" }, clock(s.time)),
     el("td", { class: "method" }, s.method),
-    el("td", { class: "path" }, s.target, s.replay_of ? el("span", { class: "badge" }, `replay of #${s.replay_of}`) : null),
+    el("td", { class: "path", title: s.target }, s.target, s.replay_of ? el("span", { class: "badge" }, `replay of #${s.replay_of}`) : null),
     el("td", { class: "status" }, s.status === null ? "…" : s.status),
     el("td", { class: "duration" }, s.duration_ms === null ? "" : `${Math.round(s.duration_ms)} ms`),
     el("td", { class: "size" }, size(s.request_size)),
@@ -318,17 +318,27 @@ async function editForm(data) {
   const box = $("#edit-box");
   let original = "";
   let binary = false;
-  try {
-    const raw = await fetch(`/api/exchanges/${data.id}/request/body`).then((r) => r.arrayBuffer());
-    original = new TextDecoder("utf-8", { fatal: true }).decode(raw);
-  } catch {
-    binary = true;
+  let gone = false;
+  const response = await fetch(`/api/exchanges/${data.id}/request/body`);
+  if (!response.ok) {
+    gone = true;  // let go for the memory budget (410): its text is no body
+  } else {
+    try {
+      original = new TextDecoder("utf-8", { fatal: true }).decode(await response.arrayBuffer());
+    } catch {
+      binary = true;
+    }
   }
+  // A body whose every line ends in CRLF (multipart, say) keeps them when edited: the
+  // textarea gives LF only.
+  const crlf = original.includes("\r\n") && !/(^|[^\r])\n/.test(original);
   const method = el("input", { id: "edit-method", value: data.request.method, size: 8 });
   const target = el("input", { id: "edit-target", value: data.request.target, size: 60 });
   const headers = el("textarea", { id: "edit-headers", rows: Math.min(16, data.request.headers.length + 2) });
   headers.value = data.request.headers.map(([n, v]) => `${n}: ${v}`).join("\n");
-  const body = el("textarea", { id: "edit-body", rows: 10, placeholder: binary ? "binary body: sent unchanged unless you type a new one here" : "" });
+  const placeholder = gone ? "the body is no longer kept: type one to send it"
+    : binary ? "binary body: sent unchanged unless you type a new one here" : "";
+  const body = el("textarea", { id: "edit-body", rows: 10, placeholder });
   body.value = original;
   // A textarea's value turns CRLF and CR into LF: comparing it with the original would
   // see an edit where there is none and send the altered text. Only typing counts.
@@ -340,13 +350,13 @@ async function editForm(data) {
       const colon = line.indexOf(":");
       return colon < 0 ? [line.trim(), ""] : [line.slice(0, colon).trim(), line.slice(colon + 1).replace(/^[ \t]+/, "")];
     });
-    if (bodyEdited && !(binary && body.value === "")) edits.body = body.value;
+    if (bodyEdited && !(binary && body.value === "")) edits.body = crlf ? body.value.replace(/\n/g, "\r\n") : body.value;
     replay(data.id, edits);
   };
   box.replaceChildren(el("form", { class: "edit", onsubmit: (e) => { e.preventDefault(); send(); } },
     el("label", {}, "Method ", method), el("label", {}, "Path ", target),
     el("label", {}, "Headers (one per line, Name: value)", headers),
-    el("label", {}, "Body", body),
+    el("label", {}, crlf ? "Body (its lines end in CRLF, and are sent so)" : "Body", body),
     el("button", { type: "submit", id: "edit-send" }, "Send to the local service"),
   ));
 }
@@ -404,7 +414,7 @@ async function loadHistory(reset) {
       el("td", { class: "time" }, clock(event.received_at)),
       el("td", { class: "event" }, event.id),
       el("td", { class: "method" }, event.method),
-      el("td", { class: "path" }, event.target),
+      el("td", { class: "path", title: event.target }, event.target),
       el("td", { class: "state" }, event.status),
       el("td", { class: "tries" }, Math.max(0, ...event.deliveries.map((d) => d.attempts))),
       el("td", { class: "last" }, lastOutcome(event)),
