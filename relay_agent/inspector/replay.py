@@ -32,8 +32,10 @@ from .views import replay_refusal
 #: be shown, replayed again and copied as curl.
 MAX_EDITED_BODY = MAX_BODY
 # Controls a header value may not hold (RFC 9110 §5.5: field-content is visible
-# characters, space, tab and obs-text); CR, LF and NUL have ``RequestHead``'s own words.
-_CONTROL = re.compile(r"[\x01-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# characters, space, tab and obs-text; CR, LF and NUL would split or end the line).
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# A header name is a token (RFC 9110 §5.6.2).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FIELDS = frozenset({"method", "target", "headers", "body", "body_base64"})
 
 
@@ -165,9 +167,17 @@ def _headers(value: Any) -> tuple[tuple[bytes, bytes], ...]:
         isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair) for pair in value
     ):
         raise EditRefused(400, 'headers must be a list of [name, value] strings: [["Accept", "*/*"], ...]')
-    for _, field in value:
+    for name, field in value:
+        if not _TOKEN.fullmatch(name):
+            raise EditRefused(
+                400,
+                f"the header name {name!r} is not a token (RFC 9110 §5.6.2: letters, digits, !#$%&'*+-.^_`|~"
+                ")",
+            )
         if _CONTROL.search(field):
-            raise EditRefused(400, "a header value may hold no control character but tab (RFC 9110 §5.5)")
+            raise EditRefused(
+                400, f"the value of {name} may hold no control character but tab (RFC 9110 §5.5)"
+            )
     return tuple((encode(name, "a header name"), encode(field, "a header value")) for name, field in value)
 
 
