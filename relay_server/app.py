@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from relay_protocol.frames import CLOSE_GOING_AWAY
+from relay_web.guard import ConnectionGuard, GuardedAppRunner
 
 from . import tokens
 from .access import RequestNotes, loggable_path
@@ -17,7 +18,7 @@ from .agent_endpoint import AgentEndpoint
 from .api import Api
 from .commits import GroupCommitter
 from .config import DEFAULT_KEEPALIVE_TIMEOUT, ServerConfig
-from .connections import AcceptErrorLog, ConnectionGuard, GuardedAppRunner
+from .connections import BUSY_RESPONSE, AcceptErrorLog, trusts
 from .delivery import Deliveries
 from .errors import ConfigError
 from .ingress import MAX_HEADER_LINE, MAX_REQUEST_HEADERS, Ingress
@@ -191,7 +192,9 @@ async def serve(config: ServerConfig, app: web.Application, ready: asyncio.Event
         max_connections=config.max_connections,
         max_per_client=config.max_connections_per_client,
         head_timeout=config.head_timeout,
-        exempt=config.trusted_proxies,  # a front proxy carries many clients' connections
+        busy_response=BUSY_RESPONSE,
+        # A front proxy carries many clients' connections.
+        exempt=lambda client: trusts(config.trusted_proxies, client),
     )
     runner = GuardedAppRunner(
         app,

@@ -1,37 +1,23 @@
-"""What a stranger's connection may cost: caps on open connections, a head-read timeout,
-and no log flood when the process runs out of file descriptors.
-
-aiohttp keeps a connection that never completes its request head for its keep-alive
-timeout (an hour by default) and accepts connections until ``accept()`` fails with
-EMFILE, logging a traceback each time. ``GuardedAppRunner`` serves the application
-through ``GuardedRequestHandler``, which is admitted by a ``ConnectionGuard`` (total
-and per client address) and closed when its head does not arrive in time.
+"""Who a public connection is from (its address, the forwarded chain a trusted proxy
+adds), what the server answers one over its caps (``relay_web.guard`` enforces them),
+and no log flood when the process runs out of file descriptors: asyncio logs a
+traceback each time ``accept()`` fails with EMFILE.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import ipaddress
 import logging
-import resource
-import typing
 from collections.abc import Iterable
 from typing import Any
 
-from aiohttp import StreamReader, web
-from aiohttp.web_protocol import RequestHandler
-from aiohttp.web_server import Server
+from aiohttp import web
 
-from .config import (
-    Network,
-)
+from .config import Network
 
 log = logging.getLogger("relay.server")
 
-#: Descriptors kept free below RLIMIT_NOFILE for what is not a public connection: the
-#: store, its WAL, logs, and the socket accepted only to be refused.
-FD_RESERVE = 64
 #: Seconds between two log lines about ``accept()`` failing for lack of descriptors:
 #: one line with a count per interval, never a traceback per failure.
 ACCEPT_LOG_INTERVAL = 30.0
@@ -47,23 +33,6 @@ BUSY_RESPONSE = (
     b"Retry-After: 1\r\n"
     b"Connection: close\r\n\r\n" + _BUSY_TEXT
 )
-
-
-def fd_limit() -> int | None:
-    """The soft RLIMIT_NOFILE of this process, or None if unlimited or unknown."""
-    try:
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    except (OSError, ValueError):
-        return None
-    return None if soft == resource.RLIM_INFINITY else soft
-
-
-def effective_max_connections(configured: int, limit: int | None = None) -> int:
-    """``configured``, lowered so that connections never exhaust the descriptors."""
-    limit = fd_limit() if limit is None else limit
-    if limit is None:
-        return configured
-    return max(1, min(configured, limit - FD_RESERVE))
 
 
 def parse_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -126,139 +95,6 @@ def is_local(request: web.BaseRequest, trusted: Iterable[Network]) -> bool:
     if peer is None or not (peer.is_loopback or trusts(tuple(trusted), str(peer))):
         return False
     return not any(name.lower() in _FORWARDING for name, _ in request.raw_headers)
-
-
-class ConnectionGuard:
-    """Counts open connections, total and per client address, against their caps."""
-
-    def __init__(
-        self,
-        *,
-        max_connections: int,
-        max_per_client: int,
-        head_timeout: float,
-        exempt: Iterable[Network] = (),
-    ) -> None:
-        self.max_connections = effective_max_connections(max_connections)
-        self.max_per_client = max_per_client
-        self.head_timeout = head_timeout
-        self.exempt = tuple(exempt)
-        self.total = 0
-        self.per_client: collections.Counter[str] = collections.Counter()
-        self.refused = 0
-
-    def admit(self, client: str) -> bool:
-        """Count a new connection from ``client``; False (nothing counted) if over a cap."""
-        if self.total >= self.max_connections:
-            self.refused += 1
-            return False
-        if self.per_client[client] >= self.max_per_client and not trusts(self.exempt, client):
-            self.refused += 1
-            return False
-        self.total += 1
-        self.per_client[client] += 1
-        return True
-
-    def release(self, client: str) -> None:
-        self.total -= 1
-        self.per_client[client] -= 1
-        if self.per_client[client] <= 0:
-            del self.per_client[client]
-
-
-class GuardedRequestHandler(RequestHandler):
-    """aiohttp's connection handler, admitted by a guard and bounded in head-read time."""
-
-    def __init__(self, manager: Server, guard: ConnectionGuard, **kwargs: Any) -> None:
-        super().__init__(manager, **kwargs)
-        self._guard = guard
-        self._client: str | None = None
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._last_body: StreamReader | None = None  # the body of the last request parsed
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        peer = transport.get_extra_info("peername")
-        client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
-        if not self._guard.admit(client):
-            log.debug("refused a connection from %s: over the connection caps", client)
-            # A stream transport (uvloop's is not an asyncio.WriteTransport subclass).
-            typing.cast(asyncio.WriteTransport, transport).write(BUSY_RESPONSE)
-            self.force_close()  # closes the transport once the 503 is flushed
-            return
-        self._client = client
-        self._head_timer = self._loop.call_later(self._guard.head_timeout, self._head_timed_out)
-
-    def data_received(self, data: bytes) -> None:
-        if self._head_timer is None and data and self._between_requests():
-            # The first bytes of the next head on a kept-alive connection (the last
-            # request's body is all in, whether or not its answer is written yet):
-            # the head timeout starts again.
-            self._head_timer = self._loop.call_later(self._guard.head_timeout, self._head_timed_out)
-        requests = self._request_count
-        super().data_received(data)
-        if self._request_count != requests:
-            # A complete head arrived: from here on the handler's own timeouts apply,
-            # and between requests aiohttp's keep-alive timer.
-            self._last_body = self._messages[-1][1] if self._messages else None
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
-
-    def _between_requests(self) -> bool:
-        """No request is being received: the last one's body (if any) is complete, and the
-        connection was not upgraded (then its bytes are websocket frames, not heads)."""
-        if self._upgraded or self._payload_parser is not None:
-            return False
-        return self._last_body is None or self._last_body.is_eof()
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-        if self._client is not None:
-            self._guard.release(self._client)
-            self._client = None
-        super().connection_lost(exc)
-
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
-        log.debug(
-            "closing a connection from %s: no request head within %ss", self._client, self._guard.head_timeout
-        )
-        self.force_close()
-
-
-class GuardedServer(Server):
-    """aiohttp's protocol factory, making ``GuardedRequestHandler``s."""
-
-    def __init__(self, guard: ConnectionGuard, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.guard = guard
-
-    def __call__(self) -> RequestHandler:
-        return GuardedRequestHandler(self, self.guard, loop=self._loop, **self._kwargs)
-
-
-class GuardedAppRunner(web.AppRunner):
-    """``web.AppRunner`` whose connections go through a ``ConnectionGuard``."""
-
-    __slots__ = ("_guard",)
-
-    def __init__(self, app: web.Application, guard: ConnectionGuard, **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
-        self._guard = guard
-
-    async def _make_server(self) -> Server:
-        server = await super()._make_server()
-        return GuardedServer(
-            self._guard,
-            server.request_handler,
-            request_factory=server.request_factory,
-            handler_cancellation=server.handler_cancellation,
-            loop=server._loop,
-            **server._kwargs,
-        )
 
 
 class AcceptErrorLog:

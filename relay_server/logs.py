@@ -6,7 +6,7 @@ import json
 import logging
 import time
 
-from relay_protocol.malformed import count_malformed_requests
+from relay_web.malformed import count_malformed_requests
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -36,7 +36,7 @@ class JsonFormatter(logging.Formatter):
 def configure_logging(level: str, fmt: str) -> None:
     """Send records at ``level`` (debug, info, warning, error) and above to stderr, as
     ``fmt`` (``text`` or ``json``); aiohttp's records of malformed requests are counted,
-    never written (``relay_protocol.malformed``)."""
+    never written (``relay_web.malformed``)."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

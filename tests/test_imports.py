@@ -1,7 +1,8 @@
 """Who may import whom (docs in DESIGN.md): checked, not hoped for.
 
 relay_protocol stays free of I/O libraries; relay_server and relay_agent both
-use relay_protocol and never each other.
+use relay_protocol (and relay_web, what their aiohttp servers share) and never each
+other; relay_web uses neither of them.
 """
 
 from __future__ import annotations
@@ -98,6 +99,10 @@ def _violations(package: str, other: str) -> list[str]:
         ("relay_agent", "relay_server"),
         ("relay_protocol", "relay_server"),
         ("relay_protocol", "relay_agent"),
+        ("relay_protocol", "relay_web"),
+        ("relay_web", "relay_server"),
+        ("relay_web", "relay_agent"),
+        ("relay_web", "relay_protocol"),
     ],
 )
 def test_forbidden_imports(package: str, other: str) -> None:

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from relay_protocol.malformed import count_malformed_requests
+from relay_web.guard import ConnectionGuard, GuardedAppRunner
+from relay_web.malformed import count_malformed_requests
 
 from ..errors import AgentConfigError
 from . import exchanges, history
@@ -40,6 +41,22 @@ log = logging.getLogger("relay.agent")
 
 STATIC = Path(__file__).parent / "static"
 _ASSETS = frozenset({"app.js", "style.css"})
+#: Connections the inspector takes at once: pages and scripts of one person (each page
+#: holds a few, its event stream one). Any process on the machine can connect; more
+#: are answered 503 at once, so that they never take the descriptors forwarding needs.
+MAX_CONNECTIONS = 64
+#: Seconds a connection has to send its request head, and to stay idle between requests.
+HEAD_TIMEOUT = 10.0
+KEEPALIVE_TIMEOUT = 15.0
+_BUSY_TEXT = b'{"error": "too-many-connections", "message": "the inspector has too many connections"}'
+#: Sent (then the connection is closed) to a connection over ``MAX_CONNECTIONS``.
+BUSY_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"Content-Type: application/json\r\n"
+    b"Content-Length: " + str(len(_BUSY_TEXT)).encode() + b"\r\n"
+    b"Retry-After: 1\r\n"
+    b"Connection: close\r\n\r\n" + _BUSY_TEXT
+)
 #: Seconds the inspector's open requests (event streams, a replay's answer) get to end
 #: when the agent stops.
 SHUTDOWN_TIMEOUT = 1.0
@@ -62,7 +79,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def create_app(inspector: Inspector, address: InspectAddress) -> web.Application:
     """The inspector's application, answering only to ``address``'s own names. Anything
     on the machine can reach its port: malformed requests are counted, not each logged
-    with a traceback (``relay_protocol.malformed``)."""
+    with a traceback (``relay_web.malformed``)."""
     count_malformed_requests()
 
     @web.middleware
@@ -150,8 +167,18 @@ async def serve(inspector: Inspector, address: InspectAddress) -> AsyncIterator[
     bound: InspectAddress | None = None
     failure: OSError | None = None
     for candidate in address.candidates():
-        runner = web.AppRunner(
-            create_app(inspector, candidate), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT
+        guard = ConnectionGuard(
+            max_connections=MAX_CONNECTIONS,
+            max_per_client=MAX_CONNECTIONS,
+            head_timeout=HEAD_TIMEOUT,
+            busy_response=BUSY_RESPONSE,
+        )
+        runner = GuardedAppRunner(
+            create_app(inspector, candidate),
+            guard,
+            access_log=None,
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
+            keepalive_timeout=KEEPALIVE_TIMEOUT,
         )
         await runner.setup()
         try:

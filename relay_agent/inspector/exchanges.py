@@ -22,7 +22,7 @@ from relay_protocol.headers import header_value
 from ..forward import outgoing_headers
 from .bodies import media_type
 from .curl import curl_command
-from .recorder import MAX_BODY, Exchange
+from .recorder import MAX_BODY, Exchange, TooManySubscribers
 from .replay import EditRefused, edited, start_replay
 from .state import INSPECTOR, api_error, error_code
 from .views import detail, detail_json, replay_refusal, summary
@@ -67,7 +67,10 @@ async def list_exchanges(request: web.Request) -> web.Response:
 @routes.get("/api/exchanges/stream")
 async def stream(request: web.Request) -> web.StreamResponse:
     recorder = request.app[INSPECTOR].recorder
-    queue = recorder.subscribe()
+    try:
+        queue = recorder.subscribe()
+    except TooManySubscribers as exc:
+        return api_error(503, "too-many-pages", str(exc))
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
     try:
         await response.prepare(request)

@@ -30,9 +30,17 @@ MAX_BODY = 1024 * 1024
 #: more than an agent on a laptop should hold for a debugging aid. Over it, the bodies of
 #: the oldest exchanges are dropped first (their heads and sizes stay).
 MAX_KEPT = 64 * 1024 * 1024
+#: Pages following the list at once (event streams): each notice is written to every
+#: one, so their number multiplies the cost of every forwarded request; a person has a
+#: few tabs open. One more is refused (``TooManySubscribers``).
+MAX_SUBSCRIBERS = 16
 #: Notices waiting for one subscriber (a page's event stream): one that does not read
 #: them is dropped, and the page reconnects and reloads the list.
 MAX_NOTICES = 1000
+
+
+class TooManySubscribers(Exception):
+    """``Recorder.subscribe`` when ``MAX_SUBSCRIBERS`` already follow."""
 
 
 class Capture:
@@ -216,7 +224,10 @@ class Recorder:
     def subscribe(self) -> asyncio.Queue[Exchange | None]:
         """A queue that gets every exchange when it starts and when it ends, then None
         when the subscriber is dropped (it fell ``MAX_NOTICES`` behind) or the recorder
-        closes. Call ``unsubscribe`` when done with it."""
+        closes. Call ``unsubscribe`` when done with it. Raises ``TooManySubscribers``
+        when ``MAX_SUBSCRIBERS`` already follow."""
+        if len(self._subscribers) >= MAX_SUBSCRIBERS:
+            raise TooManySubscribers(f"{MAX_SUBSCRIBERS} pages already follow the list; close one")
         queue: asyncio.Queue[Exchange | None] = asyncio.Queue()
         self._subscribers.add(queue)
         return queue

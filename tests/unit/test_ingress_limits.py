@@ -13,14 +13,7 @@ from relay_protocol import RequestHead, ResponseHead
 from relay_protocol.heads import encode_request_head
 from relay_protocol.limits import MAX_HEAD_SIZE
 from relay_server.cli import main
-from relay_server.connections import (
-    ACCEPT_LOG_INTERVAL,
-    FD_RESERVE,
-    AcceptErrorLog,
-    ConnectionGuard,
-    effective_max_connections,
-    trusts,
-)
+from relay_server.connections import ACCEPT_LOG_INTERVAL, BUSY_RESPONSE, AcceptErrorLog, trusts
 from relay_server.ingress import (
     BadResponse,
     Refused,
@@ -28,6 +21,7 @@ from relay_server.ingress import (
     encoded_head_size,
     response_framing,
 )
+from relay_web.guard import FD_RESERVE, ConnectionGuard, effective_max_connections
 
 # -- response framing ----------------------------------------------------------
 
@@ -126,7 +120,7 @@ def test_what_fits_leaves_room_for_a_queued_deliverys_headers() -> None:
 
 
 def test_the_guard_caps_total_and_per_client_connections() -> None:
-    guard = ConnectionGuard(max_connections=5, max_per_client=2, head_timeout=1)
+    guard = ConnectionGuard(max_connections=5, max_per_client=2, head_timeout=1, busy_response=BUSY_RESPONSE)
     assert guard.admit("10.0.0.1") and guard.admit("10.0.0.1")
     assert not guard.admit("10.0.0.1")
     assert guard.admit("10.0.0.2") and guard.admit("10.0.0.3") and guard.admit("10.0.0.3")
@@ -137,8 +131,13 @@ def test_the_guard_caps_total_and_per_client_connections() -> None:
 
 
 def test_a_trusted_proxy_is_not_capped_per_client() -> None:
+    proxies = [ipaddress.ip_network("127.0.0.0/8")]
     guard = ConnectionGuard(
-        max_connections=100, max_per_client=1, head_timeout=1, exempt=[ipaddress.ip_network("127.0.0.0/8")]
+        max_connections=100,
+        max_per_client=1,
+        head_timeout=1,
+        busy_response=BUSY_RESPONSE,
+        exempt=lambda client: trusts(proxies, client),
     )
     assert all(guard.admit("127.0.0.1") for _ in range(10))
     assert guard.admit("10.0.0.1") and not guard.admit("10.0.0.1")

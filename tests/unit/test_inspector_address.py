@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import aiohttp
@@ -12,7 +13,7 @@ from relay_agent.config import AgentConfig
 from relay_agent.errors import AgentConfigError
 from relay_agent.inspector import address as address_module
 from relay_agent.inspector.address import InspectAddress, default_address, parse_address
-from relay_agent.inspector.app import serve
+from relay_agent.inspector.app import BUSY_RESPONSE, MAX_CONNECTIONS, serve
 from relay_agent.inspector.recorder import Recorder
 from relay_agent.inspector.state import Inspector
 from relay_agent.target import Target
@@ -153,3 +154,26 @@ async def test_a_name_that_does_not_resolve_says_so() -> None:
         async with serve(_inspector(), InspectAddress("nosuch.invalid", unused_port())):
             pass
     assert "cannot resolve the name" in str(caught.value) and "unknown error" not in str(caught.value).lower()
+
+
+async def test_connections_over_the_cap_are_refused_and_the_page_still_answers() -> None:
+    # Found by an attacker: idle connections to the inspector took every descriptor of
+    # the agent, and forwarding failed with "too many open files".
+    async with serve(_inspector(), InspectAddress("127.0.0.1", unused_port())) as bound:
+        assert bound is not None
+        idle = [await asyncio.open_connection("127.0.0.1", bound.port) for _ in range(MAX_CONNECTIONS)]
+        reader, writer = await asyncio.open_connection("127.0.0.1", bound.port)
+        assert await reader.read() == BUSY_RESPONSE  # then closed
+        writer.close()
+        for _, idle_writer in idle[:1]:
+            idle_writer.close()
+            await idle_writer.wait_closed()
+        async with aiohttp.ClientSession() as http:
+            async with asyncio.timeout(10):
+                while True:  # the slot is free once the server has seen the close
+                    async with http.get(f"{bound.url}/api/status") as response:
+                        if response.status == 200:
+                            break
+                    await asyncio.sleep(0.01)
+        for _, idle_writer in idle[1:]:
+            idle_writer.close()

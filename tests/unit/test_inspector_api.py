@@ -25,7 +25,7 @@ from relay_agent.forward import client_session
 from relay_agent.inspector.address import InspectAddress
 from relay_agent.inspector.app import create_app
 from relay_agent.inspector.exchanges import MAX_REPLAY_REQUEST
-from relay_agent.inspector.recorder import MAX_BODY, Recorder
+from relay_agent.inspector.recorder import MAX_BODY, MAX_SUBSCRIBERS, Recorder
 from relay_agent.inspector.state import Inspector
 from relay_agent.target import Target
 from relay_protocol import RequestHead, ResponseHead
@@ -302,6 +302,25 @@ async def test_the_stream_pushes_exchanges_as_they_happen(stack: Stack) -> None:
                     events.append(json.loads(block.split("data: ", 1)[1]))
     assert [e["id"] for e in events] == [exchange, exchange]
     assert events[-1]["status"] == 200
+
+
+async def test_pages_following_the_list_are_capped(stack: Stack) -> None:
+    # Found by an attacker: 5,000 open streams made every forwarded request cost seconds.
+    streams = [await stack.client.get("/api/exchanges/stream") for _ in range(MAX_SUBSCRIBERS)]
+    try:
+        assert {s.status for s in streams} == {200}
+        status, answer = await stack.call("GET", "/api/exchanges/stream")
+        assert (status, answer["error"]) == (503, "too-many-pages")
+        streams.pop().close()
+        async with asyncio.timeout(WAIT):
+            while len(stack.inspector.recorder._subscribers) == MAX_SUBSCRIBERS:  # its writer notices
+                await stack.record()
+                await asyncio.sleep(0.01)
+        async with stack.client.get("/api/exchanges/stream") as response:
+            assert response.status == 200
+    finally:
+        for stream in streams:
+            stream.close()
 
 
 async def test_raw_bodies_are_never_served_as_a_page(stack: Stack) -> None:
