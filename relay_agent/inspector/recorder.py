@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 from relay_protocol import RequestHead, ResponseHead
 from relay_protocol.headers import header_value
@@ -135,22 +135,25 @@ class RecordingLink:
             self.exchange.request.ended = True
         return whole
 
-    async def respond(self, head: ResponseHead, end: bool) -> None:
+    # respond, send_body and reset record, then hand back the inner link's own awaitable:
+    # no coroutine of their own on the path of every stream.
+
+    def respond(self, head: ResponseHead, end: bool) -> Awaitable[None]:
         # Recorded first: a head the tunnel cannot carry is worth seeing most of all.
         self.exchange.response_head = head
         self.exchange.response_after = time.monotonic() - self.exchange.started
         self.exchange.response.ended = end
-        await self.inner.respond(head, end)
+        return self.inner.respond(head, end)
 
-    async def send_body(self, chunk: bytes, end: bool = False) -> None:
+    def send_body(self, chunk: bytes, end: bool = False) -> Awaitable[None]:
         if chunk:
             self.recorder.keep(self.exchange.response, chunk)
         if end:
             self.exchange.response.ended = True
-        await self.inner.send_body(chunk, end)
+        return self.inner.send_body(chunk, end)
 
-    async def reset(self, code: int, reason: str) -> None:
-        await self.inner.reset(code, reason)
+    def reset(self, code: int, reason: str) -> Awaitable[None]:
+        return self.inner.reset(code, reason)
 
     def finish(self, status: int | str, error: str) -> None:
         """The stream ended: ``status`` as the public client saw it, ``error`` why it failed."""
@@ -242,6 +245,8 @@ class Recorder:
         self._subscribers.clear()
 
     def _notify(self, exchange: Exchange) -> None:
+        if not self._subscribers:
+            return  # no page open: the common case, on the path of every stream
         for queue in list(self._subscribers):
             if queue.qsize() >= MAX_NOTICES:
                 self._subscribers.discard(queue)
