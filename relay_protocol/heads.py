@@ -22,7 +22,7 @@ Headers = tuple[tuple[bytes, bytes], ...]
 
 # RFC 9110 token: the characters a method or header name may use.
 # Patterns end in \Z, not $: "$" also matches before a trailing "\n".
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 # Field values may not carry CR, LF or NUL: they would split or end the head.
 _BAD_VALUE = re.compile(rb"[\r\n\x00]")
 # An origin-form target (RFC 9112 3.2.1): starts with "/", no whitespace or controls.
@@ -40,7 +40,7 @@ def _check_headers(headers: Headers) -> None:
     if len(headers) > MAX_HEADER_COUNT:
         raise HeadTooLarge(f"{len(headers)} headers, over the limit of {MAX_HEADER_COUNT}", "headers")
     for name, value in headers:
-        if not _TOKEN.match(name):
+        if not TOKEN.match(name):
             raise BadHead(f"invalid header name {name[:64]!r}")
         if _BAD_VALUE.search(value):
             raise BadHead(f"invalid value for header {name.decode('ascii')}")
@@ -68,7 +68,7 @@ class RequestHead:
     event_id: str = ""
 
     def __post_init__(self) -> None:
-        if not _TOKEN.match(self.method.encode("ascii", "replace")) or len(self.method) > MAX_METHOD:
+        if not TOKEN.match(self.method.encode("ascii", "replace")) or len(self.method) > MAX_METHOD:
             raise BadHead(f"invalid method {self.method[:MAX_METHOD]!r}")
         if not _TARGET.match(self.target):
             raise BadHead("request target must be origin-form (start with '/')")

@@ -14,6 +14,8 @@ from typing import Any
 
 from aiohttp import web
 
+from relay_web.guard import busy_response
+
 from .config import Network
 
 log = logging.getLogger("relay.server")
@@ -22,16 +24,11 @@ log = logging.getLogger("relay.server")
 #: one line with a count per interval, never a traceback per failure.
 ACCEPT_LOG_INTERVAL = 30.0
 
-_BUSY_TEXT = b"the relay server has too many connections; try again later\n"
-#: Sent (then the connection is closed) to a connection over a cap; not via aiohttp,
-#: as no request was read yet.
-BUSY_RESPONSE = (
-    b"HTTP/1.1 503 Service Unavailable\r\n"
-    b"Content-Type: text/plain; charset=utf-8\r\n"
-    b"Content-Length: " + str(len(_BUSY_TEXT)).encode() + b"\r\n"
-    b"X-Relay-Error: too-many-connections\r\n"
-    b"Retry-After: 1\r\n"
-    b"Connection: close\r\n\r\n" + _BUSY_TEXT
+#: Sent (then the connection is closed) to a connection over a cap.
+BUSY_RESPONSE = busy_response(
+    b"the relay server has too many connections; try again later\n",
+    "text/plain; charset=utf-8",
+    b"X-Relay-Error: too-many-connections",
 )
 
 

@@ -30,6 +30,21 @@ log = logging.getLogger("relay.web")
 FD_RESERVE = 64
 
 
+def busy_response(body: bytes, content_type: str, *headers: bytes) -> bytes:
+    """A whole ``503`` answer for a connection over a cap, written before any request
+    is read (so not by aiohttp), then the connection is closed: ``headers`` are extra
+    ``Name: value`` lines."""
+    lines = [
+        b"HTTP/1.1 503 Service Unavailable",
+        b"Content-Type: " + content_type.encode("ascii"),
+        b"Content-Length: " + str(len(body)).encode(),
+        *headers,
+        b"Retry-After: 1",
+        b"Connection: close",
+    ]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
 def fd_limit() -> int | None:
     """The soft RLIMIT_NOFILE of this process, or None if unlimited or unknown."""
     try:

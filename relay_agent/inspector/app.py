@@ -28,7 +28,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from relay_web.guard import ConnectionGuard, GuardedAppRunner
+from relay_web.guard import ConnectionGuard, GuardedAppRunner, busy_response
 from relay_web.malformed import count_malformed_requests
 
 from ..errors import AgentConfigError
@@ -48,14 +48,10 @@ MAX_CONNECTIONS = 64
 #: Seconds a connection has to send its request head, and to stay idle between requests.
 HEAD_TIMEOUT = 10.0
 KEEPALIVE_TIMEOUT = 15.0
-_BUSY_TEXT = b'{"error": "too-many-connections", "message": "the inspector has too many connections"}'
 #: Sent (then the connection is closed) to a connection over ``MAX_CONNECTIONS``.
-BUSY_RESPONSE = (
-    b"HTTP/1.1 503 Service Unavailable\r\n"
-    b"Content-Type: application/json\r\n"
-    b"Content-Length: " + str(len(_BUSY_TEXT)).encode() + b"\r\n"
-    b"Retry-After: 1\r\n"
-    b"Connection: close\r\n\r\n" + _BUSY_TEXT
+BUSY_RESPONSE = busy_response(
+    b'{"error": "too-many-connections", "message": "the inspector has too many connections"}',
+    "application/json",
 )
 #: Seconds the inspector's open requests (event streams, a replay's answer) get to end
 #: when the agent stops.

@@ -20,6 +20,7 @@ import aiohttp
 
 from relay_protocol import RelayError, RequestHead, ResponseHead
 from relay_protocol.headers import header_value, is_websocket_upgrade
+from relay_protocol.heads import TOKEN
 
 from ..background import Background
 from ..client import LocalClient
@@ -34,8 +35,6 @@ MAX_EDITED_BODY = MAX_BODY
 # Controls a header value may not hold (RFC 9110 §5.5: field-content is visible
 # characters, space, tab and obs-text; CR, LF and NUL would split or end the line).
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-# A header name is a token (RFC 9110 §5.6.2).
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FIELDS = frozenset({"method", "target", "headers", "body", "body_base64"})
 
 
@@ -168,7 +167,7 @@ def _headers(value: Any) -> tuple[tuple[bytes, bytes], ...]:
     ):
         raise EditRefused(400, 'headers must be a list of [name, value] strings: [["Accept", "*/*"], ...]')
     for name, field in value:
-        if not _TOKEN.fullmatch(name):
+        if not (name.isascii() and TOKEN.match(name.encode("ascii"))):
             raise EditRefused(
                 400,
                 f"the header name {name!r} is not a token (RFC 9110 §5.6.2: letters, digits, !#$%&'*+-.^_`|~"

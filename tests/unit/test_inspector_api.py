@@ -445,6 +445,7 @@ async def test_an_edited_replay_without_the_event_header_is_no_longer_that_event
         ({"headers": {"A": "b"}}, 400, "list of [name, value]"),
         ({"headers": [["Bad Name", "x"]]}, 400, "'Bad Name' is not a token"),
         ({"headers": [["X-\u00e9", "x"]]}, 400, "'X-\u00e9' is not a token"),
+        ({"headers": [["X-\ud800", "x"]]}, 400, "is not a token"),  # a lone surrogate
         ({"headers": [["X-Split", "a\r\nInjected: yes"]]}, 400, "X-Split may hold no control character"),
         ({"headers": [["X-Nul", "a\x00"]]}, 400, "X-Nul may hold no control character"),
         ({"headers": [["X-Bell", "a\x07b"]]}, 400, "control character"),
