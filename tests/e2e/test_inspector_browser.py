@@ -142,6 +142,10 @@ def test_webhooks_appear_in_the_list_as_they_arrive(alice: Tunnel, open_page: An
     wait_until(lambda: page.locator("#exchanges tbody tr").count() == 0, WAIT, "the method filter")
     page.fill("#filter-text", "")
     page.select_option("#filter-method", "")
+    # Until an exchange is opened, the list takes the whole width.
+    share = "document.querySelector('#exchanges').closest('.list').offsetWidth"
+    share += " / document.querySelector('#exchanges').closest('.split').offsetWidth"
+    assert page.evaluate(share) == 1
     _shot(page, tmp_path, "live-list")
     assert page.errors == []
 
