@@ -51,8 +51,9 @@ async def _call(inspector: Inspector, method: str, path: str, with_view: bool = 
         return api_error(502, "server-unavailable", f"the relay server: {exc}")
     except RelayError as exc:
         return api_error(502, "server-unavailable", f"the relay server: {exc}")
-    # An event's body (up to the server's 10 MiB) is decoded, rendered and encoded again.
-    text = await inspector.render(_with_view if with_view else strict_dumps, answer)
+    # An event's body (up to the server's 10 MiB) is decoded, rendered and encoded again
+    # in the render thread; a page of the list is small.
+    text = await inspector.render(_with_view, answer) if with_view else strict_dumps(answer)
     return web.Response(text=text, status=202 if method == "POST" else 200, content_type="application/json")
 
 

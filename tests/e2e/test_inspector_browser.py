@@ -240,17 +240,23 @@ def test_an_edited_replay_sends_the_new_body(alice: Tunnel, open_page: Any, tmp_
     assert page.errors == []
 
 
+def _edit_multipart(tunnel: Tunnel, page: Any, prefix: str, body: bytes) -> str:
+    """A multipart webhook through ``tunnel``, opened in the page's edit form; its path."""
+    path = _unique(prefix)
+    _post(tunnel, path, body, "multipart/form-data; boundary=b")
+    _row(page, path).click()
+    page.click("#edit-replay")
+    page.locator("#edit-body").wait_for()
+    return path
+
+
 def test_an_edited_replay_with_the_body_untouched_sends_the_original_bytes(
     alice: Tunnel, open_page: Any, tmp_path: Path
 ) -> None:
     # A textarea turns CRLF into LF: a body nobody typed in must not be sent from it.
     page = open_page(alice.agent.inspector())
-    path = _unique("crlf")
     body = b'--b\r\nContent-Disposition: form-data; name="a"\r\n\r\none\rtwo\r\n--b--\r\n'
-    _post(alice, path, body, "multipart/form-data; boundary=b")
-    _row(page, path).click()
-    page.click("#edit-replay")
-    page.locator("#edit-body").wait_for()
+    path = _edit_multipart(alice, page, "crlf", body)
     page.fill("#edit-target", path + "?untouched=1")
     page.click("#edit-send")
     edited = _seen(alice, path + "?untouched=1", 1)[0]
@@ -261,12 +267,8 @@ def test_an_edited_replay_with_the_body_untouched_sends_the_original_bytes(
 def test_an_edited_body_keeps_its_crlf_line_ends(alice: Tunnel, open_page: Any) -> None:
     # Found by a newcomer: once typed in, a multipart body went out with LF only.
     page = open_page(alice.agent.inspector())
-    path = _unique("crlf-edit")
     body = b'--b\r\nContent-Disposition: form-data; name="a"\r\n\r\none\r\n--b--\r\n'
-    _post(alice, path, body, "multipart/form-data; boundary=b")
-    _row(page, path).click()
-    page.click("#edit-replay")
-    page.locator("#edit-body").wait_for()
+    path = _edit_multipart(alice, page, "crlf-edit", body)
     page.focus("#edit-body")
     page.keyboard.press("Control+End")
     page.keyboard.type("x")
