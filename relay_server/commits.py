@@ -1,10 +1,19 @@
 """Group commit: many writes from the event loop, one transaction and one fsync.
 
 Callers ``await commits.write(op)``; a single worker takes every operation
-waiting at that moment, runs them in one ``Store.transaction`` in a thread, and
-answers them all. Under load a commit carries hundreds of events; alone, a
-write waits for one fsync as it would anyway. The worker is supervised: every
-caller gets an answer (a result or an exception), whatever fails.
+waiting at that moment, runs them in one transaction, and answers them all.
+Under load a commit carries hundreds of events; alone, a write waits for one
+fsync as it would anyway. The worker is supervised: every caller gets an answer
+(a result or an exception), whatever fails.
+
+The transaction runs on the event loop itself while commits are quick, as Redis
+syncs its append-only file in its event loop (``appendfsync always``), and in a
+thread otherwise. Measured here (docs/performance.md): a batch of a few webhooks
+commits, fsync included, in 0.2-0.4 ms, and handing it to a thread cost 4-5 ms,
+most of it the two threads waiting for the GIL in turn while the loop is busy.
+A commit that takes longer than ``LOOP_COMMIT_MAX`` (a slow disk, a WAL
+checkpoint), or one that would wait (a thread or another process holds the
+write lock, the store is full), goes to a thread.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -34,6 +44,15 @@ STOP_WAIT = 10.0
 #: transaction and no fsync of its own, and the next webhook's insert never queues
 #: behind it (one commit per webhook instead of two at one sender).
 SOON = 0.005
+#: Seconds commits may hold the event loop, on average (an exponentially weighted
+#: one, weight ``LOOP_COMMIT_WEIGHT`` for the newest): every tunnel's streams wait
+#: while the loop commits. Over it (a disk slow to fsync), the commits of the next
+#: ``LOOP_COMMIT_PAUSE`` seconds go to a thread. A local SSD syncs in well under a
+#: millisecond; one slow commit now and then (a WAL checkpoint, a cold cache) moves
+#: the average without tipping it, one very slow commit tips it at once.
+LOOP_COMMIT_MAX = 0.005
+LOOP_COMMIT_WEIGHT = 0.25
+LOOP_COMMIT_PAUSE = 30.0
 
 #: Called with an operation's result as soon as its batch is committed, before the
 #: next operation's: in-memory state that follows the store (the quota counts) changes
@@ -53,6 +72,10 @@ class GroupCommitter:
         self._idle = asyncio.Event()
         self._idle.set()
         self._tasks = Tasks("group commit")
+        #: The weighted average of the seconds commits took on the loop.
+        self._loop_commit_time = 0.0
+        #: ``time.monotonic()`` before which commits go to a thread (they were slow).
+        self._thread_until = 0.0
         #: Told the size of every batch committed.
         self.on_batch: Callable[[int], None] = lambda size: None
 
@@ -131,8 +154,11 @@ class GroupCommitter:
 
     async def _commit(self, batch: list[Pending]) -> None:
         self.on_batch(len(batch))
+        ops = [op for op, _, _ in batch]
         try:
-            results = await asyncio.to_thread(self.store.transaction, [op for op, _, _ in batch])
+            results = self._commit_now(ops)
+            if results is None:
+                results = await asyncio.to_thread(self.store.transaction, ops)
         except StoreError as exc:
             self._fail(batch, exc)
             return
@@ -150,6 +176,29 @@ class GroupCommitter:
             return
         for (_, future, then), result in zip(batch, results, strict=True):
             self._answer(future, then, result)
+
+    def _commit_now(self, ops: list[Callable[[sqlite3.Connection], Any]]) -> list[Any] | None:
+        """Commit ``ops`` on the event loop if commits are quick and nothing makes this
+        one wait (``Store.transaction_now``); None if it must go to a thread."""
+        if time.monotonic() < self._thread_until:
+            return None
+        started = time.monotonic()
+        try:
+            return self.store.transaction_now(ops)
+        finally:
+            ended = time.monotonic()
+            took = ended - started
+            self._loop_commit_time += LOOP_COMMIT_WEIGHT * (took - self._loop_commit_time)
+            if self._loop_commit_time > LOOP_COMMIT_MAX:
+                log.info(
+                    "commits took %.1f ms on the event loop (the last %.1f ms); the next %gs of"
+                    " them go to a thread",
+                    self._loop_commit_time * 1000,
+                    took * 1000,
+                    LOOP_COMMIT_PAUSE,
+                )
+                self._thread_until = ended + LOOP_COMMIT_PAUSE
+                self._loop_commit_time = LOOP_COMMIT_MAX / 2  # the next try must show it is quick
 
     @staticmethod
     def _answer(future: asyncio.Future[Any], then: Then, result: Any) -> None:

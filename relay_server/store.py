@@ -126,6 +126,9 @@ PRESSURE_PURGE = 500
 PRESSURE_ROUNDS = 20
 #: Seconds between two log lines about purges under pressure (each says how many).
 PRESSURE_LOG_INTERVAL = 30.0
+#: Milliseconds a connection waits for SQLite's write lock held by another connection
+#: (the admin CLI, another process) before the write fails with "database is locked".
+BUSY_TIMEOUT_MS = 10_000
 
 
 @dataclass(frozen=True)
@@ -255,7 +258,9 @@ class Store:
 
     @staticmethod
     def _connect(data_dir: Path, max_bytes: int | None) -> sqlite3.Connection:
-        db = sqlite3.connect(data_dir / DB_FILE, isolation_level=None, check_same_thread=False, timeout=10)
+        db = sqlite3.connect(
+            data_dir / DB_FILE, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
+        )
         db.execute("PRAGMA journal_mode=WAL")
         # An acknowledged event must survive a power cut: fsync at every commit
         # (group commit makes that one fsync per batch, not per request).
@@ -323,9 +328,36 @@ class Store:
                         raise
             return self._transaction(ops)
 
-    def _transaction(self, ops: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
+    def transaction_now(self, ops: list[Callable[[sqlite3.Connection], Any]]) -> list[Any] | None:
+        """``transaction``, for the event loop: runs ``ops`` only if nothing makes it wait.
+        Returns None, with nothing written, when something would: a worker thread holds
+        the writer connection, another connection holds SQLite's write lock (the admin
+        CLI), or the store is full (purging to make room is a thread's job). Then run
+        ``transaction`` in a thread. Raises ``StoreError`` as ``transaction`` does."""
+        if not self._lock.acquire(blocking=False):
+            return None
         try:
-            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("PRAGMA busy_timeout = 0")
+                try:
+                    self._db.execute("BEGIN IMMEDIATE")
+                finally:
+                    self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            except sqlite3.Error as exc:
+                if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY:  # or BUSY_*
+                    return None
+                raise _store_error(exc) from exc
+            try:
+                return self._transaction(ops, begun=True)
+            except StoreFull:
+                return None
+        finally:
+            self._lock.release()
+
+    def _transaction(self, ops: list[Callable[[sqlite3.Connection], Any]], begun: bool = False) -> list[Any]:
+        try:
+            if not begun:
+                self._db.execute("BEGIN IMMEDIATE")
             try:
                 results = [op(self._db) for op in ops]
                 self._db.execute("COMMIT")

@@ -7,6 +7,7 @@ import asyncio
 import sqlite3
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -119,16 +120,29 @@ def test_a_failing_op_rolls_back_the_whole_transaction(store: Store, tmp_path: P
 
 
 def _count_batches(store: Store) -> list[int]:
-    """From now on, the size of every transaction ``store`` commits, in order."""
+    """From now on, the size of every transaction ``store`` commits, in order (on the
+    event loop or in a thread)."""
     batches: list[int] = []
-    real = store.transaction
+    real, real_now = store.transaction, store.transaction_now
 
     def counting(ops: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
         batches.append(len(ops))
         return real(ops)
 
+    def counting_now(ops: list[Callable[[sqlite3.Connection], Any]]) -> list[Any] | None:
+        results = real_now(ops)
+        if results is not None:
+            batches.append(len(ops))
+        return results
+
     store.transaction = counting  # type: ignore[method-assign]
+    store.transaction_now = counting_now  # type: ignore[method-assign]
     return batches
+
+
+def _commits_in_a_thread(store: Store) -> None:
+    """Every group commit goes to a thread (where a test can hold one, as a slow fsync)."""
+    store.transaction_now = lambda ops: None  # type: ignore[method-assign]
 
 
 async def test_group_commit_batches_concurrent_writes(store: Store) -> None:
@@ -168,6 +182,7 @@ async def test_writes_arriving_during_a_commit_share_the_next_one(store: Store) 
         return real(ops)
 
     store.transaction = slow  # type: ignore[method-assign]
+    _commits_in_a_thread(store)
     commits = GroupCommitter(store)
     commits.start()
     try:
@@ -185,6 +200,127 @@ async def test_writes_arriving_during_a_commit_share_the_next_one(store: Store) 
         release.set()
         await commits.stop()
     assert batches == [1, 50]
+
+
+def _where(where: list[str]) -> Callable[[sqlite3.Connection], None]:
+    """An operation that notes which thread ran it."""
+
+    def op(db: sqlite3.Connection) -> None:
+        where.append("loop" if threading.current_thread() is threading.main_thread() else "thread")
+
+    return op
+
+
+async def test_a_quick_commit_runs_on_the_event_loop(store: Store) -> None:
+    # No thread hand-off: it cost 4-5 ms of GIL turns under load, ten times the commit.
+    commits = GroupCommitter(store)
+    commits.start()
+    where: list[str] = []
+    try:
+        await asyncio.wait_for(commits.write(_where(where)), 10)
+        seq = await asyncio.wait_for(commits.write(Store.insert_event_op(_event("evt_1"), [_queued()])), 10)
+    finally:
+        await commits.stop()
+    assert where == ["loop"]
+    assert store.find_event("alice", "evt_1") is not None and seq > 0
+
+
+async def test_a_commit_goes_to_a_thread_while_a_thread_holds_the_store(store: Store) -> None:
+    # The event loop never waits for the writer connection: a long write in a worker
+    # thread (a purge, a sweep) would stall every tunnel.
+    holding, release = threading.Event(), threading.Event()
+
+    def hold(db: sqlite3.Connection) -> None:
+        holding.set()
+        release.wait(10)
+
+    holder = asyncio.ensure_future(asyncio.to_thread(store.transaction, [hold]))
+    commits = GroupCommitter(store)
+    commits.start()
+    where: list[str] = []
+    try:
+        assert await asyncio.to_thread(holding.wait, 10)
+        write = asyncio.ensure_future(commits.write(_where(where)))
+        for _ in range(20):
+            await asyncio.sleep(0)  # the loop goes on: it is not waiting for the store
+        assert not write.done()
+        release.set()
+        await asyncio.wait_for(asyncio.gather(holder, write), 10)
+    finally:
+        release.set()
+        await commits.stop()
+    assert where == ["thread"]
+
+
+async def test_a_commit_goes_to_a_thread_while_another_process_holds_the_write_lock(
+    store: Store, tmp_path: Path
+) -> None:
+    # The admin CLI (another process) writing: the loop does not sit out SQLite's busy timeout.
+    other = sqlite3.connect(tmp_path / DB_FILE, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    commits = GroupCommitter(store)
+    commits.start()
+    where: list[str] = []
+    try:
+        write = asyncio.ensure_future(commits.write(_where(where)))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not write.done()
+        other.execute("COMMIT")
+        await asyncio.wait_for(write, 10)
+    finally:
+        other.close()
+        await commits.stop()
+    assert where == ["thread"]
+
+
+async def test_slow_commits_send_the_next_ones_to_a_thread(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A disk slow to fsync must not hold the loop commit after commit; after
+    # LOOP_COMMIT_PAUSE the loop tries again. One slow commit among quick ones (a WAL
+    # checkpoint) tips the average only if it is very slow. The committer's clock is
+    # the test's: each operation says how long its commit took.
+    clock = types.SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(commits_module, "time", types.SimpleNamespace(monotonic=lambda: clock.now))
+    commits = GroupCommitter(store)
+    commits.start()
+    where: list[str] = []
+    limit = commits_module.LOOP_COMMIT_MAX
+
+    async def write(seconds: float = 0.0) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            _where(where)(db)
+            clock.now += seconds
+
+        await asyncio.wait_for(commits.write(op), 10)
+
+    try:
+        await write(2 * limit)  # a checkpoint: the average stays under the limit
+        await write()
+        await write(2 * limit)
+        await write(2 * limit)  # a slow disk: over it
+        await write()  # in a thread...
+        clock.now += commits_module.LOOP_COMMIT_PAUSE  # ...until the pause is over
+        await write()
+        await write(10 * limit)  # one very slow commit
+        await write()
+    finally:
+        await commits.stop()
+    assert where == ["loop", "loop", "loop", "loop", "thread", "loop", "loop", "thread"]
+
+
+def test_a_transaction_now_on_a_full_store_writes_nothing_and_leaves_the_purge_to_a_thread(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path, max_bytes=SMALL_STORE)
+    try:
+        ops = [Store.insert_event_op(_event(f"evt_big_{i}", body=b"b" * BIG), [_queued()]) for i in range(5)]
+        assert store.transaction_now(ops) is None
+        assert _count(tmp_path, "events") == 0
+        assert store.transaction_now([Store.insert_event_op(_event("evt_small"), [_queued()])]) is not None
+    finally:
+        store.close()
 
 
 async def test_a_write_that_may_wait_rides_with_the_next_commit(
