@@ -11,9 +11,9 @@ syncs its append-only file in its event loop (``appendfsync always``), and in a
 thread otherwise. Measured here (docs/performance.md): a batch of a few webhooks
 commits, fsync included, in 0.2-0.4 ms, and handing it to a thread cost 4-5 ms,
 most of it the two threads waiting for the GIL in turn while the loop is busy.
-A commit that takes longer than ``LOOP_COMMIT_MAX`` (a slow disk, a WAL
-checkpoint), or one that would wait (a thread or another process holds the
-write lock, the store is full), goes to a thread.
+Commits that take longer than ``LOOP_COMMIT_MAX`` on average (a slow disk) go to
+a thread for a while; so does one that would wait (a thread or another process
+holds the write lock, the store is full).
 """
 
 from __future__ import annotations
@@ -46,13 +46,16 @@ STOP_WAIT = 10.0
 SOON = 0.005
 #: Seconds commits may hold the event loop, on average (an exponentially weighted
 #: one, weight ``LOOP_COMMIT_WEIGHT`` for the newest): every tunnel's streams wait
-#: while the loop commits. Over it (a disk slow to fsync), the commits of the next
-#: ``LOOP_COMMIT_PAUSE`` seconds go to a thread. A local SSD syncs in well under a
-#: millisecond; one slow commit now and then (a WAL checkpoint, a cold cache) moves
-#: the average without tipping it, one very slow commit tips it at once.
+#: while the loop commits. Over it (a disk slow to fsync), commits go to a thread
+#: for a pause of ``LOOP_COMMIT_PAUSE`` seconds, doubled at each pause that follows
+#: within ``LOOP_COMMIT_PAUSE_MAX`` of the last (a disk that stays slow costs the loop
+#: one commit every 30 s). A local SSD syncs in well under a millisecond; one slow
+#: commit now and then (a WAL checkpoint, the first commits on a cold cache: 20 ms
+#: here) moves the average without tipping it, one very slow commit tips it at once.
 LOOP_COMMIT_MAX = 0.005
-LOOP_COMMIT_WEIGHT = 0.25
-LOOP_COMMIT_PAUSE = 30.0
+LOOP_COMMIT_WEIGHT = 0.1
+LOOP_COMMIT_PAUSE = 1.0
+LOOP_COMMIT_PAUSE_MAX = 30.0
 
 #: Called with an operation's result as soon as its batch is committed, before the
 #: next operation's: in-memory state that follows the store (the quota counts) changes
@@ -75,7 +78,8 @@ class GroupCommitter:
         #: The weighted average of the seconds commits took on the loop.
         self._loop_commit_time = 0.0
         #: ``time.monotonic()`` before which commits go to a thread (they were slow).
-        self._thread_until = 0.0
+        self._thread_until = -LOOP_COMMIT_PAUSE_MAX
+        self._pause = LOOP_COMMIT_PAUSE
         #: Told the size of every batch committed.
         self.on_batch: Callable[[int], None] = lambda size: None
 
@@ -190,14 +194,17 @@ class GroupCommitter:
             took = ended - started
             self._loop_commit_time += LOOP_COMMIT_WEIGHT * (took - self._loop_commit_time)
             if self._loop_commit_time > LOOP_COMMIT_MAX:
+                if ended - self._thread_until > LOOP_COMMIT_PAUSE_MAX:
+                    self._pause = LOOP_COMMIT_PAUSE  # the last pause is long past
                 log.info(
                     "commits took %.1f ms on the event loop (the last %.1f ms); the next %gs of"
                     " them go to a thread",
                     self._loop_commit_time * 1000,
                     took * 1000,
-                    LOOP_COMMIT_PAUSE,
+                    self._pause,
                 )
-                self._thread_until = ended + LOOP_COMMIT_PAUSE
+                self._thread_until = ended + self._pause
+                self._pause = min(self._pause * 2, LOOP_COMMIT_PAUSE_MAX)
                 self._loop_commit_time = LOOP_COMMIT_MAX / 2  # the next try must show it is quick
 
     @staticmethod
