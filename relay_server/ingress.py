@@ -420,9 +420,13 @@ class Ingress:
         # makes ``open`` wait, and the client must still get its 504 in time.
         deadline = asyncio.get_running_loop().time() + self.timeout
         try:
-            async with asyncio.timeout_at(deadline):
-                # An upgrade keeps the request half open: websocket messages follow the 101.
-                stream = await session.open(head, end_stream=not (has_body or upgrade))
+            # An upgrade keeps the request half open: websocket messages follow the 101.
+            end_stream = not (has_body or upgrade)
+            if session.can_open_now:  # no wait, no timer (a timeout is 5 % of a request)
+                stream = await session.open(head, end_stream)
+            else:
+                async with asyncio.timeout_at(deadline):
+                    stream = await session.open(head, end_stream)
         except TimeoutError:
             return self._timed_out()
         except StreamFailed as exc:
@@ -535,10 +539,12 @@ class Ingress:
         sent = 0
         try:
             while True:
-                if not stream.has_chunk():
+                if stream.has_chunk():
+                    chunk = stream.read_nowait()
+                else:
                     response.send_head()
-                async with asyncio.timeout(self.idle_timeout):
-                    chunk = await stream.read()
+                    async with asyncio.timeout(self.idle_timeout):
+                        chunk = await stream.read()
                 if not chunk:
                     break
                 if length is not None and sent + len(chunk) > length:

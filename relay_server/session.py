@@ -83,7 +83,14 @@ class Stream:
 
     async def read(self) -> bytes:
         """The next chunk of the response body; b"" at its end. Raises ``StreamFailed``."""
-        item = await self._chunks.get()
+        return self._chunk(await self._chunks.get())
+
+    def read_nowait(self) -> bytes:
+        """``read`` when ``has_chunk`` says it would not wait (else ``asyncio.QueueEmpty``)."""
+        return self._chunk(self._chunks.get_nowait())
+
+    @staticmethod
+    def _chunk(item: bytes | StreamFailed | None) -> bytes:
         if item is None:
             return b""
         if isinstance(item, StreamFailed):
@@ -143,6 +150,11 @@ class AgentSession:
         self._ready = asyncio.Event()  # the engine may have frames to send
         self._room = asyncio.Event()  # the engine's buffer fell below its high-water mark
         self._room.set()
+
+    @property
+    def can_open_now(self) -> bool:
+        """True if ``open`` would not wait (room in the outgoing buffer)."""
+        return self._engine.has_room or self.closed
 
     @property
     def open_streams(self) -> int:
