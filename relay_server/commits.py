@@ -11,9 +11,12 @@ syncs its append-only file in its event loop (``appendfsync always``), and in a
 thread otherwise. Measured here (docs/performance.md): a batch of a few webhooks
 commits, fsync included, in 0.2-0.4 ms, and handing it to a thread cost 4-5 ms,
 most of it the two threads waiting for the GIL in turn while the loop is busy.
-Commits that take longer than ``LOOP_COMMIT_MAX`` on average (a slow disk) go to
-a thread for a while; so does one that would wait (a thread or another process
-holds the write lock, the store is full).
+Only small batches of operations that say what they write (``size``: a webhook's
+insert, an attempt's outcome) commit on the loop; any other batch (a burst of big
+bodies, a scan such as the recount) goes to a thread, as does one that would wait
+(a thread or another process holds the write lock, the store is full). Commits that
+take longer than ``LOOP_COMMIT_MAX`` on average (a slow disk) go to a thread for a
+while.
 """
 
 from __future__ import annotations
@@ -54,6 +57,12 @@ SOON = 0.005
 #: here) moves the average without tipping it, one very slow commit tips it at once.
 LOOP_COMMIT_MAX = 0.005
 LOOP_COMMIT_WEIGHT = 0.1
+#: Bytes one commit on the event loop may carry: what its operations say they write
+#: (``size``: a webhook's body) plus ``LOOP_OP_BYTES`` for each one's rows and index
+#: pages. A bigger batch goes to a thread from the start: one 10 MiB webhook took
+#: 80 ms to write and sync here, 25 of them (the body budget's worth) 1.5 s.
+LOOP_BATCH_BYTES = 256 * 1024
+LOOP_OP_BYTES = 1024
 LOOP_COMMIT_PAUSE = 1.0
 LOOP_COMMIT_PAUSE_MAX = 30.0
 
@@ -61,7 +70,9 @@ LOOP_COMMIT_PAUSE_MAX = 30.0
 #: next operation's: in-memory state that follows the store (the quota counts) changes
 #: in the very order of the writes, whoever resumes first afterwards.
 Then = Callable[[Any], None] | None
-Pending = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]", Then]
+#: An operation waiting for a commit: the operation, its caller's future, its ``then``,
+#: and the bytes it says it writes (None: it may run only in a thread).
+Pending = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]", Then, int | None]
 
 
 class GroupCommitter:
@@ -97,34 +108,43 @@ class GroupCommitter:
         self._fail(self._pending, StoreError("the relay server is stopping"))
         self._pending = []
 
-    async def write(self, op: Callable[[sqlite3.Connection], T], then: Then = None) -> T:
+    async def write(
+        self, op: Callable[[sqlite3.Connection], T], then: Then = None, *, size: int | None = None
+    ) -> T:
         """Run ``op`` in the next group commit; returns once it is durable. ``then`` is
         called with the result once committed, in the order of the writes (see ``Then``).
+        ``size``: the bytes ``op`` writes, for a small indexed write (an insert, an
+        update by key) that may run on the event loop; None (a scan, a purge, several
+        writes): only in a thread.
 
         Raises ``StoreError`` (``StoreFull``) if the commit failed: nothing of it was written.
         """
-        return await self.submit(op, then)
+        return await self.submit(op, then, size=size)
 
-    def submit(self, op: Callable[[sqlite3.Connection], T], then: Then = None) -> asyncio.Future[T]:
+    def submit(
+        self, op: Callable[[sqlite3.Connection], T], then: Then = None, *, size: int | None = None
+    ) -> asyncio.Future[T]:
         """Queue ``op`` for the next group commit; the future is answered as ``write``
         returns or raises. (No task per write: the ingress awaits it shielded.)"""
-        future = self._queue(self._pending, op, then)
+        future = self._queue(self._pending, op, then, size)
         self._ready.set()
         return future
 
-    async def write_soon(self, op: Callable[[sqlite3.Connection], T], then: Then = None) -> T:
+    async def write_soon(
+        self, op: Callable[[sqlite3.Connection], T], then: Then = None, *, size: int | None = None
+    ) -> T:
         """As ``write``, for an operation that may wait up to ``SOON`` seconds to share
         the next group commit (nobody waits on it but a background task)."""
-        future = self._queue(self._soon, op, then)
+        future = self._queue(self._soon, op, then, size)
         if self._soon_timer is None:
             self._soon_timer = asyncio.get_running_loop().call_later(SOON, self._flush_soon)
         return await future
 
     def _queue(
-        self, queue: list[Pending], op: Callable[[sqlite3.Connection], T], then: Then
+        self, queue: list[Pending], op: Callable[[sqlite3.Connection], T], then: Then, size: int | None
     ) -> asyncio.Future[T]:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        queue.append((op, future, then))
+        queue.append((op, future, then, size))
         self._idle.clear()
         return future
 
@@ -158,9 +178,9 @@ class GroupCommitter:
 
     async def _commit(self, batch: list[Pending]) -> None:
         self.on_batch(len(batch))
-        ops = [op for op, _, _ in batch]
+        ops = [op for op, _, _, _ in batch]
         try:
-            results = self._commit_now(ops)
+            results = self._commit_now(ops) if _fits_the_loop(batch) else None
             if results is None:
                 results = await asyncio.to_thread(self.store.transaction, ops)
         except StoreError as exc:
@@ -169,7 +189,7 @@ class GroupCommitter:
         except Exception:
             # A bug in one operation rolled back the whole batch: run each alone, so
             # only the faulty one fails.
-            for op, future, then in batch:
+            for op, future, then, _ in batch:
                 try:
                     (result,) = await asyncio.to_thread(self.store.transaction, [op])
                 except Exception as exc:
@@ -178,7 +198,7 @@ class GroupCommitter:
                 else:
                     self._answer(future, then, result)
             return
-        for (_, future, then), result in zip(batch, results, strict=True):
+        for (_, future, then, _), result in zip(batch, results, strict=True):
             self._answer(future, then, result)
 
     def _commit_now(self, ops: list[Callable[[sqlite3.Connection], Any]]) -> list[Any] | None:
@@ -219,6 +239,17 @@ class GroupCommitter:
 
     @staticmethod
     def _fail(batch: list[Pending], exc: Exception) -> None:
-        for _, future, _ in batch:
+        for _, future, _, _ in batch:
             if not future.done():
                 future.set_exception(exc)
+
+
+def _fits_the_loop(batch: list[Pending]) -> bool:
+    """True if every operation of ``batch`` says what it writes and it all fits in
+    ``LOOP_BATCH_BYTES``."""
+    total = 0
+    for *_, size in batch:
+        if size is None:
+            return False
+        total += size + LOOP_OP_BYTES
+    return total <= LOOP_BATCH_BYTES

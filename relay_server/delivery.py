@@ -351,7 +351,9 @@ class Deliveries:
             deliveries = [Delivery(0, tunnel, d, "pending", 0, lease) for d in settings.destinations]
             # Counted in the quota the moment it is committed (in the order of the writes).
             commit = self.commits.submit(
-                Store.insert_event_op(event, deliveries), lambda _: self._count(tunnel, 1, len(body))
+                Store.insert_event_op(event, deliveries),
+                lambda _: self._count(tunnel, 1, len(body)),
+                size=len(body),  # and a head of at most MAX_HEAD_SIZE
             )
             # The first attempt starts while the event is being committed: the sender
             # waits for the longer of the fsync and the app, not for their sum. Nothing
@@ -556,7 +558,9 @@ class Deliveries:
         try:
             write = self.commits.write_soon if soon else self.commits.write
             await write(
-                Store.update_delivery_op(updated), lambda waiting: self._count_if_finished(event, waiting)
+                Store.update_delivery_op(updated),
+                lambda waiting: self._count_if_finished(event, waiting),
+                size=0,
             )
         except StoreError as exc:
             self.store_trouble(exc)
@@ -667,7 +671,7 @@ class Deliveries:
                 delivery, status="pending", next_attempt_at=now, failures=0, dead_reason=None, since=now
             )
             then = partial(self._count_back, event) if back else None
-            await self.commits.write(Store.update_delivery_op(pending), then)
+            await self.commits.write(Store.update_delivery_op(pending), then, size=0)
             back = False
             self.dispatcher(event.tunnel, delivery.destination).wake()
         return [d.destination for d in deliveries]

@@ -7,6 +7,7 @@ purpose so that a second backend (for several nodes) can implement it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
@@ -333,26 +334,45 @@ class Store:
         Returns None, with nothing written, when something would: a worker thread holds
         the writer connection, another connection holds SQLite's write lock (the admin
         CLI), or the store is full (purging to make room is a thread's job). Then run
-        ``transaction`` in a thread. Raises ``StoreError`` as ``transaction`` does."""
+        ``transaction`` in a thread. Raises ``StoreError`` as ``transaction`` does; on
+        any failure the connection is left out of the transaction."""
         if not self._lock.acquire(blocking=False):
             return None
         try:
             try:
-                self._db.execute("PRAGMA busy_timeout = 0")
-                try:
-                    self._db.execute("BEGIN IMMEDIATE")
-                finally:
-                    self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            except sqlite3.Error as exc:
-                if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY:  # or BUSY_*
+                if not self._begin_now():
                     return None
+            except sqlite3.Error as exc:
                 raise _store_error(exc) from exc
-            try:
-                return self._transaction(ops, begun=True)
-            except StoreFull:
-                return None
+            return self._transaction(ops, begun=True)
+        except StoreFull:
+            self._roll_back()
+            return None
+        except BaseException:
+            self._roll_back()
+            raise
         finally:
             self._lock.release()
+
+    def _begin_now(self) -> bool:
+        """``BEGIN IMMEDIATE`` on the writer connection, without waiting for another
+        connection's write lock: False (no transaction) if one holds it."""
+        self._db.execute("PRAGMA busy_timeout = 0")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY:  # or BUSY_*
+                return False
+            raise
+        finally:
+            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        return True
+
+    def _roll_back(self) -> None:
+        """End the writer connection's transaction, if one is open (a failure left it)."""
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
 
     def _transaction(self, ops: list[Callable[[sqlite3.Connection], Any]], begun: bool = False) -> list[Any]:
         try:

@@ -233,10 +233,10 @@ def _fail_first_submit(monkeypatch: pytest.MonkeyPatch, exc: Exception) -> None:
     real = GroupCommitter.submit
     calls: list[int] = []
 
-    def submit(self: GroupCommitter, op: Any, then: Any = None) -> asyncio.Future[Any]:
+    def submit(self: GroupCommitter, op: Any, then: Any = None, **kw: Any) -> asyncio.Future[Any]:
         calls.append(1)
         if len(calls) > 1:
-            return real(self, op, then)
+            return real(self, op, then, **kw)
         return asyncio.ensure_future(failing())
 
     async def failing() -> Any:
@@ -394,15 +394,15 @@ async def test_a_sender_who_leaves_while_its_webhook_is_committed_still_has_it_d
     committing, commit_may_end, left = asyncio.Event(), asyncio.Event(), asyncio.Event()
     real_submit = GroupCommitter.submit
 
-    async def held(self: GroupCommitter, op: Any, then: Any) -> Any:
+    async def held(self: GroupCommitter, op: Any, then: Any, **kw: Any) -> Any:
         committing.set()
         await commit_may_end.wait()
-        return await real_submit(self, op, then)
+        return await real_submit(self, op, then, **kw)
 
-    def held_submit(self: GroupCommitter, op: Any, then: Any = None) -> asyncio.Future[Any]:
+    def held_submit(self: GroupCommitter, op: Any, then: Any = None, **kw: Any) -> asyncio.Future[Any]:
         if committing.is_set():
-            return real_submit(self, op, then)
-        return asyncio.ensure_future(held(self, op, then))
+            return real_submit(self, op, then, **kw)
+        return asyncio.ensure_future(held(self, op, then, **kw))
 
     monkeypatch.setattr(GroupCommitter, "submit", held_submit)
     real_spawn = _deliveries(client).tasks.spawn
@@ -452,7 +452,7 @@ async def test_a_recount_committed_with_a_webhook_counts_it_once(
 
     def waiting() -> list[str]:  # what waits for the next commit: "insert", "recount"
         kinds = {"insert_event_op": "insert", "pending_totals_op": "recount"}
-        names = [op.__qualname__.split(".")[1] for op, _, _ in deliveries.commits._pending]
+        names = [op.__qualname__.split(".")[1] for op, *_ in deliveries.commits._pending]
         return [kinds[name] for name in names if name in kinds]
 
     expected = ["recount", "insert"] if order == "recount first" else ["insert", "recount"]

@@ -217,12 +217,59 @@ async def test_a_quick_commit_runs_on_the_event_loop(store: Store) -> None:
     commits.start()
     where: list[str] = []
     try:
-        await asyncio.wait_for(commits.write(_where(where)), 10)
-        seq = await asyncio.wait_for(commits.write(Store.insert_event_op(_event("evt_1"), [_queued()])), 10)
+        await asyncio.wait_for(commits.write(_where(where), size=0), 10)
+        seq = await asyncio.wait_for(
+            commits.write(Store.insert_event_op(_event("evt_1"), [_queued()]), size=7), 10
+        )
     finally:
         await commits.stop()
     assert where == ["loop"]
     assert store.find_event("alice", "evt_1") is not None and seq > 0
+
+
+async def test_big_batches_and_writes_of_unknown_cost_commit_in_a_thread(store: Store) -> None:
+    # A burst of 10 MiB webhooks (1.5 s to write and sync) or a scan over the whole store
+    # (the recount) would hold every tunnel's streams: the loop never runs them.
+    commits = GroupCommitter(store)
+    commits.start()
+    where: list[str] = []
+    big = commits_module.LOOP_BATCH_BYTES // 4
+    try:
+        await asyncio.wait_for(commits.write(_where(where)), 10)  # no size: a scan, a purge
+        await asyncio.wait_for(commits.write(_where(where), size=commits_module.LOOP_BATCH_BYTES), 10)
+        await asyncio.wait_for(commits.write(_where(where), size=big), 10)
+        writes = [commits.write(_where(where), size=big) for _ in range(4)]  # one batch: too big
+        await asyncio.wait_for(asyncio.gather(*writes), 10)
+        together = [commits.write(_where(where), size=0), commits.write(_where(where))]  # one unknown
+        await asyncio.wait_for(asyncio.gather(*together), 10)
+    finally:
+        await commits.stop()
+    assert where == ["thread", "thread", "loop", *["thread"] * 4, "thread", "thread"]
+
+
+def test_a_failure_after_begin_leaves_no_transaction_open(store: Store) -> None:
+    # The busy timeout failing to come back after BEGIN IMMEDIATE: the writer connection
+    # must not stay in a transaction (every later commit would fail, the lock held).
+    real = store._db
+
+    class Failing:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def execute(self, sql: str, *args: Any) -> Any:
+            if sql.startswith("PRAGMA busy_timeout = 1"):
+                raise sqlite3.OperationalError("injected")
+            return real.execute(sql, *args)
+
+    store._db = Failing()  # type: ignore[assignment]
+    try:
+        with pytest.raises(StoreError, match="injected"):
+            store.transaction_now([Store.insert_event_op(_event("evt_lost"), [_queued()])])
+    finally:
+        store._db = real
+    assert not real.in_transaction
+    assert store.transaction_now([Store.insert_event_op(_event("evt_1"), [_queued()])]) is not None
+    assert store.find_event("alice", "evt_lost") is None and store.find_event("alice", "evt_1")
 
 
 async def test_a_commit_goes_to_a_thread_while_a_thread_holds_the_store(store: Store) -> None:
@@ -240,7 +287,7 @@ async def test_a_commit_goes_to_a_thread_while_a_thread_holds_the_store(store: S
     where: list[str] = []
     try:
         assert await asyncio.to_thread(holding.wait, 10)
-        write = asyncio.ensure_future(commits.write(_where(where)))
+        write = asyncio.ensure_future(commits.write(_where(where), size=0))
         for _ in range(20):
             await asyncio.sleep(0)  # the loop goes on: it is not waiting for the store
         assert not write.done()
@@ -262,7 +309,7 @@ async def test_a_commit_goes_to_a_thread_while_another_process_holds_the_write_l
     commits.start()
     where: list[str] = []
     try:
-        write = asyncio.ensure_future(commits.write(_where(where)))
+        write = asyncio.ensure_future(commits.write(_where(where), size=0))
         for _ in range(20):
             await asyncio.sleep(0)
         assert not write.done()
@@ -295,7 +342,7 @@ async def test_slow_commits_send_the_next_ones_to_a_thread(
             _where(where)(db)
             clock.now += seconds
 
-        await asyncio.wait_for(commits.write(op), 10)
+        await asyncio.wait_for(commits.write(op, size=0), 10)
 
     try:
         await write(2 * limit)  # one slow commit (a checkpoint, a cold cache)
