@@ -11,6 +11,7 @@ from aiohttp import web
 
 from relay_protocol.frames import CLOSE_GOING_AWAY
 from relay_web.guard import ConnectionGuard, GuardedAppRunner
+from relay_web.listen import start_sites
 
 from . import tokens
 from .access import RequestNotes, loggable_path
@@ -205,8 +206,7 @@ async def serve(config: ServerConfig, app: web.Application, ready: asyncio.Event
         keepalive_timeout=DEFAULT_KEEPALIVE_TIMEOUT,  # idle between requests; heads: head_timeout
     )
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, ssl_context=config.tls)
-    await site.start()
+    sites = await start_sites(runner, config.host, config.port, ssl_context=config.tls)
     metrics_runner = await _metrics_site(config, app[METRICS]) if config.metrics_listen else None
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -225,7 +225,8 @@ async def serve(config: ServerConfig, app: web.Application, ready: asyncio.Event
         # carry the answers: aiohttp's cleanup() closes every connection before its
         # shutdown hooks run, which would cut the requests we wait for. Then stop.
         await _drain(app)
-        await site.stop()
+        for site in sites:
+            await site.stop()
     finally:
         if metrics_runner is not None:
             await metrics_runner.cleanup()
@@ -243,7 +244,7 @@ async def _metrics_site(config: ServerConfig, metrics: Metrics) -> web.AppRunner
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await start_sites(runner, host, port)
     except OSError as exc:
         await runner.cleanup()
         raise ConfigError(f"cannot listen on --metrics-listen {host}:{port}: {exc.strerror or exc}") from exc

@@ -29,6 +29,7 @@ from pathlib import Path
 from aiohttp import web
 
 from relay_web.guard import ConnectionGuard, GuardedAppRunner, busy_response
+from relay_web.listen import start_sites
 from relay_web.malformed import count_malformed_requests
 
 from ..errors import AgentConfigError
@@ -178,7 +179,7 @@ async def serve(inspector: Inspector, address: InspectAddress) -> AsyncIterator[
         )
         await runner.setup()
         try:
-            await web.TCPSite(runner, candidate.host, candidate.port).start()
+            await start_sites(runner, candidate.host, candidate.port)
         except OSError as exc:
             await runner.cleanup()
             runner, failure = None, exc

@@ -110,6 +110,43 @@ async def test_a_taken_default_port_moves_to_the_next() -> None:
                 assert response.status == 200
 
 
+def test_a_port_taken_between_bind_and_listen_moves_to_the_next(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Several agents started at once: another process binds the port (SO_REUSEADDR, as
+    # ours) and listens between our bind and our listen. uvloop then handed aiohttp a
+    # server with its socket closed, TCPSite.start raised AttributeError and the agent
+    # died at start. Now the sockets are ours: the listen fails with EADDRINUSE, and the
+    # next port is taken. Run on uvloop, as the agent runs.
+    uvloop = pytest.importorskip("uvloop")
+    base = unused_port()
+    competitors: list[socket.socket] = []
+    real_bind = socket.socket.bind
+
+    def bind_then_lose_the_race(self: socket.socket, address: object) -> None:
+        real_bind(self, address)
+        if not competitors:
+            other = socket.socket(self.family, socket.SOCK_STREAM)
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            real_bind(other, address)
+            other.listen()
+            competitors.append(other)
+
+    async def main() -> InspectAddress | None:
+        async with serve(_inspector(), InspectAddress("127.0.0.1", base, exact=False)) as bound:
+            assert bound is not None
+            async with aiohttp.ClientSession() as http, http.get(f"{bound.url}/api/status") as response:
+                assert response.status == 200
+            return bound
+
+    monkeypatch.setattr(socket.socket, "bind", bind_then_lose_the_race)
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            bound = runner.run(main())
+    finally:
+        for sock in competitors:
+            sock.close()
+    assert competitors and bound is not None and bound.port > base
+
+
 async def test_a_taken_exact_port_is_an_error_naming_it() -> None:
     port = unused_port()
     with socket.create_server(("127.0.0.1", port)), pytest.raises(AgentConfigError) as caught:
