@@ -57,14 +57,14 @@ SOON = 0.005
 #: here) moves the average without tipping it, one very slow commit tips it at once.
 LOOP_COMMIT_MAX = 0.005
 LOOP_COMMIT_WEIGHT = 0.1
+LOOP_COMMIT_PAUSE = 1.0
+LOOP_COMMIT_PAUSE_MAX = 30.0
 #: Bytes one commit on the event loop may carry: what its operations say they write
 #: (``size``: a webhook's body) plus ``LOOP_OP_BYTES`` for each one's rows and index
 #: pages. A bigger batch goes to a thread from the start: one 10 MiB webhook took
 #: 80 ms to write and sync here, 25 of them (the body budget's worth) 1.5 s.
 LOOP_BATCH_BYTES = 256 * 1024
 LOOP_OP_BYTES = 1024
-LOOP_COMMIT_PAUSE = 1.0
-LOOP_COMMIT_PAUSE_MAX = 30.0
 
 #: Called with an operation's result as soon as its batch is committed, before the
 #: next operation's: in-memory state that follows the store (the quota counts) changes
