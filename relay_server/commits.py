@@ -216,7 +216,9 @@ class GroupCommitter:
             if self._loop_commit_time > LOOP_COMMIT_MAX:
                 if ended - self._thread_until > LOOP_COMMIT_PAUSE_MAX:
                     self._pause = LOOP_COMMIT_PAUSE  # the last pause is long past
-                log.info(
+                # A warning for the first pause of a series (the disk got slow), then info.
+                log.log(
+                    logging.WARNING if self._pause == LOOP_COMMIT_PAUSE else logging.INFO,
                     "commits took %.1f ms on the event loop (the last %.1f ms); the next %gs of"
                     " them go to a thread",
                     self._loop_commit_time * 1000,
