@@ -164,6 +164,10 @@ class GroupCommitter:
     async def _run(self) -> None:
         while True:
             await self._ready.wait()
+            # One pass of the loop for the writes of the handlers woken with this one to
+            # join: measured at 16 and 64 senders, 4.5 -> 7 writes per commit, 30 % fewer
+            # commits (and fsyncs holding the loop); it costs a commit one loop pass.
+            await asyncio.sleep(0)
             self._ready.clear()
             while self._pending:
                 self._take_soon()
