@@ -65,6 +65,11 @@ LOOP_COMMIT_PAUSE_MAX = 30.0
 #: 80 ms to write and sync here, 25 of them (the body budget's worth) 1.5 s.
 LOOP_BATCH_BYTES = 256 * 1024
 LOOP_OP_BYTES = 1024
+#: WAL bytes past which a checkpoint runs in a thread (``Store.checkpoint``); commits
+#: never checkpoint themselves. SQLite's own default: 1,000 pages of 4 KiB.
+CHECKPOINT_BYTES = 4 * 1024 * 1024
+#: Seconds before a checkpoint that failed is tried again.
+CHECKPOINT_RETRY = 1.0
 
 #: Called with an operation's result as soon as its batch is committed, before the
 #: next operation's: in-memory state that follows the store (the quota counts) changes
@@ -86,6 +91,8 @@ class GroupCommitter:
         self._idle = asyncio.Event()
         self._idle.set()
         self._tasks = Tasks("group commit")
+        self._checkpoint: asyncio.Task[None] | None = None
+        self._checkpoint_after = 0.0  # time.monotonic() before which none starts (one failed)
         #: The weighted average of the seconds commits took on the loop.
         self._loop_commit_time = 0.0
         #: ``time.monotonic()`` before which commits go to a thread (they were slow).
@@ -95,6 +102,7 @@ class GroupCommitter:
         self.on_batch: Callable[[int], None] = lambda size: None
 
     def start(self) -> None:
+        self.store.checkpoint_apart()
         self._tasks.loop(self._run, "the group committer")
 
     async def stop(self) -> None:
@@ -204,6 +212,22 @@ class GroupCommitter:
             return
         for (_, future, then, _), result in zip(batch, results, strict=True):
             self._answer(future, then, result)
+        self._checkpoint_if_due()
+
+    def _checkpoint_if_due(self) -> None:
+        """Start a checkpoint in a thread when the WAL has grown past ``CHECKPOINT_BYTES``
+        and none runs: one at a time, and ``CHECKPOINT_RETRY`` after one failed."""
+        if self._checkpoint is not None and not self._checkpoint.done():
+            return
+        if time.monotonic() >= self._checkpoint_after and self.store.wal_bytes() >= CHECKPOINT_BYTES:
+            self._checkpoint = self._tasks.spawn(self._run_checkpoint(), "a WAL checkpoint")
+
+    async def _run_checkpoint(self) -> None:
+        try:
+            await asyncio.to_thread(self.store.checkpoint)
+        except StoreError as exc:  # the commits report a failing store
+            log.debug("%s", exc)
+            self._checkpoint_after = time.monotonic() + CHECKPOINT_RETRY
 
     def _commit_now(self, ops: list[Callable[[sqlite3.Connection], Any]]) -> list[Any] | None:
         """Commit ``ops`` on the event loop if commits are quick and nothing makes this

@@ -252,6 +252,10 @@ class Store:
             # commit holds the writer's lock through its fsync.
             self._reader = self._connect(data_dir, None)
             self._read_lock = threading.Lock()
+            # Checkpoints too (``checkpoint``, from a thread), once ``checkpoint_apart``.
+            self._checkpointer = self._connect(data_dir, None)
+            self._checkpoint_lock = threading.Lock()
+            self._wal = data_dir / f"{DB_FILE}-wal"
             self._pressure_purged = 0
             self._pressure_logged = -PRESSURE_LOG_INTERVAL
         except (OSError, sqlite3.Error) as exc:
@@ -279,6 +283,34 @@ class Store:
             self._db.close()
         with self._read_lock:
             self._reader.close()
+        with self._checkpoint_lock:
+            self._checkpointer.close()
+
+    def checkpoint_apart(self) -> None:
+        """From now on commits never checkpoint the WAL (copy it back into the database
+        and sync that): ``checkpoint`` does, in a thread. A commit on the event loop
+        that filled the WAL past SQLite's 1,000 pages checkpointed there, and after a
+        long read (an online backup) the WAL had grown to hundreds of MB: the loop was
+        held 1-2 s by one small webhook."""
+        with self._lock:
+            self._db.execute("PRAGMA wal_autocheckpoint = 0")
+
+    def wal_bytes(self) -> int:
+        """Size of the WAL file now (0 if there is none)."""
+        try:
+            return self._wal.stat().st_size
+        except OSError:
+            return 0
+
+    def checkpoint(self) -> None:
+        """Copy what the WAL holds back into the database, as far as readers allow
+        (``PASSIVE``: never waits for a reader or a writer, which go on meanwhile). For a
+        thread: it writes and syncs the database file. Raises ``StoreError``."""
+        try:
+            with self._checkpoint_lock:
+                self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"store checkpoint failed: {exc}") from exc
 
     def _migrate(self) -> None:
         with self._lock:

@@ -371,6 +371,47 @@ async def test_slow_commits_send_the_next_ones_to_a_thread(
         await commits.stop()
 
 
+async def test_a_commit_never_checkpoints_the_wal_a_thread_does(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After a long read (an online backup) the WAL had grown to hundreds of MB, and the
+    # next small webhook, committed on the event loop, copied it all back into the
+    # database there: every tunnel waited 1-2 s. Commits now only append to the WAL.
+    db_file = tmp_path / DB_FILE
+    commits = GroupCommitter(store)
+    commits.start()
+    reader = sqlite3.connect(db_file)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM events").fetchone()  # a backup's snapshot
+        big = [
+            commits.write(Store.insert_event_op(_event(f"evt_{i}", body=b"b" * 2**20), [_queued()]))
+            for i in range(6)
+        ]
+        await asyncio.wait_for(asyncio.gather(*big), 10)
+        assert store.wal_bytes() >= commits_module.CHECKPOINT_BYTES
+        if commits._checkpoint is not None:  # started, and stopped at the backup's snapshot
+            await asyncio.wait_for(commits._checkpoint, 10)
+        reader.execute("COMMIT")  # the backup is done: the WAL may go back now
+        before = db_file.stat().st_size
+        monkeypatch.setattr(commits, "_checkpoint_if_due", lambda: None)  # only the commit itself
+        await asyncio.wait_for(
+            commits.write(Store.insert_event_op(_event("evt_small"), [_queued()]), size=7), 10
+        )
+        assert db_file.stat().st_size == before  # nothing copied back by the commit
+        monkeypatch.undo()
+        await asyncio.wait_for(
+            commits.write(Store.insert_event_op(_event("evt_next"), [_queued()]), size=7), 10
+        )
+        assert commits._checkpoint is not None
+        await asyncio.wait_for(commits._checkpoint, 10)  # a thread copies it back
+        assert db_file.stat().st_size >= 6 * 2**20
+    finally:
+        reader.close()
+        await commits.stop()
+    assert store.find_event("alice", "evt_next") is not None
+
+
 def test_a_transaction_now_on_a_full_store_writes_nothing_and_leaves_the_purge_to_a_thread(
     tmp_path: Path,
 ) -> None:
