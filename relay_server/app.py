@@ -206,7 +206,11 @@ async def serve(config: ServerConfig, app: web.Application, ready: asyncio.Event
         keepalive_timeout=DEFAULT_KEEPALIVE_TIMEOUT,  # idle between requests; heads: head_timeout
     )
     await runner.setup()
-    sites = await start_sites(runner, config.host, config.port, ssl_context=config.tls)
+    # A TLS handshake counts as part of the head: a client that never finishes one is
+    # closed after --head-timeout, as one that never finishes its request head.
+    sites = await start_sites(
+        runner, config.host, config.port, ssl_context=config.tls, handshake_timeout=config.head_timeout
+    )
     metrics_runner = await _metrics_site(config, app[METRICS]) if config.metrics_listen else None
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -11,6 +11,7 @@ inspector's first port, and the agent died at start.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 
@@ -44,16 +45,49 @@ def listening_sockets(host: str | None, port: int, backlog: int = BACKLOG) -> li
     return sockets
 
 
+class _Site(web.SockSite):
+    """aiohttp's ``SockSite``, with a bound on the TLS handshake: asyncio's default is
+    60 s, and a connection reaches the application's protocol (the connection guard,
+    its head timeout) only once its handshake is done."""
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        sock: socket.socket,
+        ssl_context: ssl.SSLContext | None,
+        handshake: float,
+    ) -> None:
+        super().__init__(runner, sock, ssl_context=ssl_context)
+        self.handshake = handshake
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with its runner
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            server,
+            sock=self._sock,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            ssl_handshake_timeout=self.handshake if self._ssl_context is not None else None,
+        )
+
+
 async def start_sites(
-    runner: web.BaseRunner, host: str | None, port: int, ssl_context: ssl.SSLContext | None = None
+    runner: web.BaseRunner,
+    host: str | None,
+    port: int,
+    ssl_context: ssl.SSLContext | None = None,
+    handshake_timeout: float = 60.0,
 ) -> list[web.SockSite]:
-    """Serve ``runner`` on ``listening_sockets(host, port)``, one ``SockSite`` each; the
-    sites. Raises ``OSError`` as ``listening_sockets`` does; the sites started before a
-    failure stay the runner's (its ``cleanup`` stops them), the other sockets are closed."""
+    """Serve ``runner`` on ``listening_sockets(host, port)``, one site each; the sites.
+    ``handshake_timeout``: seconds a TLS client has to finish its handshake. Raises
+    ``OSError`` as ``listening_sockets`` does; the sites started before a failure stay
+    the runner's (its ``cleanup`` stops them), the other sockets are closed."""
     sockets = listening_sockets(host, port)
-    sites = []
+    sites: list[web.SockSite] = []
     for index, sock in enumerate(sockets):
-        site = web.SockSite(runner, sock, ssl_context=ssl_context)
+        site = _Site(runner, sock, ssl_context, handshake_timeout)
         try:
             await site.start()
         except BaseException:

@@ -9,6 +9,7 @@ and one for another host.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -223,3 +224,21 @@ async def test_the_dev_banner_prints_https_urls(relay: Relay, certs: Certs) -> N
     assert server.process is not None
     lines = await server.process.line(r"--server https://localhost:\d+ ", stream="stdout")
     assert f"https://localhost:{server.port}" in lines[0].string
+
+
+async def test_a_tls_handshake_that_never_ends_is_closed_after_the_head_timeout(
+    relay: Relay, certs: Certs
+) -> None:
+    # Found by an attacker: a connection that sent nothing (or half a ClientHello) was
+    # held for asyncio's 60 s handshake default whatever --head-timeout said (the guard
+    # sees a connection once its handshake is done). 30 s: far above the 2 s asked for,
+    # far below the 60 s of before.
+    server = tls_server(relay, certs, certs.good, "--head-timeout", "2")
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(b"\x16\x03\x01\x00")  # the start of a ClientHello, never finished
+        async with asyncio.timeout(30):
+            while await reader.read(4096):
+                pass  # whatever the server sends, it then closes
+    finally:
+        writer.close()
