@@ -55,9 +55,12 @@ class InspectAddress:
 
     @property
     def url(self) -> str:
-        """The URL to print: a wildcard address is reached through 127.0.0.1."""
-        if self.host in ("0.0.0.0", "::"):
+        """The URL to print: a wildcard address is reached through loopback, [::1] for
+        "::" (its socket is IPv6 only, as the server's)."""
+        if self.host == "0.0.0.0":
             return f"http://127.0.0.1:{self.port}"
+        if self.host == "::":
+            return f"http://[::1]:{self.port}"
         return f"http://{self.authority}"
 
     def allows_host(self, header: str) -> bool:

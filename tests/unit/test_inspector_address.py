@@ -64,6 +64,13 @@ def test_the_default_is_loopback_4040_and_the_next_ports() -> None:
     assert parse_address("4040").candidates() == [InspectAddress("127.0.0.1", 4040)]
 
 
+def test_the_printed_url_reaches_a_wildcard_address_through_its_own_family() -> None:
+    # "[::]:PORT" printed http://127.0.0.1:PORT, refused: the socket is IPv6 only.
+    assert InspectAddress("::", 4050).url == "http://[::1]:4050"
+    assert InspectAddress("0.0.0.0", 4050).url == "http://127.0.0.1:4050"
+    assert InspectAddress("::1", 4050).url == "http://[::1]:4050"
+
+
 @pytest.mark.parametrize(
     ("bound", "host", "allowed"),
     [
