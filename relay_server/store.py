@@ -130,6 +130,10 @@ PRESSURE_LOG_INTERVAL = 30.0
 #: Milliseconds a connection waits for SQLite's write lock held by another connection
 #: (the admin CLI, another process) before the write fails with "database is locked".
 BUSY_TIMEOUT_MS = 10_000
+#: Bytes of WAL file kept once a checkpoint has emptied it: a WAL that grew while a long
+#: read held it (hundreds of MB behind an online backup) is cut back to this, not kept
+#: on disk beside the database and its ``--store-max-bytes``.
+WAL_KEPT_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -294,6 +298,7 @@ class Store:
         held 1-2 s by one small webhook."""
         with self._lock:
             self._db.execute("PRAGMA wal_autocheckpoint = 0")
+            self._db.execute(f"PRAGMA journal_size_limit = {WAL_KEPT_BYTES}")
 
     def wal_bytes(self) -> int:
         """Size of the WAL file now (0 if there is none)."""

@@ -378,6 +378,7 @@ async def test_a_commit_never_checkpoints_the_wal_a_thread_does(
     # next small webhook, committed on the event loop, copied it all back into the
     # database there: every tunnel waited 1-2 s. Commits now only append to the WAL.
     db_file = tmp_path / DB_FILE
+    monkeypatch.setattr(store_module, "WAL_KEPT_BYTES", 2**20)
     commits = GroupCommitter(store)
     commits.start()
     reader = sqlite3.connect(db_file)
@@ -399,13 +400,18 @@ async def test_a_commit_never_checkpoints_the_wal_a_thread_does(
             commits.write(Store.insert_event_op(_event("evt_small"), [_queued()]), size=7), 10
         )
         assert db_file.stat().st_size == before  # nothing copied back by the commit
-        monkeypatch.undo()
+        monkeypatch.setattr(commits, "_checkpoint_if_due", GroupCommitter._checkpoint_if_due.__get__(commits))
         await asyncio.wait_for(
             commits.write(Store.insert_event_op(_event("evt_next"), [_queued()]), size=7), 10
         )
         assert commits._checkpoint is not None
         await asyncio.wait_for(commits._checkpoint, 10)  # a thread copies it back
         assert db_file.stat().st_size >= 6 * 2**20
+        # and the next write starts the WAL over, cut back to WAL_KEPT_BYTES
+        await asyncio.wait_for(
+            commits.write(Store.insert_event_op(_event("evt_last"), [_queued()]), size=7), 10
+        )
+        assert store.wal_bytes() <= 2**20
     finally:
         reader.close()
         await commits.stop()
