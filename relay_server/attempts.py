@@ -112,6 +112,8 @@ async def attempt_agent(
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
         if stream is not None:
+            if isinstance(exc, TimeoutError):  # the reason the agent's console shows
+                stream.reset_reason = f"no answer within {timeout:g}s (--timeout)"
             await session.finish(stream)
         if isinstance(exc, TimeoutError):
             # Opened, so the agent had it: counted as the app's failure to answer.

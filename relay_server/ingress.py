@@ -555,7 +555,10 @@ class Ingress:
                 await response.write(chunk)
                 sent += len(chunk)
                 await session.consumed(stream, len(chunk))
-        except (StreamFailed, TimeoutError) as exc:
+        except TimeoutError:
+            stream.reset_reason = f"no body bytes for {self.idle_timeout:g}s (--idle-timeout)"
+            return self._cut(request, response, stream, f"failed mid-response: {stream.reset_reason}")
+        except StreamFailed as exc:
             # Too late for an error status: cut the connection so the client
             # sees a truncated response instead of a complete-looking one.
             return self._cut(request, response, stream, f"failed mid-response: {exc}")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from aiohttp import web
+from aiohttp import ClientPayloadError, web
 
 from .certificates import Pair, make_ca, make_leaf, write_cert, write_pair
 from .framework import Relay, RelayServer, client_session, fetch, free_port, raw_exchange
@@ -558,5 +558,40 @@ async def test_a_request_the_server_gave_up_on_says_why_in_the_agent_line(relay:
         assert (await _get(server, "/hang"))[0] == 504
         ended = r" GET\s+/hang cancelled \d+ms the server ended it: no response head within 1s"
         await agent.process.line(ended)
+    finally:
+        app.stop()
+
+
+async def test_a_body_the_server_gave_up_on_says_why_in_the_agent_line(relay: Relay) -> None:
+    # A head, 3 bytes of 100, then nothing: --idle-timeout cuts it, and the agent said
+    # "public client went away".
+    app = KeepAliveApp(idle=60.0, answer=b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+    try:
+        server = relay.server("--idle-timeout", "1")
+        agent = relay.agent(server, server.token("alice"), f"127.0.0.1:{app.port}", extra=["--mode", "live"])
+        with contextlib.suppress(ClientPayloadError):
+            await _get(server, "/stall")  # a 200, cut short
+        await agent.process.line(
+            r" GET\s+/stall .*the server ended it: no body bytes for 1s \(--idle-timeout\)"
+        )
+    finally:
+        app.stop()
+
+
+async def test_a_queued_attempt_the_server_gave_up_on_says_why_in_the_agent_line(relay: Relay) -> None:
+    # It said "public client went away": the sender was there all along, the relay's
+    # --timeout ended the attempt (and the webhook waits for the next one).
+    app = KeepAliveApp(idle=60.0, answer=None)  # reads the head, never answers
+    try:
+        server = relay.server("--timeout", "1")
+        agent = relay.agent(server, server.token("alice"), f"127.0.0.1:{app.port}")
+        async with (
+            client_session() as http,
+            http.post(
+                f"http://127.0.0.1:{server.port}/t/alice/hang", data=b"{}", headers={"Host": server.apex}
+            ) as reply,
+        ):
+            assert reply.status == 202, await reply.text()
+        await agent.process.line(r" POST\s+/hang cancelled \d+ms the server ended it: no answer within 1s")
     finally:
         app.stop()
