@@ -11,7 +11,7 @@ from aiohttp import web
 
 from relay_protocol.frames import CLOSE_GOING_AWAY
 from relay_web.guard import ConnectionGuard, GuardedAppRunner
-from relay_web.listen import start_sites
+from relay_web.listen import authority, start_sites
 
 from . import tokens
 from .access import RequestNotes, loggable_path
@@ -217,7 +217,9 @@ async def serve(config: ServerConfig, app: web.Application, ready: asyncio.Event
         loop.add_signal_handler(sig, stop.set)
     host, port = runner.addresses[0][:2]
     scheme = "https" if config.tls is not None else "http"
-    log.info("relay-server listening on %s://%s:%s, public URL %s", scheme, host, port, config.public_url)
+    log.info(
+        "relay-server listening on %s://%s, public URL %s", scheme, authority(host, port), config.public_url
+    )
     if ready is not None:
         ready.set()
     try:
@@ -255,5 +257,5 @@ async def _metrics_site(config: ServerConfig, metrics: Metrics) -> web.AppRunner
     except BaseException:
         await runner.cleanup()
         raise
-    log.info("metrics on http://%s:%s/metrics", host, port)
+    log.info("metrics on http://%s/metrics", authority(host, port))
     return runner

@@ -21,6 +21,11 @@ from aiohttp import web
 BACKLOG = 128
 
 
+def authority(host: str, port: int) -> str:
+    """``host:port`` as a URL writes it: an IPv6 address in brackets (RFC 3986 3.2.2)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def listening_sockets(host: str | None, port: int, backlog: int = BACKLOG) -> list[socket.socket]:
     """Non-blocking sockets listening on ``port`` at every address ``host`` resolves to
     (None or "": every interface), as ``loop.create_server`` makes them: ``SO_REUSEADDR``,

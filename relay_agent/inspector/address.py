@@ -20,6 +20,8 @@ import ipaddress
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from relay_web.listen import authority
+
 from ..errors import AgentConfigError
 from ..target import url_port
 
@@ -40,7 +42,7 @@ class InspectAddress:
 
     @property
     def authority(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return authority(self.host, self.port)
 
     def candidates(self) -> list[InspectAddress]:
         """The addresses to try in order: this one, or for the default the next ports too."""
