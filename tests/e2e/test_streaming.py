@@ -41,8 +41,10 @@ class GatedEvents(TargetService):
             for i in range(int(request.query.get("n", "5"))):
                 while i and not self.gate.is_set():
                     await asyncio.sleep(0.02)
-                await response.write(f"id: {i}\ndata: event {i}\n\n".encode())
+                # Counted before it is written: the client may have it before this
+                # coroutine resumes (a CI run read 0 after the client had event 0).
                 self.events_sent = i + 1
+                await response.write(f"id: {i}\ndata: event {i}\n\n".encode())
         except asyncio.CancelledError:
             self.cancelled = True
             raise
