@@ -100,6 +100,10 @@ def parse_address(text: str) -> InspectAddress:
     text = text.strip()
     if text.isascii() and text.isdigit():
         text = f"{DEFAULT_HOST}:{text}"
+    if text.count(":") > 1 and not text.startswith("["):  # ::1:4050 said "the port must be a number"
+        raise AgentConfigError(
+            f"invalid --inspect {given!r}: an IPv6 address goes in brackets, as [::1]:4050"
+        )
     parts = urlsplit("http://" + text)
     try:
         port = url_port(parts)

@@ -64,6 +64,15 @@ def test_the_default_is_loopback_4040_and_the_next_ports() -> None:
     assert parse_address("4040").candidates() == [InspectAddress("127.0.0.1", 4040)]
 
 
+@pytest.mark.parametrize("text", ["::1:4050", "::", "fe80::1:80"])
+def test_an_ipv6_address_without_brackets_is_told_to_use_them(text: str) -> None:
+    with pytest.raises(AgentConfigError) as caught:
+        parse_address(text)
+    assert str(caught.value) == (
+        f"invalid --inspect {text!r}: an IPv6 address goes in brackets, as [::1]:4050"
+    )
+
+
 def test_the_printed_url_reaches_a_wildcard_address_through_its_own_family() -> None:
     # "[::]:PORT" printed http://127.0.0.1:PORT, refused: the socket is IPv6 only.
     assert InspectAddress("::", 4050).url == "http://[::1]:4050"
