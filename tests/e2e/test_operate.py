@@ -73,11 +73,12 @@ async def test_metrics_move_by_the_traffic_sent(relay: Relay, http: aiohttp.Clie
     assert reply.header("Content-Type").startswith("text/plain; version=")  # type: ignore[union-attr]
 
     async def recorded() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
-        # Outcomes are written just after the answer goes back: poll for them.
+        # Outcomes are written just after the answer goes back: poll for them. A scrape
+        # reads the store's gauges before the counters, so it can count an outcome
+        # committed while the store was being read: poll for both.
         found = samples((await scrape(http, tunnel.server)).body.decode())
-        return (
-            found if found.get(("relay_delivery_attempts_total", (("result", "delivered"),))) == 3 else None
-        )
+        done = found.get(("relay_delivery_attempts_total", (("result", "delivered"),))) == 3
+        return found if done and found.get(("relay_events", (("state", "delivered"),))) == 3 else None
 
     after = await until(recorded, 10, "the three outcomes to be recorded")
     ok = ("relay_requests_total", (("error", ""), ("route", "tunnel"), ("status_class", "2xx")))
