@@ -256,8 +256,9 @@ class Store:
             # commit holds the writer's lock through its fsync.
             self._reader = self._connect(data_dir, None)
             self._read_lock = threading.Lock()
-            # Checkpoints too (``checkpoint``, from a thread), once ``checkpoint_apart``.
-            self._checkpointer = self._connect(data_dir, None)
+            # Checkpoints too, once ``checkpoint_apart`` (the server's, not the CLI's).
+            self._data_dir = data_dir
+            self._checkpointer: sqlite3.Connection | None = None
             self._checkpoint_lock = threading.Lock()
             self._wal = data_dir / f"{DB_FILE}-wal"
             self._pressure_purged = 0
@@ -288,17 +289,24 @@ class Store:
         with self._read_lock:
             self._reader.close()
         with self._checkpoint_lock:
-            self._checkpointer.close()
+            if self._checkpointer is not None:
+                self._checkpointer.close()
 
     def checkpoint_apart(self) -> None:
         """From now on commits never checkpoint the WAL (copy it back into the database
         and sync that): ``checkpoint`` does, in a thread. A commit on the event loop
         that filled the WAL past SQLite's 1,000 pages checkpointed there, and after a
         long read (an online backup) the WAL had grown to hundreds of MB: the loop was
-        held 1-2 s by one small webhook."""
-        with self._lock:
-            self._db.execute("PRAGMA wal_autocheckpoint = 0")
-            self._db.execute(f"PRAGMA journal_size_limit = {WAL_KEPT_BYTES}")
+        held 1-2 s by one small webhook. Raises ``StoreError``."""
+        try:
+            with self._checkpoint_lock:
+                if self._checkpointer is None:
+                    self._checkpointer = self._connect(self._data_dir, None)
+            with self._lock:
+                self._db.execute("PRAGMA wal_autocheckpoint = 0")
+                self._db.execute(f"PRAGMA journal_size_limit = {WAL_KEPT_BYTES}")
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the store in {self._data_dir}: {exc}") from exc
 
     def wal_bytes(self) -> int:
         """Size of the WAL file now (0 if there is none)."""
@@ -313,7 +321,8 @@ class Store:
         thread: it writes and syncs the database file. Raises ``StoreError``."""
         try:
             with self._checkpoint_lock:
-                self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                if self._checkpointer is not None:  # never apart: commits checkpoint
+                    self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"store checkpoint failed: {exc}") from exc
 
