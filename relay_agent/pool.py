@@ -112,7 +112,9 @@ def closed_by_peer(transport: asyncio.BaseTransport | None) -> bool:
         return False  # not a socket: aiohttp's own check (the transport's state) stands
     # A plain socket object over the transport's descriptor (asyncio's and uvloop's
     # wrappers have no recv), detached again so that it never closes the descriptor.
-    probe = socket.socket(fileno=raw.fileno())
+    # Family, type and protocol given: otherwise each is asked of the kernel (three
+    # system calls per reused connection).
+    probe = socket.socket(raw.family, raw.type, raw.proto, raw.fileno())
     try:
         data = probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except (BlockingIOError, InterruptedError):
