@@ -108,24 +108,28 @@ class ConnectionGuard:
 class GuardedRequestHandler(RequestHandler):
     """aiohttp's connection handler, admitted by a guard and bounded in head-read time."""
 
-    def __init__(self, manager: Server, guard: ConnectionGuard, **kwargs: Any) -> None:
+    def __init__(
+        self, manager: Server, guard: ConnectionGuard, admitted: str | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(manager, **kwargs)
         self._guard = guard
-        self._client: str | None = None
+        #: The client, once counted by the guard (``admitted``: already counted when
+        #: accepted, before its TLS handshake: ``relay_web.listen``).
+        self._client: str | None = admitted
         self._head_timer: asyncio.TimerHandle | None = None
         self._last_body: StreamReader | None = None  # the body of the last request parsed
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        peer = transport.get_extra_info("peername")
-        client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
-        if not self._guard.admit(client):
-            log.debug("refused a connection from %s: over the connection caps", client)
-            # A stream transport (uvloop's is not an asyncio.WriteTransport subclass).
-            typing.cast(asyncio.WriteTransport, transport).write(self._guard.busy_response)
-            self.force_close()  # closes the transport once the 503 is flushed
-            return
-        self._client = client
+        if self._client is None:
+            client = client_address(transport)
+            if not self._guard.admit(client):
+                log.debug("refused a connection from %s: over the connection caps", client)
+                # A stream transport (uvloop's is not an asyncio.WriteTransport subclass).
+                typing.cast(asyncio.WriteTransport, transport).write(self._guard.busy_response)
+                self.force_close()  # closes the transport once the 503 is flushed
+                return
+            self._client = client
         self._head_timer = self._loop.call_later(self._guard.head_timeout, self._head_timed_out)
 
     def data_received(self, data: bytes) -> None:
@@ -175,8 +179,14 @@ class GuardedServer(Server):
         super().__init__(*args, **kwargs)
         self.guard = guard
 
-    def __call__(self) -> RequestHandler:
-        return GuardedRequestHandler(self, self.guard, loop=self._loop, **self._kwargs)
+    def __call__(self, admitted: str | None = None) -> RequestHandler:
+        return GuardedRequestHandler(self, self.guard, admitted, loop=self._loop, **self._kwargs)
+
+
+def client_address(transport: asyncio.BaseTransport) -> str:
+    """The peer's address, as the guard counts it ("" if the transport cannot say)."""
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else ""
 
 
 class GuardedAppRunner(web.AppRunner):

@@ -12,10 +12,16 @@ inspector's first port, and the agent died at start.
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import socket
 import ssl
 
 from aiohttp import web
+
+from .guard import GuardedServer
+
+log = logging.getLogger("relay.web")
 
 #: Connections waiting to be accepted, per listening socket: asyncio's and aiohttp's default.
 BACKLOG = 128
@@ -51,9 +57,8 @@ def listening_sockets(host: str | None, port: int, backlog: int = BACKLOG) -> li
 
 
 class _Site(web.SockSite):
-    """aiohttp's ``SockSite``, with a bound on the TLS handshake: asyncio's default is
-    60 s, and a connection reaches the application's protocol (the connection guard,
-    its head timeout) only once its handshake is done."""
+    """aiohttp's ``SockSite``, with a bound on the TLS handshake (asyncio's default is
+    60 s); behind a connection guard, TLS connections are accepted by ``_TlsAccept``."""
 
     def __init__(
         self,
@@ -69,6 +74,9 @@ class _Site(web.SockSite):
         await web.BaseSite.start(self)  # registers the site with its runner
         server = self._runner.server
         assert server is not None
+        if self._ssl_context is not None and isinstance(server, GuardedServer):
+            self._server = _TlsAccept(self._sock, server, self._ssl_context, self.handshake)  # type: ignore[assignment]
+            return
         self._server = await asyncio.get_running_loop().create_server(
             server,
             sock=self._sock,
@@ -76,6 +84,77 @@ class _Site(web.SockSite):
             backlog=self._backlog,
             ssl_handshake_timeout=self.handshake if self._ssl_context is not None else None,
         )
+
+
+class _TlsAccept:
+    """Accepts TLS connections on a listening socket for a guarded server, counting each
+    against the guard as it is accepted, before its handshake. (The loop's own TLS accept
+    makes the application's protocol, the guard's count, only once the handshake is done:
+    connections that never finish one went uncounted, bounded in time but not in number.)
+    A connection over a cap is closed at once (no HTTP answer can be read before TLS); a
+    handshake that fails or takes over ``handshake`` seconds gives its count back.
+
+    Has what aiohttp's runner uses of an ``asyncio.Server``: ``sockets`` and ``close``."""
+
+    def __init__(
+        self, sock: socket.socket, server: GuardedServer, context: ssl.SSLContext, handshake: float
+    ) -> None:
+        self.sockets = [sock]
+        self._server = server
+        self._context = context
+        self._handshake = handshake
+        self._handshakes: set[asyncio.Task[None]] = set()  # held until done (the loop's are weak)
+        self._accepting = asyncio.get_running_loop().create_task(self._accept(sock))
+
+    def close(self) -> None:
+        """Stop accepting and close the listening socket. Handshakes under way go on, as
+        with the loop's own server (each is bounded by ``handshake`` seconds)."""
+        self._accepting.cancel()
+        self.sockets[0].close()
+
+    async def _accept(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, address = await loop.sock_accept(sock)
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    # What asyncio's own accept does: report it, pause, go on.
+                    loop.call_exception_handler(
+                        {"message": "accept() out of system resource", "exception": exc, "socket": sock}
+                    )
+                    await asyncio.sleep(ACCEPT_RETRY_DELAY)
+                continue  # a connection reset before it was accepted
+            client = str(address[0]) if isinstance(address, tuple) else ""
+            if not self._server.guard.admit(client):
+                log.debug("refused a TLS connection from %s: over the connection caps", client)
+                conn.close()
+                continue
+            task = loop.create_task(self._start(conn, client))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _start(self, conn: socket.socket, client: str) -> None:
+        """The handshake, then the connection is the guarded server's (counted already)."""
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: self._server(admitted=client),
+                conn,
+                ssl=self._context,
+                ssl_handshake_timeout=self._handshake,
+            )
+        except BaseException as exc:  # a failed or slow handshake, a reset, the loop stopping
+            # The loop has closed the socket, or will once its TLS shutdown is done.
+            log.debug("TLS handshake from %s failed: %s", client, exc or type(exc).__name__)
+            self._server.guard.release(client)
+            if not isinstance(exc, Exception):
+                raise
+
+
+#: accept() errors that a pause may cure (asyncio's list, selector_events.py).
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: Seconds between accept() attempts while out of descriptors (asyncio's constant).
+ACCEPT_RETRY_DELAY = 1.0
 
 
 async def start_sites(

@@ -10,6 +10,7 @@ and one for another host.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -242,3 +243,53 @@ async def test_a_tls_handshake_that_never_ends_is_closed_after_the_head_timeout(
                 pass  # whatever the server sends, it then closes
     finally:
         writer.close()
+
+
+async def test_tls_connections_count_against_the_caps_from_their_accept(relay: Relay, certs: Certs) -> None:
+    # Found by an attacker: the caps counted a TLS connection only once its handshake was
+    # done, so connections that never finished one went uncounted (--head-timeout bounded
+    # each, not their number). Two connections that send nothing fill this client's cap of
+    # two: a third is closed at once (before the fix: held for the 60 s head timeout).
+    server = tls_server(relay, certs, certs.good, "--max-connections-per-client", "2", "--head-timeout", "60")
+    held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        async with asyncio.timeout(30):
+            with contextlib.suppress(ConnectionResetError):
+                assert await reader.read() == b""
+    finally:
+        writer.close()
+    # What a failed handshake held is given back (plain HTTP to the TLS port), and so is
+    # what a client that leaves mid-handshake held: HTTPS works again.
+    held[0][1].write(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    async with asyncio.timeout(30):
+        with contextlib.suppress(ConnectionResetError):
+            while await held[0][0].read(4096):
+                pass
+    held[1][1].close()
+    held[0][1].close()
+    async with aiohttp.ClientSession() as http, asyncio.timeout(30):
+        while True:
+            async with http.get(
+                f"https://127.0.0.1:{server.port}/healthz",
+                headers={"Host": server.apex},
+                ssl=certs.context(),
+                server_hostname="localhost",
+            ) as resp:
+                if resp.status == 200:
+                    break
+                assert resp.status == 503 and resp.headers["X-Relay-Error"] == "too-many-connections"
+            await asyncio.sleep(0.05)
+    # A webhook through HTTPS still arrives whole, its request read after the handshake.
+    target = relay.target("alice")
+    relay.agent(server, server.token("alice"), target.forward, extra=["--ca-file", str(certs.ca_file)])
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            f"https://127.0.0.1:{server.port}/hook",
+            data=b"x" * 5000,
+            headers={"Host": f"alice.localhost:{server.port}"},
+            ssl=certs.context(),
+            server_hostname="alice.localhost",
+        ) as resp:
+            assert resp.status == 200
+    assert [s.body for s in target.seen("/hook")] == [b"x" * 5000]
