@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -185,8 +186,14 @@ async def _drain(app: web.Application) -> None:
     await asyncio.gather(*(s.close(CLOSE_GOING_AWAY, "server shutting down") for s in sessions))
 
 
-async def serve(config: ServerConfig, app: web.Application, ready: asyncio.Event | None = None) -> None:
-    """Serve ``app`` until SIGTERM or SIGINT, then shut down gracefully."""
+async def serve(
+    config: ServerConfig,
+    app: web.Application,
+    ready: asyncio.Event | None = None,
+    sockets: list[socket.socket] | None = None,
+) -> None:
+    """Serve ``app`` until SIGTERM or SIGINT, then shut down gracefully. ``sockets``:
+    listening already (``relay_web.listen.listening_sockets``), else made here."""
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(AcceptErrorLog())  # no traceback per accept() without descriptors
     guard = ConnectionGuard(
@@ -209,7 +216,12 @@ async def serve(config: ServerConfig, app: web.Application, ready: asyncio.Event
     # A TLS handshake counts as part of the head: a client that never finishes one is
     # closed after --head-timeout, as one that never finishes its request head.
     sites = await start_sites(
-        runner, config.host, config.port, ssl_context=config.tls, handshake_timeout=config.head_timeout
+        runner,
+        config.host,
+        config.port,
+        ssl_context=config.tls,
+        handshake_timeout=config.head_timeout,
+        sockets=sockets,
     )
     metrics_runner = await _metrics_site(config, app[METRICS]) if config.metrics_listen else None
     stop = asyncio.Event()
@@ -257,5 +269,6 @@ async def _metrics_site(config: ServerConfig, metrics: Metrics) -> web.AppRunner
     except BaseException:
         await runner.cleanup()
         raise
+    host, port = runner.addresses[0][:2]  # the port the kernel picked for port 0
     log.info("metrics on http://%s/metrics", authority(host, port))
     return runner

@@ -9,6 +9,7 @@ import ipaddress
 import json
 import os
 import shlex
+import socket
 import ssl
 import sys
 import time
@@ -328,6 +329,7 @@ def serve_command(
     configure_logging(log_level, log_format)
     tls = _tls(tls_cert, tls_key)
     scheme = "http" if tls is None else "https"
+    default_url = public_url is None
     public_url = (public_url or f"{scheme}://localhost:{port}").rstrip("/")
     if tls is not None and not public_url.startswith("https://"):
         raise click.BadParameter(
@@ -365,23 +367,39 @@ def serve_command(
         access_log=access_log,
     )
     config = replace(config, queue=replace(config.queue, body_budget=body_budget, body_timeout=body_timeout))
+    from relay_web.listen import listening_sockets
+
     from .app import create_app
 
+    sockets = []
+    if port == 0:  # the kernel picks it: listen now, so that the URLs printed name it
+        try:
+            sockets = listening_sockets(host, 0)
+        except OSError as exc:
+            raise click.ClickException(f"cannot listen on {host}:0: {exc.strerror or exc}") from exc
+        port = sockets[0].getsockname()[1]
+        config = replace(
+            config, port=port, public_url=f"{scheme}://localhost:{port}" if default_url else public_url
+        )
     try:
-        store = Store(config.data_dir, config.store_max_bytes)
-        app = create_app(config, store)
-        banner = _print_dev_banner(config, store) if dev else None
-    except RelayError as exc:
-        raise _fail(exc) from exc
-    except OSError as exc:
-        raise click.ClickException(f"cannot use data dir {data_dir}: {exc}") from exc
-    try:
-        with asyncio.Runner(loop_factory=_event_loop()) as runner:
-            runner.run(_serve(config, app, banner))
-    except RelayError as exc:  # --metrics-listen's port in use
-        raise _fail(exc) from exc
-    except OSError as exc:  # port in use, permission denied
-        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        try:
+            store = Store(config.data_dir, config.store_max_bytes)
+            app = create_app(config, store)
+            banner = _print_dev_banner(config, store) if dev else None
+        except RelayError as exc:
+            raise _fail(exc) from exc
+        except OSError as exc:
+            raise click.ClickException(f"cannot use data dir {data_dir}: {exc}") from exc
+        try:
+            with asyncio.Runner(loop_factory=_event_loop()) as runner:
+                runner.run(_serve(config, app, banner, sockets))
+        except RelayError as exc:  # --metrics-listen's port in use
+            raise _fail(exc) from exc
+        except OSError as exc:  # port in use, permission denied
+            raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    finally:
+        for sock in sockets:
+            sock.close()  # the server has closed them, unless it never started
 
 
 def _tls(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
@@ -421,12 +439,18 @@ def _option(parse: Callable[[str], T], text: str, option: str) -> T:
         raise click.BadParameter(str(exc), param_hint=option) from exc
 
 
-async def _serve(config: ServerConfig, app: web.Application, banner: Callable[[], None] | None) -> None:
-    """``serve``, printing ``banner`` once the port is bound (never for a port it could not bind)."""
+async def _serve(
+    config: ServerConfig,
+    app: web.Application,
+    banner: Callable[[], None] | None,
+    sockets: list[socket.socket],
+) -> None:
+    """``serve`` (on ``sockets`` if any), printing ``banner`` once the port is bound
+    (never for a port it could not bind)."""
     ready = asyncio.Event()
     from .app import serve
 
-    serving = asyncio.create_task(serve(config, app, ready))
+    serving = asyncio.create_task(serve(config, app, ready, sockets or None))
     bound = asyncio.create_task(ready.wait())
     await asyncio.wait({serving, bound}, return_when=asyncio.FIRST_COMPLETED)
     bound.cancel()

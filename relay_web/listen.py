@@ -16,6 +16,7 @@ import errno
 import logging
 import socket
 import ssl
+from typing import Any
 
 from aiohttp import web
 
@@ -35,17 +36,38 @@ def authority(host: str, port: int) -> str:
 def listening_sockets(host: str | None, port: int, backlog: int = BACKLOG) -> list[socket.socket]:
     """Non-blocking sockets listening on ``port`` at every address ``host`` resolves to
     (None or "": every interface), as ``loop.create_server`` makes them: ``SO_REUSEADDR``,
-    IPv6 sockets IPv6 only. Raises ``OSError`` (``socket.gaierror`` for a name that does
-    not resolve, ``EADDRINUSE``, ``EACCES``...) with every socket made so far closed."""
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    IPv6 sockets IPv6 only. Port 0: the kernel picks one for the first address and the
+    others listen on the same (tried ``PORT_PICKS`` times if it is taken there). Raises
+    ``OSError`` (``socket.gaierror`` for a name that does not resolve, ``EADDRINUSE``,
+    ``EACCES``...) with every socket made so far closed."""
+    found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    infos: list[_AddressInfo] = list(dict.fromkeys(found))
+    for attempt in range(1, PORT_PICKS + 1):
+        try:
+            return _listen(infos, port, backlog)
+        except OSError as exc:
+            if port != 0 or exc.errno != errno.EADDRINUSE or attempt == PORT_PICKS:
+                raise
+    raise AssertionError("unreachable")
+
+
+#: What ``socket.getaddrinfo`` gives for each address.
+_AddressInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]
+#: Times a port picked by the kernel (port 0) is tried on every address before giving up.
+PORT_PICKS = 8
+
+
+def _listen(infos: list[_AddressInfo], port: int, backlog: int) -> list[socket.socket]:
     sockets: list[socket.socket] = []
     try:
-        for family, kind, proto, _, address in dict.fromkeys(infos):
+        for family, kind, proto, _, address in infos:
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(sockets) > 1:  # the port the kernel picked for the first
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
             sock.bind(address)
             sock.listen(backlog)
             sock.setblocking(False)
@@ -163,12 +185,14 @@ async def start_sites(
     port: int,
     ssl_context: ssl.SSLContext | None = None,
     handshake_timeout: float = 60.0,
+    sockets: list[socket.socket] | None = None,
 ) -> list[web.SockSite]:
-    """Serve ``runner`` on ``listening_sockets(host, port)``, one site each; the sites.
-    ``handshake_timeout``: seconds a TLS client has to finish its handshake. Raises
-    ``OSError`` as ``listening_sockets`` does; the sites started before a failure stay
-    the runner's (its ``cleanup`` stops them), the other sockets are closed."""
-    sockets = listening_sockets(host, port)
+    """Serve ``runner`` on ``listening_sockets(host, port)`` (or on ``sockets``, made by
+    it already), one site each; the sites. ``handshake_timeout``: seconds a TLS client
+    has to finish its handshake. Raises ``OSError`` as ``listening_sockets`` does; the
+    sites started before a failure stay the runner's (its ``cleanup`` stops them), the
+    other sockets are closed."""
+    sockets = sockets or listening_sockets(host, port)
     sites: list[web.SockSite] = []
     for index, sock in enumerate(sockets):
         site = _Site(runner, sock, ssl_context, handshake_timeout)

@@ -7,6 +7,7 @@ import re
 import shlex
 import socket
 import subprocess
+import urllib.request
 
 import pytest
 
@@ -79,6 +80,26 @@ def test_dev_banner_comes_only_after_the_port_is_bound(relay: Relay) -> None:
     assert f"cannot listen on 127.0.0.1:{port}" in server.stderr
     assert "relay-agent" not in server.stdout and "Token" not in server.stdout, server.stdout
     assert "Traceback" not in server.stderr
+
+
+def test_port_0_prints_the_port_the_kernel_picked(relay: Relay) -> None:
+    # The banner, the agent command and the log said http://localhost:0, which reaches
+    # nothing: the URLs were made before the port was picked.
+    argv = [*_serve_dev(relay, 0), "--host", "127.0.0.1", "--metrics-listen", "127.0.0.1:0"]
+    server = relay.spawn(argv, "relay-server --dev --port 0")
+    [match] = server.wait_for_line(r"^\s+(\S*relay-agent connect .*)$")
+    command = shlex.split(match.group(1))
+    url = command[command.index("--server") + 1]
+    port = int(url.rsplit(":", 1)[1])
+    assert port != 0 and url == f"http://localhost:{port}"
+    assert f"curl http://localhost:{port}/t/dev/" in server.stdout
+    [listening] = server.wait_for_line(r"listening on http://127\.0\.0\.1:(\d+),", stream="stderr")
+    assert int(listening.group(1)) == port
+    [metrics] = server.wait_for_line(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", stream="stderr")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=30) as answer:
+        assert answer.status == 200
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics.group(1)}/metrics", timeout=30) as answer:
+        assert b"relay_requests_total" in answer.read()
 
 
 @pytest.mark.parametrize("relay_port", [8080, None])
