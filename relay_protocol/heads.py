@@ -35,10 +35,35 @@ MAX_SHORT_FIELD = 255
 MAX_FIELD = 0xFFFF
 
 
+#: The bytes a header name may hold (the token characters above), for ``bytes.translate``.
+_TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
 def _check_headers(headers: Headers) -> None:
-    """Raises ``BadHead`` (a local error): heads are checked where they are built."""
+    """Raises ``BadHead`` (a local error): heads are checked where they are built.
+
+    All names and all values are checked at once (a scan of each joined together, in
+    C); only a head that fails is walked header by header, to name the culprit."""
     if len(headers) > MAX_HEADER_COUNT:
         raise HeadTooLarge(f"{len(headers)} headers, over the limit of {MAX_HEADER_COUNT}", "headers")
+    if not headers:
+        return
+    names, values = zip(*headers, strict=True)
+    joined_names, joined_values = b"".join(names), b"".join(values)
+    if (
+        not all(names)
+        or joined_names.translate(None, _TOKEN_BYTES)
+        or b"\r" in joined_values
+        or b"\n" in joined_values
+        or b"\0" in joined_values
+        or (len(joined_names) > MAX_FIELD and max(map(len, names)) > MAX_FIELD)
+        or (len(joined_values) > MAX_FIELD and max(map(len, values)) > MAX_FIELD)
+    ):
+        _name_the_bad_header(headers)
+
+
+def _name_the_bad_header(headers: Headers) -> None:
+    """Raise ``BadHead`` or ``HeadTooLarge`` for the first header the protocol cannot carry."""
     for name, value in headers:
         if not TOKEN.match(name):
             raise BadHead(f"invalid header name {name[:64]!r}")
@@ -46,6 +71,7 @@ def _check_headers(headers: Headers) -> None:
             raise BadHead(f"invalid value for header {name.decode('ascii')}")
         if len(name) > MAX_FIELD or len(value) > MAX_FIELD:
             raise HeadTooLarge(f"header {name[:64].decode('ascii')} over {MAX_FIELD} bytes", "headers")
+    raise AssertionError("no bad header found")  # the two checks disagree: a bug here
 
 
 @dataclass(frozen=True)
@@ -99,45 +125,45 @@ class ResponseHead:
         _check_headers(self.headers)
 
 
-class _Reader:
-    """Reads length-prefixed fields from a payload; any overrun is a ProtocolError."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self._pos = 0
-
-    def integer(self, size: int) -> int:
-        end = self._pos + size
-        if end > len(self._data):
-            raise ProtocolError("truncated head")
-        value = int.from_bytes(self._data[self._pos : end], "big")
-        self._pos = end
-        return value
-
-    def field(self, len_size: int) -> bytes:
-        length = self.integer(len_size)
-        end = self._pos + length
-        if end > len(self._data):
-            raise ProtocolError("truncated head")
-        value = self._data[self._pos : end]
-        self._pos = end
-        return value
-
-    def text(self, len_size: int) -> str:
-        try:
-            return self.field(len_size).decode("ascii")
-        except UnicodeDecodeError as exc:
-            raise ProtocolError("non-ASCII text in head") from exc
-
-    def headers(self) -> Headers:
-        count = self.integer(2)
+def _read_headers(data: bytes, pos: int) -> Headers:
+    """The headers field of a head that starts at ``pos`` and ends ``data``: a u16 count,
+    then each name and value as a u16 length and its bytes. Raises ``ProtocolError``
+    (truncated, or bytes after it) or ``FrameTooLarge`` (too many)."""
+    try:
+        count = data[pos] << 8 | data[pos + 1]
         if count > MAX_HEADER_COUNT:
             raise FrameTooLarge(f"{count} headers, over the limit of {MAX_HEADER_COUNT}")
-        return tuple((self.field(2), self.field(2)) for _ in range(count))
+        pos += 2
+        headers = []
+        for _ in range(count):
+            name_end = pos + 2 + (data[pos] << 8 | data[pos + 1])
+            value_end = name_end + 2 + (data[name_end] << 8 | data[name_end + 1])
+            headers.append((data[pos + 2 : name_end], data[name_end + 2 : value_end]))
+            pos = value_end
+    except IndexError:
+        raise ProtocolError("truncated head") from None
+    if pos > len(data):  # a slice past the end is cut short, not an error
+        raise ProtocolError("truncated head")
+    if pos < len(data):
+        raise ProtocolError("trailing bytes after head")
+    return tuple(headers)
 
-    def finish(self) -> None:
-        if self._pos != len(self._data):
-            raise ProtocolError("trailing bytes after head")
+
+def _read_field(data: bytes, pos: int, len_size: int) -> tuple[bytes, int]:
+    """The field at ``pos`` (a ``len_size``-byte length, then its bytes), and the position
+    after it. Raises ``ProtocolError`` if it is cut short."""
+    end = pos + len_size + int.from_bytes(data[pos : pos + len_size], "big")
+    if end > len(data) or pos + len_size > len(data):
+        raise ProtocolError("truncated head")
+    return data[pos + len_size : end], end
+
+
+def _read_text(data: bytes, pos: int) -> tuple[str, int]:
+    """An ASCII field with a u8 length, as ``_read_field``."""
+    field, pos = _read_field(data, pos, 1)
+    if not field.isascii():
+        raise ProtocolError("non-ASCII text in head")
+    return field.decode("ascii"), pos
 
 
 def _field(value: bytes, len_size: int) -> bytes:
@@ -147,8 +173,7 @@ def _field(value: bytes, len_size: int) -> bytes:
 def _encode_headers(headers: Headers) -> bytes:
     parts = [len(headers).to_bytes(2, "big")]
     for name, value in headers:
-        parts.append(_field(name, 2))
-        parts.append(_field(value, 2))
+        parts += (len(name).to_bytes(2, "big"), name, len(value).to_bytes(2, "big"), value)
     return b"".join(parts)
 
 
@@ -176,13 +201,12 @@ def encode_request_head(head: RequestHead) -> bytes:
 
 
 def decode_request_head(payload: bytes) -> RequestHead:
-    reader = _Reader(_received(payload))
-    method = reader.text(1)
-    target = reader.field(2)
-    client = reader.text(1)
-    event_id = reader.text(1)
-    headers = reader.headers()
-    reader.finish()
+    data = _received(payload)
+    method, pos = _read_text(data, 0)
+    target, pos = _read_field(data, pos, 2)
+    client, pos = _read_text(data, pos)
+    event_id, pos = _read_text(data, pos)
+    headers = _read_headers(data, pos)
     try:
         return RequestHead(method, target, headers, client, event_id)
     except HeadTooLarge as exc:  # built from the peer's bytes: its fault
@@ -201,10 +225,11 @@ def encode_response_head(head: ResponseHead) -> bytes:
 
 
 def decode_response_head(payload: bytes) -> ResponseHead:
-    reader = _Reader(_received(payload))
-    status = reader.integer(2)
-    headers = reader.headers()
-    reader.finish()
+    data = _received(payload)
+    if len(data) < 2:
+        raise ProtocolError("truncated head")
+    status = data[0] << 8 | data[1]
+    headers = _read_headers(data, 2)
     try:
         return ResponseHead(status, headers)
     except HeadTooLarge as exc:  # built from the peer's bytes: its fault

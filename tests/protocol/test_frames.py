@@ -405,3 +405,41 @@ def test_worked_example_in_docs_matches_the_encoder() -> None:
         "evt_1",
     )
     assert bytes.fromhex("".join(block.group(1).split())) == encode(Open(1, head))
+
+
+def test_every_cut_of_a_head_is_a_protocol_error() -> None:
+    # The head decoders read fields by index and slice (a slice past the end is cut
+    # short, silently): every prefix of a valid OPEN and RESPONSE, and every one with a
+    # byte too many, must be refused as a ProtocolError, never another exception nor a
+    # head read from what is not there.
+    headers = (
+        (b"Host", b"alice.example"),
+        (b"X-Hub-Signature-256", b"sha256=" + b"a" * 64),
+        (b"X-Empty", b""),
+    )
+    frames = [
+        encode(Open(7, RequestHead("POST", b"/hook?x=1", headers, "192.0.2.1", "evt_1"))),
+        encode(Response(7, ResponseHead(201, headers))),
+    ]
+    for frame in frames:
+        assert decode(frame)
+        for cut in range(6, len(frame)):
+            with pytest.raises(ProtocolError):
+                decode(frame[:cut])
+        with pytest.raises(ProtocolError, match="trailing"):
+            decode(frame + b"\x00")
+
+
+def test_a_bad_header_is_named_whichever_check_finds_it() -> None:
+    # Headers are checked all at once; the error still names the first bad one.
+    good = (b"X-A", b"1")
+    for bad, message in [
+        ((b"X B", b"v"), "invalid header name b'X B'"),
+        ((b"", b"v"), "invalid header name b''"),
+        ((b"X-C", b"a\rb"), "invalid value for header X-C"),
+        ((b"X-C", b"a\x00"), "invalid value for header X-C"),
+        ((b"X-C", b"v" * 0x10000), "header X-C over 65535 bytes"),
+    ]:
+        with pytest.raises(BadHead, match=re.escape(message)):
+            ResponseHead(200, (good, bad, good))
+    assert ResponseHead(200, (good, (b"X-Long", b"v" * 0xFFFF), (b"X-D", b"v" * 0xFFFF))).status == 200
