@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from .heads import Headers
 
 #: Hop-by-hop headers (RFC 9110 7.6.1): they describe one connection, so a
@@ -21,20 +23,26 @@ HOP_BY_HOP = frozenset(
 )
 
 
-def strip_hop_by_hop(headers: Headers) -> Headers:
-    """Drop hop-by-hop headers and those listed in Connection; keep order and repeats."""
-    named = {
-        token.strip().lower()
-        for name, value in headers
-        if name.lower() == b"connection"
-        for token in value.split(b",")
-    }
+def strip_hop_by_hop(
+    headers: Headers, *, drop: Collection[bytes] = (), drop_prefixes: tuple[bytes, ...] = ()
+) -> Headers:
+    """Drop hop-by-hop headers and those listed in Connection, and those whose lower-cased
+    name is in ``drop`` or starts with one of ``drop_prefixes`` (in the same pass); keep
+    order and repeats."""
+    named = HOP_BY_HOP.union(
+        (
+            token.strip().lower()
+            for name, value in headers
+            if name.lower() == b"connection"
+            for token in value.split(b",")
+        ),
+        drop,
+    )
+    prefixes = (b"proxy-", *drop_prefixes)
     return tuple(
         (name, value)
         for name, value in headers
-        if (lowered := name.lower()) not in HOP_BY_HOP
-        and lowered not in named
-        and not lowered.startswith(b"proxy-")
+        if (lowered := name.lower()) not in named and not lowered.startswith(prefixes)
     )
 
 

@@ -13,7 +13,7 @@ import contextlib
 import functools
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -75,6 +75,11 @@ _FORWARDED_SET = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
 # Consumed by the relay: aiohttp answers "Expect: 100-continue" itself, and the
 # X-Relay-* headers of a delivery are the relay's alone (apps deduplicate on them).
 _CONSUMED = (b"expect", *EVENT_HEADERS)
+#: Request headers never forwarded as the client sent them (besides hop-by-hop ones):
+#: the relay sets X-Request-Id and X-Forwarded-* itself. From a peer that is not a
+#: trusted proxy, every X-Forwarded-* (a prefix) and the other proxy headers go too.
+_DROPPED_BEHIND_PROXY = frozenset({*_CONSUMED, b"x-request-id", *_FORWARDED_SET})
+_DROPPED = frozenset({*_CONSUMED, b"x-request-id", *_PROXY_HEADERS})
 #: Response headers the relay never passes on: X-Relay-Error names the relay's own
 #: errors, so an agent or app may not forge one.
 _RELAY_ONLY_RESPONSE = (b"x-relay-error",)
@@ -294,11 +299,8 @@ class Ingress:
             return relay_error("uri-too-long", f"request target over {MAX_REQUEST_TARGET} bytes")
         if sum(len(k) + len(v) + 4 for k, v in request.raw_headers) > MAX_REQUEST_HEAD:
             return relay_error("headers-too-large", f"request headers over {MAX_REQUEST_HEAD} bytes")
-        for name, value in request.raw_headers:
-            if not _FIELD_VALUE.fullmatch(value):
-                return relay_error(
-                    "bad-request", f"control characters in header {name[:64].decode('latin-1')}"
-                )
+        if (bad := _control_characters(request.raw_headers)) is not None:
+            return relay_error("bad-request", f"control characters in header {bad}")
         try:
             host = normalize_host(_host_header(request).decode("latin-1"))
             where = route(host, raw_target, self.origin)
@@ -352,11 +354,9 @@ class Ingress:
         and relay-owned ones, plus X-Forwarded-*. Raises ``Refused`` (400, 414, 431)
         for a head the protocol cannot carry, before any stream exists."""
         raw = tuple(request.raw_headers)
-        headers = without(strip_hop_by_hop(raw), *_CONSUMED)
-        if upgrade:  # the agent runs its own handshake with the local service
-            headers = (*without(headers, *WEBSOCKET_HANDSHAKE), (b"Upgrade", b"websocket"))
         peer = request.remote or ""
         host = _host_header(request)
+        drop_prefixes: tuple[bytes, ...]
         if trusts(self.trusted_proxies, peer):
             # A front proxy we trust: its chain is kept and it is appended, and what it
             # says about the scheme and host the client used is believed.
@@ -365,20 +365,21 @@ class Ingress:
             proto = header_value(raw, b"x-forwarded-proto") or self.origin.scheme.encode()
             forwarded_host = header_value(raw, b"x-forwarded-host") or host
             client = forwarded_client(self.trusted_proxies, peer, chain)
-            headers = without(headers, *_FORWARDED_SET)
+            drop, drop_prefixes = _DROPPED_BEHIND_PROXY, ()
         else:
-            headers = tuple(
-                (name, value)
-                for name, value in headers
-                if not (lowered := name.lower()).startswith(b"x-forwarded-") and lowered not in _PROXY_HEADERS
-            )
+            # Anyone else's say on where the request came from is dropped.
             for_chain, proto, forwarded_host, client = (
                 peer.encode(),
                 self.origin.scheme.encode(),
                 host,
                 peer,
             )
-        headers = without(headers, b"x-request-id")
+            drop, drop_prefixes = _DROPPED, (b"x-forwarded-",)
+        if upgrade:  # the agent runs its own handshake with the local service
+            drop = drop.union(WEBSOCKET_HANDSHAKE)
+        headers = strip_hop_by_hop(raw, drop=drop, drop_prefixes=drop_prefixes)
+        if upgrade:
+            headers += ((b"Upgrade", b"websocket"),)
         added = [
             (b"X-Request-Id", request[REQUEST_ID].encode()),
             (b"X-Forwarded-For", for_chain),
@@ -513,12 +514,11 @@ class Ingress:
         none (HEAD, 204, 304), exactly Content-Length bytes where one is given (the
         connection is closed on any mismatch), and a 502 for a head that cannot be
         framed, so nothing an agent sends can reach another request on the connection."""
-        headers = without(strip_hop_by_hop(head.headers), *_RELAY_ONLY_RESPONSE)
+        headers = strip_hop_by_hop(head.headers, drop=_RELAY_ONLY_RESPONSE)
         try:
             has_body, length = response_framing(request.method, head)
-            for name, value in headers:
-                if not _FIELD_VALUE.fullmatch(value):
-                    raise BadResponse(f"control characters in response header {name[:64].decode('latin-1')}")
+            if (bad := _control_characters(headers)) is not None:
+                raise BadResponse(f"control characters in response header {bad}")
         except BadResponse as exc:
             log.info("stream %s: bad response from the agent: %s", stream.id, exc)
             return relay_error("local-bad-response", f"the local service's response cannot be relayed: {exc}")
@@ -579,6 +579,17 @@ class Ingress:
         if request.transport is not None:
             request.transport.close()
         return response
+
+
+def _control_characters(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The name of the first header whose value has a control character (RFC 9110 5.5),
+    printable, or None if none has. All values are matched at once, joined (the pattern
+    is one character class repeated), then walked one by one only to name the culprit."""
+    headers = tuple(headers)
+    if _FIELD_VALUE.fullmatch(b"".join([value for _, value in headers])):
+        return None
+    name = next(name for name, value in headers if not _FIELD_VALUE.fullmatch(value))
+    return name[:64].decode("latin-1")
 
 
 def _host_header(request: web.Request) -> bytes:
