@@ -113,15 +113,22 @@ class GuardedRequestHandler(RequestHandler):
     ) -> None:
         super().__init__(manager, **kwargs)
         self._guard = guard
-        #: The client, once counted by the guard (``admitted``: already counted when
-        #: accepted, before its TLS handshake: ``relay_web.listen``).
-        self._client: str | None = admitted
+        #: Counted by the guard already when accepted, before its TLS handshake
+        #: (``relay_web.listen``): the count is this handler's once it has the connection.
+        self._admitted = admitted
+        #: The client whose count this handler gives back when its connection is lost.
+        self._client: str | None = None
+        #: True once the connection reached this handler: its count is the handler's to give back.
+        self.took_over = False
         self._head_timer: asyncio.TimerHandle | None = None
         self._last_body: StreamReader | None = None  # the body of the last request parsed
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        if self._client is None:
+        self.took_over = True
+        if self._admitted is not None:
+            self._client = self._admitted
+        else:
             client = client_address(transport)
             if not self._guard.admit(client):
                 log.debug("refused a connection from %s: over the connection caps", client)
@@ -179,7 +186,7 @@ class GuardedServer(Server):
         super().__init__(*args, **kwargs)
         self.guard = guard
 
-    def __call__(self, admitted: str | None = None) -> RequestHandler:
+    def __call__(self, admitted: str | None = None) -> GuardedRequestHandler:
         return GuardedRequestHandler(self, self.guard, admitted, loop=self._loop, **self._kwargs)
 
 

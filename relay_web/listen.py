@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .guard import GuardedServer
+from .guard import GuardedRequestHandler, GuardedServer
 
 log = logging.getLogger("relay.web")
 
@@ -126,56 +126,98 @@ class _TlsAccept:
         self._context = context
         self._handshake = handshake
         self._handshakes: set[asyncio.Task[None]] = set()  # held until done (the loop's are weak)
-        self._accepting = asyncio.get_running_loop().create_task(self._accept(sock))
+        self._loop = asyncio.get_running_loop()
+        self._paused: asyncio.TimerHandle | None = None
+        self._loop.add_reader(sock.fileno(), self._accept)
 
     def close(self) -> None:
         """Stop accepting and close the listening socket. Handshakes under way go on, as
         with the loop's own server (each is bounded by ``handshake`` seconds)."""
-        self._accepting.cancel()
-        self.sockets[0].close()
+        sock = self.sockets[0]
+        if self._paused is not None:
+            self._paused.cancel()
+        elif sock.fileno() != -1:
+            self._loop.remove_reader(sock.fileno())
+        sock.close()
 
-    async def _accept(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                conn, address = await loop.sock_accept(sock)
-            except OSError as exc:
-                if exc.errno in _OUT_OF_RESOURCES:
-                    # What asyncio's own accept does: report it, pause, go on.
-                    loop.call_exception_handler(
-                        {"message": "accept() out of system resource", "exception": exc, "socket": sock}
-                    )
-                    await asyncio.sleep(ACCEPT_RETRY_DELAY)
-                continue  # a connection reset before it was accepted
-            client = str(address[0]) if isinstance(address, tuple) else ""
-            if not self._server.guard.admit(client):
-                log.debug("refused a TLS connection from %s: over the connection caps", client)
-                conn.close()
-                continue
-            task = loop.create_task(self._start(conn, client))
-            self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
+    def _accept(self) -> None:
+        """One connection (one per loop pass, as asyncio's and uvloop's servers take them
+        when the listening socket is readable): counted, then its handshake started."""
+        sock = self.sockets[0]
+        try:
+            conn, address = sock.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return  # none waiting, or it failed before it was accepted
+        except OSError as exc:
+            if exc.errno in _PENDING_ERRORS:
+                return  # that connection's own network error; the next one
+            # Out of descriptors or memory (asyncio reports it so, and pauses), or the
+            # listening socket broken: say so, pause, try again (never a busy loop).
+            message = (
+                "accept() out of system resource" if exc.errno in _OUT_OF_RESOURCES else "accept() failed"
+            )
+            self._loop.call_exception_handler({"message": message, "exception": exc, "socket": sock})
+            self._loop.remove_reader(sock.fileno())
+            self._paused = self._loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
+            return
+        conn.setblocking(False)
+        client = str(address[0]) if isinstance(address, tuple) else ""
+        if not self._server.guard.admit(client):
+            log.debug("refused a TLS connection from %s: over the connection caps", client)
+            conn.close()
+            return
+        task = self._loop.create_task(self._start(conn, client))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    def _resume(self) -> None:
+        self._paused = None
+        self._loop.add_reader(self.sockets[0].fileno(), self._accept)
 
     async def _start(self, conn: socket.socket, client: str) -> None:
         """The handshake, then the connection is the guarded server's (counted already)."""
+        handler: GuardedRequestHandler | None = None
+
+        def handler_of_this_connection() -> GuardedRequestHandler:
+            nonlocal handler
+            handler = self._server(admitted=client)
+            return handler
+
         try:
             await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: self._server(admitted=client),
+                handler_of_this_connection,
                 conn,
                 ssl=self._context,
                 ssl_handshake_timeout=self._handshake,
             )
         except BaseException as exc:  # a failed or slow handshake, a reset, the loop stopping
             # The loop has closed the socket, or will once its TLS shutdown is done.
-            log.debug("TLS handshake from %s failed: %s", client, exc or type(exc).__name__)
-            self._server.guard.release(client)
+            log.debug("TLS handshake from %s failed: %r", client, exc)
+            if handler is None or not handler.took_over:  # else the handler gives it back
+                self._server.guard.release(client)
             if not isinstance(exc, Exception):
                 raise
 
 
 #: accept() errors that a pause may cure (asyncio's list, selector_events.py).
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-#: Seconds between accept() attempts while out of descriptors (asyncio's constant).
+#: accept() errors that belong to the connection being accepted (accept(2), Linux: a
+#: network error already pending on it), not to the listening socket.
+_PENDING_ERRORS = frozenset(
+    {
+        errno.EPROTO,
+        errno.ENOPROTOOPT,
+        errno.EHOSTDOWN,
+        errno.ENONET,
+        errno.EHOSTUNREACH,
+        errno.EOPNOTSUPP,
+        errno.ENETDOWN,
+        errno.ENETUNREACH,
+        errno.EPERM,
+    }
+)
+#: Seconds between accept() attempts after an error that is not one connection's
+#: (asyncio's constant for running out of descriptors).
 ACCEPT_RETRY_DELAY = 1.0
 
 

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+
+from relay_web.guard import ConnectionGuard, GuardedServer
+from relay_web.listen import ACCEPT_RETRY_DELAY, _TlsAccept, listening_sockets
 
 from .certificates import Pair, make_ca, make_leaf, write_cert, write_pair
 from .framework import EXIT_TIMEOUT, RELAY_SERVER, Relay, RelayServer, free_port
@@ -293,3 +298,99 @@ async def test_tls_connections_count_against_the_caps_from_their_accept(relay: R
         ) as resp:
             assert resp.status == 200
     assert [s.body for s in target.seen("/hook")] == [b"x" * 5000]
+
+
+# -- the TLS accept loop itself, in this process, on both event loops ----------------------
+# Found by an attacker's review of the accept loop, each on asyncio's loop (uvloop's
+# accept differs): it took the whole backlog before any handshake started, it could spin
+# (or freeze the loop) on an accept() error, and it closed its socket under asyncio's
+# watch of it.
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+def _run(loop_name: str, scenario: Callable[[], Awaitable[None]]) -> None:
+    factory = asyncio.new_event_loop
+    if loop_name == "uvloop":
+        factory = pytest.importorskip("uvloop").new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(scenario())
+
+
+async def _unused_handler(request: object) -> None:
+    raise AssertionError("no request is sent")
+
+
+def _guarded(per_client: int = 1000) -> tuple[ConnectionGuard, GuardedServer]:
+    guard = ConnectionGuard(
+        max_connections=1000, max_per_client=per_client, head_timeout=30, busy_response=b""
+    )
+    return guard, GuardedServer(guard, _unused_handler, loop=asyncio.get_running_loop())
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_backlog_of_closed_tls_connections_refuses_no_later_one(certs: Certs, loop_name: str) -> None:
+    async def scenario() -> None:
+        guard, server = _guarded(per_client=20)
+        [sock] = listening_sockets("127.0.0.1", 0)
+        address = sock.getsockname()
+        for _ in range(100):  # in the backlog, closed by their client before any accept
+            socket.create_connection(address).close()
+        accept = _TlsAccept(sock, server, certs.good.server_context(), 30)
+        try:
+            # Accepted in order: once this one's handshake is done, all 100 were seen.
+            _, writer = await asyncio.open_connection(
+                *address, ssl=certs.context(), server_hostname="localhost"
+            )
+            writer.close()
+            assert guard.refused == 0  # before: 80 refused under asyncio (the cap is 20)
+        finally:
+            accept.close()
+
+    _run(loop_name, scenario)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_an_accept_error_is_reported_and_retried_after_a_pause(certs: Certs, loop_name: str) -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        errors: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _, context: errors.append(context))
+        _, server = _guarded()
+        [sock] = listening_sockets("127.0.0.1", 0)
+        accept = _TlsAccept(sock, server, certs.good.server_context(), 30)
+        started = loop.time()
+        sock.shutdown(socket.SHUT_RDWR)  # from now on every accept() fails (EINVAL)
+        try:
+            for _ in range(20):  # the loop still runs (before: frozen under asyncio)
+                await asyncio.sleep(0.01)
+            pauses = (loop.time() - started) / ACCEPT_RETRY_DELAY
+            # Once per pause, not once per pass (before: silent, a core spent spinning).
+            assert 1 <= len(errors) <= 1 + pauses, errors
+            assert errors[0]["message"] == "accept() failed"
+        finally:
+            accept.close()
+
+    _run(loop_name, scenario)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_closing_with_a_connection_waiting_leaves_no_error(certs: Certs, loop_name: str) -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        errors: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _, context: errors.append(context))
+        _, server = _guarded()
+        [sock] = listening_sockets("127.0.0.1", 0)
+        accept = _TlsAccept(sock, server, certs.good.server_context(), 30)
+        for _ in range(3):
+            await asyncio.sleep(0)  # the accept task waits for a connection
+        waiting = socket.create_connection(sock.getsockname())  # the socket turns readable
+        loop.call_soon(accept.close)  # the site stops in the same pass
+        for _ in range(10):
+            await asyncio.sleep(0)
+        waiting.close()
+        assert sock.fileno() == -1  # closed, once nothing watches it
+        assert errors == []  # before, asyncio: accept() on the closed socket, a traceback
+
+    _run(loop_name, scenario)
