@@ -141,8 +141,10 @@ class _TlsAccept:
         sock.close()
 
     def _accept(self) -> None:
-        """One connection (one per loop pass, as asyncio's and uvloop's servers take them
-        when the listening socket is readable): counted, then its handshake started."""
+        """One connection per loop pass while the listening socket is readable (as uvloop's
+        server takes them; asyncio's takes the whole backlog, each counted before any
+        handshake or client's close could give a count back): counted, then its
+        handshake started."""
         sock = self.sockets[0]
         try:
             conn, address = sock.accept()
