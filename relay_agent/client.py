@@ -355,6 +355,10 @@ class LocalClient:
         self._sweep: asyncio.TimerHandle | None = None
         self._addresses: list[tuple[str, int]] = []
         self._resolved_at = -ADDRESS_TTL
+        #: The address the last new connection reached: tried first by the next one (for
+        #: ``localhost``, ``::1`` comes first, and an app listening on IPv4 only refused
+        #: it on every new connection: a failed attempt and, under uvloop, a thread hop).
+        self._reached: str | None = None
         self._unverified = _unverified()
 
     async def close(self) -> None:
@@ -442,6 +446,7 @@ class LocalClient:
                 sock = await aiohappyeyeballs.start_connection(
                     infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1
                 )
+                self._reached = sock.getpeername()[0]
                 try:
                     _, connection = await loop.create_connection(
                         lambda: LocalConnection(loop),
@@ -474,6 +479,8 @@ class LocalClient:
                 infos.append((socket.AF_INET6, *tcp, (host, port, 0, scope_id)))
             else:
                 infos.append((socket.AF_INET, *tcp, (address, port)))
+        # The address reached last goes first; the others keep their order behind it.
+        infos.sort(key=lambda info: info[4][0] != self._reached)
         return infos
 
 

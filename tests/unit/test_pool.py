@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from relay_agent import client as client_module
 from relay_agent.client import ConnectFailed, LocalClient, request_head
 from relay_agent.config import AgentConfig
 from relay_agent.forward import server_name
@@ -186,6 +187,41 @@ async def test_the_pool_never_hands_out_a_connection_its_service_closed() -> Non
 
 def test_idle_connections_are_closed_before_common_services_close_them() -> None:
     assert REUSE_IDLE < 1.0  # below apps that set 1 s, gunicorn's 2 s, Node's 5 s
+
+
+async def test_a_new_connection_tries_the_address_reached_last_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    # ``localhost`` is ::1 then 127.0.0.1; an app listening on IPv4 only refused ::1 on
+    # every new connection (a failed attempt first, each time). After one connection
+    # reached 127.0.0.1, the next tries it first.
+    tried: list[str] = []
+    start_connection = client_module.aiohappyeyeballs.start_connection
+
+    async def recording(infos: list[Any], **kwargs: Any) -> socket.socket:
+        tried.append(infos[0][4][0])
+        return await start_connection(infos, **kwargs)
+
+    monkeypatch.setattr(client_module.aiohappyeyeballs, "start_connection", recording)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = LocalClient(Target("http", "localhost", port), False)
+    try:
+        for _ in range(2):  # "Connection: close": each request on a new connection
+            response, _ = await client.request(
+                "GET", request_head("GET", b"/", (), chunked=False), None, None
+            )
+            assert response.status == 204
+            client.release(response, None)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert tried == ["::1", "127.0.0.1"]
 
 
 # -- what a failed connect says -----------------------------------------------------------------
