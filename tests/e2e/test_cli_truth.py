@@ -92,7 +92,7 @@ def test_port_0_prints_the_port_the_kernel_picked(relay: Relay) -> None:
     url = command[command.index("--server") + 1]
     port = int(url.rsplit(":", 1)[1])
     assert port != 0 and url == f"http://localhost:{port}"
-    assert f"curl http://localhost:{port}/t/dev/" in server.stdout
+    server.wait_for_line(rf"^Then: curl http://localhost:{port}/t/dev/$")  # the banner's last line
     [listening] = server.wait_for_line(r"listening on http://127\.0\.0\.1:(\d+),", stream="stderr")
     assert int(listening.group(1)) == port
     [metrics] = server.wait_for_line(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", stream="stderr")
