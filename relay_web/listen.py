@@ -79,8 +79,9 @@ def _listen(infos: list[_AddressInfo], port: int, backlog: int) -> list[socket.s
 
 
 class _Site(web.SockSite):
-    """aiohttp's ``SockSite``, with a bound on the TLS handshake (asyncio's default is
-    60 s); behind a connection guard, TLS connections are accepted by ``_TlsAccept``."""
+    """aiohttp's ``SockSite``, with bounds on the TLS handshake and shutdown (see
+    ``start_sites``); behind a connection guard, TLS connections are accepted by
+    ``_TlsAccept``."""
 
     def __init__(
         self,
@@ -105,6 +106,7 @@ class _Site(web.SockSite):
             ssl=self._ssl_context,
             backlog=self._backlog,
             ssl_handshake_timeout=self.handshake if self._ssl_context is not None else None,
+            ssl_shutdown_timeout=self.handshake if self._ssl_context is not None else None,
         )
 
 
@@ -191,6 +193,7 @@ class _TlsAccept:
                 conn,
                 ssl=self._context,
                 ssl_handshake_timeout=self._handshake,
+                ssl_shutdown_timeout=self._handshake,
             )
         except BaseException as exc:  # a failed or slow handshake, a reset, the loop stopping
             # The loop has closed the socket, or will once its TLS shutdown is done.
@@ -233,9 +236,10 @@ async def start_sites(
 ) -> list[web.SockSite]:
     """Serve ``runner`` on ``listening_sockets(host, port)`` (or on ``sockets``, made by
     it already), one site each; the sites. ``handshake_timeout``: seconds a TLS client
-    has to finish its handshake. Raises ``OSError`` as ``listening_sockets`` does; the
-    sites started before a failure stay the runner's (its ``cleanup`` stops them), the
-    other sockets are closed."""
+    has to finish its handshake, and to answer the server's close (close_notify) before
+    its connection is dropped (asyncio's defaults: 60 and 30 s). Raises ``OSError`` as
+    ``listening_sockets`` does; the sites started before a failure stay the runner's (its
+    ``cleanup`` stops them), the other sockets are closed."""
     sockets = sockets or listening_sockets(host, port)
     sites: list[web.SockSite] = []
     for index, sock in enumerate(sockets):

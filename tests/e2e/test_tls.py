@@ -398,3 +398,31 @@ def test_closing_with_a_connection_waiting_leaves_no_error(certs: Certs, loop_na
         assert errors == []  # before, asyncio: accept() on the closed socket, a traceback
 
     _run(loop_name, scenario)
+
+
+async def test_a_client_that_never_answers_the_servers_close_is_dropped_after_the_head_timeout(
+    relay: Relay, certs: Certs
+) -> None:
+    # Found by an attacker: a client that finishes its handshake, sends nothing, and then
+    # never reads (so never answers the server's close_notify) kept its slot for
+    # --head-timeout plus asyncio's 30 s TLS shutdown timeout. Now the shutdown has
+    # --head-timeout too: with a cap of one connection, a second gets in well before.
+    server = tls_server(relay, certs, certs.good, "--max-connections-per-client", "1", "--head-timeout", "2")
+    raw = socket.create_connection(("127.0.0.1", server.port), source_address=("127.0.0.3", 0))
+    silent = certs.context().wrap_socket(raw, server_hostname="localhost")  # handshake done
+    try:
+        connector = aiohttp.TCPConnector(local_addr=("127.0.0.3", 0), force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as http, asyncio.timeout(20):
+            while True:  # refused (a closed connection) while the silent one holds the slot
+                with contextlib.suppress(aiohttp.ClientConnectionError):
+                    async with http.get(
+                        f"https://127.0.0.1:{server.port}/healthz",
+                        headers={"Host": server.apex},
+                        ssl=certs.context(),
+                        server_hostname="localhost",
+                    ) as resp:
+                        assert resp.status == 200
+                        break
+                await asyncio.sleep(0.2)
+    finally:
+        silent.close()
