@@ -446,8 +446,8 @@ class LocalClient:
                 sock = await aiohappyeyeballs.start_connection(
                     infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1
                 )
-                self._reached = sock.getpeername()[0]
                 try:
+                    self._reached = sock.getpeername()[0]
                     _, connection = await loop.create_connection(
                         lambda: LocalConnection(loop),
                         sock=sock,

@@ -197,7 +197,10 @@ class _TlsAccept:
             )
         except BaseException as exc:  # a failed or slow handshake, a reset, the loop stopping
             # The loop has closed the socket, or will once its TLS shutdown is done.
-            log.debug("TLS handshake from %s failed: %r", client, exc)
+            if isinstance(exc, OSError | TimeoutError | asyncio.CancelledError):  # ssl.SSLError too
+                log.debug("TLS handshake from %s failed: %r", client, exc)
+            else:  # a bug here: every TLS connection would close without a word
+                log.exception("TLS connection from %s failed", client)
             if handler is None or not handler.took_over:  # else the handler gives it back
                 self._server.guard.release(client)
             if not isinstance(exc, Exception):

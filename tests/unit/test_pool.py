@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import select
 import socket
 import ssl
@@ -222,6 +223,26 @@ async def test_a_new_connection_tries_the_address_reached_last_first(monkeypatch
         server.close()
         await server.wait_closed()
     assert tried == ["::1", "127.0.0.1"]
+
+
+async def test_a_connection_reset_right_after_its_connect_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Found by a review: the address reached was read (getpeername) before the socket was
+    # in the hands that close it on failure; a reset right after connect leaked it.
+    class ResetAtOnce(socket.socket):
+        def getpeername(self) -> Any:
+            raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
+
+    made: list[socket.socket] = []
+
+    async def connected(infos: list[Any], **kwargs: Any) -> socket.socket:
+        made.append(ResetAtOnce(socket.AF_INET, socket.SOCK_STREAM))
+        return made[-1]
+
+    monkeypatch.setattr(client_module.aiohappyeyeballs, "start_connection", connected)
+    client = LocalClient(Target("http", "127.0.0.1", 9), False)
+    with pytest.raises(ConnectFailed):
+        await client.request("GET", request_head("GET", b"/", (), chunked=False), None, None)
+    assert made and made[0].fileno() == -1
 
 
 # -- what a failed connect says -----------------------------------------------------------------
