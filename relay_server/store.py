@@ -391,11 +391,10 @@ class Store:
             except sqlite3.Error as exc:
                 raise _store_error(exc) from exc
             return self._transaction(ops, begun=True)
-        except StoreFull:
-            self._roll_back()
+        except StoreFull:  # rolled back already
             return None
         except BaseException:
-            self._roll_back()
+            self._roll_back()  # restoring the busy timeout after BEGIN failed
             raise
         finally:
             self._lock.release()
@@ -415,7 +414,8 @@ class Store:
         return True
 
     def _roll_back(self) -> None:
-        """End the writer connection's transaction, if one is open (a failure left it)."""
+        """End the writer connection's transaction, if one is open (a failure left it); a
+        ROLLBACK that fails too leaves the first failure to be reported."""
         if self._db.in_transaction:
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK")
@@ -428,8 +428,7 @@ class Store:
                 results = [op(self._db) for op in ops]
                 self._db.execute("COMMIT")
             except BaseException:
-                if self._db.in_transaction:  # SQLite already rolled back on SQLITE_FULL
-                    self._db.execute("ROLLBACK")
+                self._roll_back()  # SQLite already rolled back on SQLITE_FULL
                 raise
             return results
         except sqlite3.Error as exc:

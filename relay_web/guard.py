@@ -192,7 +192,12 @@ class GuardedServer(Server):
 
 def client_address(transport: asyncio.BaseTransport) -> str:
     """The peer's address, as the guard counts it ("" if the transport cannot say)."""
-    peer = transport.get_extra_info("peername")
+    return peer_address(transport.get_extra_info("peername"))
+
+
+def peer_address(peer: object) -> str:
+    """The address of a socket address (``peername``, ``accept()``'s), as the guard
+    counts it: "" for what is not an IP socket's."""
     return str(peer[0]) if isinstance(peer, tuple) and peer else ""
 
 

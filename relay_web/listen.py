@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .guard import GuardedRequestHandler, GuardedServer
+from .guard import GuardedRequestHandler, GuardedServer, peer_address
 
 log = logging.getLogger("relay.web")
 
@@ -165,7 +165,7 @@ class _TlsAccept:
             self._paused = self._loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
             return
         conn.setblocking(False)
-        client = str(address[0]) if isinstance(address, tuple) else ""
+        client = peer_address(address)
         if not self._server.guard.admit(client):
             log.debug("refused a TLS connection from %s: over the connection caps", client)
             conn.close()

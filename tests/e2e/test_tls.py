@@ -276,19 +276,7 @@ async def test_tls_connections_count_against_the_caps_from_their_accept(relay: R
                 pass
     held[1][1].close()
     held[0][1].close()
-    connector = aiohttp.TCPConnector(local_addr=client, force_close=True)
-    async with aiohttp.ClientSession(connector=connector) as http, asyncio.timeout(30):
-        while True:  # until the server has seen both closes (a refusal is a closed connection)
-            with contextlib.suppress(aiohttp.ClientConnectionError):
-                async with http.get(
-                    f"https://127.0.0.1:{server.port}/healthz",
-                    headers={"Host": server.apex},
-                    ssl=certs.context(),
-                    server_hostname="localhost",
-                ) as resp:
-                    assert resp.status == 200
-                    break
-            await asyncio.sleep(0.05)
+    await _until_admitted(server, certs, client, within=30)  # once the server has seen both closes
     # A webhook through HTTPS still arrives whole, its request read after the handshake.
     target = relay.target("alice")
     relay.agent(server, server.token("alice"), target.forward, extra=["--ca-file", str(certs.ca_file)])
@@ -325,31 +313,45 @@ async def _unused_handler(request: object) -> None:
     raise AssertionError("no request is sent")
 
 
-def _guarded(per_client: int = 1000) -> tuple[ConnectionGuard, GuardedServer]:
+@dataclass
+class _Accepting:
+    """A ``_TlsAccept`` on 127.0.0.1 for a guarded server, and what the loop reported."""
+
+    guard: ConnectionGuard
+    sock: socket.socket
+    accept: _TlsAccept
+    errors: list[dict[str, Any]]
+
+
+def _accepting(certs: Certs, per_client: int = 1000) -> _Accepting:
+    """``_Accepting`` in the running loop, whose exception handler collects ``errors``."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
     guard = ConnectionGuard(
         max_connections=1000, max_per_client=per_client, head_timeout=30, busy_response=b""
     )
-    return guard, GuardedServer(guard, _unused_handler, loop=asyncio.get_running_loop())
+    [sock] = listening_sockets("127.0.0.1", 0)
+    server = GuardedServer(guard, _unused_handler, loop=loop)
+    return _Accepting(guard, sock, _TlsAccept(sock, server, certs.good.server_context(), 30), errors)
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
 def test_a_backlog_of_closed_tls_connections_refuses_no_later_one(certs: Certs, loop_name: str) -> None:
     async def scenario() -> None:
-        guard, server = _guarded(per_client=20)
-        [sock] = listening_sockets("127.0.0.1", 0)
-        address = sock.getsockname()
+        tls = _accepting(certs, per_client=20)
+        address = tls.sock.getsockname()
         for _ in range(100):  # in the backlog, closed by their client before any accept
             socket.create_connection(address).close()
-        accept = _TlsAccept(sock, server, certs.good.server_context(), 30)
         try:
             # Accepted in order: once this one's handshake is done, all 100 were seen.
             _, writer = await asyncio.open_connection(
                 *address, ssl=certs.context(), server_hostname="localhost"
             )
             writer.close()
-            assert guard.refused == 0  # before: 80 refused under asyncio (the cap is 20)
+            assert tls.guard.refused == 0  # before: 80 refused under asyncio (the cap is 20)
         finally:
-            accept.close()
+            tls.accept.close()
 
     _run(loop_name, scenario)
 
@@ -357,23 +359,19 @@ def test_a_backlog_of_closed_tls_connections_refuses_no_later_one(certs: Certs, 
 @pytest.mark.parametrize("loop_name", LOOPS)
 def test_an_accept_error_is_reported_and_retried_after_a_pause(certs: Certs, loop_name: str) -> None:
     async def scenario() -> None:
+        tls = _accepting(certs)
         loop = asyncio.get_running_loop()
-        errors: list[dict[str, Any]] = []
-        loop.set_exception_handler(lambda _, context: errors.append(context))
-        _, server = _guarded()
-        [sock] = listening_sockets("127.0.0.1", 0)
-        accept = _TlsAccept(sock, server, certs.good.server_context(), 30)
         started = loop.time()
-        sock.shutdown(socket.SHUT_RDWR)  # from now on every accept() fails (EINVAL)
+        tls.sock.shutdown(socket.SHUT_RDWR)  # from now on every accept() fails (EINVAL)
         try:
             for _ in range(20):  # the loop still runs (before: frozen under asyncio)
                 await asyncio.sleep(0.01)
             pauses = (loop.time() - started) / ACCEPT_RETRY_DELAY
             # Once per pause, not once per pass (before: silent, a core spent spinning).
-            assert 1 <= len(errors) <= 1 + pauses, errors
-            assert errors[0]["message"] == "accept() failed"
+            assert 1 <= len(tls.errors) <= 1 + pauses, tls.errors
+            assert tls.errors[0]["message"] == "accept() failed"
         finally:
-            accept.close()
+            tls.accept.close()
 
     _run(loop_name, scenario)
 
@@ -381,21 +379,16 @@ def test_an_accept_error_is_reported_and_retried_after_a_pause(certs: Certs, loo
 @pytest.mark.parametrize("loop_name", LOOPS)
 def test_closing_with_a_connection_waiting_leaves_no_error(certs: Certs, loop_name: str) -> None:
     async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        errors: list[dict[str, Any]] = []
-        loop.set_exception_handler(lambda _, context: errors.append(context))
-        _, server = _guarded()
-        [sock] = listening_sockets("127.0.0.1", 0)
-        accept = _TlsAccept(sock, server, certs.good.server_context(), 30)
+        tls = _accepting(certs)
         for _ in range(3):
-            await asyncio.sleep(0)  # the accept task waits for a connection
-        waiting = socket.create_connection(sock.getsockname())  # the socket turns readable
-        loop.call_soon(accept.close)  # the site stops in the same pass
+            await asyncio.sleep(0)  # the loop watches the listening socket
+        waiting = socket.create_connection(tls.sock.getsockname())  # the socket turns readable
+        asyncio.get_running_loop().call_soon(tls.accept.close)  # the site stops in the same pass
         for _ in range(10):
             await asyncio.sleep(0)
         waiting.close()
-        assert sock.fileno() == -1  # closed, once nothing watches it
-        assert errors == []  # before, asyncio: accept() on the closed socket, a traceback
+        assert tls.sock.fileno() == -1  # closed, once nothing watches it
+        assert tls.errors == []  # before, asyncio: accept() on the closed socket, a traceback
 
     _run(loop_name, scenario)
 
@@ -411,18 +404,24 @@ async def test_a_client_that_never_answers_the_servers_close_is_dropped_after_th
     raw = socket.create_connection(("127.0.0.1", server.port), source_address=("127.0.0.3", 0))
     silent = certs.context().wrap_socket(raw, server_hostname="localhost")  # handshake done
     try:
-        connector = aiohttp.TCPConnector(local_addr=("127.0.0.3", 0), force_close=True)
-        async with aiohttp.ClientSession(connector=connector) as http, asyncio.timeout(20):
-            while True:  # refused (a closed connection) while the silent one holds the slot
-                with contextlib.suppress(aiohttp.ClientConnectionError):
-                    async with http.get(
-                        f"https://127.0.0.1:{server.port}/healthz",
-                        headers={"Host": server.apex},
-                        ssl=certs.context(),
-                        server_hostname="localhost",
-                    ) as resp:
-                        assert resp.status == 200
-                        break
-                await asyncio.sleep(0.2)
+        await _until_admitted(server, certs, ("127.0.0.3", 0), within=20)  # refused while it holds the slot
     finally:
         silent.close()
+
+
+async def _until_admitted(server: RelayServer, certs: Certs, client: tuple[str, int], within: float) -> None:
+    """Ask ``/healthz`` over HTTPS from ``client`` until it answers 200, for at most
+    ``within`` seconds: a connection over a cap is refused (closed) before any answer."""
+    connector = aiohttp.TCPConnector(local_addr=client, force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as http, asyncio.timeout(within):
+        while True:
+            with contextlib.suppress(aiohttp.ClientConnectionError):
+                async with http.get(
+                    f"https://127.0.0.1:{server.port}/healthz",
+                    headers={"Host": server.apex},
+                    ssl=certs.context(),
+                    server_hostname="localhost",
+                ) as resp:
+                    assert resp.status == 200
+                    return
+            await asyncio.sleep(0.05)
