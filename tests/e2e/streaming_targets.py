@@ -37,13 +37,15 @@ class StreamingTarget:
                    subprotocols chat and v2; records the close code the client sent
     /sse           N events (?n=5) every ?every=0.3 s, as text/event-stream
     /down          ?mib=64 MiB streamed (Content-Length set); counts bytes written
-    /up            reads the body (paused while ``hold_uploads`` is set); answers length + sha256
+    /up            reads the body (paused while ``hold_uploads`` is set); answers length + sha256;
+                   counts the bytes read off the socket (``bytes_fed``, read-ahead included)
     /hang          never answers; records when it starts and when it is cancelled
     /small         a tiny 200
     """
 
     bytes_sent: int = 0
     bytes_received: int = 0
+    bytes_fed: int = 0
     events_sent: int = 0
     hanging: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
@@ -150,6 +152,7 @@ class StreamingTarget:
         length = 0
         while True:
             while self.hold_uploads.is_set():
+                self.bytes_fed = request.content.total_bytes
                 await asyncio.sleep(0.02)
             chunk = await request.content.readany()
             if not chunk:
