@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sqlite3
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -134,6 +136,12 @@ BUSY_TIMEOUT_MS = 10_000
 #: read held it (hundreds of MB behind an online backup) is cut back to this, not kept
 #: on disk beside the database and its ``--store-max-bytes``.
 WAL_KEPT_BYTES = 16 * 1024 * 1024
+#: Where the wal-index (the ``-shm`` file) keeps, in native byte order, the last valid
+#: frame of the WAL (``mxFrame``, u32 at byte 16) and how many frames a checkpoint has
+#: copied back (``nBackfill``, u32 at byte 96); each frame is a 24-byte header and a
+#: page. Source: https://www.sqlite.org/walformat.html (sections 2.1 and 4.1).
+_WAL_INDEX = struct.Struct("=16xI76xI")
+WAL_FRAME_HEADER = 24
 
 
 @dataclass(frozen=True)
@@ -261,6 +269,10 @@ class Store:
             self._checkpointer: sqlite3.Connection | None = None
             self._checkpoint_lock = threading.Lock()
             self._wal = data_dir / f"{DB_FILE}-wal"
+            self._wal_index = data_dir / f"{DB_FILE}-shm"
+            self._wal_index_fd: int | None = None
+            self._wal_index_lock = threading.Lock()
+            self._frame_bytes = self._db.execute("PRAGMA page_size").fetchone()[0] + WAL_FRAME_HEADER
             self._pressure_purged = 0
             self._pressure_logged = -PRESSURE_LOG_INTERVAL
         except (OSError, sqlite3.Error) as exc:
@@ -291,6 +303,10 @@ class Store:
         with self._checkpoint_lock:
             if self._checkpointer is not None:
                 self._checkpointer.close()
+        with self._wal_index_lock:
+            if self._wal_index_fd is not None:
+                os.close(self._wal_index_fd)
+                self._wal_index_fd = None
 
     def checkpoint_apart(self) -> None:
         """From now on commits never checkpoint the WAL (copy it back into the database
@@ -308,12 +324,28 @@ class Store:
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the store in {self._data_dir}: {exc}") from exc
 
-    def wal_bytes(self) -> int:
-        """Size of the WAL file now (0 if there is none)."""
+    def wal_backlog(self) -> int:
+        """Bytes of WAL frames not yet copied back into the database: what the next
+        checkpoint has to do. Read from the wal-index (one ``pread``, no lock: a torn
+        read only moves a checkpoint a commit earlier or later).
+
+        Not the WAL file's size: SQLite writes the WAL over from its start once a
+        checkpoint has emptied it, and keeps the file (up to ``WAL_KEPT_BYTES``), so a
+        WAL that once passed ``commits.CHECKPOINT_BYTES`` made every later commit start a
+        checkpoint (and a sync of the database file): measured under 1,000 webhooks/s,
+        a tenth of the server's CPU. Without a wal-index to read, the file's size."""
         try:
-            return self._wal.stat().st_size
-        except OSError:
-            return 0
+            with self._wal_index_lock:
+                if self._wal_index_fd is None:
+                    self._wal_index_fd = os.open(self._wal_index, os.O_RDONLY | os.O_CLOEXEC)
+                header = os.pread(self._wal_index_fd, _WAL_INDEX.size, 0)
+            last_frame, copied = _WAL_INDEX.unpack(header)
+            return max(0, last_frame - copied) * self._frame_bytes
+        except (OSError, struct.error):
+            try:
+                return self._wal.stat().st_size
+            except OSError:
+                return 0
 
     def checkpoint(self) -> None:
         """Copy what the WAL holds back into the database, as far as readers allow

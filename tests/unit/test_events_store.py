@@ -390,7 +390,7 @@ async def test_a_commit_never_checkpoints_the_wal_a_thread_does(
             for i in range(6)
         ]
         await asyncio.wait_for(asyncio.gather(*big), 10)
-        assert store.wal_bytes() >= commits_module.CHECKPOINT_BYTES
+        assert store.wal_backlog() >= commits_module.CHECKPOINT_BYTES
         if commits._checkpoint is not None:  # started, and stopped at the backup's snapshot
             await asyncio.wait_for(commits._checkpoint, 10)
         reader.execute("COMMIT")  # the backup is done: the WAL may go back now
@@ -411,11 +411,59 @@ async def test_a_commit_never_checkpoints_the_wal_a_thread_does(
         await asyncio.wait_for(
             commits.write(Store.insert_event_op(_event("evt_last"), [_queued()]), size=7), 10
         )
-        assert store.wal_bytes() <= 2**20
+        assert (tmp_path / f"{DB_FILE}-wal").stat().st_size <= 2**20
     finally:
         reader.close()
         await commits.stop()
     assert store.find_event("alice", "evt_next") is not None
+
+
+async def test_checkpoints_run_when_the_wal_fills_and_until_they_catch_up_then_stop(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SQLite writes an emptied WAL over from its start and keeps the file: measured by
+    # the file's size, a WAL that once passed CHECKPOINT_BYTES started a checkpoint (and
+    # a sync of the database) after every commit, a tenth of the server's CPU under load.
+    checkpoints: list[int] = []  # the backlog each one found
+    checkpoint = store.checkpoint
+
+    def counted() -> None:
+        checkpoints.append(store.wal_backlog())
+        checkpoint()
+
+    monkeypatch.setattr(store, "checkpoint", counted)
+    commits = GroupCommitter(store)
+    commits.start()
+
+    async def write(name: str, size: int = 7) -> None:
+        op = Store.insert_event_op(_event(name, body=b"b" * size), [_queued()])
+        await asyncio.wait_for(commits.write(op, size=size), 10)
+
+    async def checkpointed() -> None:
+        while (task := commits._checkpoint) is not None and not task.done():
+            await asyncio.wait_for(task, 10)
+
+    try:
+        for i in range(5):
+            await write(f"evt_{i}", 2**20)
+        await checkpointed()
+        assert checkpoints and checkpoints[0] >= commits_module.CHECKPOINT_BYTES
+        # Each commit that follows starts one more, until one has caught up: SQLite then
+        # starts the WAL over (else the file grows without end under steady writes).
+        for i in range(10):
+            started = len(checkpoints)
+            await write(f"evt_after_{i}")
+            await checkpointed()
+            if len(checkpoints) == started:
+                break  # caught up: that commit started none
+        else:
+            pytest.fail("the checkpoints never caught up")
+        for i in range(20):  # small webhooks, in the WAL file's reused space
+            await write(f"evt_small_{i}")
+        assert 0 < store.wal_backlog() < commits_module.CHECKPOINT_BYTES
+        assert len(checkpoints) == started  # none until the WAL fills again
+    finally:
+        await commits.stop()
 
 
 def test_a_transaction_now_on_a_full_store_writes_nothing_and_leaves_the_purge_to_a_thread(
