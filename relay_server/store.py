@@ -272,7 +272,7 @@ class Store:
             self._wal_index = data_dir / f"{DB_FILE}-shm"
             self._wal_index_fd: int | None = None
             self._wal_index_lock = threading.Lock()
-            self._frame_bytes = self._db.execute("PRAGMA page_size").fetchone()[0] + WAL_FRAME_HEADER
+            self._frame_bytes: int = self._db.execute("PRAGMA page_size").fetchone()[0] + WAL_FRAME_HEADER
             self._pressure_purged = 0
             self._pressure_logged = -PRESSURE_LOG_INTERVAL
         except (OSError, sqlite3.Error) as exc:
