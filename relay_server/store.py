@@ -340,7 +340,7 @@ class Store:
                     self._wal_index_fd = os.open(self._wal_index, os.O_RDONLY | os.O_CLOEXEC)
                 header = os.pread(self._wal_index_fd, _WAL_INDEX.size, 0)
             last_frame, copied = _WAL_INDEX.unpack(header)
-            return max(0, last_frame - copied) * self._frame_bytes
+            return max(0, int(last_frame) - int(copied)) * self._frame_bytes
         except (OSError, struct.error):
             try:
                 return self._wal.stat().st_size
