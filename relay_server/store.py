@@ -272,6 +272,7 @@ class Store:
             self._wal_index = data_dir / f"{DB_FILE}-shm"
             self._wal_index_fd: int | None = None
             self._wal_index_lock = threading.Lock()
+            self._closed = False
             self._frame_bytes: int = self._db.execute("PRAGMA page_size").fetchone()[0] + WAL_FRAME_HEADER
             self._pressure_purged = 0
             self._pressure_logged = -PRESSURE_LOG_INTERVAL
@@ -294,8 +295,14 @@ class Store:
         return db
 
     def close(self) -> None:
-        """Close both connections, after any operation still running in a worker thread
-        (a cancelled ``asyncio.to_thread`` call goes on): closing under it would crash."""
+        """Close the connections, after any operation still running in a worker thread
+        (a cancelled ``asyncio.to_thread`` call goes on): closing under it would crash.
+
+        The wal-index's descriptor goes last, and never while a connection is open:
+        closing any descriptor of a file drops every POSIX lock the process holds on it,
+        SQLite's locks on the wal-index included (https://www.sqlite.org/howtocorrupt.html,
+        2.2). Another ``Store`` of the same database in this process would lose its own:
+        one per database per process, as the server has."""
         with self._lock:
             self._db.close()
         with self._read_lock:
@@ -304,6 +311,7 @@ class Store:
             if self._checkpointer is not None:
                 self._checkpointer.close()
         with self._wal_index_lock:
+            self._closed = True
             if self._wal_index_fd is not None:
                 os.close(self._wal_index_fd)
                 self._wal_index_fd = None
@@ -333,9 +341,14 @@ class Store:
         checkpoint has emptied it, and keeps the file (up to ``WAL_KEPT_BYTES``), so a
         WAL that once passed ``commits.CHECKPOINT_BYTES`` made every later commit start a
         checkpoint (and a sync of the database file): measured under 1,000 webhooks/s,
-        a tenth of the server's CPU. Without a wal-index to read, the file's size."""
+        a tenth of the server's CPU. Without a wal-index to read (there always is one in
+        WAL mode with shared locking, as here), the file's size: checkpoints then run
+        after every commit once the file passed ``CHECKPOINT_BYTES``, as they used to.
+        0 once the store is closed (the descriptor is never opened again: see ``close``)."""
         try:
             with self._wal_index_lock:
+                if self._closed:
+                    return 0
                 if self._wal_index_fd is None:
                     self._wal_index_fd = os.open(self._wal_index, os.O_RDONLY | os.O_CLOEXEC)
                 header = os.pread(self._wal_index_fd, _WAL_INDEX.size, 0)

@@ -4,6 +4,8 @@ dispatcher's queries, the API's queries, purge, and a full disk."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sqlite3
 import threading
 import time
@@ -464,6 +466,28 @@ async def test_checkpoints_run_when_the_wal_fills_and_until_they_catch_up_then_s
         assert len(checkpoints) == started  # none until the WAL fills again
     finally:
         await commits.stop()
+
+
+def test_the_wal_index_is_read_through_one_descriptor_closed_with_the_store(tmp_path: Path) -> None:
+    # Closing a descriptor of the wal-index drops every POSIX lock this process holds on
+    # it, SQLite's included: it is opened once, closed after the connections, never again.
+    def opened() -> int:
+        count = 0
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(FileNotFoundError):  # the listing's own descriptor
+                count += os.readlink(f"/proc/self/fd/{fd}").endswith(f"{DB_FILE}-shm")
+        return count
+
+    store = Store(tmp_path)
+    _insert(store, _event("evt_1"))
+    sqlite_own = opened()
+    assert store.wal_backlog() > 0
+    assert store.wal_backlog() > 0
+    assert opened() == sqlite_own + 1
+    store.close()
+    assert opened() == 0
+    assert store.wal_backlog() == 0
+    assert opened() == 0
 
 
 def test_a_transaction_now_on_a_full_store_writes_nothing_and_leaves_the_purge_to_a_thread(
