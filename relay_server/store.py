@@ -334,8 +334,8 @@ class Store:
 
     def wal_backlog(self) -> int:
         """Bytes of WAL frames not yet copied back into the database: what the next
-        checkpoint has to do. Read from the wal-index (one ``pread``, no lock: a torn
-        read only moves a checkpoint a commit earlier or later).
+        checkpoint has to do. Read from the wal-index (one ``pread``, without SQLite's locks:
+        a torn read only moves a checkpoint a commit earlier or later).
 
         Not the WAL file's size: SQLite writes the WAL over from its start once a
         checkpoint has emptied it, and keeps the file (up to ``WAL_KEPT_BYTES``), so a
