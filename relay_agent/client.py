@@ -6,8 +6,7 @@ measured with py-spy). Here a request head goes out as the bytes it was given, w
 in the same write when the whole body is already at hand, and the answer is parsed by
 llhttp (``httptools``, as uvicorn does), over pooled keep-alive connections that follow
 ``pool.py``'s rules (both loopbacks for ``localhost``, happy eyeballs, an idle connection
-closed after ``REUSE_IDLE`` or a second before the idle timeout the service advertises,
-a closed one found by a peek before anything is written on it).
+closed after ``REUSE_IDLE``, a closed one found by a peek before anything is written on it).
 WebSocket upgrades still go through aiohttp's ``ws_connect`` (``forward.py``).
 
 What it guarantees, as aiohttp's client did: header names and values byte for byte and in
@@ -38,7 +37,7 @@ import httptools
 
 from relay_protocol.heads import Headers
 
-from .pool import HAPPY_EYEBALLS_DELAY, REUSE_IDLE, addresses, closed_by_peer, reuse_window
+from .pool import HAPPY_EYEBALLS_DELAY, REUSE_IDLE, addresses, closed_by_peer
 from .target import Target
 
 #: Seconds to connect to the local service (every address, TLS included) before giving up.
@@ -129,10 +128,7 @@ class LocalConnection(asyncio.Protocol):
         self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        #: Seconds it may stay idle and still be reused (``pool.reuse_window``), and the
-        #: loop time until which it may, once pooled.
-        self.reuse_for = REUSE_IDLE
-        self.reuse_until = 0.0
+        self.idle_since = 0.0
         self._parser: httptools.HttpResponseParser | None = None
         self._headers: list[tuple[bytes, bytes]] = []
         self._head: asyncio.Future[tuple[int, Headers]] | None = None
@@ -218,10 +214,6 @@ class LocalConnection(asyncio.Protocol):
         self.keep_alive = status != 101 and self._parser.should_keep_alive()
         names = {name.lower() for name, _ in headers}
         self._eof_body = b"content-length" not in names and b"transfer-encoding" not in names
-        keep_alive = None
-        if b"keep-alive" in names:
-            keep_alive = next(value for name, value in headers if name.lower() == b"keep-alive")
-        self.reuse_for = reuse_window(keep_alive)
         if not self._head.done():
             self._head.set_result((status, headers))
         if self._head_only or status in (204, 304) or status == 101:
@@ -412,27 +404,21 @@ class LocalClient:
         if not connection.reusable():
             connection.close()
             return
-        connection.reuse_until = connection.loop.time() + connection.reuse_for
+        connection.idle_since = connection.loop.time()
         self._idle.setdefault(server_hostname, []).append(connection)
-        if self._sweep is None or connection.reuse_until < self._sweep.when():
-            self._sweep_at(connection.reuse_until)
-
-    def _sweep_at(self, when: float) -> None:
-        if self._sweep is not None:
-            self._sweep.cancel()
-        self._sweep = asyncio.get_running_loop().call_at(when, self._close_idle)
+        if self._sweep is None:
+            self._sweep = connection.loop.call_later(REUSE_IDLE, self._close_idle)
 
     def _close_idle(self) -> None:
-        """Close the connections past their reuse window: before the service closes them."""
+        """Close connections idle for ``REUSE_IDLE``: before the service closes them."""
         self._sweep = None
-        now = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         for connections in self._idle.values():
-            for connection in [c for c in connections if now >= c.reuse_until]:
-                connections.remove(connection)
-                connection.close()
-        deadlines = [c.reuse_until for connections in self._idle.values() for c in connections]
-        if deadlines:
-            self._sweep_at(min(deadlines))
+            while connections and now - connections[0].idle_since >= REUSE_IDLE:
+                connections.pop(0).close()
+        if any(self._idle.values()):
+            self._sweep = loop.call_later(REUSE_IDLE, self._close_idle)
 
     async def _connection(self, server_hostname: str | None) -> LocalConnection:
         idle = self._idle.get(server_hostname)
@@ -441,7 +427,7 @@ class LocalClient:
             connection = idle.pop()  # the most recently used: the least likely to be closed
             if (
                 connection.closed
-                or loop.time() >= connection.reuse_until
+                or loop.time() - connection.idle_since >= REUSE_IDLE
                 or closed_by_peer(connection.transport)
             ):
                 connection.close()

@@ -15,8 +15,6 @@ what a failed connect says.
   whether the service read it cannot be known. So the agent never keeps a connection
   idle for ``REUSE_IDLE`` seconds: it closes it first, before any common service would,
   and the next request opens a new one (on loopback, a fraction of a millisecond). A
-  service that advertises its idle timeout (``Keep-Alive: timeout=N``: Node, Apache) has
-  its connections kept up to a second less than that (``reuse_window``). A
   connection that carries steady traffic is reused as long as it lives. And before a
   pooled connection is handed to a request its socket is peeked: end of file, a reset, or
   bytes nobody asked for (a ``408`` before the close, a TLS alert) mean the service has
@@ -54,15 +52,6 @@ HAPPY_EYEBALLS_DELAY = 0.25
 #: the shortest idle timeouts of common servers (gunicorn's 2 s, Node's and uvicorn's 5 s)
 #: and of apps that set 1 s, so the agent closes an idle connection before they do.
 REUSE_IDLE = 0.5
-#: Seconds kept off the idle timeout a service advertises (``Keep-Alive: timeout=N``):
-#: its timer starts as it sends the answer, the agent's peek and write come a loop pass
-#: or two later, and a service's timer may fire early by its own tick.
-KEEP_ALIVE_MARGIN = 1.0
-#: Most seconds a connection is kept idle for reuse, whatever the service advertises:
-#: each one holds a descriptor here and a connection in the service.
-MAX_REUSE_IDLE = 60.0
-#: The ``timeout`` parameter of a Keep-Alive header value (``timeout=5, max=1000``).
-_KEEP_ALIVE_TIMEOUT = re.compile(rb"(?i)(?:^|[,;\s])timeout\s*=\s*\"?(\d{1,9})")
 #: First byte of a TLS handshake record: a session ticket a TLS 1.3 server may send after
 #: the handshake is no sign that the connection was closed (RFC 8446 5.1, content type 22).
 _TLS_HANDSHAKE = 0x16
@@ -113,21 +102,6 @@ async def addresses(host: str, port: int) -> list[tuple[str, int]]:
     except ValueError:
         return [(r["host"], r["port"]) for r in await LocalResolver().resolve(host, port)]
     return [(host, port)]
-
-
-def reuse_window(keep_alive: bytes | None) -> float:
-    """Seconds a connection may stay idle and still be reused after an answer whose
-    ``Keep-Alive`` header value was ``keep_alive`` (None: the answer had none).
-
-    A service that says how long it keeps an idle connection (Node and Apache send
-    ``Keep-Alive: timeout=5``; the header is RFC 2068 section 19.7.1.1's, described by
-    MDN) is taken at its word, less ``KEEP_ALIVE_MARGIN``, within ``REUSE_IDLE`` and
-    ``MAX_REUSE_IDLE``: webhooks a few seconds apart then find a warm connection instead
-    of opening one each. Any other service gets ``REUSE_IDLE``."""
-    match = _KEEP_ALIVE_TIMEOUT.search(keep_alive) if keep_alive else None
-    if match is None:
-        return REUSE_IDLE
-    return min(max(int(match[1]) - KEEP_ALIVE_MARGIN, REUSE_IDLE), MAX_REUSE_IDLE)
 
 
 def closed_by_peer(transport: asyncio.BaseTransport | None) -> bool:

@@ -20,9 +20,7 @@ from relay_agent.client import ConnectFailed, LocalClient, request_head
 from relay_agent.config import AgentConfig
 from relay_agent.forward import server_name
 from relay_agent.pool import (
-    KEEP_ALIVE_MARGIN,
     LOOPBACK,
-    MAX_REUSE_IDLE,
     REUSE_IDLE,
     LocalConnector,
     LocalResolver,
@@ -31,7 +29,6 @@ from relay_agent.pool import (
     connector,
     explain_connect_failure,
     is_localhost,
-    reuse_window,
 )
 from relay_agent.target import Target
 
@@ -191,31 +188,6 @@ async def test_the_pool_never_hands_out_a_connection_its_service_closed() -> Non
 
 def test_idle_connections_are_closed_before_common_services_close_them() -> None:
     assert REUSE_IDLE < 1.0  # below apps that set 1 s, gunicorn's 2 s, Node's 5 s
-
-
-@pytest.mark.parametrize(
-    ("keep_alive", "window"),
-    [
-        (None, REUSE_IDLE),  # no Keep-Alive header: the default
-        (b"timeout=5", 5 - KEEP_ALIVE_MARGIN),  # Node's
-        (b"timeout=5, max=100", 5 - KEEP_ALIVE_MARGIN),  # Apache's
-        (b"max=100, Timeout = 15", 15 - KEEP_ALIVE_MARGIN),
-        (b'timeout="8"', 8 - KEEP_ALIVE_MARGIN),
-        (b"timeout=1", REUSE_IDLE),  # never longer than the default would keep it less
-        (b"timeout=0", REUSE_IDLE),
-        (b"timeout=86400", MAX_REUSE_IDLE),  # bounded
-        (b"timeout=99999999999", MAX_REUSE_IDLE),
-        (b"max=100", REUSE_IDLE),
-        (b"timeout=-5", REUSE_IDLE),
-        (b"timeout=abc", REUSE_IDLE),
-        (b"keeptimeout=50", REUSE_IDLE),
-        (b"", REUSE_IDLE),
-    ],
-)
-def test_a_service_advertising_its_idle_timeout_keeps_its_connections_a_second_less(
-    keep_alive: bytes | None, window: float
-) -> None:
-    assert reuse_window(keep_alive) == window
 
 
 async def test_a_new_connection_tries_the_address_reached_last_first(monkeypatch: pytest.MonkeyPatch) -> None:
