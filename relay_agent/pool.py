@@ -15,7 +15,12 @@ what a failed connect says.
   whether the service read it cannot be known. So the agent never keeps a connection
   idle for ``REUSE_IDLE`` seconds: it closes it first, before any common service would,
   and the next request opens a new one (on loopback, a fraction of a millisecond). A
-  connection that carries steady traffic is reused as long as it lives. And before a
+  connection that carries steady traffic is reused as long as it lives. The idle timeout a
+  service advertises (``Keep-Alive: timeout=5``: Node, Apache) is not followed, on
+  purpose: kept that long, a connection can be written to just as the service's timer is
+  due, and a service stalled then (a breakpoint, a long handler) closes it unread on
+  resuming: a live webhook lost (502) for a gain of under a millisecond per webhook
+  (tried, docs/performance.md). A new connection waits in the listen queue instead. And before a
   pooled connection is handed to a request its socket is peeked: end of file, a reset, or
   bytes nobody asked for (a ``408`` before the close, a TLS alert) mean the service has
   closed it, and the next pooled one or a new connection is taken instead; nothing was
