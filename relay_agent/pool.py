@@ -20,11 +20,11 @@ what a failed connect says.
   purpose: kept that long, a connection can be written to just as the service's timer is
   due, and a service stalled then (a breakpoint, a long handler) closes it unread on
   resuming: a live webhook lost (502) for a gain of under a millisecond per webhook
-  (tried, docs/performance.md). A new connection waits in the listen queue instead. And before a
-  pooled connection is handed to a request its socket is peeked: end of file, a reset, or
-  bytes nobody asked for (a ``408`` before the close, a TLS alert) mean the service has
-  closed it, and the next pooled one or a new connection is taken instead; nothing was
-  written on it, so nothing can reach the service twice.
+  (tried, docs/performance.md). A new connection waits in the listen queue instead.
+  And before a pooled connection is handed to a request its socket is peeked: end of
+  file, a reset, or bytes nobody asked for (a ``408`` before the close, a TLS alert) mean
+  the service has closed it, and the next pooled one or a new connection is taken
+  instead; nothing was written on it, so nothing can reach the service twice.
 - **TLS.** The local hop is the user's own machine: by default the local service's
   certificate is not verified (as ngrok does for local upstreams: dev servers use
   self-signed and dev-CA certificates), and ``connect`` says so once; ``--forward-ca FILE``
