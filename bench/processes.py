@@ -348,6 +348,44 @@ async def start_target(processes: Processes, http: aiohttp.ClientSession, prefer
     return target
 
 
+@dataclass
+class Floor:
+    """``bench.floor``: the least a Python relay does, as a server and its agent."""
+
+    port: int
+    server: Child
+    agent: Child
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def children(self) -> list[Child]:
+        return [self.server, self.agent]
+
+
+async def start_floor(processes: Processes, http: aiohttp.ClientSession, target: Target) -> Floor:
+    """The floor relay's server and agent, ready when a request reaches the target through them."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+
+    def answering(*statuses: int) -> Callable[[], Awaitable[bool]]:
+        async def check() -> bool:
+            async with http.get(f"{base}/healthz") as resp:
+                return resp.status in statuses
+
+        return check
+
+    server = processes.start("floor-server", [sys.executable, "-m", "bench.floor", "server", str(port)])
+    # 503 until its agent is connected
+    await wait_until(answering(200, 503), "the floor relay's server", processes, [server])
+    argv = [sys.executable, "-m", "bench.floor", "agent", str(port), str(target.port)]
+    floor = Floor(port, server, processes.start("floor-agent", argv))
+    await wait_until(answering(200), "the floor relay's agent", processes, floor.children)
+    return floor
+
+
 # -- relay-server and relay-agent ------------------------------------------------------------
 
 

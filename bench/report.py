@@ -217,13 +217,14 @@ def _small_lines(small: dict[str, Any]) -> list[str]:
             "agent",
             "app",
             "q/live",
+            "/floor",
             "loadgen CPU",
         ]
     ]
     for p in small["points"]:
-        for name in ("direct", "live", "bare", "queue"):
+        for name in ("direct", "live", "bare", "floor", "queue"):
             if name not in p:
-                continue  # a run from before the bare tunnel
+                continue  # a run from before the bare tunnel or the floor
             f = p[name]
             cpu = f["cpu_ms_per_request"]
             rows.append(
@@ -243,11 +244,16 @@ def _small_lines(small: dict[str, Any]) -> list[str]:
                     _ms(cpu, "agent"),
                     _ms(cpu, "target"),
                     _x(f.get("vs_live")),
+                    _x(f.get("vs_floor")),
                     _gen(f["generator_cpu_share"]),
                 ]
             )
     out += _table(rows)
     out.append("  bare: the live tunnel's agent run with --no-inspect (nothing recorded)")
+    out.append(
+        "  floor: bench.floor, the least a Python relay does on the relay's stack (its own server"
+        " and agent); /floor: req/s over the floor's"
+    )
     points = small["points"]
     lost = sum(p["queue"]["lost"] for p in points)
     undrained = [str(p["concurrency"]) for p in points if p["queue"]["drained_s"] is None]

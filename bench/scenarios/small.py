@@ -1,12 +1,14 @@
-"""Small webhooks: 1 KB JSON POSTs at each concurrency, direct, live tunnel, queue tunnel.
+"""Small webhooks: 1 KB JSON POSTs at each concurrency, direct, live tunnel, queue tunnel,
+and the floor.
 
 One relay-server, three ``relay-agent connect`` processes forwarding to the target:
 ``bench-live`` (``--mode live``), ``bench-bare`` (``--mode live --no-inspect``: nothing
 recorded, what the inspector costs is the difference) and ``bench-queue`` (no ``--mode``:
-the default, queue, with the tunnel's default delivery concurrency). At each concurrency,
-in turn and back to back (so the baseline sees the same machine load): straight to the
-target, through the live tunnel and the bare one (taking turns going first), the queue
-tunnel. A queue tunnel answers 200 when the app answered the first (inline) attempt, 202
+the default, queue, with the tunnel's default delivery concurrency); and ``bench.floor``,
+the least a Python relay does (its own server and agent). At each concurrency, in turn and
+back to back (so the baseline sees the same machine load): straight to the target, through
+the live tunnel and the bare one (taking turns going first), the floor, the queue tunnel.
+A queue tunnel answers 200 when the app answered the first (inline) attempt, 202
 when it stored the webhook for later; both are accepted webhooks and count in req/s, and
 202s are counted apart. After each queue point the
 bench waits for the stored events to reach the app, so they do not load the next point,
@@ -25,6 +27,7 @@ from ..processes import (
     Child,
     create_token,
     start_agent,
+    start_floor,
     start_server,
     wait_drained,
     wait_for_agents,
@@ -39,7 +42,7 @@ PATH = "/hook"
 
 def budget(config: BenchConfig) -> float:
     per_point = config.warmup + config.duration + 2 * GRACE
-    return 2 * READY_TIMEOUT + len(config.concurrency) * (4 * per_point + DRAIN_TIMEOUT)
+    return 4 * READY_TIMEOUT + len(config.concurrency) * (5 * per_point + DRAIN_TIMEOUT)
 
 
 async def run(ctx: Context) -> dict[str, Any]:
@@ -55,20 +58,25 @@ async def run(ctx: Context) -> dict[str, Any]:
         queue = start_agent(procs, server, token, target, [QUEUE], extra=cfg.agent_args)
         started += [live, bare, queue]
         await wait_for_agents(procs, ctx.http, server, [LIVE, BARE, QUEUE], [live, bare, queue])
+        floor = await start_floor(procs, ctx.http, target)
+        started += floor.children
         body = payload(cfg.small_body)
-        paths = [
-            ("direct", target.url(""), target.forward, None),
-            ("live", server.base, server.host(LIVE), live),
-            ("bare", server.base, server.host(BARE), bare),
-            ("queue", server.base, server.host(QUEUE), queue),
+        relay = {"server": server.pid}
+        # (name, base URL, Host, the processes whose CPU is measured besides the target's)
+        paths: list[tuple[str, str, str, dict[str, int]]] = [
+            ("direct", target.url(""), target.forward, {}),
+            ("live", server.base, server.host(LIVE), relay | {"agent": live.pid}),
+            ("bare", server.base, server.host(BARE), relay | {"agent": bare.pid}),
+            ("floor", floor.base, target.forward, {"server": floor.server.pid, "agent": floor.agent.pid}),
+            ("queue", server.base, server.host(QUEUE), relay | {"agent": queue.pid}),
         ]
         points: list[dict[str, Any]] = []
         for index, concurrency in enumerate(cfg.concurrency):
             row: dict[str, Any] = {"concurrency": concurrency}
             # live and bare take turns going first: whichever follows another point runs
             # on a machine in a slightly different state, and their difference is small.
-            order = paths if index % 2 == 0 else [paths[0], paths[2], paths[1], paths[3]]
-            for name, base, host, agent in order:
+            order = paths if index % 2 == 0 else [paths[0], paths[2], paths[1], *paths[3:]]
+            for name, base, host, relay_pids in order:
                 label = f"small-{name}-c{concurrency}"
                 load = Load(base, PATH, (host,), body, concurrency)
                 events_before = await target.events(ctx.http)
@@ -76,10 +84,7 @@ async def run(ctx: Context) -> dict[str, Any]:
                 if cfg.warmup >= 1:
                     warm = await http_load(procs, ctx.generator, label + "-warmup", load, cfg.warmup)
                     accepted += warm.ok
-                pids = {"target": target.child.pid}
-                if agent is not None:
-                    pids |= {"server": server.pid, "agent": agent.pid}
-                meter = CpuMeter(pids)
+                meter = CpuMeter({"target": target.child.pid, **relay_pids})
                 meter.start()
                 result = await http_load(procs, ctx.generator, label, load, cfg.duration)
                 cpu = meter.stop()
@@ -102,6 +107,8 @@ async def run(ctx: Context) -> dict[str, Any]:
                     figures["lost"] = max(0, accepted - delivered)
                 row[name] = figures
                 ctx.say(_line(concurrency, name, figures))
+            for name in ("live", "bare"):
+                row[name]["vs_floor"] = ratio(row[name]["rps"], row["floor"]["rps"])
             points.append(row)
         return {
             "body_bytes": len(body),

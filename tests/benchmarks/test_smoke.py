@@ -40,11 +40,13 @@ def test_smoke_run_measures_every_scenario_and_writes_json(tmp_path: Path) -> No
     small = doc["small"]
     assert [p["concurrency"] for p in small["points"]] == [1, 16]
     for p in small["points"]:
-        for path in ("direct", "live", "bare", "queue"):
+        for path in ("direct", "live", "bare", "floor", "queue"):
             assert p[path]["requests"] > 0, (path, p[path])
-        for path in ("live", "bare", "queue"):
+        for path in ("live", "bare", "floor", "queue"):
             assert p[path]["ratio"] is not None
             assert set(p[path]["cpu_ms_per_request"]) == {"server", "agent", "target"}
+        assert p["floor"]["errors"] == 0, p["floor"]
+        assert p["live"]["vs_floor"] is not None and p["bare"]["vs_floor"] is not None
         assert p["queue"]["lost"] == 0, p["queue"]
 
     large = doc["large"]
