@@ -25,6 +25,7 @@ import click
 import jwt
 
 from relay_protocol import RelayError, RequestHead, Welcome
+from relay_protocol.limits import HEARTBEAT_INTERVAL, MAX_HEARTBEAT_INTERVAL, MIN_HEARTBEAT_INTERVAL
 
 from . import api_client
 from .config import DEFAULT_SERVER, AgentConfig, load_login, save_login, token_user
@@ -168,6 +169,15 @@ def main() -> None:
     help="No inspector, and nothing recorded (wins over --inspect).",
 )
 @click.option(
+    "--heartbeat-interval",
+    envvar="RELAY_HEARTBEAT_INTERVAL",
+    default=HEARTBEAT_INTERVAL,
+    type=click.FloatRange(min=MIN_HEARTBEAT_INTERVAL, max=MAX_HEARTBEAT_INTERVAL),
+    show_envvar=True,
+    help="Seconds between PINGs to the server; one silent, or not reading, for three of them"
+    " is left and connected to again.",
+)
+@click.option(
     "--log-level",
     envvar="RELAY_LOG_LEVEL",
     default="warning",
@@ -189,6 +199,7 @@ def connect_command(
     forward_verify: bool,
     inspect_at: str | None,
     no_inspect: bool,
+    heartbeat_interval: float,
     log_level: str,
 ) -> None:
     """Connect to the relay server and forward its requests to a local service."""
@@ -230,6 +241,7 @@ def connect_command(
         label=label,
         tls=tls,
         forward_tls=forward_tls,
+        heartbeat_interval=heartbeat_interval,
     )
     try:
         config.agent_url  # noqa: B018 - validates the server URL before connecting

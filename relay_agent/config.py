@@ -12,6 +12,8 @@ from typing import Any
 import click
 import jwt
 
+from relay_protocol.limits import HEARTBEAT_INTERVAL
+
 from .errors import AgentConfigError
 from .target import Target
 
@@ -32,6 +34,9 @@ class AgentConfig:
     tls: ssl.SSLContext = field(default_factory=ssl.create_default_context)
     #: Checks an https:// target's certificate (``tls.forward_context``); False: not checked.
     forward_tls: ssl.SSLContext | bool = False
+    #: Seconds between PINGs to the server (``--heartbeat-interval``); a server silent,
+    #: or not reading, for three of them is left and connected to again.
+    heartbeat_interval: float = HEARTBEAT_INTERVAL
 
     @property
     def agent_url(self) -> str:

@@ -4,12 +4,12 @@ A thin shell around ``relay_protocol.Engine``, which owns everything that is
 not I/O (stream states, credit, cutting bodies into DATA frames, the outgoing
 buffer, PING answers, the heartbeat decision, the error state). Here: a read
 loop feeding websocket messages to the engine, one writer task sending its
-``outgoing()`` frames, each websocket send bounded by ``SEND_TIMEOUT``, a
+``outgoing()`` frames, each websocket send bounded by the engine's ``timeout``, a
 heartbeat task, and asyncio events for credit and room (RESPONSE and DATA wait
 while ``SEND_HIGH_WATER`` bytes are queued; control frames never do). A server
-that stops reading is aborted ``SEND_TIMEOUT`` after the oldest frame it has
-not taken was queued, even if it keeps sending, and the agent reconnects as
-after any network failure.
+that stops reading is aborted ``timeout`` seconds (``SEND_TIMEOUT``, 30 s, at the
+default ``--heartbeat-interval``) after the oldest frame it has not taken was queued,
+even if it keeps sending, and the agent reconnects as after any network failure.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from relay_protocol.frames import (
     RESET_INTERNAL,
     RESET_TARGET_UNREACHABLE,
 )
-from relay_protocol.limits import HEARTBEAT_TIMEOUT, MAX_FRAME_SIZE, SEND_TIMEOUT
+from relay_protocol.limits import MAX_FRAME_SIZE
 
 from .backoff import backoff, should_retry
 from .client import LocalClient
@@ -151,7 +151,9 @@ class _Session:
     def __init__(self, ws: ClientConnection, tunnel: Tunnel) -> None:
         self.ws = ws
         self.tunnel = tunnel
-        self.engine = Engine(Role.AGENT, time.monotonic())
+        self.engine = Engine(
+            Role.AGENT, time.monotonic(), heartbeat_interval=tunnel.config.heartbeat_interval
+        )
         self.streams: dict[int, AgentStream] = {}
         self.closed = False
         self.features: tuple[str, ...] = ()  # what the server listed in WELCOME
@@ -276,7 +278,7 @@ class _Session:
             self._mark_closed("connection closed")
 
     async def _write(self) -> None:
-        """The one task that sends on the websocket, one frame at a time, each within SEND_TIMEOUT."""
+        """The one task that sends on the websocket, one frame at a time, each within ``timeout``."""
         engine = self.engine
         try:
             while not self.closed:
@@ -285,13 +287,13 @@ class _Session:
                     self._ready.clear()
                     await self._ready.wait()
                     continue
-                async with asyncio.timeout(SEND_TIMEOUT):
+                async with asyncio.timeout(engine.timeout):
                     await self.ws.send(data)
                 engine.sent()
                 if engine.has_room:
                     self._room.set()
         except TimeoutError:
-            self._abort(f"a frame waited {SEND_TIMEOUT:g}s to be sent: the server does not read")
+            self._abort(f"a frame waited {self.engine.timeout:g}s to be sent: the server does not read")
         except ConnectionClosed:
             self._mark_closed("connection closed")  # the read loop sees it too and reports it
         except Exception:
@@ -373,10 +375,10 @@ class _Session:
         while not self.closed:
             beat = self.engine.heartbeat(time.monotonic())
             if beat.stuck:
-                self._abort(f"a frame waited {SEND_TIMEOUT:g}s to be sent: the server does not read")
+                self._abort(f"a frame waited {self.engine.timeout:g}s to be sent: the server does not read")
                 return
             if beat.dead:
-                self._abort(f"no frame from the server for {HEARTBEAT_TIMEOUT:g}s")
+                self._abort(f"no frame from the server for {self.engine.timeout:g}s")
                 return
             if beat.ping:
                 self._ready.set()

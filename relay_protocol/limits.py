@@ -63,18 +63,28 @@ MAX_STREAM_ID = 2**32 - 1
 #: Tunnels one agent connection may ask for in HELLO.
 MAX_TUNNELS_PER_AGENT = 16
 
-#: Seconds between heartbeats (PING) from either side when nothing else flows.
+#: Seconds between heartbeats (PING) from either side when nothing else flows: the
+#: default of ``--heartbeat-interval`` (ngrok's agent and frp also ping every 10 s by
+#: default), far under the idle timeouts of NATs and proxies (60 s and up).
 HEARTBEAT_INTERVAL = 10.0
+#: The range ``--heartbeat-interval`` accepts. Each side times out on its own PINGs'
+#: answers, so the two sides need not agree. Under 1 s a busy link's queueing could
+#: pass for death; over 60 s some NATs forget an idle connection in between.
+MIN_HEARTBEAT_INTERVAL = 1.0
+MAX_HEARTBEAT_INTERVAL = 60.0
 
-#: Seconds of silence after which a side declares the connection dead. Three
-#: missed heartbeats: a half-open connection is noticed within 30 s.
-HEARTBEAT_TIMEOUT = 3 * HEARTBEAT_INTERVAL
+#: Heartbeats missed before a side declares the connection dead.
+HEARTBEAT_MISSES = 3
+#: Seconds of silence after which a side declares the connection dead: a half-open
+#: connection is noticed within 30 s at the default interval.
+HEARTBEAT_TIMEOUT = HEARTBEAT_MISSES * HEARTBEAT_INTERVAL
 
 #: Seconds one websocket send may wait for the peer to take its bytes, and
 #: seconds the oldest frame queued for sending may wait. Like the heartbeat's
-#: silence limit: a peer that reads nothing for that long is as dead as one
-#: that says nothing. Past it the connection is aborted (a close handshake
-#: cannot complete with a peer that does not read). Not part of the wire format.
+#: silence limit (and it follows ``--heartbeat-interval`` as that does): a peer
+#: that reads nothing for that long is as dead as one that says nothing. Past it
+#: the connection is aborted (a close handshake cannot complete with a peer that
+#: does not read). Not part of the wire format.
 SEND_TIMEOUT = HEARTBEAT_TIMEOUT
 
 #: Bytes queued for sending on one connection above which DATA, OPEN and

@@ -18,6 +18,7 @@ from relay_protocol.frames import (
     FEATURE_TARGET_UP,
 )
 from relay_protocol.limits import (
+    HEARTBEAT_INTERVAL,
     INITIAL_WINDOW,
     MAX_CONCURRENT_STREAMS,
     MAX_DATA_SIZE,
@@ -54,8 +55,10 @@ class AgentEndpoint:
         deliveries: Deliveries,
         inflight: InFlight,
         trusted_proxies: tuple[Network, ...] = (),
+        heartbeat_interval: float = HEARTBEAT_INTERVAL,
     ):
         self.inflight = inflight
+        self.heartbeat_interval = heartbeat_interval
         self.trusted_proxies = trusted_proxies
         self.secret = secret
         self.store = store
@@ -109,7 +112,9 @@ class AgentEndpoint:
         if not ws.can_prepare(request).ok:
             return relay_error("bad-request", "this endpoint takes a websocket upgrade from relay-agent")
         await ws.prepare(request)
-        session = AgentSession(ws, "", [], transport=request.transport)
+        session = AgentSession(
+            ws, "", [], transport=request.transport, heartbeat_interval=self.heartbeat_interval
+        )
         session.remote = peer = client_of(request, self.trusted_proxies)
         try:
             claims = await asyncio.to_thread(self._authenticate, request.headers.get("Authorization"))

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, TypeVar
 import click
 
 from relay_protocol import RelayError
+from relay_protocol.limits import HEARTBEAT_INTERVAL, MAX_HEARTBEAT_INTERVAL, MIN_HEARTBEAT_INTERVAL
 
 # Only what every command needs is imported here: aiohttp and the server's modules load
 # when `serve` or `status` runs, so `relay-server token create` starts in a third of the time.
@@ -121,6 +122,14 @@ def main() -> None:
     type=click.FloatRange(min=0.1),
     show_envvar=True,
     help="Seconds a started response, websocket or event stream may stay silent before it is closed.",
+)
+@click.option(
+    "--heartbeat-interval",
+    envvar="RELAY_HEARTBEAT_INTERVAL",
+    default=HEARTBEAT_INTERVAL,
+    type=click.FloatRange(min=MIN_HEARTBEAT_INTERVAL, max=MAX_HEARTBEAT_INTERVAL),
+    show_envvar=True,
+    help="Seconds between PINGs to each agent; one silent, or not reading, for three of them is dropped.",
 )
 @click.option(
     "--queue-max-body",
@@ -302,6 +311,7 @@ def serve_command(
     dev: bool,
     timeout: float,
     idle_timeout: float,
+    heartbeat_interval: float,
     queue_max_body: int,
     quota_events: int,
     quota_bytes: int,
@@ -345,6 +355,7 @@ def serve_command(
         dev=dev,
         timeout=timeout,
         idle_timeout=idle_timeout,
+        heartbeat_interval=heartbeat_interval,
         queue=_queue_config(
             queue_max_body,
             quota_events,

@@ -9,6 +9,8 @@ import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from relay_protocol.limits import HEARTBEAT_INTERVAL
+
 from .retry import RetryPolicy
 
 #: Seconds a connection may take to send a complete request head (from its opening, or,
@@ -75,6 +77,9 @@ class ServerConfig:
     timeout: float = DEFAULT_TIMEOUT
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    #: Seconds between PINGs to each agent (``--heartbeat-interval``); an agent silent,
+    #: or not reading, for three of them is dropped.
+    heartbeat_interval: float = HEARTBEAT_INTERVAL
     queue: QueueConfig = field(default_factory=QueueConfig)
     #: Cap on the store's size (bytes); None: the disk is the limit.
     store_max_bytes: int | None = None

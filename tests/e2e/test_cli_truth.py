@@ -178,6 +178,26 @@ def test_serve_duration_errors_from_the_environment_name_their_option(
     assert option in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("value", ["0.5", "61", "ten"])
+@pytest.mark.parametrize("command", ["serve", "connect"])
+def test_a_heartbeat_interval_out_of_range_is_a_usage_error(relay: Relay, command: str, value: str) -> None:
+    if command == "serve":
+        argv = [str(RELAY_SERVER), "serve", "--port", str(free_port()), "--data-dir", str(relay.new_dir("d"))]
+    else:
+        argv = [str(RELAY_AGENT), "connect", "--forward", "8080", "--token", "x", "--no-inspect"]
+    result = subprocess.run(
+        [*argv, "--heartbeat-interval", value],
+        env=relay.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "--heartbeat-interval" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_token_create_says_on_stderr_that_it_creates_a_secret(relay: Relay) -> None:
     server = relay.server(start=False)
     first = server.cli("token", "create", "alice")

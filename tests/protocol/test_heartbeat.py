@@ -92,3 +92,21 @@ def test_silence_is_still_dead_without_stuck() -> None:
     beat = Heartbeat(now=0.0)
     step = beat.check(HEARTBEAT_TIMEOUT)
     assert (step.dead, step.stuck) == (True, False)
+
+
+def test_another_interval_scales_pings_silence_and_stuck_sends_alike() -> None:
+    # --heartbeat-interval 2: a PING every 2 s, dead after 6 s of silence, or when a frame
+    # has waited 6 s to be sent (three intervals, as at the default of 10 s).
+    beat = Heartbeat(now=0.0, interval=2.0)
+    assert beat.timeout == 6.0
+    first = beat.check(0.0)
+    assert (first.ping, first.wait) == (False, 2.0)
+    assert beat.check(2.0).ping
+    now = 2.0
+    while not (step := beat.check(now)).dead:
+        now += step.wait
+    assert now == 6.0 and not step.stuck
+    queued = Heartbeat(now=0.0, interval=2.0)
+    queued.seen(5.9)
+    step = queued.check(6.0, oldest_send=0.0)
+    assert (step.dead, step.stuck) == (True, True)
