@@ -64,8 +64,9 @@ MAX_STREAM_ID = 2**32 - 1
 MAX_TUNNELS_PER_AGENT = 16
 
 #: Seconds between heartbeats (PING) from either side when nothing else flows: the
-#: default of ``--heartbeat-interval`` (ngrok's agent and frp also ping every 10 s by
-#: default), far under the idle timeouts of NATs and proxies (60 s and up).
+#: default of ``--heartbeat-interval``, as ngrok's agent's ``heartbeat_interval``
+#: (ngrok.com/docs/ngrok-agent/config; frp's interval has been configurable since
+#: v0.9.2 too), far under the idle timeouts of NATs and proxies (60 s and up).
 HEARTBEAT_INTERVAL = 10.0
 #: The range ``--heartbeat-interval`` accepts. Each side times out on its own PINGs'
 #: answers, so the two sides need not agree. Under 1 s a busy link's queueing could
