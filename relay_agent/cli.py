@@ -26,6 +26,7 @@ import jwt
 
 from relay_protocol import RelayError, RequestHead, Welcome
 from relay_protocol.limits import HEARTBEAT_INTERVAL, MAX_HEARTBEAT_INTERVAL, MIN_HEARTBEAT_INTERVAL
+from relay_web.options import Seconds
 
 from . import api_client
 from .config import DEFAULT_SERVER, AgentConfig, load_login, save_login, token_user
@@ -172,7 +173,7 @@ def main() -> None:
     "--heartbeat-interval",
     envvar="RELAY_HEARTBEAT_INTERVAL",
     default=HEARTBEAT_INTERVAL,
-    type=click.FloatRange(min=MIN_HEARTBEAT_INTERVAL, max=MAX_HEARTBEAT_INTERVAL),
+    type=Seconds(min=MIN_HEARTBEAT_INTERVAL, max=MAX_HEARTBEAT_INTERVAL),
     show_envvar=True,
     help="Seconds between PINGs to the server; one silent, or not reading, for three of them"
     " is left and connected to again.",

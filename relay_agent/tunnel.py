@@ -4,12 +4,12 @@ A thin shell around ``relay_protocol.Engine``, which owns everything that is
 not I/O (stream states, credit, cutting bodies into DATA frames, the outgoing
 buffer, PING answers, the heartbeat decision, the error state). Here: a read
 loop feeding websocket messages to the engine, one writer task sending its
-``outgoing()`` frames, each websocket send bounded by the engine's ``timeout``, a
+``outgoing()`` frames, each websocket send bounded by ``SEND_TIMEOUT``, a
 heartbeat task, and asyncio events for credit and room (RESPONSE and DATA wait
 while ``SEND_HIGH_WATER`` bytes are queued; control frames never do). A server
-that stops reading is aborted ``timeout`` seconds (``SEND_TIMEOUT``, 30 s, at the
-default ``--heartbeat-interval``) after the oldest frame it has not taken was queued,
-even if it keeps sending, and the agent reconnects as after any network failure.
+that stops reading is aborted ``SEND_TIMEOUT`` after the oldest frame it has
+not taken was queued, even if it keeps sending, and the agent reconnects as
+after any network failure.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from relay_protocol.frames import (
     RESET_INTERNAL,
     RESET_TARGET_UNREACHABLE,
 )
-from relay_protocol.limits import MAX_FRAME_SIZE
+from relay_protocol.limits import MAX_FRAME_SIZE, SEND_TIMEOUT
 
 from .backoff import backoff, should_retry
 from .client import LocalClient
@@ -278,7 +278,7 @@ class _Session:
             self._mark_closed("connection closed")
 
     async def _write(self) -> None:
-        """The one task that sends on the websocket, one frame at a time, each within ``timeout``."""
+        """The one task that sends on the websocket, one frame at a time, each within SEND_TIMEOUT."""
         engine = self.engine
         try:
             while not self.closed:
@@ -287,13 +287,13 @@ class _Session:
                     self._ready.clear()
                     await self._ready.wait()
                     continue
-                async with asyncio.timeout(engine.timeout):
+                async with asyncio.timeout(SEND_TIMEOUT):
                     await self.ws.send(data)
                 engine.sent()
                 if engine.has_room:
                     self._room.set()
         except TimeoutError:
-            self._abort(f"a frame waited {self.engine.timeout:g}s to be sent: the server does not read")
+            self._abort(f"a frame waited {SEND_TIMEOUT:g}s to be sent: the server does not read")
         except ConnectionClosed:
             self._mark_closed("connection closed")  # the read loop sees it too and reports it
         except Exception:
@@ -375,10 +375,10 @@ class _Session:
         while not self.closed:
             beat = self.engine.heartbeat(time.monotonic())
             if beat.stuck:
-                self._abort(f"a frame waited {self.engine.timeout:g}s to be sent: the server does not read")
+                self._abort(f"a frame waited {SEND_TIMEOUT:g}s to be sent: the server does not read")
                 return
             if beat.dead:
-                self._abort(f"no frame from the server for {self.engine.timeout:g}s")
+                self._abort(f"no frame from the server for {self.engine.silence_timeout:g}s")
                 return
             if beat.ping:
                 self._ready.set()
@@ -488,7 +488,7 @@ class Tunnel:
                     )
             if problem is not None:
                 raise problem from exc  # configuration, not the network: never retried
-            self._offline(f"cannot connect to {self.config.server}: {exc or type(exc).__name__}")
+            self._offline(f"cannot connect to {self.config.server}: {str(exc) or type(exc).__name__}")
             return False
         session = _Session(ws, self)
         welcomed = False
@@ -506,7 +506,7 @@ class Tunnel:
             code = exc.rcvd.code if exc.rcvd else None
             reason = exc.rcvd.reason if exc.rcvd else str(exc)
         except (ProtocolError, TimeoutError, OSError) as exc:
-            self._offline(f"connection failed: {exc or type(exc).__name__}")
+            self._offline(f"connection failed: {str(exc) or type(exc).__name__}")
             await ws.close(CLOSE_PROTOCOL_ERROR if isinstance(exc, ProtocolError) else CLOSE_NORMAL)
             return welcomed
         finally:

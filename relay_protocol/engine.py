@@ -20,7 +20,7 @@ out, and owns the rules in between, once, for both sides:
 
 The shell around it (``relay_server/session.py``, ``relay_agent/tunnel.py``)
 is a read loop that calls ``receive``, one writer task that sends ``outgoing()``
-and calls ``sent()``, each send bounded by ``timeout``, a task that calls
+and calls ``sent()``, each send bounded by ``SEND_TIMEOUT``, a task that calls
 ``heartbeat`` when told to, and asyncio events to wait for credit (a WINDOW
 returned by ``receive``) and for room (``has_room``). The caller passes the
 clock (``now``) to every call that queues or receives: this module reads no
@@ -54,7 +54,14 @@ from .frames import (
 )
 from .heads import RequestHead, ResponseHead
 from .heartbeat import Beat, Heartbeat
-from .limits import HEARTBEAT_INTERVAL, MAX_CONCURRENT_STREAMS, MAX_DATA_SIZE, MAX_FRAME_SIZE, SEND_HIGH_WATER
+from .limits import (
+    HEARTBEAT_INTERVAL,
+    MAX_CONCURRENT_STREAMS,
+    MAX_DATA_SIZE,
+    MAX_FRAME_SIZE,
+    SEND_HIGH_WATER,
+    SEND_TIMEOUT,
+)
 
 _PONG = Pong.TYPE
 
@@ -62,7 +69,8 @@ _PONG = Pong.TYPE
 class Engine:
     """One side (``role``) of one agent connection, without I/O. ``now``: the caller's
     clock. ``heartbeat_interval``: seconds between PINGs; the peer is dead after
-    ``timeout`` seconds (three intervals) of silence, or of a frame waiting to be sent."""
+    ``silence_timeout`` seconds (three intervals) without a frame from it, or when a
+    frame has waited ``SEND_TIMEOUT`` to be sent (``heartbeat.Heartbeat``)."""
 
     def __init__(
         self,
@@ -77,9 +85,9 @@ class Engine:
         self.high_water = high_water
         self._conn = Connection(role, max_streams=max_streams)
         self._heartbeat = Heartbeat(now, heartbeat_interval)
-        #: Seconds of silence, or of a frame waiting to be sent, that end the connection
-        #: (``limits.HEARTBEAT_TIMEOUT`` and ``SEND_TIMEOUT`` at the default interval).
-        self.timeout = self._heartbeat.timeout
+        #: Seconds of silence from the peer that end the connection (``HEARTBEAT_TIMEOUT``
+        #: at the default interval), counted while nothing of ours waits to be sent.
+        self.silence_timeout = self._heartbeat.silence_timeout
         # Encoded frames not yet taken by the transport, and when each was queued.
         self._frames: collections.deque[tuple[bytes, float]] = collections.deque()
         #: Hand several frames over as one BATCH message: set once both peers listed
@@ -329,7 +337,7 @@ class Engine:
             return Beat(dead=True, ping=False, wait=0.0)
         beat = self._heartbeat.check(now, self.oldest_queued())
         if beat.stuck:
-            self.fail(f"a frame waited {self.timeout:g}s to be sent: the peer does not read")
+            self.fail(f"a frame waited {SEND_TIMEOUT:g}s to be sent: the peer does not read")
         elif beat.dead:
             self.fail("heartbeat timeout: nothing received")
         elif beat.ping:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .limits import HEARTBEAT_INTERVAL, HEARTBEAT_MISSES
+from .limits import HEARTBEAT_INTERVAL, HEARTBEAT_MISSES, SEND_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -12,7 +12,7 @@ class Beat:
     dead: bool  # drop the connection
     ping: bool  # send a PING now
     wait: float  # seconds until the next check
-    # Dead because a send waited the timeout: the peer does not read, so abort
+    # Dead because a send waited SEND_TIMEOUT: the peer does not read, so abort
     # the transport (a close handshake could not complete).
     stuck: bool = False
 
@@ -20,18 +20,20 @@ class Beat:
 class Heartbeat:
     """Tracks the last frame received and the next PING due on one connection.
 
-    A PING goes out every ``interval`` seconds of quiet; ``timeout`` (``HEARTBEAT_MISSES``
-    intervals, 30 s by default: ``limits.HEARTBEAT_TIMEOUT``) is both how long the peer
-    may stay silent and how long a frame may wait to be sent (``limits.SEND_TIMEOUT``).
-    Checks run at the next PING or the next deadline, whichever is first, so a
-    silent peer is noticed exactly ``timeout`` after its last frame, and a peer
-    that stops reading exactly ``timeout`` after the oldest frame still waiting
-    to be sent was queued, however many frames it sends.
+    A PING goes out every ``interval`` seconds while nothing of ours waits to be sent.
+    The peer is dead when ``silence_timeout`` seconds (``HEARTBEAT_MISSES`` intervals:
+    ``HEARTBEAT_TIMEOUT``, 30 s, at the default interval) pass without a frame from it,
+    or when a frame of ours has waited ``SEND_TIMEOUT`` (30 s, whatever the interval) to
+    be sent: it does not read. While frames of ours wait, the send deadline alone
+    decides and silence is not counted (its clock starts again once they are sent): a
+    slow link can hold them longer than a short interval, and with our PINGs held back
+    the peer has nothing to answer. Checks run at the next PING or the next deadline,
+    whichever is first, so each death is noticed exactly at its deadline.
     """
 
     def __init__(self, now: float, interval: float = HEARTBEAT_INTERVAL) -> None:
         self.interval = interval
-        self.timeout = HEARTBEAT_MISSES * interval
+        self.silence_timeout = HEARTBEAT_MISSES * interval
         self.last_seen = now
         self._next_ping = now + interval
 
@@ -46,15 +48,16 @@ class Heartbeat:
         While something waits to be sent no PING is due: one would only queue
         behind it, and the frame on its way already tells the peer we live.
         """
-        deadline = self.last_seen + self.timeout
-        if now >= deadline:
-            return Beat(dead=True, ping=False, wait=0.0)
+        due = now >= self._next_ping
+        if due:
+            self._next_ping = now + self.interval
         if oldest_send is not None:
-            send_deadline = oldest_send + self.timeout
+            send_deadline = oldest_send + SEND_TIMEOUT
             if now >= send_deadline:
                 return Beat(dead=True, ping=False, wait=0.0, stuck=True)
-            deadline = min(deadline, send_deadline)
-        ping = now >= self._next_ping and oldest_send is None
-        if now >= self._next_ping:
-            self._next_ping = now + self.interval
-        return Beat(dead=False, ping=ping, wait=min(self._next_ping, deadline) - now)
+            self.last_seen = max(self.last_seen, now)
+            return Beat(dead=False, ping=False, wait=min(self._next_ping, send_deadline) - now)
+        deadline = self.last_seen + self.silence_timeout
+        if now >= deadline:
+            return Beat(dead=True, ping=False, wait=0.0)
+        return Beat(dead=False, ping=due, wait=min(self._next_ping, deadline) - now)

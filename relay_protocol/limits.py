@@ -68,10 +68,14 @@ MAX_TUNNELS_PER_AGENT = 16
 #: (ngrok.com/docs/ngrok-agent/config; frp's interval has been configurable since
 #: v0.9.2 too), far under the idle timeouts of NATs and proxies (60 s and up).
 HEARTBEAT_INTERVAL = 10.0
-#: The range ``--heartbeat-interval`` accepts. Each side times out on its own PINGs'
-#: answers, so the two sides need not agree. Under 1 s a busy link's queueing could
-#: pass for death; over 60 s some NATs forget an idle connection in between.
-MIN_HEARTBEAT_INTERVAL = 1.0
+#: The range ``--heartbeat-interval`` accepts. Each side times out on the answers to
+#: its own PINGs, and counts no silence while frames of its own wait to be sent, so the
+#: two sides need not agree. At least 5 s, so at least 15 s of silence (ngrok's default
+#: ``heartbeat_tolerance``): a PING sent behind a slow link's backlog (the socket
+#: buffers, beyond the frames this side still holds) comes back only once the backlog
+#: is through, and a 1 s interval took a 40 KB/s link busy with two uploads for dead
+#: (found by a review). Over 60 s some NATs forget an idle connection in between.
+MIN_HEARTBEAT_INTERVAL = 5.0
 MAX_HEARTBEAT_INTERVAL = 60.0
 
 #: Heartbeats missed before a side declares the connection dead.
@@ -81,11 +85,13 @@ HEARTBEAT_MISSES = 3
 HEARTBEAT_TIMEOUT = HEARTBEAT_MISSES * HEARTBEAT_INTERVAL
 
 #: Seconds one websocket send may wait for the peer to take its bytes, and
-#: seconds the oldest frame queued for sending may wait. Like the heartbeat's
-#: silence limit (and it follows ``--heartbeat-interval`` as that does): a peer
-#: that reads nothing for that long is as dead as one that says nothing. Past it
-#: the connection is aborted (a close handshake cannot complete with a peer that
-#: does not read). Not part of the wire format.
+#: seconds the oldest frame queued for sending may wait: a peer that reads nothing
+#: for that long is as dead as one that says nothing at the default heartbeat. Past
+#: it the connection is aborted (a close handshake cannot complete with a peer that
+#: does not read). It does not follow ``--heartbeat-interval``: it is how long a slow
+#: link may take to drain the frames queued for it (``SEND_HIGH_WATER`` and the
+#: socket buffers: 30 s is about 10 KB/s), not a matter of noticing a dead peer sooner.
+#: Not part of the wire format.
 SEND_TIMEOUT = HEARTBEAT_TIMEOUT
 
 #: Bytes queued for sending on one connection above which DATA, OPEN and

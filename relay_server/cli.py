@@ -22,6 +22,7 @@ import click
 
 from relay_protocol import RelayError
 from relay_protocol.limits import HEARTBEAT_INTERVAL, MAX_HEARTBEAT_INTERVAL, MIN_HEARTBEAT_INTERVAL
+from relay_web.options import Seconds
 
 # Only what every command needs is imported here: aiohttp and the server's modules load
 # when `serve` or `status` runs, so `relay-server token create` starts in a third of the time.
@@ -111,7 +112,7 @@ def main() -> None:
     "--timeout",
     envvar="RELAY_TIMEOUT",
     default=DEFAULT_TIMEOUT,
-    type=click.FloatRange(min=0.1),
+    type=Seconds(min=0.1),
     show_envvar=True,
     help="Seconds to wait for the local service's response before 504.",
 )
@@ -119,7 +120,7 @@ def main() -> None:
     "--idle-timeout",
     envvar="RELAY_IDLE_TIMEOUT",
     default=DEFAULT_IDLE_TIMEOUT,
-    type=click.FloatRange(min=0.1),
+    type=Seconds(min=0.1),
     show_envvar=True,
     help="Seconds a started response, websocket or event stream may stay silent before it is closed.",
 )
@@ -127,7 +128,7 @@ def main() -> None:
     "--heartbeat-interval",
     envvar="RELAY_HEARTBEAT_INTERVAL",
     default=HEARTBEAT_INTERVAL,
-    type=click.FloatRange(min=MIN_HEARTBEAT_INTERVAL, max=MAX_HEARTBEAT_INTERVAL),
+    type=Seconds(min=MIN_HEARTBEAT_INTERVAL, max=MAX_HEARTBEAT_INTERVAL),
     show_envvar=True,
     help="Seconds between PINGs to each agent; one silent, or not reading, for three of them is dropped.",
 )
@@ -167,7 +168,7 @@ def main() -> None:
     "--body-timeout",
     envvar="RELAY_BODY_TIMEOUT",
     default=QueueConfig.body_timeout,
-    type=click.FloatRange(min=0.1),
+    type=Seconds(min=0.1),
     show_envvar=True,
     help="Seconds a webhook's whole body may take to arrive; a slower sender gets 408.",
 )
@@ -237,7 +238,7 @@ def main() -> None:
     "--head-timeout",
     envvar="RELAY_HEAD_TIMEOUT",
     default=DEFAULT_HEAD_TIMEOUT,
-    type=click.FloatRange(min=0.1),
+    type=Seconds(min=0.1),
     show_envvar=True,
     help="Seconds a connection may take to send a complete request head before it is closed.",
 )

@@ -7,14 +7,13 @@ outgoing buffer, PING answers, the heartbeat decision, the error state). Here:
 - one read loop feeds each websocket message to the engine and hands what it
   returns to the ``Stream`` the ingress is waiting on;
 - one writer task sends the engine's ``outgoing()`` frames, oldest first, each
-  websocket send bounded by the engine's ``timeout`` (``SEND_TIMEOUT``, 30 s, at the
-  default ``--heartbeat-interval``); nothing else waits on the socket;
+  websocket send bounded by ``SEND_TIMEOUT``; nothing else waits on the socket;
 - a heartbeat task asks the engine what to do at each deadline;
 - asyncio events wake callers waiting for credit (a WINDOW arrived) or room
   (the buffer fell below ``SEND_HIGH_WATER``: OPEN and DATA wait, control
   frames never do).
 
-An agent that stops reading is aborted ``timeout`` seconds after the oldest frame
+An agent that stops reading is aborted ``SEND_TIMEOUT`` after the oldest frame
 it has not taken was queued (by the writer, or by the heartbeat if the agent
 keeps talking).
 """
@@ -54,7 +53,7 @@ from relay_protocol.frames import (
     FEATURE_BATCH,
     RESET_CANCEL,
 )
-from relay_protocol.limits import HEARTBEAT_INTERVAL
+from relay_protocol.limits import HEARTBEAT_INTERVAL, SEND_TIMEOUT
 
 log = logging.getLogger("relay.server")
 
@@ -178,12 +177,12 @@ class AgentSession:
         return frame
 
     async def welcome(self, frame: Welcome) -> None:
-        """Send WELCOME (before ``run``: nothing else is sending yet), within the engine's ``timeout``."""
+        """Send WELCOME (before ``run``: nothing else is sending yet), within ``SEND_TIMEOUT``."""
         self._engine.send(frame, self._loop.time())
         data = self._engine.outgoing()
         assert data is not None
         try:
-            async with asyncio.timeout(self._engine.timeout):
+            async with asyncio.timeout(SEND_TIMEOUT):
                 await self.ws.send_bytes(data)
         except TimeoutError:
             self._abort("the agent does not read: WELCOME not taken")
@@ -275,7 +274,7 @@ class AgentSession:
             await self._room.wait()
 
     async def _write(self) -> None:
-        """The one task that sends on the websocket, one frame at a time, each within ``timeout``."""
+        """The one task that sends on the websocket, one frame at a time, each within SEND_TIMEOUT."""
         engine = self._engine
         try:
             while not self.closed:
@@ -284,13 +283,13 @@ class AgentSession:
                     self._ready.clear()
                     await self._ready.wait()
                     continue
-                async with asyncio.timeout(engine.timeout):
+                async with asyncio.timeout(SEND_TIMEOUT):
                     await self.ws.send_bytes(data)
                 engine.sent()
                 if engine.has_room:
                     self._room.set()
         except TimeoutError:
-            self._abort(f"a frame waited {self._engine.timeout:g}s to be sent: the agent does not read")
+            self._abort(f"a frame waited {SEND_TIMEOUT:g}s to be sent: the agent does not read")
         except (ConnectionError, RuntimeError) as exc:  # closed under us
             log.debug("session %s: send failed: %s", self.id, exc)
             self._mark_closed("agent disconnected")
@@ -351,11 +350,12 @@ class AgentSession:
         while not self.closed:
             beat = self._engine.heartbeat(self._loop.time())
             if beat.stuck:
-                self._abort(f"a frame waited {self._engine.timeout:g}s to be sent: the agent does not read")
+                self._abort(f"a frame waited {SEND_TIMEOUT:g}s to be sent: the agent does not read")
                 return
             if beat.dead:
                 if not self.closed:
-                    log.warning("session %s: no frame for %gs, dropping it", self.id, self._engine.timeout)
+                    silent = self._engine.silence_timeout
+                    log.warning("session %s of %s: no frame for %gs, dropping it", self.id, self.user, silent)
                     await self.close(CLOSE_HEARTBEAT, "heartbeat timeout")
                 return
             if beat.ping:

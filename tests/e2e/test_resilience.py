@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import signal
+import socket
 
 import aiohttp
 import pytest
 
-from .framework import REQUEST_LINE, Relay, Reply, Tunnel, fetch, free_port, through, until
+from .framework import FORWARDING, REQUEST_LINE, Relay, Reply, Tunnel, fetch, free_port, through, until
 
 FORMS = ["subdomain", "path"]
 
@@ -199,13 +201,13 @@ async def test_a_stale_connection_does_not_hold_the_name(relay: Relay, http: aio
     assert reply.json()["target"] == "fresh"
 
 
-@pytest.mark.slow(8)
+@pytest.mark.slow(18)
 async def test_a_frozen_server_is_noticed_within_the_heartbeat_timeout(
     relay: Relay, http: aiohttp.ClientSession
 ) -> None:
     # A half-open connection: the server's process is frozen, its socket stays open. The
-    # agent pings every second (the default is 10 s: the same rule, a test ten times shorter).
-    tunnel = relay.tunnel(agent_extra=("--heartbeat-interval", "1"))
+    # agent pings every 5 s, the shortest interval (the default is 10 s: the same rule).
+    tunnel = relay.tunnel(agent_extra=("--heartbeat-interval", "5"))
     assert await serves(http, tunnel, "path")
     assert tunnel.server.process is not None
     tunnel.server.process.send(signal.SIGSTOP)
@@ -214,8 +216,99 @@ async def test_a_frozen_server_is_noticed_within_the_heartbeat_timeout(
         # never closes the socket. That this happens exactly three intervals after the last
         # frame is the pure schedule's to prove, on a fake clock (tests/protocol/test_heartbeat.py);
         # a wall-clock bound here would depend on the machine's load.
-        await tunnel.agent.process.line(r"no frame from the server for 3s", stream="stderr", timeout=60)
+        await tunnel.agent.process.line(r"no frame from the server for 15s", stream="stderr", timeout=60)
     finally:
         tunnel.server.process.send(signal.SIGCONT)
     # And it reconnects by itself once the server answers again.
     assert await until(lambda: serves(http, tunnel, "path"), 60, "the agent to reconnect")
+
+
+class SlowLink:
+    """A TCP proxy on 127.0.0.1 in front of ``upstream`` that carries each direction of
+    each connection at ``rate`` bytes a second, with small socket buffers: a slow link
+    (a poor mobile connection) that holds little in flight."""
+
+    CHUNK = 4096
+    BUFFER = 16 * 1024
+
+    def __init__(self, upstream: int, rate: float) -> None:
+        self.upstream, self.rate, self.port = upstream, rate, 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0, limit=self.CHUNK)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    def _small(self, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            sock.setsockopt(socket.SOL_SOCKET, option, self.BUFFER)
+        writer.transport.set_write_buffer_limits(self.CHUNK)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream, limit=self.CHUNK)
+        for end in (writer, up_writer):
+            self._small(end)
+        pipes = [
+            asyncio.create_task(self._pipe(reader, up_writer)),
+            asyncio.create_task(self._pipe(up_reader, writer)),
+        ]
+        self._tasks.update(pipes)
+        try:
+            await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in pipes:
+                task.cancel()
+                self._tasks.discard(task)
+            for end in (writer, up_writer):
+                end.transport.abort()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        started, carried = loop.time(), 0
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await reader.read(self.CHUNK):
+                carried += len(data)
+                # Sleep until the link would have carried this much at its rate.
+                await asyncio.sleep(max(0.0, started + carried / self.rate - loop.time()))
+                writer.write(data)
+                await writer.drain()
+
+
+@pytest.mark.slow(10)
+async def test_a_slow_link_under_the_shortest_heartbeat_is_not_taken_for_a_dead_agent(
+    relay: Relay, http: aiohttp.ClientSession
+) -> None:
+    # The server pings every 5 s (the shortest interval), the agent every 10 s (the sides
+    # need not agree), and two uploads keep a 40 KB/s link busy for seconds on end: the
+    # server holds its PINGs back while its frames wait, its PINGs then wait behind the
+    # backlog in the socket buffers, and the agent, busy receiving, has no reason to
+    # talk. At 1 s (no longer accepted) the server dropped the agent and both got 503.
+    server = relay.server("--heartbeat-interval", "5")
+    token = server.token("alice")
+    target = relay.target("alice")
+    link = SlowLink(server.port, rate=40_000)
+    await link.start()
+    try:
+        slow = f"http://127.0.0.1:{link.port}"
+        # Not waited for inside: the link runs on this test's event loop.
+        agent = relay.agent(
+            server, token, target.forward, ready=False, extra=("--mode", "live"), server_url=slow
+        )
+        await agent.process.line(FORWARDING.pattern, count=2)
+        body = b"u" * 150_000
+        url, host = server.url("/t/alice/digest"), server.apex
+        replies = await asyncio.gather(*(fetch(http, "POST", url, host, body=body) for _ in range(2)))
+        assert [r.status for r in replies] == [200] * 2, [(r.status, r.relay_error) for r in replies]
+        assert all(r.json()["length"] == len(body) for r in replies)
+        assert server.process is not None
+        assert "dropping it" not in server.process.stderr
+    finally:
+        await link.close()

@@ -257,6 +257,8 @@ def test_a_silent_peer_is_dead_and_the_engine_then_refuses_use() -> None:
     agent.receive(encode(Ping(b"")), now=HEARTBEAT_TIMEOUT - 1)  # a sign of life from the server
     drain(agent, server, now=HEARTBEAT_TIMEOUT - 1)
     assert not server.heartbeat(HEARTBEAT_TIMEOUT).dead  # the PONG just came
+    assert server.outgoing() is not None  # the PING then due leaves; no answer ever comes
+    server.sent()
     beat = server.heartbeat(2 * HEARTBEAT_TIMEOUT)
     assert beat.dead and not beat.stuck
     assert server.error is not None and "heartbeat" in server.error

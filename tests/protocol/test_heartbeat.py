@@ -94,19 +94,40 @@ def test_silence_is_still_dead_without_stuck() -> None:
     assert (step.dead, step.stuck) == (True, False)
 
 
-def test_another_interval_scales_pings_silence_and_stuck_sends_alike() -> None:
-    # --heartbeat-interval 2: a PING every 2 s, dead after 6 s of silence, or when a frame
-    # has waited 6 s to be sent (three intervals, as at the default of 10 s).
-    beat = Heartbeat(now=0.0, interval=2.0)
-    assert beat.timeout == 6.0
+def test_another_interval_scales_pings_and_silence_but_not_the_send_timeout() -> None:
+    # --heartbeat-interval 5: a PING every 5 s and dead after 15 s of silence, but a frame
+    # may still wait SEND_TIMEOUT to be sent: how long a slow link takes to drain what is
+    # queued for it does not change with the interval.
+    beat = Heartbeat(now=0.0, interval=5.0)
+    assert beat.silence_timeout == 15.0
     first = beat.check(0.0)
-    assert (first.ping, first.wait) == (False, 2.0)
-    assert beat.check(2.0).ping
-    now = 2.0
+    assert (first.ping, first.wait) == (False, 5.0)
+    assert beat.check(5.0).ping
+    now = 5.0
     while not (step := beat.check(now)).dead:
         now += step.wait
-    assert now == 6.0 and not step.stuck
-    queued = Heartbeat(now=0.0, interval=2.0)
-    queued.seen(5.9)
-    step = queued.check(6.0, oldest_send=0.0)
-    assert (step.dead, step.stuck) == (True, True)
+    assert now == 15.0 and not step.stuck
+    queued = Heartbeat(now=0.0, interval=5.0)
+    now = 1.0
+    while not (step := queued.check(now, oldest_send=1.0)).dead:
+        now += step.wait
+    assert step.stuck and now == 1.0 + SEND_TIMEOUT
+
+
+def test_silence_is_not_counted_while_frames_wait_to_be_sent() -> None:
+    # A slow link: our frames wait for 40 s (each taken before SEND_TIMEOUT), the peer says
+    # nothing all along (no PING of ours reached it to answer). Not dead: before, a silent
+    # peer was dead three intervals after its last frame even then (found by a review:
+    # a short interval took a busy slow link for a dead one).
+    beat = Heartbeat(now=0.0, interval=5.0)
+    now = 0.0
+    while now < 40.0:
+        step = beat.check(now, oldest_send=now - 10.0)
+        assert not step.dead and not step.ping, now
+        now += step.wait
+    # The queue empties at 40 s: the silence clock runs again from the last check.
+    step = beat.check(now)
+    assert not step.dead and step.ping
+    while not (step := beat.check(now)).dead:
+        now += step.wait
+    assert not step.stuck and 40.0 + 10.0 <= now <= 40.0 + 15.0
