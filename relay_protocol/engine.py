@@ -100,6 +100,8 @@ class Engine:
         #: Bytes of the frames in the outgoing buffer.
         self.buffered = 0
         self._pong_owed = False  # a PONG waits in the buffer: a new PING is not answered
+        #: Frames received so far, whatever they carried (a BATCH counts its frames).
+        self.frames_received = 0
         # The first frame received must be the handshake: HELLO on the server, WELCOME on the agent.
         self._greeted = False
         self._greeting: type[Frame] = Hello if role is Role.SERVER else Welcome
@@ -216,6 +218,7 @@ class Engine:
         its error state: close with 1002) or ``ConnectionFailed``.
         """
         self._heartbeat.seen(now)
+        self.frames_received += 1
         try:
             frame = self._conn.receive(message)
             if not self._greeted:

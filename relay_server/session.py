@@ -55,6 +55,8 @@ from relay_protocol.frames import (
 )
 from relay_protocol.limits import HEARTBEAT_INTERVAL, SEND_TIMEOUT
 
+from .budget import MAX_FRAMES_PER_SECOND, FrameBudget
+
 log = logging.getLogger("relay.server")
 
 
@@ -151,6 +153,7 @@ class AgentSession:
         self._ready = asyncio.Event()  # the engine may have frames to send
         self._room = asyncio.Event()  # the engine's buffer fell below its high-water mark
         self._room.set()
+        self._throttled = False  # read more slowly once for being over its frame budget
 
     @property
     def can_open_now(self) -> bool:
@@ -302,11 +305,13 @@ class AgentSession:
         writer = asyncio.create_task(self._write())
         heartbeat = asyncio.create_task(self._heartbeat())
         engine = self._engine
+        budget = FrameBudget(self._loop.time())
         try:
             async for msg in self.ws:
                 if msg.type is not WSMsgType.BINARY:
                     await self.close(CLOSE_UNSUPPORTED, "only binary frames are accepted")
                     break
+                counted = engine.frames_received
                 try:
                     frames = engine.receive_all(msg.data, self._loop.time())
                 except ProtocolError as exc:
@@ -319,10 +324,23 @@ class AgentSession:
                     self._dispatch(frame)
                 if engine.buffered:
                     self._ready.set()  # a PONG
+                if pause := budget.spend(engine.frames_received - counted, self._loop.time()):
+                    self._over_budget()
+                    await asyncio.sleep(pause)
         finally:
             heartbeat.cancel()
             writer.cancel()
             self._mark_closed("agent disconnected")
+
+    def _over_budget(self) -> None:
+        if not self._throttled:  # once per connection: a flooder would flood the log too
+            self._throttled = True
+            log.warning(
+                "session %s of %s: over %d frames a second; reading it more slowly",
+                self.id,
+                self.user,
+                MAX_FRAMES_PER_SECOND,
+            )
 
     def _dispatch(self, frame: object) -> None:
         if isinstance(frame, TargetUp):

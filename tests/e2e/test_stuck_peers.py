@@ -21,6 +21,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
 from relay_protocol import PROTOCOL_VERSION, Hello, Open, Ping, RequestHead, Welcome, decode, encode
+from relay_protocol.frames import encode_batch
 
 from .framework import RELAY_AGENT, Relay, RelayServer, Reply, TargetService, fetch, until
 
@@ -203,3 +204,59 @@ async def test_an_agent_drops_a_server_that_stops_reading_and_reconnects(relay: 
         await agent.line(
             r"a frame waited 30s to be sent: the server does not read: reconnecting", stream="stderr"
         )
+
+
+# -- a peer that sends too much: frames that carry nothing, as fast as it can ----------------
+
+#: PINGs per BATCH message of the flooding agent, and its messages: 120,000 frames, six
+#: seconds of the server's budget (MAX_FRAMES_PER_SECOND), sent as fast as the kernel takes
+#: them (about 1.5 MB).
+FLOOD_BATCH = 6000
+FLOOD_MESSAGES = 20
+
+
+@pytest.mark.slow(10)
+async def test_an_agent_flooding_frames_is_read_more_slowly_and_slows_no_one_else(relay: Relay) -> None:
+    # Found by a review: BATCH messages of 6,000 PINGs (400,000 frames a second) from one
+    # token holder took the server's core, and another tenant's requests went from 3 ms to
+    # a second. The flooder is now read at its budget: it slows down itself, is not cut off,
+    # and the other tenant is answered throughout (every request, counted, not timed).
+    server = relay.server()
+    bob = relay.tunnel(server=server, user="bob", agent_extra=("--mode", "live"))
+    ws = await connect(
+        f"ws://{server.apex}/_relay/agent",
+        host="127.0.0.1",
+        port=server.port,
+        additional_headers={"Authorization": f"Bearer {server.token('alice')}"},
+        ping_interval=None,
+        compression=None,
+    )
+    hello = Hello(PROTOCOL_VERSION, ({"name": "alice"},), "flooding-agent", features=("batch",))
+    await ws.send(encode(hello))
+    assert isinstance(decode(await ws.recv()), Welcome)  # type: ignore[arg-type]
+
+    async def drain() -> None:  # it reads what it is sent (PONGs): only its sending is hostile
+        with contextlib.suppress(Exception):
+            async for _ in ws:
+                pass
+
+    reader = asyncio.create_task(drain())
+    flood = encode_batch([encode(Ping(b""))] * FLOOD_BATCH)
+    try:
+        for _ in range(FLOOD_MESSAGES):
+            await ws.send(flood)
+        url, headers = bob.url("path", "/during-the-flood")
+        async with aiohttp_client() as http:
+            replies = [await fetch(http, "GET", url, headers["Host"]) for _ in range(20)]
+        assert [r.status for r in replies] == [200] * 20
+        assert server.process is not None
+        await server.process.line(
+            r"session \w+ of alice: over 20000 frames a second; reading it more slowly", stream="stderr"
+        )
+        assert "of bob: over" not in server.process.stderr
+        assert ws.close_code is None  # slowed down, not cut off
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+        ws.transport.abort()

@@ -1,0 +1,38 @@
+"""How fast the server reads one agent's frames: a token bucket per agent connection.
+
+Every frame costs the server's one event loop its decoding, whatever the frame carries,
+and an agent holding a valid token could send frames that carry nothing (PINGs, frames
+for streams already gone) as fast as its link allows: a review measured BATCH messages of
+6,000 PINGs, about 400,000 frames a second, taking the server's core and slowing every
+other tenant's requests from 3 ms to a second. An agent over its budget is read more
+slowly (the websocket is not read until the budget refills, and TCP backpressure does
+the rest): it slows down itself, never anyone else, and nothing is dropped.
+"""
+
+from __future__ import annotations
+
+#: Frames one agent connection may have read per second, on average: about twice what
+#: the bench's busiest live tunnel sends (3,500 requests a second, about three frames
+#: each), and a twentieth of what the server's core decodes.
+MAX_FRAMES_PER_SECOND = 20_000
+#: Frames read at full speed before the rate applies: a burst of a second's worth.
+FRAME_BURST = MAX_FRAMES_PER_SECOND
+
+
+class FrameBudget:
+    """A token bucket of frames: ``rate`` a second, at most ``burst`` saved up.
+
+    ``now`` is the caller's clock (seconds); the bucket starts full."""
+
+    def __init__(self, now: float, rate: float = MAX_FRAMES_PER_SECOND, burst: float = FRAME_BURST) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = burst
+        self._at = now
+
+    def spend(self, frames: int, now: float) -> float:
+        """Take ``frames`` just read at ``now``; returns the seconds to wait before reading
+        again (0.0 within the budget)."""
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate) - frames
+        self._at = now
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
