@@ -171,6 +171,11 @@ class Dispatcher:
         cursor = 0
         started_in_pass = 0
         while True:
+            # Cleared before anything is looked at, never when going to sleep: a wake-up that
+            # comes while this pass reads the store (a webhook committed just after its
+            # snapshot) then ends the sleep at once instead of being lost (found by a flaky
+            # test under load: the webhook waited for the next one).
+            self._wake.clear()
             # While outcomes cannot be written, attempt nothing new: each would be sent
             # again once the store is back, as a double.
             await deliveries.recording_ok.wait()
@@ -251,8 +256,7 @@ class Dispatcher:
         await self._sleep(next_at)
 
     async def _sleep(self, until: float | None) -> None:
-        """Wait until ``until`` (None: until woken), or until woken."""
-        self._wake.clear()
+        """Wait until ``until`` (None: until woken), or until woken since this pass began."""
         timeout = None if until is None else max(0.0, until - time.time())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)

@@ -426,6 +426,41 @@ async def test_a_sender_who_leaves_while_its_webhook_is_committed_still_has_it_d
     await agent.close()
 
 
+async def test_a_webhook_committed_while_the_idle_dispatcher_reads_the_store_is_not_missed(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The dispatcher cleared its wake-up flag only when it went to sleep: a webhook stored
+    # and its wake-up given while the dispatcher's last look at the store (a snapshot from
+    # before that commit) was still running, was then slept through, until some later
+    # webhook woke it. Found as a rare flake of the test above under load; here the look
+    # is held open on purpose. Fan-out, so no inline attempt delivers it instead.
+    token = _token(client, tmp_path)
+    await _settings(client, token, destinations=["agent:laptop"])
+    agent = await _connect(client, tmp_path, auto=200, label="laptop")
+    assert (await _post(client))[0] in (200, 202)
+    await _until(lambda: len(agent.seen) == 1, "the first webhook to reach the app")
+    await _until(lambda: _statuses_of(client, token, set(agent.seen), "delivered"), "the first delivery")
+
+    looking, look_may_end = threading.Event(), threading.Event()
+    real_next_due_at = Store.next_due_at
+
+    def held_next_due_at(self: Store, tunnel: str, destination: str) -> float | None:
+        answer = real_next_due_at(self, tunnel, destination)  # the snapshot: nothing waits
+        if answer is None and not look_may_end.is_set():
+            looking.set()
+            look_may_end.wait(WAIT)
+        return answer
+
+    monkeypatch.setattr(Store, "next_due_at", held_next_due_at)
+    dispatcher = _deliveries(client).dispatcher("alice", "agent:laptop")
+    dispatcher.wake()  # one more idle pass, which now stops inside its look
+    await asyncio.wait_for(asyncio.to_thread(looking.wait, WAIT), WAIT)
+    assert (await _post(client, b'{"n":2}'))[0] == 202  # committed, its dispatcher woken
+    look_may_end.set()  # the look ends with its answer from before the commit
+    await _until(lambda: len(agent.seen) == 2, "the second webhook to reach the app")
+    await agent.close()
+
+
 @pytest.mark.parametrize("order", ["webhook first", "recount first"])
 async def test_a_recount_committed_with_a_webhook_counts_it_once(
     client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, order: str
