@@ -26,6 +26,7 @@ from relay_protocol.limits import (
 )
 
 from . import tokens
+from .budget import FrameBudget
 from .config import Network
 from .connections import client_of
 from .delivery import Deliveries
@@ -59,6 +60,9 @@ class AgentEndpoint:
     ):
         self.inflight = inflight
         self.heartbeat_interval = heartbeat_interval
+        #: Each user's frame budget (``budget.FrameBudget``), by user: one small object per
+        #: user that ever connected, kept, so that reconnecting buys no fresh burst.
+        self._budgets: dict[str, FrameBudget] = {}
         self.trusted_proxies = trusted_proxies
         self.secret = secret
         self.store = store
@@ -150,6 +154,8 @@ class AgentEndpoint:
             return ws
         session.user, session.names = claims.user, names
         session.label = hello.label if is_valid_label(hello.label) else ""
+        # One frame budget per user, shared by its connections and kept when they close.
+        session.budget = self._budgets.setdefault(claims.user, session.budget)
         await session.welcome(
             Welcome(
                 PROTOCOL_VERSION,

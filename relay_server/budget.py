@@ -1,4 +1,6 @@
-"""How fast the server reads one agent's frames: a token bucket per agent connection.
+"""How fast the server reads an agent's frames: one token bucket per user, shared by all of
+that user's agent connections (and kept when they close, so neither many connections nor
+reconnecting buys a fresh burst).
 
 Every frame costs the server's one event loop its decoding, whatever the frame carries,
 and an agent holding a valid token could send frames that carry nothing (PINGs, frames
@@ -11,9 +13,9 @@ the rest): it slows down itself, never anyone else, and nothing is dropped.
 
 from __future__ import annotations
 
-#: Frames one agent connection may have read per second, on average: about twice what
-#: the bench's busiest live tunnel sends (3,500 requests a second, about three frames
-#: each), and a twentieth of what the server's core decodes.
+#: Frames one user's agent connections may have read per second, on average, together:
+#: about twice what the bench's busiest live tunnel sends (3,500 requests a second, about
+#: three frames each), and a twentieth of what the server's core decodes.
 MAX_FRAMES_PER_SECOND = 20_000
 #: Frames read at full speed before the rate applies: a burst of a second's worth.
 FRAME_BURST = MAX_FRAMES_PER_SECOND
@@ -35,4 +37,9 @@ class FrameBudget:
         again (0.0 within the budget)."""
         self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate) - frames
         self._at = now
-        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+        return self.due(now)
+
+    def due(self, now: float) -> float:
+        """Seconds from ``now`` until the budget is no longer overdrawn (0.0: read now)."""
+        tokens = self._tokens + (now - self._at) * self.rate
+        return 0.0 if tokens >= 0 else -tokens / self.rate

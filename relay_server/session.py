@@ -133,6 +133,7 @@ class AgentSession:
         *,
         transport: asyncio.Transport | None = None,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
+        budget: FrameBudget | None = None,
     ) -> None:
         self.ws = ws
         self.user = user
@@ -154,6 +155,8 @@ class AgentSession:
         self._room = asyncio.Event()  # the engine's buffer fell below its high-water mark
         self._room.set()
         self._throttled = False  # read more slowly once for being over its frame budget
+        #: The frames its user's connections may be read at (``budget``), shared by them.
+        self.budget = budget or FrameBudget(self._loop.time())
 
     @property
     def can_open_now(self) -> bool:
@@ -305,12 +308,17 @@ class AgentSession:
         writer = asyncio.create_task(self._write())
         heartbeat = asyncio.create_task(self._heartbeat())
         engine = self._engine
-        budget = FrameBudget(self._loop.time())
+        budget = self.budget
         try:
             async for msg in self.ws:
                 if msg.type is not WSMsgType.BINARY:
                     await self.close(CLOSE_UNSUPPORTED, "only binary frames are accepted")
                     break
+                # Over budget (this connection or another of its user's): wait before this
+                # message is decoded, so the user's connections together get their rate.
+                if pause := budget.due(self._loop.time()):
+                    self._over_budget()
+                    await asyncio.sleep(pause)
                 counted = engine.frames_received
                 try:
                     frames = engine.receive_all(msg.data, self._loop.time())
@@ -324,9 +332,7 @@ class AgentSession:
                     self._dispatch(frame)
                 if engine.buffered:
                     self._ready.set()  # a PONG
-                if pause := budget.spend(engine.frames_received - counted, self._loop.time()):
-                    self._over_budget()
-                    await asyncio.sleep(pause)
+                budget.spend(engine.frames_received - counted, self._loop.time())
         finally:
             heartbeat.cancel()
             writer.cancel()

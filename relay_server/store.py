@@ -122,6 +122,11 @@ _PENDING_TOTALS = (
 #: ``dead_reason`` of the events waiting on a name when an admin released it: kept for
 #: their owner to read and replay, never delivered to the name's next owner.
 NAME_RELEASED = "name released"
+#: Attempts kept in one delivery's history, the newest: five times the default retry
+#: schedule. Attempts that spend no step of it (an early pass after TARGET_UP, or an agent
+#: arriving) have no other bound until ``--max-age``: a review saw one agent's flood of
+#: TARGET_UPs add 300-500 rows a second and fill the store for every tenant.
+MAX_ATTEMPTS_KEPT = 50
 #: Finished events deleted per round when the store is full, oldest first, so that a
 #: new webhook is refused only once nothing finished is left to make room.
 PRESSURE_PURGE = 500
@@ -719,6 +724,11 @@ class Store:
                         delivery.last_error,
                     ),
                 )
+                if delivery.attempts > MAX_ATTEMPTS_KEPT:
+                    db.execute(
+                        "DELETE FROM attempts WHERE event_seq = ? AND destination = ? AND attempt <= ?",
+                        (delivery.event_seq, delivery.destination, delivery.attempts - MAX_ATTEMPTS_KEPT),
+                    )
             if delivery.waiting:
                 return True
             waiting = db.execute(

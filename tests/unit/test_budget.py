@@ -36,3 +36,12 @@ def test_a_flood_is_read_at_the_rate() -> None:
         now += budget.spend(6000, now)
         read += 6000
     assert 20_000 * 10 <= read <= 20_000 * 10 + 20_000 + 6000
+
+
+def test_due_says_how_long_until_the_budget_is_not_overdrawn() -> None:
+    budget = FrameBudget(now=0.0, rate=100, burst=100)
+    assert budget.due(now=0.0) == 0.0
+    budget.spend(150, now=0.0)
+    assert budget.due(now=0.0) == pytest.approx(0.5)
+    assert budget.due(now=0.25) == pytest.approx(0.25)
+    assert budget.due(now=0.5) == pytest.approx(0.0)

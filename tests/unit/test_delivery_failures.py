@@ -27,6 +27,7 @@ from aiohttp import ClientWebSocketResponse, WSMsgType
 from aiohttp.test_utils import TestClient, TestServer
 
 import relay_server.delivery as delivery_module
+import relay_server.registry as registry_module
 from relay_protocol import (
     PROTOCOL_VERSION,
     Connection,
@@ -37,11 +38,12 @@ from relay_protocol import (
     Response,
     ResponseHead,
     Role,
+    TargetUp,
     Welcome,
 )
 from relay_protocol.errors import RelayError
 from relay_server import tokens
-from relay_server.app import DELIVERIES, STORE, create_app
+from relay_server.app import DELIVERIES, REGISTRY, STORE, create_app
 from relay_server.attempts import AgentExchange
 from relay_server.commits import GroupCommitter
 from relay_server.config import ServerConfig
@@ -459,6 +461,42 @@ async def test_a_webhook_committed_while_the_idle_dispatcher_reads_the_store_is_
     look_may_end.set()  # the look ends with its answer from before the commit
     await _until(lambda: len(agent.seen) == 2, "the second webhook to reach the app")
     await agent.close()
+
+
+async def test_target_ups_are_acted_on_once_per_interval_and_none_is_lost(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each TARGET_UP starts an early pass over every waiting webhook: a review sent 2,000 a
+    # second from one agent, drove hundreds of attempts a second and filled the store.
+    monkeypatch.setattr(registry_module, "TARGET_UP_INTERVAL", 0.5)
+    registry = client.app[REGISTRY]
+    acted: list[float] = []
+    registry.on_target_up.append(lambda session: acted.append(time.monotonic()))
+    agent = await _connect(client, tmp_path)
+    for _ in range(50):
+        await agent.ws.send_bytes(agent.conn.send(TargetUp()))
+    await _until(lambda: len(acted) == 2, "the flood's first and deferred TARGET_UP")
+    assert acted[1] - acted[0] >= 0.45  # the second waited for the interval's end
+    await asyncio.sleep(0.6)
+    assert len(acted) == 2  # the 48 others were folded into those two
+    await agent.ws.send_bytes(agent.conn.send(TargetUp()))  # a later one acts at once
+    await _until(lambda: len(acted) == 3, "a TARGET_UP after the interval")
+    await agent.close()
+
+
+async def test_one_users_agents_share_one_frame_budget_kept_across_reconnects(
+    client: TestClient, tmp_path: Path
+) -> None:
+    # A budget per connection let one token open hundreds of connections, each with its
+    # own budget and burst (found by a review).
+    first, second = await _connect(client, tmp_path), await _connect(client, tmp_path)
+    budgets = {id(s.budget) for s in client.app[REGISTRY].sessions()}
+    assert len(budgets) == 1
+    await first.close()
+    await second.close()
+    again = await _connect(client, tmp_path)
+    assert {id(s.budget) for s in client.app[REGISTRY].sessions()} == budgets
+    await again.close()
 
 
 @pytest.mark.parametrize("order", ["webhook first", "recount first"])

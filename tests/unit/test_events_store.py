@@ -79,6 +79,16 @@ def _count(tmp_path: Path, table: str) -> int:
 # -- writes --------------------------------------------------------------------------------
 
 
+def test_a_deliverys_history_keeps_its_newest_attempts(store: Store) -> None:
+    # Attempts that spend no step of the schedule (early passes) had no bound but
+    # --max-age: a review filled the store with one agent's TARGET_UP flood.
+    seq = _insert(store, _event("evt_many"))
+    for attempt in range(1, store_module.MAX_ATTEMPTS_KEPT + 21):
+        _set(store, seq, status="retrying", attempts=attempt, last_status=503)
+    kept = [a.attempt for a in store.attempts(seq)]
+    assert kept == list(range(21, store_module.MAX_ATTEMPTS_KEPT + 21))
+
+
 def test_insert_event_op_stores_the_request_byte_for_byte(store: Store) -> None:
     event = _event("evt_1", body=b"\x00\xff binary \r\n")
     seq = _insert(store, event, _queued(due=5.0), _queued(destination="agent:laptop", due=7.0))
