@@ -315,8 +315,9 @@ class AgentSession:
                     await self.close(CLOSE_UNSUPPORTED, "only binary frames are accepted")
                     break
                 # Over budget (this connection or another of its user's): wait before this
-                # message is decoded, so the user's connections together get their rate.
-                if pause := budget.due(self._loop.time()):
+                # message is decoded, so the user's connections together get their rate;
+                # asked again after each wait, as another of them may have read meanwhile.
+                while pause := budget.due(self._loop.time()):
                     self._over_budget()
                     await asyncio.sleep(pause)
                 counted = engine.frames_received
