@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 from collections.abc import Callable, Iterator
 
 from .session import AgentSession
+
+log = logging.getLogger("relay.server")
 
 #: Seconds between two TARGET_UPs of one user's agents acted on: an agent sends one when
 #: its local service comes back (its probe runs every second), so a real one waits at
@@ -81,7 +84,10 @@ class Registry:
         if session.closed:
             return
         for callback in self.on_target_up:
-            callback(session)
+            try:
+                callback(session)
+            except Exception:  # run by the loop when deferred: log it here, and go on
+                log.exception("session %s: target-up callback failed", session.id)
 
     def remove(self, session: AgentSession) -> None:
         self._tokens.pop(session, None)
