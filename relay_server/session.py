@@ -133,7 +133,6 @@ class AgentSession:
         *,
         transport: asyncio.Transport | None = None,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
-        budget: FrameBudget | None = None,
     ) -> None:
         self.ws = ws
         self.user = user
@@ -155,8 +154,9 @@ class AgentSession:
         self._room = asyncio.Event()  # the engine's buffer fell below its high-water mark
         self._room.set()
         self._throttled = False  # read more slowly once for being over its frame budget
-        #: The frames its user's connections may be read at (``budget``), shared by them.
-        self.budget = budget or FrameBudget(self._loop.time())
+        #: The frames it may be read at: its own until the agent endpoint hands it its
+        #: user's, shared by all of that user's connections.
+        self.budget = FrameBudget(self._loop.time())
 
     @property
     def can_open_now(self) -> bool:
