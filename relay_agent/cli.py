@@ -175,8 +175,8 @@ def main() -> None:
     default=HEARTBEAT_INTERVAL,
     type=Seconds(min=MIN_HEARTBEAT_INTERVAL, max=MAX_HEARTBEAT_INTERVAL),
     show_envvar=True,
-    help="Seconds between PINGs to the server; one silent, or not reading, for three of them"
-    " is left and connected to again.",
+    help="Seconds between PINGs to the server (5-60); after three of them without a word from"
+    " it, the agent connects again.",
 )
 @click.option(
     "--log-level",

@@ -85,9 +85,6 @@ class Engine:
         self.high_water = high_water
         self._conn = Connection(role, max_streams=max_streams)
         self._heartbeat = Heartbeat(now, heartbeat_interval)
-        #: Seconds of silence from the peer that end the connection (``HEARTBEAT_TIMEOUT``
-        #: at the default interval), counted while nothing of ours waits to be sent.
-        self.silence_timeout = self._heartbeat.silence_timeout
         # Encoded frames not yet taken by the transport, and when each was queued.
         self._frames: collections.deque[tuple[bytes, float]] = collections.deque()
         #: Hand several frames over as one BATCH message: set once both peers listed
@@ -107,6 +104,12 @@ class Engine:
         self._greeting: type[Frame] = Hello if role is Role.SERVER else Welcome
 
     # -- state -----------------------------------------------------------------
+
+    @property
+    def silence_timeout(self) -> float:
+        """Seconds of silence from the peer that end the connection (``HEARTBEAT_TIMEOUT``
+        at the default interval), counted while nothing of ours waits to be sent."""
+        return self._heartbeat.silence_timeout
 
     @property
     def error(self) -> str | None:

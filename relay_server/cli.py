@@ -130,7 +130,7 @@ def main() -> None:
     default=HEARTBEAT_INTERVAL,
     type=Seconds(min=MIN_HEARTBEAT_INTERVAL, max=MAX_HEARTBEAT_INTERVAL),
     show_envvar=True,
-    help="Seconds between PINGs to each agent; one silent, or not reading, for three of them is dropped.",
+    help="Seconds between PINGs to each agent (5-60); one silent for three of them is dropped.",
 )
 @click.option(
     "--queue-max-body",

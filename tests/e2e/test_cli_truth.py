@@ -8,6 +8,7 @@ import shlex
 import socket
 import subprocess
 import urllib.request
+from collections.abc import Mapping
 
 import pytest
 
@@ -126,6 +127,15 @@ def test_dev_agent_command_never_forwards_to_the_relays_own_port(
         assert forward == "localhost:8080"
 
 
+def _refused(argv: list[str], env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run a command that must refuse its options before it starts anything."""
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30, check=False)
+
+
+def _serve(relay: Relay) -> list[str]:
+    return [str(RELAY_SERVER), "serve", "--port", str(free_port()), "--data-dir", str(relay.new_dir("d"))]
+
+
 @pytest.mark.parametrize(
     ("option", "value"),
     [
@@ -142,23 +152,7 @@ def test_dev_agent_command_never_forwards_to_the_relays_own_port(
     ],
 )
 def test_serve_duration_errors_name_their_option(relay: Relay, option: str, value: str) -> None:
-    result = subprocess.run(
-        [
-            str(RELAY_SERVER),
-            "serve",
-            "--port",
-            str(free_port()),
-            "--data-dir",
-            str(relay.new_dir("d")),
-            option,
-            value,
-        ],
-        env=relay.env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = _refused([*_serve(relay), option, value], relay.env)
     assert result.returncode == 2, result.stderr
     assert option in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
@@ -172,14 +166,7 @@ def test_serve_duration_errors_from_the_environment_name_their_option(
     relay: Relay, option: str, value: str
 ) -> None:
     env = {**relay.env, "RELAY_" + option[2:].upper().replace("-", "_"): value}
-    result = subprocess.run(
-        [str(RELAY_SERVER), "serve", "--port", str(free_port()), "--data-dir", str(relay.new_dir("d"))],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = _refused(_serve(relay), env)
     assert result.returncode == 2, result.stderr
     assert option in result.stderr, result.stderr
 
@@ -188,17 +175,10 @@ def test_serve_duration_errors_from_the_environment_name_their_option(
 @pytest.mark.parametrize("command", ["serve", "connect"])
 def test_a_heartbeat_interval_out_of_range_is_a_usage_error(relay: Relay, command: str, value: str) -> None:
     if command == "serve":
-        argv = [str(RELAY_SERVER), "serve", "--port", str(free_port()), "--data-dir", str(relay.new_dir("d"))]
+        argv = _serve(relay)
     else:
         argv = [str(RELAY_AGENT), "connect", "--forward", "8080", "--token", "x", "--no-inspect"]
-    result = subprocess.run(
-        [*argv, "--heartbeat-interval", value],
-        env=relay.env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = _refused([*argv, "--heartbeat-interval", value], relay.env)
     assert result.returncode == 2, result.stderr
     assert "--heartbeat-interval" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
