@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+from collections.abc import Iterator
 
 from .connection import Connection, Half, Role
 from .errors import ConnectionFailed, LocalProtocolError, ProtocolError, StreamClosed
@@ -50,7 +51,7 @@ from .frames import (
     batch_size,
     encode_batch,
     is_batch,
-    split_batch,
+    iter_batch,
 )
 from .heads import RequestHead, ResponseHead
 from .heartbeat import Beat, Heartbeat
@@ -97,8 +98,6 @@ class Engine:
         #: Bytes of the frames in the outgoing buffer.
         self.buffered = 0
         self._pong_owed = False  # a PONG waits in the buffer: a new PING is not answered
-        #: Frames received so far, whatever they carried (a BATCH counts its frames).
-        self.frames_received = 0
         # The first frame received must be the handshake: HELLO on the server, WELCOME on the agent.
         self._greeted = False
         self._greeting: type[Frame] = Hello if role is Role.SERVER else Welcome
@@ -190,25 +189,27 @@ class Engine:
 
     def receive_all(self, message: bytes, now: float) -> list[Frame]:
         """Take one received websocket message, a frame or a BATCH of frames; returns
-        the frames the caller acts on, in order (see ``receive``). A BATCH is taken
-        only after the handshake. Raises as ``receive``; the frames of a BATCH before
-        the faulty one have then been taken (the connection is closed anyway)."""
+        the frames the caller acts on, in order (see ``receive``). Raises as ``receive``
+        and ``parts``; the frames of a BATCH before the faulty one have then been taken
+        (the connection is closed anyway)."""
+        return [frame for data in self.parts(message) if (frame := self.receive(data, now)) is not None]
+
+    def parts(self, message: bytes) -> Iterator[bytes]:
+        """The frames one received websocket message carries, still encoded, for
+        ``receive`` one at a time: the message itself, or a BATCH's frames (taken only
+        after the handshake), cut out one by one so that a reader may pause between
+        them. Raises ``ProtocolError`` when the iteration reaches a fault of the BATCH
+        (the engine is then in its error state)."""
         if not is_batch(message):
-            frame = self.receive(message, now)
-            return [] if frame is None else [frame]
+            yield message
+            return
         try:
             if not self._greeted:
                 raise ProtocolError(f"expected {self._greeting.__name__.upper()}, got a BATCH")
-            inner = split_batch(message)
+            yield from iter_batch(message)
         except ProtocolError as exc:
             self.fail(f"protocol error: {exc}")
             raise
-        frames = []
-        for data in inner:
-            frame = self.receive(data, now)
-            if frame is not None:
-                frames.append(frame)
-        return frames
 
     def receive(self, message: bytes, now: float) -> Frame | None:
         """Take one received websocket message.
@@ -221,7 +222,6 @@ class Engine:
         its error state: close with 1002) or ``ConnectionFailed``.
         """
         self._heartbeat.seen(now)
-        self.frames_received += 1
         try:
             frame = self._conn.receive(message)
             if not self._greeted:

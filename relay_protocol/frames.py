@@ -9,7 +9,7 @@ One binary websocket message carries one frame::
 or, between peers that both list the ``"batch"`` feature, a BATCH: several frames
 in one message (type 0x0B, flags 0, stream 0, then for each frame its length as a
 u32 and its bytes), so that what one side queued in one pass of its event loop
-leaves in one websocket message and one write (``encode_batch``, ``split_batch``).
+leaves in one websocket message and one write (``encode_batch``, ``iter_batch``).
 
 Each frame is a frozen dataclass; ``FRAME_TYPES`` is the one table mapping type
 codes to classes (a test pins it). ``AgentFrame`` and ``ServerFrame`` are the
@@ -19,6 +19,7 @@ two direction unions: what an agent may send, and what a server may send.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -293,18 +294,21 @@ def is_batch(message: bytes) -> bool:
     return bool(message) and message[0] == BATCH
 
 
-def split_batch(message: bytes) -> list[bytes]:
-    """The frames a BATCH message carries, each still encoded (``decode`` checks each).
+def iter_batch(message: bytes) -> Iterator[bytes]:
+    """The frames a BATCH message carries, each still encoded (``decode`` checks each),
+    one at a time: a reader may act on each before the next is cut out.
 
-    Raises ``ProtocolError`` (``FrameTooLarge``) for a message over ``MAX_FRAME_SIZE``,
-    flags or a stream id that are not 0, a length running past the end, an empty
-    frame, a BATCH inside a BATCH, or no frame at all."""
+    Raises ``ProtocolError`` (``FrameTooLarge``) for a message over ``MAX_FRAME_SIZE``
+    or flags or a stream id that are not 0, before the first frame; for a length running
+    past the end, an empty frame or a BATCH inside a BATCH, when the iteration reaches
+    it; for no frame at all, at the end."""
     if len(message) > MAX_FRAME_SIZE:
         raise FrameTooLarge(f"BATCH of {len(message)} bytes, over {MAX_FRAME_SIZE}")
     if len(message) < FRAME_HEADER_SIZE or message[1:FRAME_HEADER_SIZE] != bytes(5):
         raise ProtocolError("BATCH header must have flags and stream id 0")
-    frames = []
     offset, end = FRAME_HEADER_SIZE, len(message)
+    if offset == end:
+        raise ProtocolError("empty BATCH")
     view = memoryview(message)
     while offset < end:
         if offset + _BATCH_LENGTH_SIZE > end:
@@ -315,11 +319,8 @@ def split_batch(message: bytes) -> list[bytes]:
             raise ProtocolError("BATCH frame length of 0 or past the end")
         if message[offset] == BATCH:
             raise ProtocolError("BATCH inside a BATCH")
-        frames.append(bytes(view[offset : offset + size]))
+        yield bytes(view[offset : offset + size])
         offset += size
-    if not frames:
-        raise ProtocolError("empty BATCH")
-    return frames
 
 
 def decode(message: bytes) -> Frame:

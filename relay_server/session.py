@@ -55,7 +55,7 @@ from relay_protocol.frames import (
 )
 from relay_protocol.limits import HEARTBEAT_INTERVAL, SEND_TIMEOUT
 
-from .budget import MAX_FRAMES_PER_SECOND, FrameBudget
+from .budget import FRAMES_PER_TURN, MAX_FRAMES_PER_SECOND, FrameBudget
 
 log = logging.getLogger("relay.server")
 
@@ -315,29 +315,44 @@ class AgentSession:
                     await self.close(CLOSE_UNSUPPORTED, "only binary frames are accepted")
                     break
                 # Over budget (this connection or another of its user's): wait before this
-                # message is decoded, so the user's connections together get their rate;
-                # asked again after each wait, as another of them may have read meanwhile.
-                while pause := budget.due(self._loop.time()):
-                    self._over_budget()
-                    await asyncio.sleep(pause)
-                counted = engine.frames_received
+                # message is decoded, so the user's connections together get their rate.
+                await self._pace(budget)
+                now, turn = self._loop.time(), 0
                 try:
-                    frames = engine.receive_all(msg.data, self._loop.time())
+                    for data in engine.parts(msg.data):
+                        frame = engine.receive(data, now)
+                        if frame is not None:
+                            self._dispatch(frame)
+                        turn += 1
+                        if turn == FRAMES_PER_TURN:  # a long BATCH: let the other tenants in
+                            budget.spend(turn, now)
+                            await self._pace(budget, turn=True)
+                            now, turn = self._loop.time(), 0
                 except ProtocolError as exc:
                     log.warning("session %s: protocol error: %s", self.id, exc)
                     await self.close(CLOSE_PROTOCOL_ERROR, f"protocol error: {exc}")
                     break
                 except LocalProtocolError:  # ConnectionFailed: the writer or heartbeat gave up
                     break
-                for frame in frames:
-                    self._dispatch(frame)
                 if engine.buffered:
                     self._ready.set()  # a PONG
-                budget.spend(engine.frames_received - counted, self._loop.time())
+                budget.spend(turn, now)
         finally:
             heartbeat.cancel()
             writer.cancel()
             self._mark_closed("agent disconnected")
+
+    async def _pace(self, budget: FrameBudget, turn: bool = False) -> None:
+        """Wait while ``budget`` is overdrawn, asking again after each wait (another of
+        the user's connections may have read meanwhile); with ``turn``, in the middle of a
+        message, yield to the loop's other tasks even if it is not."""
+        pause = budget.due(self._loop.time())
+        if not pause and turn:
+            await asyncio.sleep(0)
+        while pause:
+            self._over_budget()
+            await asyncio.sleep(pause)
+            pause = budget.due(self._loop.time())
 
     def _over_budget(self) -> None:
         if not self._throttled:  # once per connection: a flooder would flood the log too

@@ -20,7 +20,7 @@ from relay_protocol.frames import (
     decode,
     encode,
     encode_batch,
-    split_batch,
+    iter_batch,
 )
 from relay_protocol.limits import MAX_DATA_SIZE, MAX_FRAME_SIZE
 
@@ -39,7 +39,7 @@ def test_a_batch_has_fixed_bytes() -> None:
         + bytes.fromhex("05 01 00000001")
         + b"ab"
     )
-    assert split_batch(wire) == [ping, data]
+    assert list(iter_batch(wire)) == [ping, data]
     assert BATCH == 0x0B and FEATURE_BATCH == "batch"
 
 
@@ -57,18 +57,18 @@ def test_a_batch_has_fixed_bytes() -> None:
 )
 def test_a_malformed_batch_is_a_protocol_error(wire: bytes, why: str) -> None:
     with pytest.raises(ProtocolError, match=why):
-        split_batch(wire)
+        list(iter_batch(wire))
 
 
 def test_a_batch_over_the_frame_limit_is_refused() -> None:
     with pytest.raises(FrameTooLarge):
-        split_batch(encode_batch([encode(Ping(b"x" * 40_000)), encode(Ping(b"y" * 40_000))]))
+        next(iter_batch(encode_batch([encode(Ping(b"x" * 40_000)), encode(Ping(b"y" * 40_000))])))
 
 
 @given(st.binary(max_size=300))
 def test_any_bytes_after_the_batch_header_give_frames_or_a_protocol_error(tail: bytes) -> None:
     try:
-        frames = split_batch(bytes.fromhex("0b 00 00000000") + tail)
+        frames = list(iter_batch(bytes.fromhex("0b 00 00000000") + tail))
     except ProtocolError:
         return
     assert frames and all(frames)
@@ -144,6 +144,23 @@ def test_a_bad_frame_inside_a_batch_ends_the_connection() -> None:
     bad = encode_batch([encode(Ping(b"")), bytes.fromhex("05 00 00000009")])  # DATA on a stream never opened
     with pytest.raises(ProtocolError):
         agent.receive_all(bad, 0.0)
+    with pytest.raises(ConnectionFailed):
+        agent.receive_all(encode(Ping(b"")), 0.0)
+    assert server.error is None
+
+
+def test_a_batch_is_cut_out_one_frame_at_a_time() -> None:
+    # A reader pauses between the frames of a long BATCH (the server's read loop lets
+    # other tenants in): each frame is taken before the next is cut out, and a fault
+    # further on ends the connection only when it is reached.
+    server, agent = _pair(batching=True)
+    cut = bytes.fromhex("00000009 08")  # a length running past the end
+    parts = agent.parts(encode_batch([encode(Ping(b"1")), encode(Ping(b"2"))]) + cut)
+    assert agent.receive(next(parts), 0.0) is None  # the first PING, answered
+    assert agent.outgoing() is not None and agent.error is None
+    assert agent.receive(next(parts), 0.0) is None
+    with pytest.raises(ProtocolError, match="past the end"):
+        next(parts)
     with pytest.raises(ConnectionFailed):
         agent.receive_all(encode(Ping(b"")), 0.0)
     assert server.error is None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import sqlite3
 import threading
@@ -42,9 +43,11 @@ from relay_protocol import (
     Welcome,
 )
 from relay_protocol.errors import RelayError
+from relay_protocol.frames import encode_batch
 from relay_server import tokens
 from relay_server.app import DELIVERIES, REGISTRY, STORE, create_app
 from relay_server.attempts import AgentExchange
+from relay_server.budget import FRAMES_PER_TURN
 from relay_server.commits import GroupCommitter
 from relay_server.config import ServerConfig
 from relay_server.delivery import Deliveries, QueueConfig
@@ -497,6 +500,31 @@ async def test_one_users_agents_share_one_frame_budget_kept_across_reconnects(
     again = await _connect(client, tmp_path)
     assert {id(s.budget) for s in client.app[REGISTRY].sessions()} == budgets
     await again.close()
+
+
+async def test_a_long_batch_is_read_a_turn_at_a_time(client: TestClient, tmp_path: Path) -> None:
+    # One BATCH of the smallest frames (about 6,500) was decoded in one go: some 20 ms
+    # in which no other tenant's request moved (found by a review). Each TARGET_UP of
+    # this one notes how many turns a busy task of the loop has had by then.
+    agent = await _connect(client, tmp_path)
+    [session] = client.app[REGISTRY].sessions()
+    turns = 0
+
+    async def busy() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    seen: list[int] = []
+    session.on_target_up = lambda: seen.append(turns)
+    task = asyncio.create_task(busy())
+    count = 3 * FRAMES_PER_TURN
+    await agent.ws.send_bytes(encode_batch([agent.conn.send(TargetUp()) for _ in range(count)]))
+    await _until(lambda: len(seen) == count, "the whole BATCH to be read")
+    task.cancel()
+    assert [len(list(group)) for _, group in itertools.groupby(seen)] == [FRAMES_PER_TURN] * 3
+    await agent.close()
 
 
 @pytest.mark.parametrize("order", ["webhook first", "recount first"])
