@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidMessage, InvalidStatus
+from websockets.frames import CloseCode
 
 from relay_protocol import (
     PROTOCOL_VERSION,
@@ -504,7 +505,7 @@ class Tunnel:
             reason = ws.close_reason
         except ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd else None
-            reason = exc.rcvd.reason if exc.rcvd else str(exc)
+            reason = exc.rcvd.reason if exc.rcvd else None
         except (ProtocolError, TimeoutError, OSError) as exc:
             self._offline(f"connection failed: {str(exc) or type(exc).__name__}")
             await ws.close(CLOSE_PROTOCOL_ERROR if isinstance(exc, ProtocolError) else CLOSE_NORMAL)
@@ -515,7 +516,10 @@ class Tunnel:
                 stream.kill()
         if not should_retry(code):
             raise Refused(code or 0, reason or "refused")
-        self._offline(f"disconnected from the server ({code} {reason or 'no reason given'})")
+        if code in (None, CloseCode.ABNORMAL_CLOSURE):  # RFC 6455 7.1.5: no close frame
+            self._offline("lost the connection to the server (it ended without a close frame)")
+        else:
+            self._offline(f"disconnected from the server ({code} {reason or 'no reason given'})")
         return welcomed
 
     def _offline(self, reason: str) -> None:

@@ -185,6 +185,20 @@ async def test_local_service_too_slow_gives_504(relay: Relay, http: aiohttp.Clie
     assert await serves(http, tunnel, form)
 
 
+async def test_a_killed_server_is_reported_as_a_lost_connection_and_the_agent_comes_back(
+    relay: Relay, http: aiohttp.ClientSession
+) -> None:
+    # With no close frame the agent logged "disconnected from the server (None no close
+    # frame received or sent)": a code that does not exist and the library's words.
+    tunnel = relay.tunnel()
+    assert await serves(http, tunnel)
+    assert tunnel.server.kill() == -signal.SIGKILL
+    pattern = r"WARNING relay.agent: lost the connection to the server \(it ended without a close frame\)$"
+    await tunnel.agent.process.line(pattern, stream="stderr")
+    tunnel.server = tunnel.server.restarted()
+    await until(lambda: serves(http, tunnel), RECONNECT, "the agent to reconnect")
+
+
 async def test_a_stale_connection_does_not_hold_the_name(relay: Relay, http: aiohttp.ClientSession) -> None:
     tunnel = relay.tunnel()
     # A frozen agent keeps its TCP connection open but answers nothing: a half-open peer.
