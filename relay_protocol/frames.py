@@ -188,7 +188,7 @@ RESET_BAD_RESPONSE = 8  # the target answered with a head the agent cannot parse
 MAX_RESET_REASON = 1024
 
 # Websocket close codes. The numbers are wire format (docs/protocol.md, pinned by
-# tests/protocol/test_close_codes.py); the 4xxx ones are final: retrying cannot help.
+# tests/protocol/test_close_codes.py); those in FINAL_CLOSE_CODES are final: retrying cannot help.
 CLOSE_NORMAL = 1000  # normal close
 CLOSE_GOING_AWAY = 1001  # the server is shutting down or restarting
 CLOSE_PROTOCOL_ERROR = 1002  # a ProtocolError: bad frame, illegal step, overrun, handshake
@@ -198,6 +198,7 @@ CLOSE_UNAUTHORIZED = 4001  # the token is bad, expired or revoked
 CLOSE_FORBIDDEN = 4003  # a name belongs to another user or the token does not allow it
 CLOSE_VERSION = 4005  # protocol version mismatch
 CLOSE_HEARTBEAT = 4008  # nothing received for HEARTBEAT_TIMEOUT
+CLOSE_TOO_MANY_AGENTS = 4029  # the user has the server's most agent connections already (retried)
 
 #: Close codes after which an agent must not reconnect: the same token, names
 #: and version would be refused again. Every other code (or none) is retried.
@@ -412,6 +413,7 @@ __all__ = [
     "CLOSE_NORMAL",
     "CLOSE_PROTOCOL_ERROR",
     "CLOSE_TOO_BIG",
+    "CLOSE_TOO_MANY_AGENTS",
     "CLOSE_UNAUTHORIZED",
     "CLOSE_UNSUPPORTED",
     "CLOSE_VERSION",

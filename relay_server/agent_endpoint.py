@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from typing import Any
 
@@ -12,6 +13,7 @@ from relay_protocol import PROTOCOL_VERSION, Hello, ProtocolError, Welcome
 from relay_protocol.frames import (
     CLOSE_FORBIDDEN,
     CLOSE_PROTOCOL_ERROR,
+    CLOSE_TOO_MANY_AGENTS,
     CLOSE_UNAUTHORIZED,
     CLOSE_VERSION,
     FEATURE_BATCH,
@@ -27,7 +29,7 @@ from relay_protocol.limits import (
 
 from . import tokens
 from .budget import FrameBudget
-from .config import Network
+from .config import DEFAULT_MAX_AGENTS_PER_USER, Network
 from .connections import client_of
 from .delivery import Deliveries
 from .errors import AuthError, ConfigError, NameRefused
@@ -57,9 +59,13 @@ class AgentEndpoint:
         inflight: InFlight,
         trusted_proxies: tuple[Network, ...] = (),
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
+        max_agents_per_user: int = DEFAULT_MAX_AGENTS_PER_USER,
     ):
         self.inflight = inflight
         self.heartbeat_interval = heartbeat_interval
+        self.max_agents_per_user = max_agents_per_user
+        #: Agent connections past authentication, by user (none left at 0).
+        self._agents: collections.Counter[str] = collections.Counter()
         #: Each user's frame budget (``budget.FrameBudget``), by user: one small object per
         #: user that ever connected, kept, so that reconnecting buys no fresh burst.
         self._budgets: dict[str, FrameBudget] = {}
@@ -126,6 +132,25 @@ class AgentEndpoint:
             log.info("agent from %s refused: %s", peer, exc)
             await session.close(CLOSE_UNAUTHORIZED, str(exc))
             return ws
+        user = claims.user
+        if self._agents[user] >= self.max_agents_per_user:
+            log.info("agent from %s (user %s) refused: %d agents connected", peer, user, self._agents[user])
+            reason = f"too many agents: {self.max_agents_per_user} connected for this user"
+            await session.close(CLOSE_TOO_MANY_AGENTS, reason)
+            return ws
+        self._agents[user] += 1
+        try:
+            await self._serve(session, claims)
+        finally:
+            self._agents[user] -= 1
+            if not self._agents[user]:
+                del self._agents[user]
+        return ws
+
+    async def _serve(self, session: AgentSession, claims: tokens.Claims) -> None:
+        """The rest of ``handle`` for an authenticated agent with room under its user's cap:
+        the handshake, then the session until it ends."""
+        ws, peer = session.ws, session.remote
         try:
             msg = await ws.receive(timeout=HANDSHAKE_TIMEOUT)
             if msg.type is not WSMsgType.BINARY:
@@ -133,25 +158,25 @@ class AgentEndpoint:
             hello = session.receive_handshake(msg.data)
         except (TimeoutError, ProtocolError) as exc:
             await session.close(CLOSE_PROTOCOL_ERROR, f"bad handshake: {exc or 'timeout'}")
-            return ws
+            return
         if hello.version != PROTOCOL_VERSION:
             await session.close(
                 CLOSE_VERSION,
                 f"protocol version {hello.version} unsupported; server speaks {PROTOCOL_VERSION}",
             )
-            return ws
+            return
         try:
             names = await asyncio.to_thread(self._grant, claims, hello)
         except NameRefused as exc:
             log.info("agent %s (user %s) refused: %s", peer, claims.user, exc)
             await session.close(CLOSE_FORBIDDEN, str(exc))
-            return ws
+            return
         self._claimed(claims.user, names)
         try:
             await self._apply_settings(claims.user, hello)
         except ConfigError as exc:
             await session.close(CLOSE_FORBIDDEN, f"invalid tunnel setting: {exc}")
-            return ws
+            return
         session.user, session.names = claims.user, names
         session.label = hello.label if is_valid_label(hello.label) else ""
         # One frame budget per user, shared by its connections and kept when they close.
@@ -185,4 +210,3 @@ class AgentEndpoint:
         finally:
             self.registry.remove(session)
             log.info("session %s: agent disconnected", session.id)
-        return ws

@@ -64,6 +64,7 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
         inflight=inflight,
         trusted_proxies=config.trusted_proxies,
         heartbeat_interval=config.heartbeat_interval,
+        max_agents_per_user=config.max_agents_per_user,
     )
     metrics = Metrics(registry=registry, store=store, per_tunnel=config.metrics_per_tunnel)
     deliveries.on_recorded = metrics.on_recorded

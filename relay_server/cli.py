@@ -30,6 +30,7 @@ from . import tokens
 from .config import (
     DEFAULT_HEAD_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_AGENTS_PER_USER,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
     DEFAULT_PORT,
@@ -235,6 +236,14 @@ def main() -> None:
     help="Open connections at once from one client address (trusted proxies are not counted).",
 )
 @click.option(
+    "--max-agents-per-user",
+    envvar="RELAY_MAX_AGENTS_PER_USER",
+    default=DEFAULT_MAX_AGENTS_PER_USER,
+    type=click.IntRange(min=1),
+    show_envvar=True,
+    help="Agent connections one user may hold at once; more are closed with 4029 and try again later.",
+)
+@click.option(
     "--head-timeout",
     envvar="RELAY_HEAD_TIMEOUT",
     default=DEFAULT_HEAD_TIMEOUT,
@@ -326,6 +335,7 @@ def serve_command(
     trusted_proxies: tuple[str, ...],
     max_connections: int,
     max_connections_per_client: int,
+    max_agents_per_user: int,
     head_timeout: float,
     tls_cert: Path | None,
     tls_key: Path | None,
@@ -371,6 +381,7 @@ def serve_command(
         trusted_proxies=_networks(trusted_proxies),
         max_connections=max_connections,
         max_connections_per_client=max_connections_per_client,
+        max_agents_per_user=max_agents_per_user,
         head_timeout=head_timeout,
         tls=tls,
         metrics_listen=_option(parse_listen, metrics_listen, "--metrics-listen") if metrics_listen else None,

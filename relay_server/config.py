@@ -29,6 +29,11 @@ DEFAULT_MAX_CONNECTIONS = 10_000
 #: provider's burst, and the load tests (200 at once), far below the total, so one
 #: address cannot take the server. Peers in ``--trusted-proxy`` are not counted.
 DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 512
+#: Agent connections one user may hold at once, counted from authentication on: a fleet
+#: of a hundred hosts, at some 20 KB each when idle. Without a cap one token holder could
+#: open DEFAULT_MAX_CONNECTIONS_PER_CLIENT from each address it has. ngrok caps agent
+#: sessions per account the same way.
+DEFAULT_MAX_AGENTS_PER_USER = 100
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_PORT = 8000
@@ -87,6 +92,8 @@ class ServerConfig:
     trusted_proxies: tuple[Network, ...] = ()
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+    #: Agent connections one user may hold at once (``--max-agents-per-user``).
+    max_agents_per_user: int = DEFAULT_MAX_AGENTS_PER_USER
     head_timeout: float = DEFAULT_HEAD_TIMEOUT
     #: Serve HTTPS and WSS itself (``--tls-cert``/``--tls-key``); None: plain HTTP.
     tls: ssl.SSLContext | None = None

@@ -120,7 +120,11 @@ async def run(ctx: Context) -> dict[str, Any]:
         procs,
         ctx.http,
         "scale",
-        ["--max-connections", room, "--max-connections-per-client", room, *cfg.server_args],
+        [
+            *("--max-connections", room, "--max-connections-per-client", room),
+            *("--max-agents-per-user", room),  # every session is the one user's
+            *cfg.server_args,
+        ],
         nofile=nofile,
     )
     started: list[Child] = [server.child]

@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 
 from .framework import (
+    FORWARDING,
     RELAY_SERVER,
     Relay,
     RelayServer,
@@ -260,3 +261,23 @@ async def test_a_revoked_agent_is_gone_from_the_tunnel(relay: Relay, http: aioht
 
     await until(offline, DELIVERED, "the revoked agent's tunnel to be offline")
     assert await tunnel.agent.process.exited() == 1
+
+
+async def test_a_users_agents_over_the_cap_are_closed_with_4029_and_come_in_when_one_leaves(
+    relay: Relay, http: aiohttp.ClientSession
+) -> None:
+    # Nothing capped one user's agent connections but the per-address limit (512), from
+    # each address it had: a token holder could hold thousands (found by a review).
+    server = relay.server("--max-agents-per-user", "2")
+    token, target = server.token("alice"), relay.target("alice")
+    first = relay.agent(server, token, f"127.0.0.1:{target.port}")
+    relay.agent(server, token, f"127.0.0.1:{target.port}")
+    third = relay.agent(server, token, f"127.0.0.1:{target.port}", ready=False)
+    refused = r"disconnected from the server \(4029 too many agents: 2 connected for this user\)"
+    await third.process.line(refused, stream="stderr")
+    assert third.process.running()  # it tries again later: not a final refusal
+    # Another user's agents are not counted against alice's.
+    bob = relay.tunnel(server, user="bob")
+    assert (await through(http, bob, "subdomain", "GET", "/alive")).status == 200
+    first.process.kill()
+    await third.process.line(FORWARDING.pattern, count=2, timeout=60)  # it took the place

@@ -8,6 +8,7 @@ checked and each answer is chosen by the test.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -234,6 +235,34 @@ async def test_agent_with_foreign_token_is_closed_4001(client: TestClient) -> No
 async def test_agent_with_expired_token_is_closed_4001(client: TestClient, tmp_path: Path) -> None:
     ws = await _connect(client, _token(client, tmp_path, "alice", ["alice"], ttl=-60))
     assert await _closed_with(ws) == (4001, "token expired")
+
+
+async def test_agents_over_the_users_cap_are_closed_4029_even_before_their_hello(tmp_path: Path) -> None:
+    # Counted from authentication, not from the WELCOME: connections that have not said
+    # HELLO yet hold their places, so a burst of them cannot pass the cap together. The
+    # places come back when they go, and another user has places of its own.
+    config = ServerConfig(data_dir=tmp_path, public_url=PUBLIC_URL, max_agents_per_user=2)
+    async with TestClient(TestServer(create_app(config))) as client:
+        alice = _token(client, tmp_path, "alice", ["alice"])
+        silent = [await _connect(client, alice) for _ in range(2)]  # no HELLO: in the handshake
+        over = await _connect(client, alice)
+        assert await _closed_with(over) == (4029, "too many agents: 2 connected for this user")
+        bob = await _connect(client, _token(client, tmp_path, "bob", ["bob"]))
+        conn = Connection(Role.AGENT)
+        await bob.send_bytes(conn.send(Hello(PROTOCOL_VERSION, ({"name": "bob"},), "test")))
+        assert isinstance(await _next_frame(bob, conn), Welcome)
+        await silent[0].close()
+        deadline = time.monotonic() + WAIT  # the server gives the place back as its handler ends
+        while True:
+            again = await _connect(client, alice)
+            await again.send_bytes(Connection(Role.AGENT).send(Hello(PROTOCOL_VERSION, ({"name": "alice"},))))
+            msg = await again.receive(timeout=WAIT)
+            if msg.type is WSMsgType.BINARY or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.01)
+        assert msg.type is WSMsgType.BINARY, msg  # its WELCOME: it took the place given back
+        for ws in (silent[1], again, bob):
+            await ws.close()
 
 
 async def test_agent_with_revoked_token_is_closed_4001(client: TestClient, tmp_path: Path) -> None:
