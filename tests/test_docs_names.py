@@ -1,6 +1,6 @@
-"""The README's limits table names, for each limit, the constant that holds it: each of
-those names must resolve, so that the table cannot drift from the code (five of them
-named modules the constants had left, found when a limit was added).
+"""The docs name the code's constants and functions (``relay_server.config.DEFAULT_TIMEOUT``):
+each name must resolve, so that the docs cannot drift from the code. The README's limits
+table named five constants by modules they had left (found when a limit was added).
 
 A name is dotted from a package (``relay_server.config.DEFAULT_TIMEOUT``), or continues
 the name before it: ``.FRAME_BURST`` (beside ``relay_server.budget.MAX_FRAMES_PER_SECOND``)
@@ -14,12 +14,15 @@ import importlib
 import re
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+#: Every document a user or a contributor reads.
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "README.md"]
 
 
 def _resolves(name: str) -> bool:
     parts = name.split(".")
-    for split in range(len(parts) - 1, 0, -1):
+    for split in range(len(parts), 0, -1):
         try:
             target: object = importlib.import_module(".".join(parts[:split]))
         except ImportError:
@@ -58,3 +61,10 @@ def test_every_constant_the_limits_table_names_exists() -> None:
             missing.append(name)
         previous = found or name
     assert missing == []
+
+
+def test_every_dotted_name_the_docs_give_exists() -> None:
+    pattern = re.compile(r"`(relay_[a-z_]+(?:\.[A-Za-z_*][A-Za-z0-9_*]*)+)(?:\(\))?`")
+    names = {(doc.name, m.group(1)) for doc in DOCS for m in pattern.finditer(doc.read_text())}
+    assert len(names) > 50
+    assert sorted(n for n in names if not _resolves(n[1])) == []
