@@ -157,6 +157,8 @@ class _Session:
         )
         self.streams: dict[int, AgentStream] = {}
         self.closed = False
+        #: Why this side dropped the connection (its heartbeat or writer gave up); None if it did not.
+        self.gave_up: str | None = None
         self.features: tuple[str, ...] = ()  # what the server listed in WELCOME
         self._ready = asyncio.Event()  # the engine may have frames to send
         self._room = asyncio.Event()  # the engine's buffer fell below its high-water mark
@@ -314,6 +316,7 @@ class _Session:
         handshake could complete. The read loop ends and the agent reconnects."""
         if not self.closed:
             log.warning("%s: reconnecting", reason)
+            self.gave_up = reason
         self._mark_closed(reason)
         self.ws.transport.abort()
 
@@ -516,7 +519,9 @@ class Tunnel:
                 stream.kill()
         if not should_retry(code):
             raise Refused(code or 0, reason or "refused")
-        if code in (None, CloseCode.ABNORMAL_CLOSURE):  # RFC 6455 7.1.5: no close frame
+        if session.gave_up is not None:  # this side dropped it, and has said why
+            self.offline_reason = session.gave_up
+        elif code in (None, CloseCode.ABNORMAL_CLOSURE):  # RFC 6455 7.1.5: no close frame
             self._offline("lost the connection to the server (it ended without a close frame)")
         else:
             self._offline(f"disconnected from the server ({code} {reason or 'no reason given'})")

@@ -59,6 +59,9 @@ from .budget import FRAMES_PER_TURN, MAX_FRAMES_PER_SECOND, FrameBudget
 
 log = logging.getLogger("relay.server")
 
+#: Websocket control messages the session takes (aiohttp's autoping is off).
+_WEBSOCKET_PINGS = frozenset({WSMsgType.PING, WSMsgType.PONG})
+
 
 class StreamFailed(RelayError):
     """The stream ended without a normal end: reset by the agent, or the agent went away."""
@@ -311,12 +314,17 @@ class AgentSession:
         budget = self.budget
         try:
             async for msg in self.ws:
-                if msg.type is not WSMsgType.BINARY:
-                    await self.close(CLOSE_UNSUPPORTED, "only binary frames are accepted")
-                    break
                 # Over budget (this connection or another of its user's): wait before this
                 # message is decoded, so the user's connections together get their rate.
                 await self._pace(budget)
+                if msg.type is not WSMsgType.BINARY:
+                    if msg.type in _WEBSOCKET_PINGS:  # answered here, each a frame of the budget
+                        budget.spend(1, self._loop.time())
+                        if msg.type is WSMsgType.PING:
+                            await self._pong(msg.data)
+                        continue
+                    await self.close(CLOSE_UNSUPPORTED, "only binary frames are accepted")
+                    break
                 now, turn = self._loop.time(), 0
                 try:
                     for data in engine.parts(msg.data):
@@ -341,6 +349,17 @@ class AgentSession:
             heartbeat.cancel()
             writer.cancel()
             self._mark_closed("agent disconnected")
+
+    async def _pong(self, payload: bytes) -> None:
+        """Answer a websocket ping (RFC 6455 5.5.2; relay-agent sends none: its heartbeat
+        is the protocol's PING frame), unless the connection is going."""
+        try:
+            async with asyncio.timeout(SEND_TIMEOUT):
+                await self.ws.pong(payload)
+        except TimeoutError:
+            self._abort(f"a pong waited {SEND_TIMEOUT:g}s to be sent: the agent does not read")
+        except (ConnectionError, RuntimeError):  # closed under us
+            pass
 
     async def _pace(self, budget: FrameBudget, turn: bool = False) -> None:
         """Wait while ``budget`` is overdrawn, asking again after each wait (another of

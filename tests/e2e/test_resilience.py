@@ -235,6 +235,8 @@ async def test_a_frozen_server_is_noticed_within_the_heartbeat_timeout(
         tunnel.server.process.send(signal.SIGCONT)
     # And it reconnects by itself once the server answers again.
     assert await until(lambda: serves(http, tunnel, "path"), 60, "the agent to reconnect")
+    # Having dropped the connection itself, it does not blame the network next (a review).
+    assert not [line for line in tunnel.agent.process.stderr_lines if "lost the connection" in line]
 
 
 class SlowLink:

@@ -8,6 +8,7 @@ checked and each answer is chosen by the test.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -32,8 +33,8 @@ from relay_protocol import (
     encode,
 )
 from relay_protocol.frames import RESET_TARGET_TIMEOUT, RESET_TARGET_UNREACHABLE
-from relay_server import tokens
-from relay_server.app import STORE, create_app
+from relay_server import agent_endpoint, tokens
+from relay_server.app import REGISTRY, STORE, create_app
 from relay_server.config import ServerConfig
 from relay_server.store import Store
 
@@ -263,6 +264,50 @@ async def test_agents_over_the_users_cap_are_closed_4029_even_before_their_hello
         assert msg.type is WSMsgType.BINARY, msg  # its WELCOME: it took the place given back
         for ws in (silent[1], again, bob):
             await ws.close()
+
+
+async def test_a_websocket_ping_before_hello_ends_the_handshake(client: TestClient, tmp_path: Path) -> None:
+    # aiohttp answered websocket pings itself, and each restarted the 10 s wait for
+    # HELLO: pinging held a place under the user's cap for ever (found by a review).
+    ws = await _connect(client, _token(client, tmp_path, "alice", ["alice"]))
+    await ws.ping(b"x")
+    assert await _closed_with(ws) == (1002, "bad handshake: expected a binary HELLO frame")
+
+
+async def test_an_agent_silent_after_the_upgrade_is_told_why_it_is_closed(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The reason read "bad handshake: " (a TimeoutError says nothing; a review).
+    monkeypatch.setattr(agent_endpoint, "HANDSHAKE_TIMEOUT", 0.2)
+    ws = await _connect(client, _token(client, tmp_path, "alice", ["alice"]))
+    assert await _closed_with(ws) == (1002, "bad handshake: no HELLO within 0.2s")
+
+
+async def test_websocket_pings_are_answered_within_the_users_frame_budget(
+    client: TestClient, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # aiohttp answered them below the session: a flood of them took the server's core
+    # from every tenant, whatever the budget (found by a review).
+    headers = {"Authorization": f"Bearer {_token(client, tmp_path, 'alice', ['alice'])}"}
+    ws = await client.ws_connect("/_relay/agent", headers=headers, autoping=False)  # pongs shown
+    conn = Connection(Role.AGENT)
+    await ws.send_bytes(conn.send(Hello(PROTOCOL_VERSION, ({"name": "alice"},), "test")))
+    assert isinstance(await _next_frame(ws, conn), Welcome)
+    [session] = client.app[REGISTRY].sessions()
+    budget = session.budget  # its user's, which the session reads by
+    budget.rate = 1000
+    budget.spend(int(budget.burst), asyncio.get_running_loop().time())  # from now on, pings wait their turn
+    pongs = []
+    with caplog.at_level(logging.WARNING, logger="relay.server"):
+        for n in range(30):
+            await ws.ping(str(n).encode())
+        while len(pongs) < 30:
+            msg = await ws.receive(timeout=WAIT)
+            if msg.type is WSMsgType.PONG:
+                pongs.append(msg.data)
+    assert pongs == [str(n).encode() for n in range(30)]  # RFC 6455 5.5.2: each answered, in order
+    assert "reading it more slowly" in caplog.text  # and paced by the budget
+    await ws.close()
 
 
 async def test_agent_with_revoked_token_is_closed_4001(client: TestClient, tmp_path: Path) -> None:
