@@ -33,6 +33,7 @@ from .config import DEFAULT_MAX_AGENTS_PER_USER, Network
 from .connections import client_of
 from .delivery import Deliveries
 from .errors import AuthError, ConfigError, NameRefused
+from .fragments import refuse_fragments
 from .names import PublicOrigin, is_valid_name, name_allowed
 from .public_errors import relay_error
 from .registry import InFlight, Registry
@@ -125,7 +126,12 @@ class AgentEndpoint:
         # user's frame budget, and none is taken before HELLO: a review's ping flood,
         # answered below the budget, took the server's core from every tenant (1.5 s
         # answers), and each ping restarted the 10 s wait for HELLO.
-        ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_SIZE + 1, autoping=False, timeout=CLOSE_TIMEOUT)
+        ws = web.WebSocketResponse(
+            max_msg_size=MAX_FRAME_SIZE + 1,
+            autoping=False,
+            timeout=CLOSE_TIMEOUT,
+            compress=False,  # no permessage-deflate: 70 bytes on the wire inflated to 64 KiB (a review)
+        )
         if self.inflight.draining:  # its agents are being closed: come back to the next server
             return relay_error("not-ready", "the relay server is shutting down")
         if not ws.can_prepare(request).ok:
@@ -135,6 +141,9 @@ class AgentEndpoint:
             ws, "", [], transport=request.transport, heartbeat_interval=self.heartbeat_interval
         )
         session.remote = peer = client_of(request, self.trusted_proxies)
+        refuse_fragments(
+            request.transport, lambda: log.info("agent from %s refused: a fragmented websocket message", peer)
+        )
         try:
             claims = await asyncio.to_thread(self._authenticate, request.headers.get("Authorization"))
         except AuthError as exc:

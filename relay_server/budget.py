@@ -17,6 +17,9 @@ Bytes are not budgeted, on purpose: a 64 KiB DATA frame for a stream already gon
 the loop about 60 µs (the websocket layer's unmasking and a copy), so the budget lets
 through about 1.2 GB/s of them, more than an agent's link carries; and anyone may push
 bytes at link speed into the public side, as webhook bodies, at the same cost per byte.
+That holds because a websocket frame from an agent costs what its bytes say: no
+compression is negotiated, and fragments (frames that make no message) are refused
+below aiohttp (``relay_server.fragments``).
 """
 
 from __future__ import annotations

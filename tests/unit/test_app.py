@@ -310,6 +310,39 @@ async def test_websocket_pings_are_answered_within_the_users_frame_budget(
     await ws.close()
 
 
+async def test_a_fragmented_message_closes_an_agents_connection_with_1002(
+    client: TestClient, tmp_path: Path
+) -> None:
+    # Empty fragments never made a message: aiohttp parsed them without end, unpaused
+    # and outside the frame budget (a review: 220 million in 10 s, every tenant slowed
+    # to 480 ms). A raw client, as relay-agent never sends one.
+    assert client.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    token = _token(client, tmp_path, "alice", ["alice"])
+    writer.write(
+        b"GET /_relay/agent HTTP/1.1\r\nHost: relay.test\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        + f"Authorization: Bearer {token}\r\n\r\n".encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+    assert head.startswith(b"HTTP/1.1 101")
+    empty_binary, empty_continuation = b"\x02\x80" + bytes(4), b"\x00\x80" + bytes(4)
+    writer.write(empty_binary + empty_continuation * 10_000)
+    answer = await asyncio.wait_for(reader.read(), WAIT)  # then EOF: the connection is closed
+    assert answer == b"\x88\x26\x03\xeafragmented messages are not accepted"
+    writer.close()
+
+
+async def test_agents_get_no_permessage_deflate(client: TestClient, tmp_path: Path) -> None:
+    # With it, 70 bytes on the wire were inflated to 64 KiB on the server's loop, a frame
+    # of the budget each: one agent slowed every tenant to 2 s (a review).
+    headers = {"Authorization": f"Bearer {_token(client, tmp_path, 'alice', ['alice'])}"}
+    ws = await client.ws_connect("/_relay/agent", headers=headers, compress=15)
+    assert ws.compress == 0
+    await ws.close()
+
+
 async def test_agent_with_revoked_token_is_closed_4001(client: TestClient, tmp_path: Path) -> None:
     token = _token(client, tmp_path, "alice", ["alice"])
     _store(client).revoke_token(tokens.verify(tokens.load_secret(tmp_path), token).token_id)
