@@ -136,14 +136,16 @@ class AgentEndpoint:
             return relay_error("not-ready", "the relay server is shutting down")
         if not ws.can_prepare(request).ok:
             return relay_error("bad-request", "this endpoint takes a websocket upgrade from relay-agent")
+        peer = client_of(request, self.trusted_proxies)
+        if not refuse_fragments(
+            request, lambda: log.info("agent from %s refused: a fragmented websocket message", peer)
+        ):
+            return relay_error("bad-request", "websocket frames came before the upgrade was answered")
         await ws.prepare(request)
         session = AgentSession(
             ws, "", [], transport=request.transport, heartbeat_interval=self.heartbeat_interval
         )
-        session.remote = peer = client_of(request, self.trusted_proxies)
-        refuse_fragments(
-            request.transport, lambda: log.info("agent from %s refused: a fragmented websocket message", peer)
-        )
+        session.remote = peer
         try:
             claims = await asyncio.to_thread(self._authenticate, request.headers.get("Authorization"))
         except AuthError as exc:

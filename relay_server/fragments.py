@@ -9,6 +9,13 @@ connection, each parsed by aiohttp (47 ns), and every other tenant's requests to
 relay-agent never fragments (each protocol frame or BATCH is one websocket message of at
 most ``MAX_FRAME_SIZE``), so the server refuses fragments: it closes the connection with
 1002 at the first one, before a byte of it reaches aiohttp.
+
+The screen reads from the first byte after the upgrade request, so it must be set before
+any: bytes a client sends before the upgrade is answered (RFC 6455 4.1 says it waits) are
+aiohttp's already, kept unparsed as ``RequestHandler._message_tail`` until the websocket
+reader is set, and the screen could not tell where a frame starts. A review pipelined a
+frame header with the upgrade request and sent unlimited fragments past the screen; such a
+connection is refused (``tests/unit/test_app.py`` pipelines one to keep this honest).
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import typing
 from collections.abc import Callable
+
+from aiohttp import web
 
 from relay_protocol.frames import CLOSE_PROTOCOL_ERROR
 
@@ -82,7 +91,7 @@ class _Screen(asyncio.Protocol):
         self._open = True
 
     def data_received(self, data: bytes) -> None:
-        if not self._open:
+        if not self._open or self._transport.is_closing():
             return
         if self._headers.whole(data):
             self._inner.data_received(data)
@@ -90,7 +99,9 @@ class _Screen(asyncio.Protocol):
         self._open = False
         self._refused()
         self._transport.write(_CLOSE)
-        self._transport.close()
+        # Aborted, not closed: a close would wait for the client's end of a TLS shutdown
+        # (reading and decrypting its flood meanwhile, a review measured 10 s of it).
+        self._transport.abort()
 
     def eof_received(self) -> bool | None:
         return self._inner.eof_received()
@@ -105,13 +116,18 @@ class _Screen(asyncio.Protocol):
         self._inner.resume_writing()
 
 
-def refuse_fragments(transport: asyncio.BaseTransport | None, refused: Callable[[], None]) -> None:
-    """From now on, read the websocket frames arriving on ``transport`` before its
-    protocol (aiohttp's) does, and close it with 1002 at the first fragment, calling
-    ``refused`` first (to say so). Call it once the upgrade is answered."""
+def refuse_fragments(request: web.BaseRequest, refused: Callable[[], None]) -> bool:
+    """From now on, read the websocket frames arriving on ``request``'s connection before
+    its protocol (aiohttp's) does, and end the connection with 1002 at the first fragment,
+    calling ``refused`` first (to say so). Call it before the upgrade is answered. False if
+    the client sent bytes before that (they are out of the screen's reach): the caller
+    refuses the upgrade."""
+    transport = request.transport
     if transport is None or transport.is_closing():
-        return
+        return False
     inner = transport.get_protocol()
     assert isinstance(inner, asyncio.Protocol)
     # A stream transport (uvloop's is not an asyncio.WriteTransport subclass).
     transport.set_protocol(_Screen(inner, typing.cast(asyncio.WriteTransport, transport), refused))
+    # Read once the screen is set: whatever came before it is in aiohttp's upgrade tail.
+    return not getattr(request.protocol, "_message_tail", b"")

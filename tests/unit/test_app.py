@@ -8,6 +8,7 @@ checked and each answer is chosen by the test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -310,28 +311,64 @@ async def test_websocket_pings_are_answered_within_the_users_frame_budget(
     await ws.close()
 
 
-async def test_a_fragmented_message_closes_an_agents_connection_with_1002(
-    client: TestClient, tmp_path: Path
-) -> None:
-    # Empty fragments never made a message: aiohttp parsed them without end, unpaused
-    # and outside the frame budget (a review: 220 million in 10 s, every tenant slowed
-    # to 480 ms). A raw client, as relay-agent never sends one.
+async def _raw_upgrade(
+    client: TestClient, token: str, then: bytes = b""
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw connection to the agent endpoint: the upgrade request (and ``then``, in the
+    same write), as a client that does not wait for the answer would send it."""
     assert client.server.port is not None
     reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
-    token = _token(client, tmp_path, "alice", ["alice"])
     writer.write(
         b"GET /_relay/agent HTTP/1.1\r\nHost: relay.test\r\nUpgrade: websocket\r\n"
         b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
         + f"Authorization: Bearer {token}\r\n\r\n".encode()
+        + then
     )
+    return reader, writer
+
+
+async def _until_closed(reader: asyncio.StreamReader) -> bytes:
+    """What the server sends until it ends the connection (a reset may overtake the last bytes)."""
+    received = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := await asyncio.wait_for(reader.read(65536), WAIT):
+            received += chunk
+    return received
+
+
+EMPTY_BINARY, EMPTY_CONTINUATION = b"\x02\x80" + bytes(4), b"\x00\x80" + bytes(4)
+
+
+async def test_a_fragmented_message_closes_an_agents_connection_with_1002(
+    client: TestClient, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Empty fragments never made a message: aiohttp parsed them without end, unpaused
+    # and outside the frame budget (a review: 220 million in 10 s, every tenant slowed
+    # to 480 ms). A raw client, as relay-agent never sends one.
+    reader, writer = await _raw_upgrade(client, _token(client, tmp_path, "alice", ["alice"]))
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
     assert head.startswith(b"HTTP/1.1 101")
-    empty_binary, empty_continuation = b"\x02\x80" + bytes(4), b"\x00\x80" + bytes(4)
-    writer.write(empty_binary + empty_continuation * 10_000)
-    answer = await asyncio.wait_for(reader.read(), WAIT)  # then EOF: the connection is closed
-    assert answer == b"\x88\x26\x03\xeafragmented messages are not accepted"
+    with caplog.at_level(logging.INFO, logger="relay.server"):
+        writer.write(EMPTY_BINARY + EMPTY_CONTINUATION * 10_000)
+        received = await _until_closed(reader)
+    assert received in (b"\x88\x26\x03\xeafragmented messages are not accepted", b"")
+    assert "refused: a fragmented websocket message" in caplog.text
     writer.close()
+
+
+async def test_frames_sent_before_the_upgrade_is_answered_are_refused(
+    client: TestClient, tmp_path: Path
+) -> None:
+    # They reached aiohttp before the screen could read them: a frame header pipelined
+    # with the upgrade request put the screen out of step, and fragments passed (a review).
+    token = _token(client, tmp_path, "alice", ["alice"])
+    reader, writer = await _raw_upgrade(client, token, then=b"\x82\x8e" + bytes(4))  # a header alone
+    answer = await _until_closed(reader)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert b"X-Relay-Error: bad-request" in answer
+    assert b"websocket frames came before the upgrade was answered" in answer
 
 
 async def test_agents_get_no_permessage_deflate(client: TestClient, tmp_path: Path) -> None:
