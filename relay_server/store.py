@@ -256,6 +256,23 @@ def _end_waiting(db: sqlite3.Connection, tunnel: str, owner: str | None, reason:
     return int(events)
 
 
+def _add_attempt(db: sqlite3.Connection, event_seq: int, delivery: Delivery, now: float) -> None:
+    """Add the outcome of attempt number ``delivery.attempts`` to the delivery's history,
+    once (an outcome written again adds nothing), keeping the newest ``MAX_ATTEMPTS_KEPT``."""
+    if not delivery.attempts or (delivery.last_status is None and delivery.last_error is None):
+        return
+    db.execute(
+        "INSERT OR IGNORE INTO attempts (event_seq, destination, attempt, at, status, error)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (event_seq, delivery.destination, delivery.attempts, now, delivery.last_status, delivery.last_error),
+    )
+    if delivery.attempts > MAX_ATTEMPTS_KEPT:
+        db.execute(
+            "DELETE FROM attempts WHERE event_seq = ? AND destination = ? AND attempt <= ?",
+            (event_seq, delivery.destination, delivery.attempts - MAX_ATTEMPTS_KEPT),
+        )
+
+
 class Store:
     """SQLite store. Safe to share between the event loop and worker threads."""
 
@@ -651,7 +668,9 @@ class Store:
 
     @staticmethod
     def insert_event_op(event: Event, deliveries: list[Delivery]) -> Callable[[sqlite3.Connection], int]:
-        """An operation storing ``event`` and its deliveries; it returns the event's seq."""
+        """An operation storing ``event`` and its deliveries; it returns the event's seq.
+        A delivery may already carry an attempt's outcome (the first attempt answered
+        before the event was stored): it is stored with its history, in one write."""
 
         def op(db: sqlite3.Connection) -> int:
             headers = json.dumps([[k.decode("latin-1"), v.decode("latin-1")] for k, v in event.headers])
@@ -674,12 +693,28 @@ class Store:
             now = time.time()
             db.executemany(
                 "INSERT INTO deliveries (event_seq, tunnel, destination, status, attempts, next_attempt_at,"
-                " failures, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " last_status, last_error, failures, dead_reason, since, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (seq, d.tunnel, d.destination, d.status, d.attempts, d.next_attempt_at, d.failures, now)
+                    (
+                        seq,
+                        d.tunnel,
+                        d.destination,
+                        d.status,
+                        d.attempts,
+                        d.next_attempt_at,
+                        d.last_status,
+                        d.last_error,
+                        d.failures,
+                        d.dead_reason,
+                        d.since,
+                        now,
+                    )
                     for d in deliveries
                 ],
             )
+            for delivery in deliveries:
+                _add_attempt(db, seq, delivery, now)
             return seq
 
         return op
@@ -711,24 +746,7 @@ class Store:
                     delivery.destination,
                 ),
             )
-            if delivery.attempts and (delivery.last_status is not None or delivery.last_error is not None):
-                db.execute(
-                    "INSERT OR IGNORE INTO attempts (event_seq, destination, attempt, at, status, error)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        delivery.event_seq,
-                        delivery.destination,
-                        delivery.attempts,
-                        now,
-                        delivery.last_status,
-                        delivery.last_error,
-                    ),
-                )
-                if delivery.attempts > MAX_ATTEMPTS_KEPT:
-                    db.execute(
-                        "DELETE FROM attempts WHERE event_seq = ? AND destination = ? AND attempt <= ?",
-                        (delivery.event_seq, delivery.destination, delivery.attempts - MAX_ATTEMPTS_KEPT),
-                    )
+            _add_attempt(db, delivery.event_seq, delivery, now)
             if delivery.waiting:
                 return True
             waiting = db.execute(

@@ -83,6 +83,10 @@ def _deliveries(client: TestClient) -> Deliveries:
     return client.app[DELIVERIES]
 
 
+def _registry(client: TestClient) -> registry_module.Registry:
+    return client.app[REGISTRY]
+
+
 def _dispatcher(client: TestClient) -> Dispatcher:
     return _deliveries(client).dispatcher("alice", ANY)
 
@@ -691,4 +695,156 @@ async def test_a_full_store_never_causes_a_storm_and_every_outcome_is_written_la
     assert sorted(agent.seen) == sorted(ids)
     assert _repeats(agent.seen) == {}
     assert any("outcomes written after the store recovered" in r.getMessage() for r in caplog.records)
+    await agent.close()
+
+
+# -- (e) with other webhooks in flight, a webhook and its first outcome are one write ------------------
+
+
+class Writes:
+    """Counts the outcome writes (``Store.update_delivery_op``) made for each event seq."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.updates: list[int] = []
+        real = Store.update_delivery_op
+
+        def update_delivery_op(delivery: Delivery) -> Callable[[sqlite3.Connection], bool]:
+            self.updates.append(delivery.event_seq)
+            return real(delivery)
+
+        monkeypatch.setattr(Store, "update_delivery_op", staticmethod(update_delivery_op))
+
+
+async def _event(client: TestClient, token: str, event_id: str) -> dict[str, Any]:
+    status, answer = await _api(client, "GET", f"events/{event_id}", token)
+    assert status == 200, answer
+    return answer
+
+
+async def _busy_tunnel(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[str, FakeAgent, Open, asyncio.Task[tuple[int | None, dict[str, str]]]]:
+    """Alice's tunnel with one webhook in the app's hands, unanswered (so the next one's
+    first attempt is not alone); the wait for a first answer is made long, so that no
+    verdict depends on how fast this machine answers."""
+    monkeypatch.setattr(delivery_module, "FIRST_OUTCOME_WAIT", WAIT)
+    token = _token(client, tmp_path)
+    await _settings(client, token, max_concurrency=4)
+    agent = await _connect(client, tmp_path, auto=None)
+    first = asyncio.create_task(_post(client, b'{"n":"first"}'))
+    return token, agent, await agent.next_request(), first
+
+
+@pytest.mark.parametrize(
+    ("answer", "sender_gets", "stored_as", "waiting"),
+    [(200, 200, "delivered", 0), (503, 202, "retrying", 1), (410, 410, "dead", 0)],
+)
+async def test_with_others_in_flight_a_webhook_is_stored_with_its_first_answer_in_one_write(
+    client: TestClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    answer: int,
+    sender_gets: int,
+    stored_as: str,
+    waiting: int,
+) -> None:
+    writes = Writes(monkeypatch)
+    token, agent, held, first = await _busy_tunnel(client, tmp_path, monkeypatch)
+    second = asyncio.create_task(_post(client, b'{"n":"second"}'))
+    opened = await agent.next_request()
+    await agent.answer(opened, answer)
+    status, headers = await asyncio.wait_for(second, WAIT)
+    assert status == sender_gets
+    # Stored with its outcome before the sender had its answer: the API shows it at
+    # once, with its history, and no second write was made for it.
+    shown = await _event(client, token, opened.head.event_id)
+    delivery = shown["deliveries"][0]
+    assert (delivery["status"], delivery["attempts"], delivery["last_status"]) == (stored_as, 1, answer)
+    assert [a["status"] for a in delivery["history"]] == [answer]
+    assert writes.updates == []
+    if answer == 503:
+        assert headers["X-Relay-Event"] == opened.head.event_id
+        assert delivery["next_attempt_at"] is not None
+    # Counted in the quota only while it waits (the held one waits too).
+    assert _deliveries(client).waiting("alice") == waiting + 1
+
+    await agent.answer(held, 200)  # alone when it started: stored first, recorded after
+    assert (await asyncio.wait_for(first, WAIT))[0] == 200
+    await _until(lambda: len(writes.updates) == 1, "the first webhook's outcome to be written")
+    await _until(lambda: _deliveries(client).waiting("alice") == waiting, "the quota to count it out")
+    dispatcher = _dispatcher(client)
+    await _until(lambda: not dispatcher.in_flight and not dispatcher.recording, "both slots back")
+    assert [s.open_streams for s in _registry(client).sessions()] == [0]
+    await agent.close()
+
+
+async def test_a_sender_who_leaves_while_its_first_answer_is_awaited_still_has_it_stored(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token, agent, held, first = await _busy_tunnel(client, tmp_path, monkeypatch)
+    left = asyncio.Event()
+    real_spawn = _deliveries(client).tasks.spawn
+
+    def spawn(coro: Any, name: str) -> Any:
+        if "whose sender left" in name:
+            left.set()
+        return real_spawn(coro, name)
+
+    monkeypatch.setattr(_deliveries(client).tasks, "spawn", spawn)
+    sender = asyncio.create_task(_post(client, b'{"n":"second"}'))
+    opened = await agent.next_request()  # its handler waits for this answer to store both
+    sender.cancel()  # the sender hangs up meanwhile
+    await asyncio.wait_for(left.wait(), WAIT)
+    await agent.answer(opened, 200)
+    await _until(
+        lambda: _statuses_of(client, token, {opened.head.event_id}, "delivered"), "the webhook to be stored"
+    )
+    await agent.answer(held, 200)
+    assert (await asyncio.wait_for(first, WAIT))[0] == 200
+    dispatcher = _dispatcher(client)
+    await _until(lambda: not dispatcher.in_flight and not dispatcher.recording, "both slots back")
+    await _until(lambda: _statuses_of(client, token, set(agent.seen), "delivered"), "both delivered")
+    assert _repeats(agent.seen) == {}
+    await agent.close()
+
+
+async def test_a_webhook_that_cannot_be_stored_after_its_app_answered_gives_its_stream_back(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The insert failed after the first attempt had its answer: cancelling the finished
+    # attempt did nothing, and its stream stayed open on the agent's connection for as
+    # long as the connection lived. This case failed so before.
+    token, agent, held, first = await _busy_tunnel(client, tmp_path, monkeypatch)
+    answered: list[str] = []
+    real_attempt = delivery_module.attempt_agent
+
+    async def attempt_agent(session: Any, event: Any, attempt: int, timeout: float) -> Any:
+        result = await real_attempt(session, event, attempt, timeout)
+        answered.append(event.id)
+        return result
+
+    monkeypatch.setattr(delivery_module, "attempt_agent", attempt_agent)
+    real_submit = GroupCommitter.submit
+    insert: list[asyncio.Future[Any]] = []
+
+    def submit(self: GroupCommitter, op: Any, then: Any = None, **kw: Any) -> asyncio.Future[Any]:
+        monkeypatch.setattr(GroupCommitter, "submit", real_submit)  # the next insert is this one's
+        insert.append(asyncio.get_running_loop().create_future())
+        return insert[0]
+
+    monkeypatch.setattr(GroupCommitter, "submit", submit)
+    second = asyncio.create_task(_post(client, b'{"n":"second"}'))
+    opened = await agent.next_request()
+    await agent.answer(opened, 200)
+    await _until(lambda: insert and answered == [opened.head.event_id], "the app's answer and the insert")
+    insert[0].set_exception(StoreError("injected: the store is down"))  # it fails after the answer
+    status, headers = await asyncio.wait_for(second, WAIT)
+    assert (status, headers.get("X-Relay-Error")) == (503, "store-unavailable")
+    assert opened.head.event_id not in await _statuses(client, token)  # never a false 2xx
+
+    await agent.answer(held, 200)
+    assert (await asyncio.wait_for(first, WAIT))[0] == 200
+    dispatcher = _dispatcher(client)
+    await _until(lambda: not dispatcher.in_flight and not dispatcher.recording, "both slots back")
+    assert [s.open_streams for s in _registry(client).sessions()] == [0]
     await agent.close()
