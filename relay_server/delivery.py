@@ -359,6 +359,9 @@ class Deliveries:
             # the dispatcher off it until the attempt is over (or the server died).
             lease = now + self.config.timeout + 30 if slot else now
             deliveries = [Delivery(0, tunnel, d, "pending", 0, lease) for d in settings.destinations]
+            # The first attempt's delivery as its outcome is settled: due now (the lease is
+            # no schedule: an attempt that never reached the app goes again a second later).
+            first = replace(deliveries[0], next_attempt_at=now)
             # The first attempt starts before the event is committed: the sender waits
             # for the longer of the fsync and the app, not for their sum (or, when other
             # webhooks are in flight, for the app and then one write of both: see
@@ -378,11 +381,11 @@ class Deliveries:
                         handed_over = True
                         commit = self._submit_event(event, deliveries, None)
                         left = self._abandoned_before_commit(
-                            commit, attempt, event, deliveries[0], settings, None
+                            commit, attempt, event, first, settings, dispatcher, None
                         )
                         self.tasks.spawn(left, f"webhook {event.id} whose sender left")
                         raise
-                stored = self._answered(attempt, event, deliveries[0], settings)
+                stored = self._answered(attempt, event, first, settings)
                 if stored is not None:
                     deliveries = [stored]
             commit = self._submit_event(event, deliveries, stored)
@@ -393,15 +396,15 @@ class Deliveries:
                 if attempt is not None:  # the attempt's outcome is recorded once stored
                     handed_over = True
                     left = self._abandoned_before_commit(
-                        commit, attempt, event, deliveries[0], settings, stored
+                        commit, attempt, event, first, settings, dispatcher, stored
                     )
                 else:  # the dispatchers are told once it is stored
                     left = self._queued_after_leaving(commit, event, settings)
                 self.tasks.spawn(left, f"webhook {event.id} whose sender left")
                 raise
             except StoreError as exc:
-                if attempt is not None:
-                    await _cut_short(attempt)
+                if attempt is not None:  # in a task: a sender leaving now cannot stop it halfway
+                    await asyncio.shield(self.tasks.spawn(_cut_short(attempt), f"unstored {event.id}"))
                 self.store_trouble(exc)
                 return relay_error(
                     "store-unavailable", "the relay cannot store this request now; retry later"
@@ -411,7 +414,7 @@ class Deliveries:
                 self._wake_dispatchers(tunnel, settings)
                 return self._queued(event)
             handed_over = True  # the first attempt owns the slot from here
-            delivery = replace(stored or deliveries[0], event_seq=seq)
+            delivery = replace(stored or first, event_seq=seq)
             return await self._first_attempt(
                 attempt, event, delivery, settings, write_response, stored=stored is not None
             )
@@ -559,12 +562,12 @@ class Deliveries:
         event: Event,
         delivery: Delivery,
         settings: TunnelSettings,
+        dispatcher: Dispatcher,
         stored: Delivery | None,
     ) -> None:
         """The sender left while its webhook was being committed (or before): once it is
         stored, finish the attempt as ``_abandoned`` does; if it could not be stored, cut
         it short. ``stored``: the delivery after the attempt, committed with the event."""
-        dispatcher = self.dispatcher(event.tunnel, delivery.destination)
         try:
             seq = await commit
         except StoreError as exc:

@@ -43,7 +43,7 @@ from relay_protocol import (
     Welcome,
 )
 from relay_protocol.errors import RelayError
-from relay_protocol.frames import encode_batch
+from relay_protocol.frames import RESET_REFUSED, encode_batch
 from relay_server import tokens
 from relay_server.app import DELIVERIES, REGISTRY, STORE, create_app
 from relay_server.attempts import AgentExchange
@@ -211,6 +211,10 @@ async def _connect(client: TestClient, tmp_path: Path, auto: int | None = 200, l
     agent = FakeAgent(ws, auto, label)
     await agent.start()
     return agent
+
+
+def _header(opened: Open, name: bytes) -> list[bytes]:
+    return [v for k, v in opened.head.headers if k.lower() == name.lower()]
 
 
 def _repeats(seen: list[str]) -> dict[str, int]:
@@ -847,4 +851,92 @@ async def test_a_webhook_that_cannot_be_stored_after_its_app_answered_gives_its_
     dispatcher = _dispatcher(client)
     await _until(lambda: not dispatcher.in_flight and not dispatcher.recording, "both slots back")
     assert [s.open_streams for s in _registry(client).sessions()] == [0]
+    await agent.close()
+
+
+def _suspended_line(task: asyncio.Task[Any], name: str) -> int | None:
+    """The line at which ``task`` waits inside coroutine function ``name`` (None: not in it)."""
+    coro: Any = task.get_coro()
+    while coro is not None:
+        code = getattr(coro, "cr_code", None)
+        if code is not None and code.co_name == name:
+            return int(coro.cr_frame.f_lineno)
+        coro = getattr(coro, "cr_await", None)
+    return None
+
+
+async def test_a_sender_who_leaves_while_its_unstored_webhook_is_cut_short_leaks_no_stream(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by a review: the cut-short of the answered attempt ran in the sender's
+    # handler, and a sender hanging up at that moment cancelled it halfway, before the
+    # stream was finished: it stayed open on the agent's connection. This case failed so.
+    token, agent, held, first = await _busy_tunnel(client, tmp_path, monkeypatch)
+    real_submit = GroupCommitter.submit
+    insert: list[asyncio.Future[Any]] = []
+    handler: list[asyncio.Task[Any]] = []
+
+    def submit(self: GroupCommitter, op: Any, then: Any = None, **kw: Any) -> asyncio.Future[Any]:
+        monkeypatch.setattr(GroupCommitter, "submit", real_submit)  # the next insert is this one's
+        task = asyncio.current_task()
+        assert task is not None
+        handler.append(task)  # the sender's request handler
+        insert.append(asyncio.get_running_loop().create_future())
+        return insert[0]
+
+    monkeypatch.setattr(GroupCommitter, "submit", submit)
+    second = asyncio.create_task(_post(client, b'{"n":"second"}'))
+    opened = await agent.next_request()
+    await agent.answer(opened, 200)
+    await _until(lambda: insert, "the insert, made once the app answered")
+    await asyncio.sleep(0)
+    committing = _suspended_line(handler[0], "_accept_body")
+    assert committing is not None
+    insert[0].set_exception(StoreError("injected: the store is down"))
+    for _ in range(100):  # until the handler is past the commit, cutting the attempt short
+        await asyncio.sleep(0)
+        if _suspended_line(handler[0], "_accept_body") not in (committing, None):
+            break
+    else:
+        raise AssertionError("the handler never went on from the failed commit")
+    handler[0].cancel()  # the sender hangs up right then
+    await asyncio.wait_for(second, WAIT)
+
+    await agent.answer(held, 200)
+    assert (await asyncio.wait_for(first, WAIT))[0] == 200
+    dispatcher = _dispatcher(client)
+    await _until(lambda: not dispatcher.in_flight and not dispatcher.recording, "both slots back")
+    assert opened.head.event_id not in await _statuses(client, token)
+    await _until(lambda: [s.open_streams for s in _registry(client).sessions()] == [0], "no stream left open")
+    await agent.close()
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["alone", "with others in flight"])
+async def test_a_first_attempt_the_agent_refused_goes_again_a_second_later(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, busy: bool
+) -> None:
+    # The README: an attempt that never reached the app "is made again a second later".
+    # The first attempt's delivery carried its lease (--timeout + 30 s) as its next
+    # attempt, and settling took the later of the two: a minute, not a second. Both
+    # cases failed so before.
+    if busy:
+        token, agent, held, first = await _busy_tunnel(client, tmp_path, monkeypatch)
+    else:
+        token = _token(client, tmp_path)
+        agent = await _connect(client, tmp_path, auto=None)
+    sender = asyncio.create_task(_post(client, b'{"n":"refused"}'))
+    opened = await agent.next_request()
+    await agent.ws.send_bytes(agent.conn.send(Reset(opened.stream_id, RESET_REFUSED, "not now")))
+    status, headers = await asyncio.wait_for(sender, WAIT)
+    assert (status, headers["X-Relay-Event"]) == (202, opened.head.event_id)
+    again = await agent.next_request()  # within WAIT (10 s), not a minute later
+    assert again.head.event_id == opened.head.event_id
+    assert _header(again, b"X-Relay-Attempt") == [b"2"]
+    await agent.answer(again, 200)
+    await _until(lambda: _statuses_of(client, token, {opened.head.event_id}, "delivered"), "its delivery")
+    shown = (await _event(client, token, opened.head.event_id))["deliveries"][0]
+    assert [a["status"] for a in shown["history"]] == [None, 200]  # the refusal spent no step
+    if busy:
+        await agent.answer(held, 200)
+        assert (await asyncio.wait_for(first, WAIT))[0] == 200
     await agent.close()
