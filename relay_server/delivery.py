@@ -409,6 +409,10 @@ class Deliveries:
                 return relay_error(
                     "store-unavailable", "the relay cannot store this request now; retry later"
                 )
+            except Exception:  # a bug in the insert: not stored, and the sender gets 500
+                if attempt is not None:
+                    await asyncio.shield(self.tasks.spawn(_cut_short(attempt), f"unstored {event.id}"))
+                raise
             event = replace(event, seq=seq)
             if attempt is None:
                 self._wake_dispatchers(tunnel, settings)

@@ -940,3 +940,40 @@ async def test_a_first_attempt_the_agent_refused_goes_again_a_second_later(
         await agent.answer(held, 200)
         assert (await asyncio.wait_for(first, WAIT))[0] == 200
     await agent.close()
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["alone", "with others in flight"])
+async def test_an_insert_that_fails_with_a_bug_cuts_its_first_attempt_short(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, busy: bool
+) -> None:
+    # Found by a review: only StoreError cut the first attempt short; a bug in the
+    # insert (any other exception) left its stream open on the agent's connection.
+    if busy:
+        token, agent, held, first = await _busy_tunnel(client, tmp_path, monkeypatch)
+    else:
+        token = _token(client, tmp_path)
+        agent = await _connect(client, tmp_path, auto=None)
+    real = Store.insert_event_op
+
+    def insert_event_op(event: Any, deliveries: Any) -> Callable[[sqlite3.Connection], int]:
+        monkeypatch.setattr(Store, "insert_event_op", staticmethod(real))  # this one only
+
+        def op(db: sqlite3.Connection) -> int:
+            raise RuntimeError("injected: a bug in the insert")
+
+        return op
+
+    monkeypatch.setattr(Store, "insert_event_op", staticmethod(insert_event_op))
+    sender = asyncio.create_task(_post(client, b'{"n":"bug"}'))
+    opened = await agent.next_request()
+    await agent.answer(opened, 200)
+    status, _ = await asyncio.wait_for(sender, WAIT)
+    assert status == 500  # never a false 2xx
+    assert opened.head.event_id not in await _statuses(client, token)
+    if busy:
+        await agent.answer(held, 200)
+        assert (await asyncio.wait_for(first, WAIT))[0] == 200
+    dispatcher = _dispatcher(client)
+    await _until(lambda: not dispatcher.in_flight and not dispatcher.recording, "the slots back")
+    await _until(lambda: [s.open_streams for s in _registry(client).sessions()] == [0], "no stream left open")
+    await agent.close()
