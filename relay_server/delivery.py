@@ -402,17 +402,15 @@ class Deliveries:
                     left = self._queued_after_leaving(commit, event, settings)
                 self.tasks.spawn(left, f"webhook {event.id} whose sender left")
                 raise
-            except StoreError as exc:
+            except Exception as exc:  # not stored: a failing store (503), or a bug (500)
                 if attempt is not None:  # in a task: a sender leaving now cannot stop it halfway
                     await asyncio.shield(self.tasks.spawn(_cut_short(attempt), f"unstored {event.id}"))
+                if not isinstance(exc, StoreError):
+                    raise
                 self.store_trouble(exc)
                 return relay_error(
                     "store-unavailable", "the relay cannot store this request now; retry later"
                 )
-            except Exception:  # a bug in the insert: not stored, and the sender gets 500
-                if attempt is not None:
-                    await asyncio.shield(self.tasks.spawn(_cut_short(attempt), f"unstored {event.id}"))
-                raise
             event = replace(event, seq=seq)
             if attempt is None:
                 self._wake_dispatchers(tunnel, settings)

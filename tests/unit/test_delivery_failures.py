@@ -739,6 +739,26 @@ async def _busy_tunnel(
     return token, agent, await agent.next_request(), first
 
 
+async def _tunnel(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, busy: bool
+) -> tuple[str, FakeAgent, Open | None, asyncio.Task[tuple[int | None, dict[str, str]]] | None]:
+    """Alice's tunnel with an agent the test answers by hand: busy as ``_busy_tunnel``
+    makes it (its held webhook and that sender), or with nothing in flight (None, None)."""
+    if busy:
+        return await _busy_tunnel(client, tmp_path, monkeypatch)
+    token = _token(client, tmp_path)
+    return token, await _connect(client, tmp_path, auto=None), None, None
+
+
+async def _answer_held(
+    agent: FakeAgent, held: Open | None, first: asyncio.Task[tuple[int | None, dict[str, str]]] | None
+) -> None:
+    """Answer the webhook ``_busy_tunnel`` left in the app's hands (if any): its sender gets 200."""
+    if held is not None and first is not None:
+        await agent.answer(held, 200)
+        assert (await asyncio.wait_for(first, WAIT))[0] == 200
+
+
 @pytest.mark.parametrize(
     ("answer", "sender_gets", "stored_as", "waiting"),
     [(200, 200, "delivered", 0), (503, 202, "retrying", 1), (410, 410, "dead", 0)],
@@ -803,8 +823,7 @@ async def test_a_sender_who_leaves_while_its_first_answer_is_awaited_still_has_i
     await _until(
         lambda: _statuses_of(client, token, {opened.head.event_id}, "delivered"), "the webhook to be stored"
     )
-    await agent.answer(held, 200)
-    assert (await asyncio.wait_for(first, WAIT))[0] == 200
+    await _answer_held(agent, held, first)
     dispatcher = _dispatcher(client)
     await _until(lambda: not dispatcher.in_flight and not dispatcher.recording, "both slots back")
     await _until(lambda: _statuses_of(client, token, set(agent.seen), "delivered"), "both delivered")
@@ -846,8 +865,7 @@ async def test_a_webhook_that_cannot_be_stored_after_its_app_answered_gives_its_
     assert (status, headers.get("X-Relay-Error")) == (503, "store-unavailable")
     assert opened.head.event_id not in await _statuses(client, token)  # never a false 2xx
 
-    await agent.answer(held, 200)
-    assert (await asyncio.wait_for(first, WAIT))[0] == 200
+    await _answer_held(agent, held, first)
     dispatcher = _dispatcher(client)
     await _until(lambda: not dispatcher.in_flight and not dispatcher.recording, "both slots back")
     assert [s.open_streams for s in _registry(client).sessions()] == [0]
@@ -902,8 +920,7 @@ async def test_a_sender_who_leaves_while_its_unstored_webhook_is_cut_short_leaks
     handler[0].cancel()  # the sender hangs up right then
     await asyncio.wait_for(second, WAIT)
 
-    await agent.answer(held, 200)
-    assert (await asyncio.wait_for(first, WAIT))[0] == 200
+    await _answer_held(agent, held, first)
     dispatcher = _dispatcher(client)
     await _until(lambda: not dispatcher.in_flight and not dispatcher.recording, "both slots back")
     assert opened.head.event_id not in await _statuses(client, token)
@@ -919,11 +936,7 @@ async def test_a_first_attempt_the_agent_refused_goes_again_a_second_later(
     # The first attempt's delivery carried its lease (--timeout + 30 s) as its next
     # attempt, and settling took the later of the two: a minute, not a second. Both
     # cases failed so before.
-    if busy:
-        token, agent, held, first = await _busy_tunnel(client, tmp_path, monkeypatch)
-    else:
-        token = _token(client, tmp_path)
-        agent = await _connect(client, tmp_path, auto=None)
+    token, agent, held, first = await _tunnel(client, tmp_path, monkeypatch, busy)
     sender = asyncio.create_task(_post(client, b'{"n":"refused"}'))
     opened = await agent.next_request()
     await agent.ws.send_bytes(agent.conn.send(Reset(opened.stream_id, RESET_REFUSED, "not now")))
@@ -936,9 +949,7 @@ async def test_a_first_attempt_the_agent_refused_goes_again_a_second_later(
     await _until(lambda: _statuses_of(client, token, {opened.head.event_id}, "delivered"), "its delivery")
     shown = (await _event(client, token, opened.head.event_id))["deliveries"][0]
     assert [a["status"] for a in shown["history"]] == [None, 200]  # the refusal spent no step
-    if busy:
-        await agent.answer(held, 200)
-        assert (await asyncio.wait_for(first, WAIT))[0] == 200
+    await _answer_held(agent, held, first)
     await agent.close()
 
 
@@ -948,11 +959,7 @@ async def test_an_insert_that_fails_with_a_bug_cuts_its_first_attempt_short(
 ) -> None:
     # Found by a review: only StoreError cut the first attempt short; a bug in the
     # insert (any other exception) left its stream open on the agent's connection.
-    if busy:
-        token, agent, held, first = await _busy_tunnel(client, tmp_path, monkeypatch)
-    else:
-        token = _token(client, tmp_path)
-        agent = await _connect(client, tmp_path, auto=None)
+    token, agent, held, first = await _tunnel(client, tmp_path, monkeypatch, busy)
     real = Store.insert_event_op
 
     def insert_event_op(event: Any, deliveries: Any) -> Callable[[sqlite3.Connection], int]:
@@ -970,9 +977,7 @@ async def test_an_insert_that_fails_with_a_bug_cuts_its_first_attempt_short(
     status, _ = await asyncio.wait_for(sender, WAIT)
     assert status == 500  # never a false 2xx
     assert opened.head.event_id not in await _statuses(client, token)
-    if busy:
-        await agent.answer(held, 200)
-        assert (await asyncio.wait_for(first, WAIT))[0] == 200
+    await _answer_held(agent, held, first)
     dispatcher = _dispatcher(client)
     await _until(lambda: not dispatcher.in_flight and not dispatcher.recording, "the slots back")
     await _until(lambda: [s.open_streams for s in _registry(client).sessions()] == [0], "no stream left open")
