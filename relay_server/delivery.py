@@ -113,6 +113,15 @@ class BodyBudget:
         self.held -= size
 
 
+class _Held:
+    """The bytes of the body budget one webhook holds (``Deliveries.accept`` gives them back)."""
+
+    __slots__ = ("size",)
+
+    def __init__(self) -> None:
+        self.size = 0
+
+
 def new_event_id() -> str:
     # Sortable by time (milliseconds), unique by 48 random bits.
     return f"evt_{int(time.time() * 1000):012x}{os.urandom(6).hex()}"
@@ -278,24 +287,25 @@ class Deliveries:
         length = request.content_length
         if full := self._queue_full(tunnel, length or 0):
             return full
-        reserved = 0
-        try:
+        held = _Held()
+        try:  # the budget goes back however this ends: answered, refused, the sender gone
             if length is not None:
                 if not self.bodies.take(length):
                     return _busy()
-                reserved = length
-            body, reserved = await self._read_body(request, reserved)
-        except _BodyRefused as refused:
-            return refused.response
-        try:
+                held.size = length
+            try:
+                body = await self._read_body(request, held)
+            except _BodyRefused as refused:
+                return refused.response
             return await self._accept_body(request, tunnel, user, head, settings, write_response, body)
         finally:
-            self.bodies.give(reserved)
+            self.bodies.give(held.size)
 
-    async def _read_body(self, request: web.Request, reserved: int) -> tuple[bytes, int]:
-        """The body (at most ``max_body`` + 1 bytes), and the bytes of budget now reserved
-        for it. Raises ``_BodyRefused`` (its budget given back) when the sender is too slow
-        or, without a Content-Length, the budget runs out."""
+    async def _read_body(self, request: web.Request, held: _Held) -> bytes:
+        """The body (at most ``max_body`` + 1 bytes). Without a Content-Length, each chunk
+        is taken from the budget as it comes, into ``held``. Raises ``_BodyRefused`` when
+        the sender is too slow or, without a Content-Length, the budget runs out; whatever
+        else the sender's connection raises (it went away) passes through."""
         chunks: list[bytes] = []
         size = 0
         unknown_length = request.content_length is None
@@ -307,20 +317,16 @@ class Deliveries:
                     if unknown_length:
                         if not self.bodies.take(len(chunk)):
                             raise _BodyRefused(_busy())
-                        reserved += len(chunk)
+                        held.size += len(chunk)
                     chunks.append(chunk)
                     size += len(chunk)
         except TimeoutError:
-            self.bodies.give(reserved)
             response = relay_error(
                 "body-timeout", f"the request body did not arrive within {self.config.body_timeout:g}s"
             )
             response.force_close()  # the rest of the body is not read
             raise _BodyRefused(response) from None
-        except _BodyRefused:
-            self.bodies.give(reserved)
-            raise
-        return b"".join(chunks), reserved
+        return b"".join(chunks)
 
     async def _accept_body(
         self,

@@ -147,3 +147,46 @@ async def test_quota_is_checked_before_a_byte_of_the_body_is_read(relay: Relay) 
         reply = await fetch(http, "POST", server.url("/t/alice/small"), server.apex, body=b"{}")
         assert reply.status == 202
     await until(lambda: len(stored(relay, server, alice)) == 1, 30, "one stored event")
+
+
+async def _status_of(server: RelayServer, size: int) -> tuple[int, str]:
+    """The status and X-Relay-Error a webhook of ``size`` bytes gets from alice's tunnel."""
+    async with client_session() as http:
+        reply = await fetch(http, "POST", server.url("/t/alice/probe"), server.apex, body=b"p" * size)
+    error = next((value for name, value in reply.headers if name.lower() == "x-relay-error"), "")
+    return reply.status, error
+
+
+async def _is(server: RelayServer, expected: tuple[int, str]) -> bool:
+    return await _status_of(server, 400 * 1024) == expected
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_a_sender_who_leaves_mid_body_gives_its_share_of_the_body_budget_back(
+    relay: Relay, framing: str
+) -> None:
+    # Found by a review: a sender that hung up while its body was read kept its share of
+    # --body-budget for good, so 34 dropped uploads (a few KB of traffic, no token) had
+    # every tenant's webhooks answered 503 server-busy until the server restarted.
+    server = relay.server("--body-budget", str(MIB), "--body-timeout", "300")
+    alice = server.token("alice")
+    claim(relay, server, alice)
+    held = 700 * 1024  # of the 1 MiB budget: a 400 KiB webhook no longer fits beside it
+    _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        if framing == "content-length":
+            writer.write(head(server, held) + b"x" * 1000)
+        else:  # taken chunk by chunk as read: one whole chunk, and no last chunk
+            writer.write(
+                f"POST /t/alice/upload HTTP/1.1\r\nHost: {server.apex}\r\nTransfer-Encoding: chunked\r\n\r\n"
+                f"{held:x}\r\n".encode()
+                + b"x" * held
+                + b"\r\n"
+            )
+        await writer.drain()
+        # The server holds the upload's share once the 400 KiB webhook is refused.
+        await until(lambda: _is(server, (503, "server-busy")), 60, "the budget taken by the upload")
+    finally:
+        writer.transport.abort()
+    # Gone, the sender's share comes back: the same webhook is now stored.
+    await until(lambda: _is(server, (202, "")), 60, "the budget given back")
