@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from .errors import StoreError
+from .errors import StoreError, StoreFull
 from .store import Store
 from .tasks import Tasks
 
@@ -198,24 +198,36 @@ class GroupCommitter:
             results = self._commit_now(ops) if _fits_the_loop(batch) else None
             if results is None:
                 results = await asyncio.to_thread(self.store.transaction, ops)
+        except StoreFull as exc:
+            if len(batch) == 1:
+                self._fail(batch, exc)
+                return
+            # Full: new events are refused, but what the others write (an attempt's
+            # outcome, in the room kept for it) must not fail with them.
+            await self._one_by_one(batch)
+            return
         except StoreError as exc:
             self._fail(batch, exc)
             return
         except Exception:
             # A bug in one operation rolled back the whole batch: run each alone, so
             # only the faulty one fails.
-            for op, future, then, _ in batch:
-                try:
-                    (result,) = await asyncio.to_thread(self.store.transaction, [op])
-                except Exception as exc:
-                    if not future.done():
-                        future.set_exception(exc)
-                else:
-                    self._answer(future, then, result)
+            await self._one_by_one(batch)
             return
         for (_, future, then, _), result in zip(batch, results, strict=True):
             self._answer(future, then, result)
         self._checkpoint_if_due()
+
+    async def _one_by_one(self, batch: list[Pending]) -> None:
+        """Commit each operation of ``batch`` alone, in a thread: one failing fails alone."""
+        for op, future, then, _ in batch:
+            try:
+                (result,) = await asyncio.to_thread(self.store.transaction, [op])
+            except Exception as exc:
+                if not future.done():
+                    future.set_exception(exc)
+            else:
+                self._answer(future, then, result)
 
     def _checkpoint_if_due(self) -> None:
         """Start a checkpoint in a thread when the WAL holds more than ``CHECKPOINT_BYTES``

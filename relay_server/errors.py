@@ -24,3 +24,8 @@ class StoreError(RelayError):
 class StoreFull(StoreError):
     """The store reached its size cap (``--store-max-bytes``) or the disk is full,
     and no finished event was left to purge."""
+
+
+class NoRoomForEvents(StoreFull):
+    """New events filled their share of ``--store-max-bytes``: the rest is kept for the
+    outcomes of the events already waiting (``relay_server.store.RECORD_RESERVE``)."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import StoreError, StoreFull
+from .errors import NoRoomForEvents, StoreError, StoreFull
 from .tokens import Claims
 
 log = logging.getLogger("relay.server")
@@ -132,6 +132,14 @@ MAX_ATTEMPTS_KEPT = 50
 PRESSURE_PURGE = 500
 #: Rounds of that purge for one transaction before it gives up with ``StoreFull``.
 PRESSURE_ROUNDS = 20
+#: Share of ``--store-max-bytes`` new events may never fill (at most
+#: ``RECORD_RESERVE_MAX``): it is kept for what the events already stored need written,
+#: their attempts' outcomes. Without it, a store full of waiting events could not record
+#: one outcome, and every tenant's deliveries stopped until ``--max-age`` killed the
+#: events (a review filled a 1 MB store with 194 of them: nothing more was delivered,
+#: across restarts). An outcome is a row update and one history row (about 100 bytes).
+RECORD_RESERVE = 1 / 8
+RECORD_RESERVE_MAX = 64 * 1024 * 1024
 #: Seconds between two log lines about purges under pressure (each says how many).
 PRESSURE_LOG_INTERVAL = 30.0
 #: Milliseconds a connection waits for SQLite's write lock held by another connection
@@ -239,6 +247,28 @@ def _store_error(exc: sqlite3.Error) -> StoreError:
     return StoreError(f"store write failed: {exc}")
 
 
+class _Connection(sqlite3.Connection):
+    """A connection of the store; the writer's knows the pages new events may fill
+    (``event_pages``; None: up to the cap or the disk) and its ``page_size``."""
+
+    event_pages: int | None = None
+    page_size = 4096
+
+
+def _room_for_event(db: sqlite3.Connection, size: int) -> None:
+    """Raise ``NoRoomForEvents`` if a new event of ``size`` body bytes would take pages
+    kept for outcomes (``RECORD_RESERVE``). Pages freed by deleted rows count as room."""
+    limit = db.event_pages if isinstance(db, _Connection) else None
+    if limit is None:
+        return
+    needed = size // db.page_size + 1  # and a head of at most a page: its row shares one
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    if pages + needed <= limit:
+        return
+    if pages - db.execute("PRAGMA freelist_count").fetchone()[0] + needed > limit:
+        raise NoRoomForEvents("store full: the room left is kept for the outcomes of the events waiting")
+
+
 def _end_waiting(db: sqlite3.Connection, tunnel: str, owner: str | None, reason: str) -> int:
     """Make the waiting deliveries of ``tunnel``'s events not owned by ``owner`` (None: any
     owner) dead with ``reason``; returns how many events that was."""
@@ -302,9 +332,13 @@ class Store:
             raise StoreError(f"cannot open the store in {data_dir}: {exc}") from exc
 
     @staticmethod
-    def _connect(data_dir: Path, max_bytes: int | None) -> sqlite3.Connection:
+    def _connect(data_dir: Path, max_bytes: int | None) -> _Connection:
         db = sqlite3.connect(
-            data_dir / DB_FILE, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
+            data_dir / DB_FILE,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=BUSY_TIMEOUT_MS / 1000,
+            factory=_Connection,
         )
         db.execute("PRAGMA journal_mode=WAL")
         # An acknowledged event must survive a power cut: fsync at every commit
@@ -312,8 +346,10 @@ class Store:
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA foreign_keys=ON")
         if max_bytes is not None:
-            page_size = db.execute("PRAGMA page_size").fetchone()[0]
-            db.execute(f"PRAGMA max_page_count = {max(1, max_bytes // page_size)}")
+            db.page_size = db.execute("PRAGMA page_size").fetchone()[0]
+            db.execute(f"PRAGMA max_page_count = {max(1, max_bytes // db.page_size)}")
+            reserve = min(int(max_bytes * RECORD_RESERVE), RECORD_RESERVE_MAX)
+            db.event_pages = max(1, (max_bytes - reserve) // db.page_size)
         return db
 
     def close(self) -> None:
@@ -430,15 +466,22 @@ class Store:
         When the store is full (``--store-max-bytes`` or the disk), finished events
         (every delivery delivered or dead) are purged oldest first, before their
         retention, and the transaction is tried again: a new webhook is refused only
-        when nothing finished is left. Raises ``StoreFull`` then, ``StoreError`` for
-        any other failure (I/O error), with nothing written.
+        when nothing finished is left (``NoRoomForEvents`` once new events fill their
+        share, ``RECORD_RESERVE``). When nothing finished is left and the store is full
+        all the same (the disk, or the reserve spent), the oldest attempts' history goes
+        instead, so that outcomes are still written and deliveries go on. Raises
+        ``StoreFull`` when neither is left, ``StoreError`` for any other failure (I/O
+        error), with nothing written.
         """
         with self._lock:
             for _ in range(PRESSURE_ROUNDS):
                 try:
                     return self._transaction(ops)
-                except StoreFull:
+                except NoRoomForEvents:
                     if not self._purge_finished(PRESSURE_PURGE):
+                        raise
+                except StoreFull:
+                    if not self._purge_finished(PRESSURE_PURGE) and not self._trim_history(PRESSURE_PURGE):
                         raise
             return self._transaction(ops)
 
@@ -510,6 +553,20 @@ class Store:
                 self._db.execute("ROLLBACK")
         except sqlite3.Error as exc:
             raise StoreError(f"the store cannot be written: {exc}") from exc
+
+    def _trim_history(self, limit: int) -> int:
+        """Delete the ``limit`` oldest rows of attempts' history; how many went (0 on failure).
+        Each delivery's own row keeps its last outcome."""
+        try:
+            deleted = self._db.execute(
+                "DELETE FROM attempts WHERE rowid IN (SELECT rowid FROM attempts ORDER BY at LIMIT ?)",
+                (limit,),
+            ).rowcount
+        except sqlite3.Error:
+            return 0
+        if deleted:
+            log.warning("store full with events waiting: deleted the %d oldest attempts' history", deleted)
+        return deleted
 
     def _purge_finished(self, limit: int) -> int:
         """Delete up to ``limit`` finished events, oldest first; how many went (0 on failure)."""
@@ -673,6 +730,7 @@ class Store:
         before the event was stored): it is stored with its history, in one write."""
 
         def op(db: sqlite3.Connection) -> int:
+            _room_for_event(db, len(event.body))
             headers = json.dumps([[k.decode("latin-1"), v.decode("latin-1")] for k, v in event.headers])
             cursor = db.execute(
                 "INSERT INTO events (id, tunnel, user, received_at, method, target, headers, client, body)"

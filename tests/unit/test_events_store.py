@@ -20,7 +20,7 @@ import pytest
 import relay_server.commits as commits_module
 import relay_server.store as store_module
 from relay_server.commits import GroupCommitter
-from relay_server.errors import StoreError, StoreFull
+from relay_server.errors import NoRoomForEvents, StoreError, StoreFull
 from relay_server.store import DB_FILE, MIGRATIONS, Delivery, Event, Store
 
 ANY = "agent:*"
@@ -1025,6 +1025,92 @@ def test_expire_kills_only_waiting_deliveries_past_their_max_age(store: Store) -
     assert store.deliveries(replayed)[0].status == "pending"
     assert store.deliveries(young)[0].status == "pending"
     assert store.pending_totals() == {"alice": (2, 2 * len(b'{"n":1}'))}
+
+
+def _fill_with_waiting(store: Store, size: int = 2048) -> list[int]:
+    """Insert waiting events of ``size`` bytes until the store refuses one; their seqs."""
+    waiting: list[int] = []
+    with pytest.raises(NoRoomForEvents):
+        for i in range(10_000):
+            waiting.append(_insert(store, _event(f"evt_{i}", body=b"x" * size)))
+    return waiting
+
+
+def _failed(store: Store, seq: int, attempt: int) -> Callable[[sqlite3.Connection], bool]:
+    """The write of attempt number ``attempt`` of ``seq`` failing (503: retried)."""
+    [current] = store.deliveries(seq)
+    return Store.update_delivery_op(
+        replace(
+            current,
+            status="retrying",
+            attempts=attempt,
+            failures=attempt,
+            last_status=503,
+            next_attempt_at=5.0,
+        )
+    )
+
+
+def test_a_store_full_of_waiting_events_still_records_every_outcome(tmp_path: Path) -> None:
+    # Found by a review: new events filled a capped store to its last page, so the
+    # outcome of their next attempt (a row update and a history row) could not be
+    # written; recording stopped every dispatcher, for every tenant, across restarts.
+    # New events now leave RECORD_RESERVE to outcomes, and once that is spent too the
+    # oldest history goes, never an outcome.
+    store = Store(tmp_path, max_bytes=SMALL_STORE)
+    try:
+        waiting = _fill_with_waiting(store)
+        assert len(waiting) >= 20
+        rounds = 30  # 30 history rows per event: far more than the reserve holds
+        for attempt in range(1, rounds + 1):
+            assert store.transaction([_failed(store, seq, attempt) for seq in waiting]) == [True] * len(
+                waiting
+            )
+        for seq in waiting:
+            [delivery] = store.deliveries(seq)
+            assert (delivery.status, delivery.attempts, delivery.last_status) == ("retrying", rounds, 503)
+            assert store.attempts(seq)[-1].attempt == rounds  # the newest history is kept
+        # And the event that comes next is refused still: the room is the outcomes'.
+        with pytest.raises(NoRoomForEvents):
+            _insert(store, _event("evt_refused", body=b"x" * 2048))
+        # Delivered, the events make room again.
+        store.transaction(
+            [
+                Store.update_delivery_op(
+                    replace(
+                        store.deliveries(seq)[0],
+                        status="delivered",
+                        next_attempt_at=None,
+                        attempts=rounds + 1,
+                        last_status=200,
+                    )
+                )
+                for seq in waiting
+            ]
+        )
+        _insert(store, _event("evt_after", body=b"x" * 2048))
+    finally:
+        store.close()
+
+
+async def test_a_full_store_refuses_the_new_events_of_a_batch_not_the_outcomes_beside_them(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path, max_bytes=SMALL_STORE)
+    waiting = _fill_with_waiting(store)
+    commits = GroupCommitter(store)
+    commits.start()
+    try:
+        outcome = asyncio.ensure_future(commits.write(_failed(store, waiting[0], 1)))
+        new = asyncio.ensure_future(commits.write(Store.insert_event_op(_event("evt_new"), [_queued()])))
+        await asyncio.wait_for(asyncio.wait((outcome, new)), 10)
+        assert outcome.result() is True
+        assert isinstance(new.exception(), NoRoomForEvents)
+        assert store.deliveries(waiting[0])[0].attempts == 1
+        assert store.find_event("alice", "evt_new") is None
+    finally:
+        await commits.stop()
+        store.close()
 
 
 def test_a_full_store_never_purges_a_waiting_event(tmp_path: Path) -> None:
