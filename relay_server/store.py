@@ -258,9 +258,9 @@ class _Connection(sqlite3.Connection):
 def _room_for_event(db: sqlite3.Connection, size: int) -> None:
     """Raise ``NoRoomForEvents`` if a new event of ``size`` body bytes would take pages
     kept for outcomes (``RECORD_RESERVE``). Pages freed by deleted rows count as room."""
-    limit = db.event_pages if isinstance(db, _Connection) else None
-    if limit is None:
+    if not isinstance(db, _Connection) or db.event_pages is None:
         return
+    limit = db.event_pages
     needed = size // db.page_size + 1  # and a head of at most a page: its row shares one
     pages = db.execute("PRAGMA page_count").fetchone()[0]
     if pages + needed <= limit:
