@@ -191,20 +191,26 @@ _refusal: contextvars.ContextVar[tuple[int, Headers, bytes] | None] = contextvar
 )
 
 
+#: The headers of the target's 101, as it sent them (``_keep_answer``).
+_upgraded: contextvars.ContextVar[Headers] = contextvars.ContextVar("relay_upgraded", default=())
+
+
 class _NotUpgraded(Exception):
     """The target answered an upgrade with a redirect: it is not followed (the agent dials
     only its target), it goes back to the client."""
 
 
-async def _keep_refusal(
+async def _keep_answer(
     session: aiohttp.ClientSession,
     context: object,
     params: aiohttp.TraceRequestEndParams | aiohttp.TraceRequestRedirectParams,
 ) -> None:
-    """aiohttp trace callback (``on_request_end``, ``on_request_redirect``): keep an answer
-    that is not a 101, body included (``ws_connect`` would drop it), and stop a redirect."""
+    """aiohttp trace callback (``on_request_end``, ``on_request_redirect``): keep the
+    headers of a 101 and an answer that is not a 101, body included (``ws_connect`` keeps
+    neither), and stop a redirect."""
     response = params.response
     if response.status == 101:
+        _upgraded.set(tuple(response.raw_headers))
         return
     _refusal.set((response.status, tuple(response.raw_headers), await response.read()))
     if isinstance(params, aiohttp.TraceRequestRedirectParams):
@@ -213,8 +219,8 @@ async def _keep_refusal(
 
 def _upgrade_traces() -> list[aiohttp.TraceConfig]:
     trace = aiohttp.TraceConfig()
-    trace.on_request_end.append(_keep_refusal)
-    trace.on_request_redirect.append(_keep_refusal)
+    trace.on_request_end.append(_keep_answer)
+    trace.on_request_redirect.append(_keep_answer)
     return [trace]
 
 
@@ -435,6 +441,7 @@ async def forward_websocket(
     handshake = (*WEBSOCKET_HANDSHAKE, b"sec-websocket-protocol", b"upgrade")
     exact = _exact_headers.set(without(outgoing_headers(head, config), *handshake))
     _refusal.set(None)
+    _upgraded.set(())
     try:
         ws = await session.ws_connect(
             url,
@@ -460,8 +467,11 @@ async def forward_websocket(
     finally:
         _exact_headers.reset(exact)
     async with ws:
+        # The target's own 101 headers go back (a Set-Cookie, say) but for the handshake's,
+        # which the relay's two handshakes make: the protocol is the one it chose.
         chosen = ((b"Sec-WebSocket-Protocol", ws.protocol.encode("latin-1")),) if ws.protocol else ()
-        await link.respond(ResponseHead(101, chosen), end=False)
+        own = without(strip_hop_by_hop(_upgraded.get()), *handshake, b"content-length")
+        await link.respond(ResponseHead(101, (*own, *chosen)), end=False)
         to_target = asyncio.create_task(_server_to_target(ws, link))
         try:
             await _target_to_server(ws, link)

@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from aiohttp import web
-from multidict import CIMultiDict
 
 from relay_protocol import LocalProtocolError, RelayError, RequestHead, ResponseHead, TooManyStreams
 from relay_protocol.frames import RESET_BAD_RESPONSE, RESET_TARGET_TIMEOUT, RESET_TARGET_UNREACHABLE
@@ -38,6 +37,7 @@ from .delivery import Deliveries
 from .names import BadHost, PublicOrigin, is_valid_name, normalize_host
 from .public_errors import relay_error
 from .registry import InFlight, Registry
+from .relayed import ExactHead
 from .session import AgentSession, Stream, StreamFailed
 from .store import Store
 from .upgrade import relay_websocket
@@ -176,13 +176,6 @@ def response_framing(method: str, head: ResponseHead) -> tuple[bool, int | None]
     return has_body, length
 
 
-def _serialize_head(status_line: str, headers: CIMultiDict[str]) -> bytes:
-    # Header strings hold one character per byte (latin-1), so the bytes the local
-    # service sent are written back unchanged.
-    lines = [status_line, *(f"{name}: {value}" for name, value in headers.items()), "", ""]
-    return "\r\n".join(lines).encode("latin-1")
-
-
 def _escapes_root(path: str) -> bool:
     """True if ``path``'s dot-segments (plain or percent-encoded) climb above its root."""
     depth = 0
@@ -217,14 +210,8 @@ def route(host: str, raw_target: str, origin: PublicOrigin) -> TunnelRoute | Ape
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class RelayedResponse(CountedResponse):
-    """A response carrying exactly the local service's headers.
-
-    aiohttp adds ``Content-Type: application/octet-stream`` to a body that has
-    none; a relay must not invent headers, so that default is taken back out.
-    (``_prepare_headers`` is aiohttp's hook between building and writing the
-    head; the httpbin fidelity tests catch any change to it.)
-    """
+class RelayedResponse(ExactHead, CountedResponse):
+    """A response carrying exactly the local service's head (``relayed.ExactHead``)."""
 
     #: The head waits for the first body bytes, to leave in one write with them; the
     #: ingress sends it alone (``send_head``) when no body bytes are there yet.
@@ -235,28 +222,6 @@ class RelayedResponse(CountedResponse):
         event stream: the client must see the head without waiting for it)."""
         if self._payload_writer is not None:
             self._payload_writer.send_headers()
-
-    async def _prepare_headers(self) -> None:
-        had_type = "Content-Type" in self.headers
-        await super()._prepare_headers()
-        if not had_type:
-            self.headers.popall("Content-Type", None)
-
-    async def _write_headers(self) -> None:
-        """Write the head as bytes: aiohttp encodes header strings as UTF-8, which
-        would turn an obs-text byte (``caf\\xe9``) into two. The header strings are
-        latin-1 decoded bytes, and go out latin-1 encoded: byte for byte. aiohttp's
-        own ``write_headers`` still runs (its hooks, its checks), then its buffer is
-        replaced; a raw-socket test pins this."""
-        request = self._req
-        writer = self._payload_writer
-        assert request is not None and writer is not None
-        status_line = f"HTTP/{request.version[0]}.{request.version[1]} {self.status} {self.reason}"
-        await writer.write_headers(status_line, self.headers)
-        if getattr(writer, "_headers_buf", None) is not None:
-            writer._headers_buf = _serialize_head(status_line, self.headers)  # type: ignore[attr-defined]
-        if self._send_headers_immediately:
-            writer.send_headers()
 
 
 class Ingress:

@@ -19,6 +19,7 @@ from relay_protocol.headers import WEBSOCKET_HANDSHAKE, header_value, strip_hop_
 from relay_protocol.limits import MAX_WEBSOCKET_MESSAGE
 from relay_protocol.messages import Kind, Message, MessageDecoder, encode_message
 
+from .relayed import ExactHead
 from .session import AgentSession, Stream, StreamFailed
 
 log = logging.getLogger("relay.server")
@@ -54,11 +55,16 @@ class Idle:
             await asyncio.sleep(left)
 
 
+class RelayedWebSocketResponse(ExactHead, web.WebSocketResponse):
+    """The public side of a relayed websocket: its 101 carries the local service's
+    headers as it sent them (``relayed.ExactHead``)."""
+
+
 async def relay_websocket(
     request: web.Request, session: AgentSession, stream: Stream, head: ResponseHead, idle_limit: float
 ) -> web.WebSocketResponse:
     protocol = header_value(head.headers, b"sec-websocket-protocol")
-    ws = web.WebSocketResponse(
+    ws = RelayedWebSocketResponse(
         protocols=(protocol.decode("latin-1"),) if protocol else (),
         autoping=False,  # pings and pongs are relayed end to end, not answered here
         max_msg_size=MAX_WEBSOCKET_MESSAGE,

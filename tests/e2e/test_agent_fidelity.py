@@ -36,7 +36,10 @@ ANSWERS = {
     b"/too-long-line": _answer(b"X-Huge: " + b"h" * (20 * 1024)),
     b"/too-many-fields": _answer(*(b"X-F%d: v" % i for i in range(300))),
     b"/bad-status-line": b"garbage, not HTTP\r\n\r\n",
+    b"/own-server": _answer(b"Server: my-app/1.0", b"Content-Type: text/plain"),
 }
+#: The target's own headers on its 101, besides the handshake's.
+UPGRADED = [b"Set-Cookie: a=1", b"Set-Cookie: b=2", b"X-App: caf\xe9"]
 #: Seconds for the relay to record an attempt (it records in the background).
 DELIVERED = 20.0
 BAD = [b"/too-long-line", b"/too-many-fields", b"/bad-status-line"]
@@ -107,7 +110,8 @@ class RawTarget:
         key = _header(head, b"sec-websocket-key") or b""
         writer.write(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + _accept(key) + b"\r\n\r\n" + b"\x88\x02\x03\xe8"
+            b"Sec-WebSocket-Accept: " + _accept(key) + b"\r\n" + b"\r\n".join(UPGRADED) + b"\r\n\r\n"
+            b"\x88\x02\x03\xe8"
         )
         await writer.drain()
         async with asyncio.timeout(10):
@@ -198,6 +202,22 @@ async def test_the_apps_response_header_bytes_reach_the_client_unchanged(stack: 
     assert reply.getall("X-Latin") == ["caf\xe9"]
     assert reply.getall("X-City") == ["S\xc3\xa3o Paulo"]
     assert [(k, v) for k, v in reply.headers if k.lower() == "x-dup"] == [("X-Dup", "1"), ("x-dup", "2")]
+
+
+@pytest.mark.parametrize("name", ["alice", "alice-q"])
+async def test_a_response_gets_no_header_the_app_did_not_send_but_date(
+    stack: dict[str, Any], name: str
+) -> None:
+    # Found by a review: aiohttp added "Server: Python/3.11 aiohttp/..." to every relayed
+    # response (naming the relay's software and version). Date is the one a proxy must
+    # add when the origin sent none (RFC 9110 6.6.1).
+    server = stack["server"]
+    reply, _ = await raw_exchange(server.port, _request(server, name, "POST", "/plain", []))
+    assert reply.status == 200, reply
+    assert sorted({k.lower() for k, _ in reply.headers}) == ["connection", "content-length", "date"], reply
+    reply, _ = await raw_exchange(server.port, _request(server, name, "POST", "/own-server", []))
+    assert reply.getall("Server") == ["my-app/1.0"], reply
+    assert reply.getall("Content-Type") == ["text/plain"], reply
 
 
 @pytest.mark.parametrize("path", [b"/big-line", b"/big-line-16k", b"/many-fields"])
@@ -292,6 +312,12 @@ async def test_websocket_upgrade_headers_reach_the_app_unchanged(
         writer.close()
     assert reply.startswith(b"HTTP/1.1 101 "), reply
     assert _header(reply, b"sec-websocket-accept") == _accept(key), reply
+    # The app's own 101 headers come back, in order (a review found them dropped), and
+    # nothing the app did not send but Date (RFC 9110 6.6.1).
+    assert [
+        line for line in _header_lines(reply) if line.split(b":")[0].lower() in {b"set-cookie", b"x-app"}
+    ] == UPGRADED
+    assert _header(reply, b"server") is None, reply
     [head] = raw_target.seen(b"/ws")
     names = {b"x-dup", b"x-latin", b"x-city"}
     arrived = [line for line in _header_lines(head) if line.split(b":")[0].lower() in names]

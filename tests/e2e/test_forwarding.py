@@ -133,8 +133,9 @@ async def test_head_keeps_content_length_and_sends_no_body(alice: Tunnel, form: 
         "?" + "long=" + "x" * 4000,
         "?trailing=&",
         "?%3F=%26&%23=hash",
+        "?",
     ],
-    ids=["repeat", "encoded", "utf8", "odd", "long", "trailing-amp", "reserved"],
+    ids=["repeat", "encoded", "utf8", "odd", "long", "trailing-amp", "reserved", "empty"],
 )
 async def test_query_string_arrives_byte_exact(alice: Tunnel, form: str, query: str) -> None:
     path = "/query" + query
