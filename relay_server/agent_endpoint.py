@@ -99,6 +99,8 @@ class AgentEndpoint:
             owner = self.store.name_owner(name)
             if owner is not None and owner != claims.user:
                 raise NameRefused(f"name {name!r} belongs to another user")
+            if owner is None and (refused := self.store.claim_refused(name, claims.user, claims.names)):
+                raise NameRefused(refused)
         for name in names:
             if self.store.claim_name(name, claims.user) != claims.user:
                 raise NameRefused(f"name {name!r} belongs to another user")

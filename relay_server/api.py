@@ -122,24 +122,36 @@ class Api:
         return web.json_response(self._tunnel_json(name, await self.deliveries.settings(name)))
 
     async def _set_tunnel(self, request: web.Request, claims: tokens.Claims, name: str) -> web.Response:
-        owner = await asyncio.to_thread(self.store.name_owner, name)
-        if owner is None and is_valid_name(name) and name_allowed(name, claims.names):
-            owner = await asyncio.to_thread(self.store.claim_name, name, claims.user)
-        if owner != claims.user:
-            return api_error("not-found", f"you have no tunnel named {name[:64]!r}")
-        self.registry.claimed(name, claims.user)  # before the settings are read
+        """PATCH a tunnel's settings. A free name the token allows is claimed, but only
+        for changes that are valid: a bad request claims nothing."""
         try:
             changes = json.loads(await request.content.read(MAX_API_BODY + 1))
             if not isinstance(changes, dict):
                 raise ValueError("not an object")
-            settings = (await self.deliveries.settings(name)).updated(changes)
-            for destination in settings.destinations:
-                if not self.deliveries.config.allow_private:
-                    await asyncio.to_thread(refuse_private, destination)
+            owner = await asyncio.to_thread(self.store.name_owner, name)
+            if owner is None and is_valid_name(name) and name_allowed(name, claims.names):
+                await self._checked(TunnelSettings(), changes)  # what a free name's would be
+                refused = await asyncio.to_thread(self.store.claim_refused, name, claims.user, claims.names)
+                if refused is not None:
+                    return api_error("conflict", refused)
+                owner = await asyncio.to_thread(self.store.claim_name, name, claims.user)
+            if owner != claims.user:
+                return api_error("not-found", f"you have no tunnel named {name[:64]!r}")
+            self.registry.claimed(name, claims.user)  # before the settings are read
+            settings = await self._checked(await self.deliveries.settings(name), changes)
         except (ValueError, ConfigError) as exc:
             return api_error("bad-request", f"invalid settings: {exc}")
         await self.deliveries.save_settings(name, claims.user, settings)
         return web.json_response(self._tunnel_json(name, settings))
+
+    async def _checked(self, settings: TunnelSettings, changes: dict[str, Any]) -> TunnelSettings:
+        """``settings`` with ``changes``; raises ``ValueError`` or ``ConfigError`` (a URL
+        destination that resolves to a private address, unless the server allows them)."""
+        settings = settings.updated(changes)
+        if not self.deliveries.config.allow_private:
+            for destination in settings.destinations:
+                await asyncio.to_thread(refuse_private, destination)
+        return settings
 
     # -- events ---------------------------------------------------------------------
 

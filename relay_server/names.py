@@ -29,6 +29,27 @@ def name_allowed(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
+#: Names one user may hold. Each is a row (and its settings) kept until an admin releases
+#: it, and the tunnels API claims one per call: without a cap, one token could fill the
+#: store with names. ngrok counts reserved domains per account the same way.
+MAX_NAMES_PER_USER = 1000
+
+
+def claim_refused(name: str, user: str, patterns: list[str], namespace: str | None, held: int) -> str | None:
+    """Why ``user``, holding ``held`` names, may not claim the free ``name`` its token's
+    ``patterns`` allow; None if it may. ``namespace`` is the user whose own name ``name``
+    is or falls under (``NAME-...``), the longest such (``Store.namespace_of``).
+
+    A name in another user's namespace is theirs: ``alice-*`` does not let alice take
+    ``alice-ci`` (or ``alice-ci-prod``) before a user named ``alice-ci`` does. Only a
+    token that lists the name itself, no wildcard, may (the admin meant it)."""
+    if namespace is not None and namespace != user and name not in patterns:
+        return f"name {name!r} belongs to another user"
+    if held >= MAX_NAMES_PER_USER:
+        return f"{user!r} holds {held} names already, the most one user may: an admin can release some"
+    return None
+
+
 def default_patterns(user: str) -> list[str]:
     """The names a token claims when ``token create`` got no ``--name``."""
     return [user, f"{user}-*"]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import names
 from .errors import NoRoomForEvents, StoreError, StoreFull
 from .tokens import Claims
 
@@ -632,6 +633,24 @@ class Store:
         owner = self.name_owner(name)
         assert owner is not None
         return owner
+
+    def namespace_of(self, name: str) -> str | None:
+        """The user whose own name ``name`` is, or falls under (``USER-...``); the longest
+        such user (``alice-ci`` before ``alice`` for ``alice-ci-prod``), None if none."""
+        rows = self._read(
+            "SELECT name FROM users WHERE name = ? OR substr(?, 1, length(name) + 1) = name || '-'"
+            " ORDER BY length(name) DESC LIMIT 1",
+            name,
+            name,
+        )
+        return str(rows[0][0]) if rows else None
+
+    def names_held(self, user: str) -> int:
+        return int(self._read("SELECT COUNT(*) FROM names WHERE user = ?", user)[0][0])
+
+    def claim_refused(self, name: str, user: str, patterns: list[str]) -> str | None:
+        """``names.claim_refused`` for a free ``name``, from what the store knows."""
+        return names.claim_refused(name, user, patterns, self.namespace_of(name), self.names_held(user))
 
     def name_owner(self, name: str) -> str | None:
         rows = self._read("SELECT user FROM names WHERE name = ?", name)

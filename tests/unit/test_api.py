@@ -34,7 +34,7 @@ from relay_protocol import (
     Role,
     Welcome,
 )
-from relay_server import tokens
+from relay_server import names, tokens
 from relay_server.api import MAX_LIST
 from relay_server.app import STORE, create_app
 from relay_server.config import ServerConfig
@@ -482,6 +482,49 @@ async def test_invalid_settings_are_400(
     assert answer["message"].startswith("invalid settings: ")
     # Nothing changed.
     assert (await _api(client, "GET", "tunnels/alice", token))[2]["settings"]["mode"] == "queue"
+
+
+@pytest.mark.parametrize(
+    ("body", "raw"),
+    [({"mode": "sometimes"}, None), (None, b"garbage"), ({"destinations": ["http://127.0.0.1:9/"]}, None)],
+)
+async def test_invalid_settings_for_a_free_name_claim_nothing(
+    client: TestClient, tmp_path: Path, body: Any, raw: bytes | None
+) -> None:
+    # Found by a review: a PATCH whose body was not JSON answered 400 but claimed the name
+    # for good.
+    token = _token(client, tmp_path, "alice")
+    status, _, _ = await _api(client, "PATCH", "tunnels/alice-new", token, body, raw=raw)
+    assert status == 400
+    assert _store(client).name_owner("alice-new") is None
+
+
+async def test_patch_refuses_a_name_in_another_users_namespace(client: TestClient, tmp_path: Path) -> None:
+    _token(client, tmp_path, "alice-ci")  # alice-ci and alice-ci-* are that user's
+    token = _token(client, tmp_path, "alice")
+    for name in ("alice-ci", "alice-ci-prod"):
+        status, headers, answer = await _api(client, "PATCH", f"tunnels/{name}", token, {"mode": "live"})
+        assert (status, headers["X-Relay-Error"]) == (409, "conflict")
+        assert answer["message"] == f"name {name!r} belongs to another user"
+        assert _store(client).name_owner(name) is None
+    status, _, _ = await _api(client, "PATCH", "tunnels/alice-cx", token, {"mode": "live"})
+    assert status == 200
+
+
+async def test_patch_claims_at_most_max_names_per_user(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A review saw the API claim a name per call without end (a HELLO takes 16).
+    monkeypatch.setattr(names, "MAX_NAMES_PER_USER", 3)
+    token = _token(client, tmp_path, "alice")
+    for i in range(3):
+        assert (await _api(client, "PATCH", f"tunnels/alice-{i}", token, {}))[0] == 200
+    status, headers, answer = await _api(client, "PATCH", "tunnels/alice-3", token, {})
+    assert (status, headers["X-Relay-Error"]) == (409, "conflict")
+    assert "holds 3 names already" in answer["message"]
+    assert _store(client).name_owner("alice-3") is None
+    # What it holds stays its own to change.
+    assert (await _api(client, "PATCH", "tunnels/alice-0", token, {"mode": "live"}))[0] == 200
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:9/hook", "http://localhost:9/hook", "http://10.1.2.3/x"])

@@ -404,6 +404,37 @@ async def test_a_name_owned_by_another_user_is_closed_4003(client: TestClient, t
     assert _store(client).name_owner("alice-dev") == "bob"
 
 
+@pytest.mark.parametrize("name", ["alice-ci", "alice-ci-prod"])
+async def test_a_name_in_another_users_namespace_is_theirs_not_a_wildcards(
+    client: TestClient, tmp_path: Path, name: str
+) -> None:
+    # Found by a review: alice's default "alice-*" covered every name of a user called
+    # alice-ci, so alice could claim them first, lock alice-ci out and get its webhooks.
+    ci = _token(client, tmp_path, "alice-ci", ["alice-ci", "alice-ci-*"])
+    agent = Agent(await _connect(client, _token(client, tmp_path, "alice", ["alice", "alice-*"])))
+    await agent.hello(name)
+    assert await _closed_with(agent.ws) == (4003, f"name {name!r} belongs to another user")
+    assert _store(client).name_owner(name) is None
+    # Its user claims it; alice keeps the rest of her namespace ...
+    owner = Agent(await _connect(client, ci))
+    await owner.hello(name)
+    assert isinstance(await owner.receive(), Welcome)
+    mine = await _agent(client, tmp_path, "alice-cx", "alice-c")
+    await mine.ws.close()
+    await owner.ws.close()
+
+
+async def test_a_token_that_lists_a_name_itself_may_take_it_from_a_namespace(
+    client: TestClient, tmp_path: Path
+) -> None:
+    _token(client, tmp_path, "alice-ci", ["alice-ci", "alice-ci-*"])
+    agent = Agent(await _connect(client, _token(client, tmp_path, "alice", ["alice-ci-shared"])))
+    await agent.hello("alice-ci-shared")  # the admin granted it by name
+    assert isinstance(await agent.receive(), Welcome)
+    assert _store(client).name_owner("alice-ci-shared") == "alice"
+    await agent.ws.close()
+
+
 async def test_a_name_the_token_does_not_allow_is_closed_4003(client: TestClient, tmp_path: Path) -> None:
     agent = Agent(await _connect(client, _token(client, tmp_path, "alice", ["alice", "alice-*"])))
     await agent.hello("alice", "bob")
