@@ -727,9 +727,11 @@ class Deliveries:
         """Count every tunnel's waiting events and bytes again from the store."""
         await self.commits.write(Store.pending_totals_op(), self._recounted)
 
-    def _count_back(self, event: Event, _still_waiting: bool) -> None:
-        """A replay of ``event``, which nothing waited for, is committed: counted again."""
-        self._count(event.tunnel, 1, len(event.body))
+    def _count_back(self, event: Event, came_back: bool) -> None:
+        """A replay of ``event`` is committed: counted again if nothing of it waited
+        (``came_back``: ``Store.replay_op``)."""
+        if came_back:
+            self._count(event.tunnel, 1, len(event.body))
 
     def _recounted(self, totals: dict[str, tuple[int, int]]) -> None:
         self._pending = {tunnel: [events, size] for tunnel, (events, size) in totals.items()}
@@ -759,15 +761,12 @@ class Deliveries:
         fresh schedule and max age). The caller checks ``in_flight`` first: an attempt
         still running would overwrite the replay when it records its outcome."""
         now = time.time()
-        # Back in the quota with its first write if nothing of it was waiting.
-        back = not any(delivery.waiting for delivery in deliveries)
         for delivery in deliveries:
             pending = replace(
                 delivery, status="pending", next_attempt_at=now, failures=0, dead_reason=None, since=now
             )
-            then = partial(self._count_back, event) if back else None
-            await self.commits.write(Store.update_delivery_op(pending), then, size=0)
-            back = False
+            # Back in the quota with the write that finds nothing of it waiting.
+            await self.commits.write(Store.replay_op(pending), partial(self._count_back, event), size=0)
             self.dispatcher(event.tunnel, delivery.destination).wake()
         return [d.destination for d in deliveries]
 

@@ -834,6 +834,23 @@ class Store:
 
         return op
 
+    @staticmethod
+    def replay_op(delivery: Delivery) -> Callable[[sqlite3.Connection], bool]:
+        """``update_delivery_op`` for a replay: returns True if nothing of the event waited
+        before it (the event comes back into its tunnel's quota). Decided in the write's
+        own transaction, so that replays at once count the event back once."""
+        update = Store.update_delivery_op(delivery)
+
+        def op(db: sqlite3.Connection) -> bool:
+            waited = db.execute(
+                f"SELECT 1 FROM deliveries WHERE event_seq = ? AND status IN {_WAITING} LIMIT 1",
+                (delivery.event_seq,),
+            ).fetchone()
+            update(db)
+            return waited is None
+
+        return op
+
     def expire(self, since_before: float, reason: str) -> int:
         """Waiting deliveries whose schedule started (arrival, or last replay) before
         ``since_before`` become dead with ``reason`` (``--max-age``: an event dies by the

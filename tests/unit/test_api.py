@@ -12,6 +12,7 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from relay_protocol import (
 )
 from relay_server import names, tokens
 from relay_server.api import MAX_LIST
-from relay_server.app import STORE, create_app
+from relay_server.app import DELIVERIES, STORE, create_app
 from relay_server.config import ServerConfig
 from relay_server.delivery import QueueConfig
 from relay_server.store import Delivery, Event, Store
@@ -366,6 +367,25 @@ async def test_replay_by_the_owner(client: TestClient, tmp_path: Path) -> None:
     assert answer == {"event": event_id, "replayed": ["agent:*"]}
     status, _, answer = await _api(client, "POST", "events/evt_nope/replay", token)
     assert (status, answer["error"]) == (404, "not-found")
+
+
+async def test_replays_at_once_count_their_event_back_into_the_quota_once(
+    client: TestClient, tmp_path: Path
+) -> None:
+    # Found by a review: 60 replays at once of one delivered event all saw it finished and
+    # each counted it back: the tunnel said 57 waiting, and a small --quota-events
+    # answered 429 until the minute's recount.
+    _store(client).claim_name("alice", "alice")
+    event_id = (await _post(client, "alice"))[1]["X-Relay-Event"]
+    [(_, [delivery])] = _store(client).find_events("alice", None, None, 1)
+    dead = replace(delivery, status="dead", next_attempt_at=None)
+    _store(client).transaction([Store.update_delivery_op(dead)])
+    await client.app[DELIVERIES].recount()
+    token = _token(client, tmp_path, "alice")
+    assert (await _api(client, "GET", "tunnels/alice", token))[2]["waiting"] == 0
+    replays = [_api(client, "POST", f"events/{event_id}/replay", token) for _ in range(20)]
+    assert {status for status, _, _ in await asyncio.gather(*replays)} <= {202, 409}
+    assert (await _api(client, "GET", "tunnels/alice", token))[2]["waiting"] == 1
 
 
 async def test_another_user_sees_nothing_of_alices_events(client: TestClient, tmp_path: Path) -> None:
