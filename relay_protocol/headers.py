@@ -23,21 +23,26 @@ HOP_BY_HOP = frozenset(
 )
 
 
+#: Fields a Connection header cannot make hop-by-hop: the request's Host (RFC 9112 3.2:
+#: every HTTP/1.1 request carries one; the relay routed on it). A client listing it in
+#: Connection would otherwise reach the app without one (a review found that with
+#: ``--host-header preserve``).
+END_TO_END = frozenset({b"host"})
+
+
 def strip_hop_by_hop(
     headers: Headers, *, drop: Collection[bytes] = (), drop_prefixes: tuple[bytes, ...] = ()
 ) -> Headers:
-    """Drop hop-by-hop headers and those listed in Connection, and those whose lower-cased
-    name is in ``drop`` or starts with one of ``drop_prefixes`` (in the same pass); keep
-    order and repeats."""
-    named = HOP_BY_HOP.union(
-        (
-            token.strip().lower()
-            for name, value in headers
-            if name.lower() == b"connection"
-            for token in value.split(b",")
-        ),
-        drop,
-    )
+    """Drop hop-by-hop headers and those listed in Connection (but ``END_TO_END``), and
+    those whose lower-cased name is in ``drop`` or starts with one of ``drop_prefixes``
+    (in the same pass); keep order and repeats."""
+    listed = {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == b"connection"
+        for token in value.split(b",")
+    }
+    named = HOP_BY_HOP.union(listed - END_TO_END, drop)
     prefixes = (b"proxy-", *drop_prefixes)
     return tuple(
         (name, value)

@@ -163,9 +163,24 @@ class PublicOnlyResolver(AbstractResolver):
         await self._inner.close()
 
 
+#: NAT64 prefixes (RFC 6052 2.1, RFC 8215): an address in one carries an IPv4 address in
+#: its last 32 bits, which a NAT64 gateway on the server's network would reach.
+NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+
+
 def is_public(address: str) -> bool:
+    """True if ``address`` (IPv4 or IPv6, a zone allowed) is globally reachable, and so
+    is any IPv4 address an IPv6 one carries (mapped, 6to4, Teredo, NAT64): a review
+    reached 127.0.0.1 past the check as ``[64:ff9b::7f00:1]`` and ``[2002:7f00:1::]``."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    return ip.is_global and not ip.is_multicast
+    if not ip.is_global or ip.is_multicast:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        carried = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
+        if any(ip in network for network in NAT64):
+            carried.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        return all(is_public(str(v4)) for v4 in carried if v4 is not None)
+    return True
 
 
 def url_client(allow_private: bool) -> aiohttp.ClientSession:

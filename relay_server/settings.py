@@ -80,8 +80,17 @@ def check_destination(destination: Any) -> None:
             raise ConfigError(f"invalid agent label {label!r}: letters, digits, '.', '_' and '-'")
         return
     parts = urlsplit(destination)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.query:
-        raise ConfigError(f"destination {destination!r} must be agent:LABEL or an http(s) URL without query")
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.username is not None
+        or "?" in destination
+        or "#" in destination  # the event's path would go into the fragment, never sent
+    ):
+        raise ConfigError(
+            f"destination {destination!r} must be agent:LABEL or an http(s) URL without"
+            " user, query or fragment"
+        )
 
 
 def is_valid_label(label: str) -> bool:

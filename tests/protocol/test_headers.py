@@ -42,6 +42,11 @@ def test_drops_headers_named_in_connection() -> None:
     assert strip_hop_by_hop(headers) == ((b"X-End", b"2"),)
 
 
+def test_connection_cannot_make_host_hop_by_hop() -> None:
+    headers = ((b"Host", b"a.example"), (b"Connection", b"Host, X-Hop"), (b"X-Hop", b"1"))
+    assert strip_hop_by_hop(headers) == ((b"Host", b"a.example"),)
+
+
 def test_keeps_order_and_repeats() -> None:
     headers = (
         (b"Set-Cookie", b"a=1; Path=/"),

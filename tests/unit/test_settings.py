@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from relay_server.attempts import is_public
 from relay_server.errors import ConfigError
 from relay_server.settings import (
     ANY_AGENT,
@@ -77,11 +78,15 @@ def test_destinations_keep_their_order_without_duplicates() -> None:
         ({"destinations": ["agent:a/b"]}, "invalid agent label 'a/b'"),
         ({"destinations": ["agent:" + "x" * 65]}, "invalid agent label"),
         ({"destinations": [5]}, "a destination must be a string"),
-        ({"destinations": ["hooks.example.com/in"]}, "must be agent:LABEL or an http(s) URL without query"),
+        ({"destinations": ["hooks.example.com/in"]}, "must be agent:LABEL or an http(s) URL without"),
         ({"destinations": ["ftp://hooks.example.com/in"]}, "must be agent:LABEL or an http(s) URL"),
-        ({"destinations": ["https://hooks.example.com/in?key=1"]}, "without query"),
+        ({"destinations": ["https://hooks.example.com/in?key=1"]}, "without user, query or fragment"),
         ({"destinations": ["https:///in"]}, "must be agent:LABEL or an http(s) URL"),
         ({"destinations": ["https://user@hooks.example.com/in"]}, "must be agent:LABEL or an http(s) URL"),
+        # Found by a review: the event's path went into the fragment, never sent.
+        ({"destinations": ["http://8.8.8.8:80#@127.0.0.1:35082"]}, "without user, query or fragment"),
+        ({"destinations": ["https://hooks.example.com/in#x"]}, "without user, query or fragment"),
+        ({"destinations": ["https://hooks.example.com/in?"]}, "without user, query or fragment"),
     ],
 )
 def test_invalid_changes_name_the_bad_field(changes: dict[str, Any], message: str) -> None:
@@ -191,3 +196,23 @@ def test_from_json_validates() -> None:
 )
 def test_fan_out(destinations: list[str], fan_out: bool) -> None:
     assert TunnelSettings().updated({"destinations": destinations}).fan_out is fan_out
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        ("8.8.8.8", True),
+        ("2001:4860:4860::8888", True),
+        ("127.0.0.1", False),
+        ("::ffff:127.0.0.1", False),
+        # IPv6 addresses carrying a private IPv4 one: found by a review, past the check.
+        ("64:ff9b::7f00:1", False),  # NAT64 (RFC 6052)
+        ("64:ff9b:1::a00:1", False),  # local-use NAT64 (RFC 8215), 10.0.0.1
+        ("2002:7f00:1::", False),  # 6to4 of 127.0.0.1
+        ("2001:0:4136:e378:8000:63bf:80ff:fffe", False),  # Teredo: client 127.0.0.1
+        ("64:ff9b::808:808", True),  # NAT64 of 8.8.8.8
+        ("2002:808:808::", True),  # 6to4 of 8.8.8.8
+    ],
+)
+def test_an_ipv6_address_is_public_only_if_the_ipv4_one_it_carries_is(address: str, public: bool) -> None:
+    assert is_public(address) is public
