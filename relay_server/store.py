@@ -270,6 +270,65 @@ def _room_for_event(db: sqlite3.Connection, size: int) -> None:
         raise NoRoomForEvents("store full: the room left is kept for the outcomes of the events waiting")
 
 
+class NewEvent:
+    """``Store.insert_event_op``'s operation: a new event. When the store is full, it is
+    refused rather than given room made from the attempts' history, which is the
+    outcomes' (``Store.transaction``)."""
+
+    __slots__ = ("deliveries", "event")
+
+    def __init__(self, event: Event, deliveries: list[Delivery]) -> None:
+        self.event = event
+        self.deliveries = deliveries
+
+    def __call__(self, db: sqlite3.Connection) -> int:
+        event, deliveries = self.event, self.deliveries
+        _room_for_event(db, len(event.body))
+        headers = json.dumps([[k.decode("latin-1"), v.decode("latin-1")] for k, v in event.headers])
+        cursor = db.execute(
+            "INSERT INTO events (id, tunnel, user, received_at, method, target, headers, client, body)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                event.id,
+                event.tunnel,
+                event.user,
+                event.received_at,
+                event.method,
+                event.target,
+                headers,
+                event.client,
+                event.body,
+            ),
+        )
+        seq = int(cursor.lastrowid or 0)
+        now = time.time()
+        db.executemany(
+            "INSERT INTO deliveries (event_seq, tunnel, destination, status, attempts, next_attempt_at,"
+            " last_status, last_error, failures, dead_reason, since, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    seq,
+                    d.tunnel,
+                    d.destination,
+                    d.status,
+                    d.attempts,
+                    d.next_attempt_at,
+                    d.last_status,
+                    d.last_error,
+                    d.failures,
+                    d.dead_reason,
+                    d.since,
+                    now,
+                )
+                for d in deliveries
+            ],
+        )
+        for delivery in deliveries:
+            _add_attempt(db, seq, delivery, now)
+        return seq
+
+
 def _end_waiting(db: sqlite3.Connection, tunnel: str, owner: str | None, reason: str) -> int:
     """Make the waiting deliveries of ``tunnel``'s events not owned by ``owner`` (None: any
     owner) dead with ``reason``; returns how many events that was."""
@@ -470,9 +529,9 @@ class Store:
         when nothing finished is left (``NoRoomForEvents`` once new events fill their
         share, ``RECORD_RESERVE``). When nothing finished is left and the store is full
         all the same (the disk, or the reserve spent), the oldest attempts' history goes
-        instead, so that outcomes are still written and deliveries go on. Raises
-        ``StoreFull`` when neither is left, ``StoreError`` for any other failure (I/O
-        error), with nothing written.
+        instead for a transaction without a new event (``NewEvent``), so that outcomes
+        are still written and deliveries go on. Raises ``StoreFull`` when neither is
+        left, ``StoreError`` for any other failure (I/O error), with nothing written.
         """
         with self._lock:
             for _ in range(PRESSURE_ROUNDS):
@@ -482,7 +541,9 @@ class Store:
                     if not self._purge_finished(PRESSURE_PURGE):
                         raise
                 except StoreFull:
-                    if not self._purge_finished(PRESSURE_PURGE) and not self._trim_history(PRESSURE_PURGE):
+                    if self._purge_finished(PRESSURE_PURGE):
+                        continue
+                    if any(isinstance(op, NewEvent) for op in ops) or not self._trim_history(PRESSURE_PURGE):
                         raise
             return self._transaction(ops)
 
@@ -743,58 +804,11 @@ class Store:
     # -- events: writes, as operations for Store.transaction (group commit) ---------
 
     @staticmethod
-    def insert_event_op(event: Event, deliveries: list[Delivery]) -> Callable[[sqlite3.Connection], int]:
+    def insert_event_op(event: Event, deliveries: list[Delivery]) -> NewEvent:
         """An operation storing ``event`` and its deliveries; it returns the event's seq.
         A delivery may already carry an attempt's outcome (the first attempt answered
         before the event was stored): it is stored with its history, in one write."""
-
-        def op(db: sqlite3.Connection) -> int:
-            _room_for_event(db, len(event.body))
-            headers = json.dumps([[k.decode("latin-1"), v.decode("latin-1")] for k, v in event.headers])
-            cursor = db.execute(
-                "INSERT INTO events (id, tunnel, user, received_at, method, target, headers, client, body)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    event.id,
-                    event.tunnel,
-                    event.user,
-                    event.received_at,
-                    event.method,
-                    event.target,
-                    headers,
-                    event.client,
-                    event.body,
-                ),
-            )
-            seq = int(cursor.lastrowid or 0)
-            now = time.time()
-            db.executemany(
-                "INSERT INTO deliveries (event_seq, tunnel, destination, status, attempts, next_attempt_at,"
-                " last_status, last_error, failures, dead_reason, since, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        seq,
-                        d.tunnel,
-                        d.destination,
-                        d.status,
-                        d.attempts,
-                        d.next_attempt_at,
-                        d.last_status,
-                        d.last_error,
-                        d.failures,
-                        d.dead_reason,
-                        d.since,
-                        now,
-                    )
-                    for d in deliveries
-                ],
-            )
-            for delivery in deliveries:
-                _add_attempt(db, seq, delivery, now)
-            return seq
-
-        return op
+        return NewEvent(event, deliveries)
 
     @staticmethod
     def update_delivery_op(delivery: Delivery) -> Callable[[sqlite3.Connection], bool]:
