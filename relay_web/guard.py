@@ -105,6 +105,11 @@ class ConnectionGuard:
             del self.per_client[client]
 
 
+#: The ``X-Relay-Error`` of an answer aiohttp makes itself, before any handler: a request
+#: its HTTP parser refused (400, or 413, 414, 431 for a part too large) or a crash (500).
+PARSER_ERRORS = {413: "body-too-large", 414: "uri-too-long", 431: "headers-too-large", 500: "internal-error"}
+
+
 class GuardedRequestHandler(RequestHandler):
     """aiohttp's connection handler, admitted by a guard and bounded in head-read time."""
 
@@ -122,6 +127,15 @@ class GuardedRequestHandler(RequestHandler):
         self.took_over = False
         self._head_timer: asyncio.TimerHandle | None = None
         self._last_body: StreamReader | None = None  # the body of the last request parsed
+
+    def handle_error(
+        self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        """aiohttp's own answer (a request its parser refused, a crash), with the
+        ``X-Relay-Error`` every error of the relay carries (``PARSER_ERRORS``)."""
+        response = super().handle_error(request, status, exc, message)
+        response.headers.setdefault("X-Relay-Error", PARSER_ERRORS.get(status, "bad-request"))
+        return response
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

@@ -88,6 +88,7 @@ async def test_one_oversized_header_gets_a_4xx_and_the_server_stays_up(
     reply = await send(alice, request, alice.host(form))
     assert 400 <= reply.status < 500
     assert reply.status in (400, 431)
+    assert reply.getall("X-Relay-Error") == [{400: "bad-request", 431: "headers-too-large"}[reply.status]]
     assert b"Traceback" not in reply.body
     assert alice.target.requests == []
     await assert_still_up(alice, http)
@@ -181,14 +182,27 @@ async def test_agent_endpoint_without_upgrade_is_400(alice: Tunnel, http: aiohtt
         b"GET / HTTP/1.1\r\nHost: alice.localhost\r\nBad Header Name: x\r\n\r\n",
         b"POST /t/alice/ HTTP/1.1\r\nHost: localhost\r\nContent-Length: -1\r\n\r\n",
         b"POST /t/alice/ HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nxy",
+        b"GET /t/alice/caf\xc3\xa9 HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"GET /t/alice/x?a=\xff HTTP/1.1\r\nHost: localhost\r\n\r\n",
     ],
-    ids=["tls", "no-version", "bad-version", "bad-header-name", "negative-length", "two-lengths"],
+    ids=[
+        "tls",
+        "no-version",
+        "bad-version",
+        "bad-header-name",
+        "negative-length",
+        "two-lengths",
+        "raw-utf8-path",
+        "raw-byte-query",
+    ],
 )
 async def test_malformed_requests_get_400_and_the_server_stays_up(
     alice: Tunnel, http: aiohttp.ClientSession, garbage: bytes
 ) -> None:
     reply, _ = await raw_exchange(alice.server.port, garbage)
     assert reply.status == 400
+    # The parser's refusals carry the relay's error header too (a review found them bare).
+    assert reply.getall("X-Relay-Error") == ["bad-request"], reply
     assert b"Traceback" not in reply.body
     assert alice.target.requests == []
     await assert_still_up(alice, http)
@@ -210,6 +224,7 @@ async def test_control_characters_in_a_header_are_400(
     )
     reply, _ = await raw_exchange(alice.server.port, request)
     assert reply.status == 400, reply
+    assert reply.getall("X-Relay-Error") == ["bad-request"], reply
     assert b"Traceback" not in reply.body
     assert alice.target.requests == []
     await assert_still_up(alice, http)
