@@ -34,7 +34,7 @@ from .connections import client_of
 from .delivery import Deliveries
 from .errors import AuthError, ConfigError, NameRefused
 from .fragments import refuse_fragments
-from .names import PublicOrigin, is_valid_name, name_allowed
+from .names import MAX_NAMES_PER_USER, PublicOrigin, is_valid_name, name_allowed, too_many_names
 from .public_errors import relay_error
 from .registry import InFlight, Registry
 from .session import AgentSession
@@ -102,7 +102,10 @@ class AgentEndpoint:
             if owner is None and (refused := self.store.claim_refused(name, claims.user, claims.names)):
                 raise NameRefused(refused)
         for name in names:
-            if self.store.claim_name(name, claims.user) != claims.user:
+            owner = self.store.claim_name(name, claims.user, MAX_NAMES_PER_USER)
+            if owner is None:
+                raise NameRefused(too_many_names(claims.user))
+            if owner != claims.user:
                 raise NameRefused(f"name {name!r} belongs to another user")
         return list(dict.fromkeys(names))
 

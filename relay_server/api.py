@@ -35,7 +35,7 @@ from . import tokens
 from .attempts import is_public
 from .delivery import Deliveries
 from .errors import AuthError, ConfigError, StoreError
-from .names import is_valid_name, name_allowed
+from .names import MAX_NAMES_PER_USER, is_valid_name, name_allowed, too_many_names
 from .public_errors import STATUS
 from .registry import Registry
 from .settings import TunnelSettings
@@ -134,7 +134,9 @@ class Api:
                 refused = await asyncio.to_thread(self.store.claim_refused, name, claims.user, claims.names)
                 if refused is not None:
                     return api_error("conflict", refused)
-                owner = await asyncio.to_thread(self.store.claim_name, name, claims.user)
+                owner = await asyncio.to_thread(self.store.claim_name, name, claims.user, MAX_NAMES_PER_USER)
+                if owner is None:
+                    return api_error("conflict", too_many_names(claims.user))
             if owner != claims.user:
                 return api_error("not-found", f"you have no tunnel named {name[:64]!r}")
             self.registry.claimed(name, claims.user)  # before the settings are read

@@ -163,21 +163,26 @@ class PublicOnlyResolver(AbstractResolver):
         await self._inner.close()
 
 
-#: NAT64 prefixes (RFC 6052 2.1, RFC 8215): an address in one carries an IPv4 address in
-#: its last 32 bits, which a NAT64 gateway on the server's network would reach.
-NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+#: IPv6 prefixes whose addresses carry an IPv4 address in their last 32 bits, which a
+#: translator on the server's network would reach: NAT64 (RFC 6052 2.1, RFC 8215),
+#: IPv4-translated (SIIT, RFC 2765 2.1) and IPv4-compatible (RFC 4291 2.5.5.1). Mapped,
+#: 6to4 and Teredo addresses are read by ``ipaddress`` itself.
+CARRIES_IPV4 = tuple(
+    ipaddress.ip_network(prefix) for prefix in ("64:ff9b::/96", "64:ff9b:1::/48", "::ffff:0:0:0/96", "::/96")
+)
 
 
 def is_public(address: str) -> bool:
     """True if ``address`` (IPv4 or IPv6, a zone allowed) is globally reachable, and so
     is any IPv4 address an IPv6 one carries (mapped, 6to4, Teredo, NAT64): a review
-    reached 127.0.0.1 past the check as ``[64:ff9b::7f00:1]`` and ``[2002:7f00:1::]``."""
+    reached 127.0.0.1 past the check as ``[64:ff9b::7f00:1]`` and ``[2002:7f00:1::]``.
+    A translator on another prefix (an operator's own NAT64 prefix) cannot be told."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if not ip.is_global or ip.is_multicast:
         return False
     if isinstance(ip, ipaddress.IPv6Address):
         carried = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
-        if any(ip in network for network in NAT64):
+        if any(ip in network for network in CARRIES_IPV4):
             carried.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
         return all(is_public(str(v4)) for v4 in carried if v4 is not None)
     return True

@@ -54,6 +54,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 DEFAULT_TOKEN_TTL = "30d"
+#: Names ``token create`` lists when other users hold names in the new user's namespace.
+TAKEN_SHOWN = 10
 DEV_USER = "dev"
 
 data_dir_option = click.option(
@@ -614,9 +616,18 @@ def token_create(user: str, names: tuple[str, ...], expires: str, data_dir: Path
         token, claims = tokens.issue(secret, user, list(names) or default_patterns(user), ttl)
         store = Store(data_dir)
         store.record_token(claims)
+        taken = store.taken_from(user)
         store.close()
     except (RelayError, OSError) as exc:
         raise _fail(exc) from exc
+    if taken:  # stderr, as above
+        shown = ", ".join(f"{r.name} ({r.user})" for r in taken[:TAKEN_SHOWN])
+        more = f" and {len(taken) - TAKEN_SHOWN} more" if len(taken) > TAKEN_SHOWN else ""
+        click.echo(
+            f"relay-server: warning: other users claimed names in {user!r}'s namespace before it"
+            f" existed: {shown}{more}; `relay-server names release NAME` frees one",
+            err=True,
+        )
     click.echo(token)
 
 

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .errors import StoreError, StoreFull
-from .store import Store
+from .store import NewEvent, Store
 from .tasks import Tasks
 
 T = TypeVar("T")
@@ -199,12 +199,19 @@ class GroupCommitter:
             if results is None:
                 results = await asyncio.to_thread(self.store.transaction, ops)
         except StoreFull as exc:
-            if len(batch) == 1:
+            # Full: new events are refused, but what the others write (attempts'
+            # outcomes, in the room kept for them) must not fail with them: committed
+            # together, or one by one if that is still too much.
+            new = [pending for pending in batch if isinstance(pending[0], NewEvent)]
+            self._fail(new, exc)
+            rest = [pending for pending in batch if not isinstance(pending[0], NewEvent)]
+            if len(rest) < len(batch):
+                if rest:
+                    await self._commit(rest)
+            elif len(batch) > 1:
+                await self._one_by_one(batch)
+            else:
                 self._fail(batch, exc)
-                return
-            # Full: new events are refused, but what the others write (an attempt's
-            # outcome, in the room kept for it) must not fail with them.
-            await self._one_by_one(batch)
             return
         except StoreError as exc:
             self._fail(batch, exc)
@@ -228,6 +235,7 @@ class GroupCommitter:
                     future.set_exception(exc)
             else:
                 self._answer(future, then, result)
+        self._checkpoint_if_due()
 
     def _checkpoint_if_due(self) -> None:
         """Start a checkpoint in a thread when the WAL holds more than ``CHECKPOINT_BYTES``

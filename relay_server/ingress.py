@@ -429,7 +429,16 @@ class Ingress:
             except StreamFailed as exc:
                 return self._failure_response(exc, where.name)
             if upgrade and response_head.status == 101:
-                response_head = ResponseHead(101, without(response_head.headers, *_RELAY_ONLY_RESPONSE))
+                # Checked as any relayed head is (a second review found the 101 was not):
+                # a custom agent may send what relay-agent never does.
+                headers = without(response_head.headers, *_RELAY_ONLY_RESPONSE, b"content-length")
+                if (bad := _control_characters(headers)) is not None:
+                    log.info("stream %s: bad 101 from the agent: control characters in %s", stream.id, bad)
+                    return relay_error(
+                        "local-bad-response",
+                        f"the local service's response cannot be relayed: control characters in {bad}",
+                    )
+                response_head = ResponseHead(101, headers)
                 return await relay_websocket(request, session, stream, response_head, self.idle_timeout)
             return await self._write_response(request, session, stream, response_head)
         finally:

@@ -35,19 +35,22 @@ def name_allowed(name: str, patterns: list[str]) -> bool:
 MAX_NAMES_PER_USER = 1000
 
 
-def claim_refused(name: str, user: str, patterns: list[str], namespace: str | None, held: int) -> str | None:
-    """Why ``user``, holding ``held`` names, may not claim the free ``name`` its token's
-    ``patterns`` allow; None if it may. ``namespace`` is the user whose own name ``name``
-    is or falls under (``NAME-...``), the longest such (``Store.namespace_of``).
+def claim_refused(name: str, user: str, patterns: list[str], namespace: str | None) -> str | None:
+    """Why ``user`` may not claim the free ``name`` its token's ``patterns`` allow; None if
+    it may. ``namespace`` is the user whose own name ``name`` is or falls under
+    (``NAME-...``), the longest such (``Store.namespace_of``).
 
     A name in another user's namespace is theirs: ``alice-*`` does not let alice take
-    ``alice-ci`` (or ``alice-ci-prod``) before a user named ``alice-ci`` does. Only a
-    token that lists the name itself, no wildcard, may (the admin meant it)."""
+    ``alice-ci`` (or ``alice-ci-prod``) from a user named ``alice-ci``. Only a token that
+    lists the name itself, no wildcard, may (the admin meant it)."""
     if namespace is not None and namespace != user and name not in patterns:
         return f"name {name!r} belongs to another user"
-    if held >= MAX_NAMES_PER_USER:
-        return f"{user!r} holds {held} names already, the most one user may: an admin can release some"
     return None
+
+
+def too_many_names(user: str) -> str:
+    """Why ``user`` may claim no more names (``MAX_NAMES_PER_USER``)."""
+    return f"{user!r} holds {MAX_NAMES_PER_USER} names already, the most a user may: release some"
 
 
 def default_patterns(user: str) -> list[str]:

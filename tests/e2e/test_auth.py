@@ -7,7 +7,7 @@ import re
 import aiohttp
 import pytest
 
-from .framework import RELAY_AGENT, Agent, Relay, Tunnel, through, until
+from .framework import RELAY_AGENT, Agent, Relay, Tunnel, api, through, until
 
 REFUSED = "relay-agent: the server refused this agent: "
 
@@ -163,6 +163,26 @@ async def test_a_released_name_can_be_claimed_by_another_user(
     await assert_serves(http, bob, "bob's target")
     code, alice_again = relay.refused_agent(server, alice.token, "127.0.0.1:9")
     assert_refused(code, alice_again.stderr, "name 'alice' belongs to another user")
+
+
+async def test_token_create_names_what_others_took_from_the_new_users_namespace(
+    relay: Relay, http: aiohttp.ClientSession
+) -> None:
+    # A second review: names are first come, so alice's alice-* could take alice-ci's
+    # names before that user existed; the admin who creates alice-ci is told which.
+    server = relay.server()
+    alice = server.token("alice")
+    for name in ("alice-ci", "alice-ci-prod", "alice-cx"):
+        assert (await api(http, server, alice, "PATCH", f"tunnels/{name}", {"mode": "live"})).status == 200
+    result = server.cli("token", "create", "alice-ci")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 1  # the token alone, still
+    assert "alice-ci (alice), alice-ci-prod (alice);" in result.stderr
+    assert "alice-cx" not in result.stderr
+    assert "relay-server names release NAME" in result.stderr
+    # From now on the namespace is alice-ci's: alice's wildcard takes no more of it.
+    reply = await api(http, server, alice, "PATCH", "tunnels/alice-ci-new", {"mode": "live"})
+    assert (reply.status, reply.header("X-Relay-Error")) == (409, "conflict")
 
 
 def test_releasing_a_free_name_fails(relay: Relay) -> None:

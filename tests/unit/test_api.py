@@ -35,7 +35,7 @@ from relay_protocol import (
     Role,
     Welcome,
 )
-from relay_server import names, tokens
+from relay_server import api, names, tokens
 from relay_server.api import MAX_LIST
 from relay_server.app import DELIVERIES, STORE, create_app
 from relay_server.config import ServerConfig
@@ -535,7 +535,8 @@ async def test_patch_claims_at_most_max_names_per_user(
     client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A review saw the API claim a name per call without end (a HELLO takes 16).
-    monkeypatch.setattr(names, "MAX_NAMES_PER_USER", 3)
+    for module in (names, api):
+        monkeypatch.setattr(module, "MAX_NAMES_PER_USER", 3)
     token = _token(client, tmp_path, "alice")
     for i in range(3):
         assert (await _api(client, "PATCH", f"tunnels/alice-{i}", token, {}))[0] == 200

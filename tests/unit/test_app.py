@@ -34,7 +34,7 @@ from relay_protocol import (
     encode,
 )
 from relay_protocol.frames import RESET_TARGET_TIMEOUT, RESET_TARGET_UNREACHABLE
-from relay_server import agent_endpoint, tokens
+from relay_server import agent_endpoint, names, tokens
 from relay_server.app import REGISTRY, STORE, create_app
 from relay_server.config import ServerConfig
 from relay_server.store import Store
@@ -424,6 +424,22 @@ async def test_a_name_in_another_users_namespace_is_theirs_not_a_wildcards(
     await owner.ws.close()
 
 
+async def test_one_hello_claims_no_name_past_the_cap(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by a second review: every name of a HELLO was checked against the count held
+    # before any was claimed, so 999 names and a HELLO of 16 made 1,015.
+    monkeypatch.setattr(agent_endpoint, "MAX_NAMES_PER_USER", 3)
+    monkeypatch.setattr(names, "MAX_NAMES_PER_USER", 3)
+    _store(client).claim_name("alice-a", "alice")
+    _store(client).claim_name("alice-b", "alice")
+    agent = Agent(await _connect(client, _token(client, tmp_path, "alice", ["alice", "alice-*"])))
+    await agent.hello("alice-c", "alice-d")
+    code, reason = await _closed_with(agent.ws)
+    assert (code, reason) == (4003, "'alice' holds 3 names already, the most a user may: release some")
+    assert _store(client).name_owner("alice-d") is None
+
+
 async def test_a_token_that_lists_a_name_itself_may_take_it_from_a_namespace(
     client: TestClient, tmp_path: Path
 ) -> None:
@@ -600,6 +616,30 @@ async def test_agent_reset_becomes_a_relay_error(
     got_status, got_error, text = await asyncio.wait_for(pending, WAIT)
     assert (got_status, got_error) == (status, error)
     assert "connection refused by 127.0.0.1:9" in text
+    await agent.ws.close()
+
+
+async def test_a_101_with_control_characters_in_a_header_is_502(client: TestClient, tmp_path: Path) -> None:
+    # Found by a second review: the 101 of a websocket upgrade skipped the checks every
+    # other relayed head gets; relay-agent never sends such a head, a custom agent may.
+    agent = await _agent(client, tmp_path, "alice")
+    upgrade = {
+        "Host": "relay.test",
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version": "13",
+    }
+
+    async def public() -> tuple[int, str | None]:
+        async with client.get("/t/alice/ws", headers=upgrade) as resp:
+            return resp.status, resp.headers.get("X-Relay-Error")
+
+    pending = asyncio.create_task(public())
+    opened = await agent.receive()
+    assert isinstance(opened, Open)
+    await agent.send(Response(opened.stream_id, ResponseHead(101, ((b"X-Bad", b"a\x01b"),))))
+    assert await asyncio.wait_for(pending, WAIT) == (502, "local-bad-response")
     await agent.ws.close()
 
 

@@ -1093,6 +1093,38 @@ def test_a_store_full_of_waiting_events_still_records_every_outcome(tmp_path: Pa
         store.close()
 
 
+@pytest.mark.parametrize(("size", "destinations"), [(50, 1), (300, 4)])
+def test_a_store_full_of_small_events_records_each_ones_first_outcome(
+    tmp_path: Path, size: int, destinations: int
+) -> None:
+    # Found by a second review: an outcome grows its delivery's row (an error of up to
+    # 200 characters where there was none), which no reserve of a share of the cap held
+    # for thousands of small events: 2,645 of 4,773 first outcomes found no room, with the
+    # history already trimmed to nothing. Each waiting row now holds that room itself.
+    store = Store(tmp_path, max_bytes=SMALL_STORE)
+    try:
+        targets = [ANY, *(f"https://hooks.example.com/{i}" for i in range(destinations - 1))]
+        waiting: list[int] = []
+        with pytest.raises(NoRoomForEvents):
+            for i in range(100_000):
+                event = _event(f"evt_{i}", body=b"x" * size)
+                waiting.append(_insert(store, event, *(_queued(destination=d) for d in targets)))
+        assert len(waiting) >= 50
+        error = "agent: " + "e" * 193  # as long as an error is kept (attempts.MAX_ERROR)
+        ops = [
+            Store.update_delivery_op(
+                replace(d, status="retrying", attempts=1, failures=1, last_error=error, next_attempt_at=5.0)
+            )
+            for seq in waiting
+            for d in store.deliveries(seq)
+        ]
+        for op in ops:  # one by one, as outcomes come: none may fail
+            store.transaction([op])
+        assert all(d.last_error == error for seq in waiting for d in store.deliveries(seq))
+    finally:
+        store.close()
+
+
 async def test_a_full_store_refuses_the_new_events_of_a_batch_not_the_outcomes_beside_them(
     tmp_path: Path,
 ) -> None:

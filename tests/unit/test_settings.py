@@ -210,6 +210,8 @@ def test_fan_out(destinations: list[str], fan_out: bool) -> None:
         ("64:ff9b:1::a00:1", False),  # local-use NAT64 (RFC 8215), 10.0.0.1
         ("2002:7f00:1::", False),  # 6to4 of 127.0.0.1
         ("2001:0:4136:e378:8000:63bf:80ff:fffe", False),  # Teredo: client 127.0.0.1
+        ("::ffff:0:7f00:1", False),  # IPv4-translated (SIIT), from a second review
+        ("::127.0.0.1", False),  # IPv4-compatible
         ("64:ff9b::808:808", True),  # NAT64 of 8.8.8.8
         ("2002:808:808::", True),  # 6to4 of 8.8.8.8
     ],
