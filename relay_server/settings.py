@@ -81,7 +81,9 @@ def check_destination(destination: Any) -> None:
         return
     parts = urlsplit(destination)
     if (
-        parts.scheme not in ("http", "https")
+        not destination.isprintable()  # control characters, which urlsplit would drop silently
+        or " " in destination
+        or parts.scheme not in ("http", "https")
         or not parts.hostname
         or parts.username is not None
         or "?" in destination
@@ -89,7 +91,7 @@ def check_destination(destination: Any) -> None:
     ):
         raise ConfigError(
             f"destination {destination!r} must be agent:LABEL or an http(s) URL without"
-            " user, query or fragment"
+            " user, query, fragment, space or control character"
         )
 
 

@@ -80,13 +80,16 @@ def test_destinations_keep_their_order_without_duplicates() -> None:
         ({"destinations": [5]}, "a destination must be a string"),
         ({"destinations": ["hooks.example.com/in"]}, "must be agent:LABEL or an http(s) URL without"),
         ({"destinations": ["ftp://hooks.example.com/in"]}, "must be agent:LABEL or an http(s) URL"),
-        ({"destinations": ["https://hooks.example.com/in?key=1"]}, "without user, query or fragment"),
+        ({"destinations": ["https://hooks.example.com/in?key=1"]}, "without user, query, fragment"),
         ({"destinations": ["https:///in"]}, "must be agent:LABEL or an http(s) URL"),
         ({"destinations": ["https://user@hooks.example.com/in"]}, "must be agent:LABEL or an http(s) URL"),
         # Found by a review: the event's path went into the fragment, never sent.
-        ({"destinations": ["http://8.8.8.8:80#@127.0.0.1:35082"]}, "without user, query or fragment"),
-        ({"destinations": ["https://hooks.example.com/in#x"]}, "without user, query or fragment"),
-        ({"destinations": ["https://hooks.example.com/in?"]}, "without user, query or fragment"),
+        ({"destinations": ["http://8.8.8.8:80#@127.0.0.1:35082"]}, "without user, query, fragment"),
+        ({"destinations": ["https://hooks.example.com/in#x"]}, "without user, query, fragment"),
+        ({"destinations": ["https://hooks.example.com/in?"]}, "without user, query, fragment"),
+        ({"destinations": ["https://hooks.example.com/a\r\nb"]}, "control character"),
+        ({"destinations": ["https://hooks.example.com/a\tb"]}, "control character"),
+        ({"destinations": ["https://hooks.example.com/a b"]}, "control character"),
     ],
 )
 def test_invalid_changes_name_the_bad_field(changes: dict[str, Any], message: str) -> None:
