@@ -27,7 +27,7 @@ from relay_protocol.headers import header_value, strip_hop_by_hop, without
 
 from .retry import parse_retry_after
 from .session import AgentSession, Stream, StreamFailed
-from .states import Outcome, received_at_text
+from .states import Outcome, clip_error, received_at_text
 from .store import Event
 
 #: Headers every delivery carries; the client's own values under these names are dropped.
@@ -35,8 +35,6 @@ EVENT_HEADERS = (b"x-relay-event-id", b"x-relay-attempt", b"x-relay-received-at"
 #: Agent RESET codes that mean the request never reached the local app: the agent
 #: refused the stream, or cancelled it before forwarding (shutting down).
 _NOT_FORWARDED = frozenset({RESET_REFUSED, RESET_CANCEL})
-#: Characters of a URL destination's error kept in the delivery's record.
-MAX_ERROR = 200
 
 
 def delivery_head(event: Event, attempt: int) -> RequestHead:
@@ -226,4 +224,4 @@ async def attempt_url(
     except TimeoutError:
         return Outcome(None, f"no answer within {timeout:g}s")
     except (aiohttp.ClientError, OSError) as exc:
-        return Outcome(None, f"{type(exc).__name__}: {exc}"[:MAX_ERROR])
+        return Outcome(None, clip_error(f"{type(exc).__name__}: {exc}"))

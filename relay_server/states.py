@@ -27,6 +27,19 @@ from .store import Attempt, Delivery, Event
 #: an agent connects first): short, since it spends no step of the schedule, yet not a
 #: busy loop while, say, the agent refuses new streams.
 NOT_REACHED_DELAY = 1.0
+#: Bytes (UTF-8) of an outcome's error kept in a delivery's record: its row holds room
+#: for that much (``store.OUTCOME_ROOM``). A review saw errors of 1 KiB from an agent's
+#: RESET reason (64 KiB from a custom agent) and of 200 emoji, four bytes each.
+MAX_ERROR = 200
+
+
+def clip_error(error: str | None) -> str | None:
+    """``error`` cut to at most ``MAX_ERROR`` bytes of UTF-8, on a character boundary."""
+    if error is None or len(error) * 4 <= MAX_ERROR:
+        return error
+    return error.encode()[:MAX_ERROR].decode(errors="ignore")
+
+
 #: The order in which an event's overall state is the least advanced of its destinations'.
 _SUMMARY_ORDER = ("retrying", "pending", "dead", "delivered")
 
@@ -68,7 +81,8 @@ def settle(
     next attempt.
     """
     attempts = delivery.attempts + 1
-    base = replace(delivery, attempts=attempts, last_status=outcome.status, last_error=outcome.error)
+    error = clip_error(outcome.error)
+    base = replace(delivery, attempts=attempts, last_status=outcome.status, last_error=error)
     if outcome.status is not None and outcome.status not in retry_on:
         if outcome.status == 410:  # 410 Gone: the destination wants no more of it
             return replace(
@@ -76,9 +90,9 @@ def settle(
             )
         return replace(base, status="delivered", next_attempt_at=None)
     if outcome.final:
-        return replace(base, status="dead", next_attempt_at=None, dead_reason=outcome.error)
+        return replace(base, status="dead", next_attempt_at=None, dead_reason=error)
     failures = delivery.failures
-    last = outcome.status or outcome.error or "no answer"
+    last = outcome.status or error or "no answer"
     if not outcome.reached:
         when: float | None = max(delivery.next_attempt_at or now, now + NOT_REACHED_DELAY)
     elif not scheduled:

@@ -145,14 +145,22 @@ PRESSURE_ROUNDS = 20
 #: events (a review filled a 1 MB store with 194 of them: nothing more was delivered,
 #: across restarts). An outcome is a row update and one history row (about 100 bytes).
 RECORD_RESERVE = 1 / 8
+RECORD_RESERVE_MAX = 64 * 1024 * 1024
 #: Bytes a waiting delivery's row keeps for what its next outcome writes into it: an
-#: error of up to ``attempts.MAX_ERROR`` (200) characters, and the row's and its index
+#: error of up to ``states.MAX_ERROR`` (200) bytes, and the row's and its index
 #: entries' other changes. Held in the row (``room``, zero bytes given back as the error
 #: takes them), so that an outcome never grows a row: the reserve above then needs to hold
 #: only the attempts' history, which can be trimmed. A review filled a 2 MB store with
 #: 4,773 events of 50 bytes: without it, 2,645 of their first outcomes found no room.
 OUTCOME_ROOM = 256
-RECORD_RESERVE_MAX = 64 * 1024 * 1024
+#: How far past ``--store-max-bytes`` a capped store may grow, as a share of it, and only
+#: to record the outcomes of what it already accepted (never for a new event): when the
+#: room above is not enough all the same (waiting deliveries stored before schema v5 held
+#: it, a fan-out delivery's dead reason beside its error). Accepted webhooks' outcomes are
+#: never refused for room while it lasts; a review saw a store upgraded full deliver
+#: nothing. In steps of ``1 / RECORD_GROWTH_STEPS`` of the cap, with a warning.
+RECORD_OVERSHOOT = 1.0
+RECORD_GROWTH_STEPS = 64
 #: Seconds between two log lines about purges under pressure (each says how many).
 PRESSURE_LOG_INTERVAL = 30.0
 #: Milliseconds a connection waits for SQLite's write lock held by another connection
@@ -265,6 +273,8 @@ class _Connection(sqlite3.Connection):
     (``event_pages``; None: up to the cap or the disk) and its ``page_size``."""
 
     event_pages: int | None = None
+    #: ``--store-max-bytes`` in pages (None: no cap).
+    max_pages: int | None = None
     page_size = 4096
 
 
@@ -428,7 +438,8 @@ class Store:
         db.execute("PRAGMA foreign_keys=ON")
         if max_bytes is not None:
             db.page_size = db.execute("PRAGMA page_size").fetchone()[0]
-            db.execute(f"PRAGMA max_page_count = {max(1, max_bytes // db.page_size)}")
+            db.max_pages = max(1, max_bytes // db.page_size)
+            db.execute(f"PRAGMA max_page_count = {db.max_pages}")
             reserve = min(int(max_bytes * RECORD_RESERVE), RECORD_RESERVE_MAX)
             db.event_pages = max(1, (max_bytes - reserve) // db.page_size)
         return db
@@ -550,9 +561,10 @@ class Store:
         when nothing finished is left (``NoRoomForEvents`` once new events fill their
         share, ``RECORD_RESERVE``). When nothing finished is left and the store is full
         all the same (the disk, or the reserve spent), the oldest attempts' history goes
-        instead for a transaction without a new event (``NewEvent``), so that outcomes
-        are still written and deliveries go on. Raises ``StoreFull`` when neither is
-        left, ``StoreError`` for any other failure (I/O error), with nothing written.
+        instead for a transaction without a new event (``NewEvent``), then a capped
+        store grows past its cap (``RECORD_OVERSHOOT``), so that outcomes are still
+        written and deliveries go on. Raises ``StoreFull`` when none of that is left,
+        ``StoreError`` for any other failure (I/O error), with nothing written.
         """
         with self._lock:
             for _ in range(PRESSURE_ROUNDS):
@@ -564,7 +576,9 @@ class Store:
                 except StoreFull:
                     if self._purge_finished(PRESSURE_PURGE):
                         continue
-                    if any(isinstance(op, NewEvent) for op in ops) or not self._trim_history(PRESSURE_PURGE):
+                    if any(isinstance(op, NewEvent) for op in ops):
+                        raise
+                    if not (self._trim_history(PRESSURE_PURGE) or self._grow_for_records()):
                         raise
             return self._transaction(ops)
 
@@ -636,6 +650,27 @@ class Store:
                 self._db.execute("ROLLBACK")
         except sqlite3.Error as exc:
             raise StoreError(f"the store cannot be written: {exc}") from exc
+
+    def _grow_for_records(self) -> bool:
+        """Let a capped store grow one step further past its cap (``RECORD_OVERSHOOT``);
+        False when it is not capped, or has grown as far as that allows."""
+        cap = self._db.max_pages
+        if cap is None:
+            return False
+        try:
+            current = self._db.execute("PRAGMA max_page_count").fetchone()[0]
+            limit = cap + int(cap * RECORD_OVERSHOOT)
+            if current >= limit:
+                return False
+            grown = min(limit, current + max(1, cap // RECORD_GROWTH_STEPS))
+            self._db.execute(f"PRAGMA max_page_count = {grown}")
+        except sqlite3.Error:
+            return False
+        log.warning(
+            "store full with events waiting: grown to %d bytes, past --store-max-bytes, for their outcomes",
+            grown * self._db.page_size,
+        )
+        return True
 
     def _trim_history(self, limit: int) -> int:
         """Delete the ``limit`` oldest rows of attempts' history; how many went (0 on failure).

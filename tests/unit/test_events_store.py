@@ -1110,7 +1110,7 @@ def test_a_store_full_of_small_events_records_each_ones_first_outcome(
                 event = _event(f"evt_{i}", body=b"x" * size)
                 waiting.append(_insert(store, event, *(_queued(destination=d) for d in targets)))
         assert len(waiting) >= 50
-        error = "agent: " + "e" * 193  # as long as an error is kept (attempts.MAX_ERROR)
+        error = "agent: " + "e" * 193  # as long as an error is kept (states.MAX_ERROR)
         ops = [
             Store.update_delivery_op(
                 replace(d, status="retrying", attempts=1, failures=1, last_error=error, next_attempt_at=5.0)
@@ -1121,6 +1121,34 @@ def test_a_store_full_of_small_events_records_each_ones_first_outcome(
         for op in ops:  # one by one, as outcomes come: none may fail
             store.transaction([op])
         assert all(d.last_error == error for seq in waiting for d in store.deliveries(seq))
+    finally:
+        store.close()
+
+
+def test_a_full_store_whose_rows_hold_no_room_grows_past_its_cap_for_their_outcomes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by a third review: waiting deliveries stored before schema v5 hold no room
+    # (nor does a fan-out delivery's dead reason fit in it); upgraded full, such a store
+    # delivered nothing. Outcomes of what a store accepted now go past its cap (up to
+    # RECORD_OVERSHOOT of it, with a warning); new events never do.
+    store = Store(tmp_path, max_bytes=SMALL_STORE)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(store_module, "_room", lambda delivery: None)  # as a v4 store's rows
+            waiting = _fill_with_waiting(store, size=50)
+        error = "agent: " + "e" * 193
+        for seq in waiting:
+            [delivery] = store.deliveries(seq)
+            failed = replace(
+                delivery, status="retrying", attempts=1, failures=1, last_error=error, next_attempt_at=5.0
+            )
+            store.transaction([Store.update_delivery_op(failed)])
+        assert all(store.deliveries(seq)[0].last_error == error for seq in waiting)
+        size = os.path.getsize(tmp_path / DB_FILE)
+        assert SMALL_STORE < size <= SMALL_STORE * (1 + store_module.RECORD_OVERSHOOT) + 64 * 1024
+        with pytest.raises(NoRoomForEvents):
+            _insert(store, _event("evt_refused", body=b"x" * 50))
     finally:
         store.close()
 

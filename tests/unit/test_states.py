@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from relay_server.retry import DEFAULT_SCHEDULE, RetryPolicy
-from relay_server.states import NOT_REACHED_DELAY, Outcome, event_json, settle, summary_status
+from relay_server.states import MAX_ERROR, NOT_REACHED_DELAY, Outcome, event_json, settle, summary_status
 from relay_server.store import Delivery, Event, Store
 
 #: The fake clock's "now": an arbitrary fixed instant.
@@ -378,3 +378,17 @@ def test_a_final_outcome_is_dead_at_once_whatever_the_schedule() -> None:
             scheduled=scheduled,
         )
         assert (after.status, after.dead_reason, after.next_attempt_at) == ("dead", why, None)
+
+
+@pytest.mark.parametrize(
+    "error",
+    ["agent: " + "e" * 1017, "agent: " + "\u00e9" * 193, "agent: " + "\U0001f600" * 193],
+    ids=["1 KiB", "latin", "emoji"],
+)
+def test_an_outcomes_error_is_kept_to_max_error_bytes(error: str) -> None:
+    # Found by a third review: an agent's RESET reason (1 KiB, 64 KiB from a custom agent)
+    # or 200 characters of four bytes each outgrew the room a delivery's row holds.
+    after = _settle(_delivery(), Outcome(None, error), now=T0)
+    assert after.last_error is not None
+    assert len(after.last_error.encode()) <= MAX_ERROR
+    assert error.startswith(after.last_error)
