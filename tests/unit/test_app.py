@@ -436,7 +436,8 @@ async def test_one_hello_claims_no_name_past_the_cap(
     agent = Agent(await _connect(client, _token(client, tmp_path, "alice", ["alice", "alice-*"])))
     await agent.hello("alice-c", "alice-d")
     code, reason = await _closed_with(agent.ws)
-    assert (code, reason) == (4003, "'alice' holds 3 names already, the most a user may: release some")
+    assert code == 4003
+    assert reason.startswith("'alice' holds 3 names already, the most a user may"), reason
     assert _store(client).name_owner("alice-d") is None
 
 
