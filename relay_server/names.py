@@ -50,7 +50,7 @@ def claim_refused(name: str, user: str, patterns: list[str], namespace: str | No
 
 def too_many_names(user: str) -> str:
     """Why ``user`` may claim no more names (``MAX_NAMES_PER_USER``)."""
-    return f"{user!r} holds {MAX_NAMES_PER_USER} names already, the most a user may (an admin can release some)"
+    return f"{user!r} holds {MAX_NAMES_PER_USER} names already, the most a user may (an admin releases them)"
 
 
 def default_patterns(user: str) -> list[str]:
