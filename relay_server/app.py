@@ -29,6 +29,7 @@ from .names import PublicOrigin
 from .probes import Probes, healthz
 from .public_errors import relay_error
 from .registry import InFlight, Registry
+from .relayed import ExactHead
 from .status import STATUS_PATH, Status
 from .store import Store
 from .watch import Watch
@@ -138,6 +139,7 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
         },
     )
     app.router.add_route("*", "/{path:.*}", _never_called)
+    app.on_response_prepare.append(_own_server_header)
     app[CONFIG] = config
     app[STORE] = store
     app[REGISTRY] = registry
@@ -149,6 +151,18 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
     app[WATCH] = Watch(store=store, registry=registry, deliveries=deliveries)
     app.cleanup_ctx.append(_watch_ctx)
     return app
+
+
+#: The ``Server`` header of the relay's own answers: not aiohttp's default, which names
+#: the Python and aiohttp versions to anyone who asks (a review pointed at it).
+SERVER_HEADER = "relay"
+
+
+async def _own_server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: the relay's own answers say ``SERVER_HEADER``; a relayed
+    one carries the local service's head, and only it (``relayed.ExactHead``)."""
+    if not isinstance(response, ExactHead):
+        response.headers["Server"] = SERVER_HEADER
 
 
 async def _never_called(request: web.Request) -> web.StreamResponse:

@@ -644,6 +644,13 @@ async def test_a_101_with_control_characters_in_a_header_is_502(client: TestClie
     await agent.ws.close()
 
 
+async def test_the_relays_own_answers_do_not_name_its_software_versions(client: TestClient) -> None:
+    answers = (("/healthz", "relay.test"), ("/hook", "nobody.relay.test"), ("/t/alice/", "relay.test"))
+    for path, host in answers:
+        async with client.get(path, headers={"Host": host}) as resp:
+            assert resp.headers.getall("Server") == ["relay"], (path, resp.status)
+
+
 async def test_agent_gone_mid_request_is_503(client: TestClient, tmp_path: Path) -> None:
     agent = await _agent(client, tmp_path, "alice")
 
