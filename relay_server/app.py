@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from relay_protocol.frames import CLOSE_GOING_AWAY
-from relay_web.guard import ConnectionGuard, GuardedAppRunner
+from relay_web.guard import SERVER_HEADER, ConnectionGuard, GuardedAppRunner
 from relay_web.listen import authority, start_sites
 
 from . import tokens
@@ -153,14 +153,10 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
     return app
 
 
-#: The ``Server`` header of the relay's own answers: not aiohttp's default, which names
-#: the Python and aiohttp versions to anyone who asks (a review pointed at it).
-SERVER_HEADER = "relay"
-
-
 async def _own_server_header(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: the relay's own answers say ``SERVER_HEADER``; a relayed
-    one carries the local service's head, and only it (``relayed.ExactHead``)."""
+    """``on_response_prepare``: the relay's own answers say ``SERVER_HEADER`` (not aiohttp's
+    name and versions); a relayed one carries the local service's head, and only it
+    (``relayed.ExactHead``)."""
     if not isinstance(response, ExactHead):
         response.headers["Server"] = SERVER_HEADER
 

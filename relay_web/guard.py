@@ -105,6 +105,9 @@ class ConnectionGuard:
             del self.per_client[client]
 
 
+#: The ``Server`` header of relay's own answers: not aiohttp's default, which names the
+#: Python and aiohttp versions to anyone who asks (a review pointed at it).
+SERVER_HEADER = "relay"
 #: The ``X-Relay-Error`` of an answer aiohttp makes itself, before any handler: a request
 #: its HTTP parser refused (400, or 413, 414, 431 for a part too large) or a crash (500).
 PARSER_ERRORS = {413: "body-too-large", 414: "uri-too-long", 431: "headers-too-large", 500: "internal-error"}
@@ -132,9 +135,11 @@ class GuardedRequestHandler(RequestHandler):
         self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
     ) -> web.StreamResponse:
         """aiohttp's own answer (a request its parser refused, a crash), with the
-        ``X-Relay-Error`` every error of the relay carries (``PARSER_ERRORS``)."""
+        ``X-Relay-Error`` every error of the relay carries (``PARSER_ERRORS``) and its
+        ``Server`` (``SERVER_HEADER``)."""
         response = super().handle_error(request, status, exc, message)
         response.headers.setdefault("X-Relay-Error", PARSER_ERRORS.get(status, "bad-request"))
+        response.headers["Server"] = SERVER_HEADER
         return response
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

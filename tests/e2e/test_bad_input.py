@@ -203,6 +203,7 @@ async def test_malformed_requests_get_400_and_the_server_stays_up(
     assert reply.status == 400
     # The parser's refusals carry the relay's error header too (a review found them bare).
     assert reply.getall("X-Relay-Error") == ["bad-request"], reply
+    assert reply.getall("Server") == ["relay"], reply
     assert b"Traceback" not in reply.body
     assert alice.target.requests == []
     await assert_still_up(alice, http)
