@@ -271,6 +271,7 @@ async def _metrics_site(config: ServerConfig, metrics: Metrics) -> web.AppRunner
     host, port = config.metrics_listen
     app = web.Application()
     app.router.add_get("/metrics", metrics.handle)
+    app.on_response_prepare.append(_own_server_header)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:

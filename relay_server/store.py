@@ -15,7 +15,7 @@ import sqlite3
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -538,9 +538,14 @@ class Store:
                 self._db.execute("ROLLBACK")
                 raise
 
-    def _write(self, sql: str, *args: object) -> sqlite3.Cursor:
+    def _write(self, sql: str, *args: object, new: bool = False) -> sqlite3.Cursor:
+        """Run one write. ``new``: it adds a row (a token, a name) that a store whose new
+        events filled their share refuses as it refuses them (``NoRoomForEvents``): the
+        rest is the outcomes' (``RECORD_RESERVE``)."""
         try:
             with self._lock:
+                if new:
+                    _room_for_event(self._db, 0)
                 return self._db.execute(sql, args)
         except sqlite3.Error as exc:
             raise _store_error(exc) from exc
@@ -566,7 +571,7 @@ class Store:
         written and deliveries go on. Raises ``StoreFull`` when none of that is left,
         ``StoreError`` for any other failure (I/O error), with nothing written.
         """
-        with self._lock:
+        with self._lock, self._cap_kept():
             for _ in range(PRESSURE_ROUNDS):
                 try:
                     return self._transaction(ops)
@@ -651,6 +656,18 @@ class Store:
         except sqlite3.Error as exc:
             raise StoreError(f"the store cannot be written: {exc}") from exc
 
+    @contextlib.contextmanager
+    def _cap_kept(self) -> Iterator[None]:
+        """Around a transaction that may grow the store (``_grow_for_records``): the cap
+        is set back after it (SQLite keeps it at the file's size at least), so the room
+        grown serves these outcomes only, never a write that comes after."""
+        try:
+            yield
+        finally:
+            if self._db.max_pages is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute(f"PRAGMA max_page_count = {self._db.max_pages}")
+
     def _grow_for_records(self) -> bool:
         """Let a capped store grow one step further past its cap (``RECORD_OVERSHOOT``);
         False when it is not capped, or has grown as far as that allows."""
@@ -660,8 +677,8 @@ class Store:
         try:
             current = self._db.execute("PRAGMA max_page_count").fetchone()[0]
             limit = cap + int(cap * RECORD_OVERSHOOT)
-            if current >= limit:
-                return False
+            if current >= limit or self._db.execute("PRAGMA page_count").fetchone()[0] < current:
+                return False  # as far as it may, or full for another reason (the disk)
             grown = min(limit, current + max(1, cap // RECORD_GROWTH_STEPS))
             self._db.execute(f"PRAGMA max_page_count = {grown}")
         except sqlite3.Error:
@@ -711,7 +728,8 @@ class Store:
 
     def record_token(self, claims: Claims) -> None:
         now = time.time()
-        self._write("INSERT OR IGNORE INTO users (name, created_at) VALUES (?, ?)", claims.user, now)
+        user = claims.user
+        self._write("INSERT OR IGNORE INTO users (name, created_at) VALUES (?, ?)", user, now, new=True)
         self._write(
             "INSERT INTO tokens (id, user, names, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
             claims.token_id,
@@ -719,6 +737,7 @@ class Store:
             json.dumps(claims.names),
             now,
             claims.expires_at,
+            new=True,
         )
 
     def list_tokens(self) -> list[TokenRecord]:
@@ -745,12 +764,16 @@ class Store:
     def claim_name(self, name: str, user: str, limit: int | None = None) -> str | None:
         """Claim ``name`` for ``user`` unless someone holds it; returns its owner. With a
         ``limit``, only while ``user`` holds fewer names (checked in the same write): None
-        when it holds that many already and ``name`` is free."""
+        when it holds that many already and ``name`` is free. A free name is a new row
+        (``_write``'s ``new``): a full store refuses it; one held needs no write."""
+        owner = self.name_owner(name)
+        if owner is not None:
+            return owner
         now = time.time()
-        self._write("INSERT OR IGNORE INTO users (name, created_at) VALUES (?, ?)", user, now)
+        self._write("INSERT OR IGNORE INTO users (name, created_at) VALUES (?, ?)", user, now, new=True)
         if limit is None:
             sql = "INSERT OR IGNORE INTO names (name, user, claimed_at) VALUES (?, ?, ?)"
-            self._write(sql, name, user, now)
+            self._write(sql, name, user, now, new=True)
         else:
             self._write(
                 "INSERT OR IGNORE INTO names (name, user, claimed_at) SELECT ?, ?, ?"
@@ -760,6 +783,7 @@ class Store:
                 now,
                 user,
                 limit,
+                new=True,
             )
         return self.name_owner(name)
 

@@ -111,6 +111,7 @@ async def test_per_tunnel_labels_and_the_metrics_listener(relay: Relay, http: ai
     await fetch(http, "GET", server.url("/t/nobody-here/x"), server.apex)  # unclaimed: no series of its own
     async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
         assert resp.status == 200
+        assert resp.headers.getall("Server") == ["relay"]  # not aiohttp's name and versions
         found = samples(await resp.text())
     labels = (("error", ""), ("route", "tunnel"), ("status_class", "2xx"), ("tunnel", "alice"))
     assert found["relay_requests_total", labels] == 1
@@ -118,6 +119,7 @@ async def test_per_tunnel_labels_and_the_metrics_listener(relay: Relay, http: ai
     assert not any(("tunnel", "nobody-here") in key[1] for key in found)
     async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
         assert resp.status == 404  # the metrics listener serves /metrics alone
+        assert resp.headers.getall("Server") == ["relay"]
 
 
 async def test_strangers_get_no_metrics_status_or_certificates(

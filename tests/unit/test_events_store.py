@@ -22,6 +22,7 @@ import relay_server.store as store_module
 from relay_server.commits import GroupCommitter
 from relay_server.errors import NoRoomForEvents, StoreError, StoreFull
 from relay_server.store import DB_FILE, MIGRATIONS, Delivery, Event, Store
+from relay_server.tokens import Claims
 
 ANY = "agent:*"
 
@@ -1134,6 +1135,7 @@ def test_a_full_store_whose_rows_hold_no_room_grows_past_its_cap_for_their_outco
     # RECORD_OVERSHOOT of it, with a warning); new events never do.
     store = Store(tmp_path, max_bytes=SMALL_STORE)
     try:
+        store.claim_name("alice", "alice")
         with monkeypatch.context() as patch:
             patch.setattr(store_module, "_room", lambda delivery: None)  # as a v4 store's rows
             waiting = _fill_with_waiting(store, size=50)
@@ -1149,6 +1151,13 @@ def test_a_full_store_whose_rows_hold_no_room_grows_past_its_cap_for_their_outco
         assert SMALL_STORE < size <= SMALL_STORE * (1 + store_module.RECORD_OVERSHOOT) + 64 * 1024
         with pytest.raises(NoRoomForEvents):
             _insert(store, _event("evt_refused", body=b"x" * 50))
+        # The room grown is the outcomes' alone: a new name or token is refused as an event
+        # (a fourth review saw settings and names take it), a name held needs no write.
+        with pytest.raises(NoRoomForEvents):
+            store.claim_name("bob", "bob")
+        with pytest.raises(NoRoomForEvents):
+            store.record_token(Claims("carol", ["carol"], "token-carol", 2_000_000_000))
+        assert store.claim_name("alice", "alice") == "alice"
     finally:
         store.close()
 
