@@ -377,6 +377,34 @@ def _end_waiting(db: sqlite3.Connection, tunnel: str, owner: str | None, reason:
     return int(events)
 
 
+def _update_delivery(db: sqlite3.Connection, delivery: Delivery) -> bool:
+    """Write ``delivery``'s state and the outcome of its attempt into its history; False
+    (nothing written) if the delivery is no longer stored."""
+    now = time.time()
+    updated = db.execute(
+        "UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, last_status = ?,"
+        " last_error = ?, failures = ?, dead_reason = ?, since = ?, updated_at = ?, room = ?"
+        " WHERE event_seq = ? AND destination = ?",
+        (
+            delivery.status,
+            delivery.attempts,
+            delivery.next_attempt_at,
+            delivery.last_status,
+            delivery.last_error,
+            delivery.failures,
+            delivery.dead_reason,
+            delivery.since,
+            now,
+            _room(delivery),
+            delivery.event_seq,
+            delivery.destination,
+        ),
+    ).rowcount
+    if updated:
+        _add_attempt(db, delivery.event_seq, delivery, now)
+    return bool(updated)
+
+
 def _add_attempt(db: sqlite3.Connection, event_seq: int, delivery: Delivery, now: float) -> None:
     """Add the outcome of attempt number ``delivery.attempts`` to the delivery's history,
     once (an outcome written again adds nothing), keeping the newest ``MAX_ATTEMPTS_KEPT``."""
@@ -917,30 +945,12 @@ class Store:
         """An operation recording the outcome of an attempt (or a replay). The outcome of
         attempt number ``delivery.attempts`` joins the delivery's history once: a replay,
         or the same outcome written again after a store failure, adds nothing. Returns
-        True if a delivery of the event still waits (this one, or another destination's)."""
+        True if a delivery of the event still waits (this one, or another destination's).
+        A delivery no longer stored (its event purged: released, then full) is left alone."""
 
         def op(db: sqlite3.Connection) -> bool:
-            now = time.time()
-            db.execute(
-                "UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, last_status = ?,"
-                " last_error = ?, failures = ?, dead_reason = ?, since = ?, updated_at = ?, room = ?"
-                " WHERE event_seq = ? AND destination = ?",
-                (
-                    delivery.status,
-                    delivery.attempts,
-                    delivery.next_attempt_at,
-                    delivery.last_status,
-                    delivery.last_error,
-                    delivery.failures,
-                    delivery.dead_reason,
-                    delivery.since,
-                    now,
-                    _room(delivery),
-                    delivery.event_seq,
-                    delivery.destination,
-                ),
-            )
-            _add_attempt(db, delivery.event_seq, delivery, now)
+            if not _update_delivery(db, delivery):
+                return False
             if delivery.waiting:
                 return True
             waiting = db.execute(
@@ -956,15 +966,13 @@ class Store:
         """``update_delivery_op`` for a replay: returns True if nothing of the event waited
         before it (the event comes back into its tunnel's quota). Decided in the write's
         own transaction, so that replays at once count the event back once."""
-        update = Store.update_delivery_op(delivery)
 
         def op(db: sqlite3.Connection) -> bool:
             waited = db.execute(
                 f"SELECT 1 FROM deliveries WHERE event_seq = ? AND status IN {_WAITING} LIMIT 1",
                 (delivery.event_seq,),
             ).fetchone()
-            update(db)
-            return waited is None
+            return _update_delivery(db, delivery) and waited is None
 
         return op
 

@@ -1162,6 +1162,27 @@ def test_a_full_store_whose_rows_hold_no_room_grows_past_its_cap_for_their_outco
         store.close()
 
 
+def test_an_outcome_of_an_event_no_longer_stored_is_left_alone(tmp_path: Path, store: Store) -> None:
+    # A kept outcome (written again after a store failure) whose event was purged in the
+    # meantime (its name released, then the store full) failed on the history's foreign
+    # key, and with it every outcome written beside it, for good: the dispatchers of
+    # every tenant wait for those writes.
+    gone = _insert(store, _event("evt_gone"))
+    kept = _insert(store, _event("evt_kept"))
+    [delivery_gone] = store.deliveries(gone)
+    [delivery_kept] = store.deliveries(kept)
+    with contextlib.closing(sqlite3.connect(tmp_path / DB_FILE)) as db, db:
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("DELETE FROM events WHERE seq = ?", (gone,))
+    delivered = {"status": "delivered", "attempts": 1, "last_status": 200, "next_attempt_at": None}
+    results = store.transaction(
+        [Store.update_delivery_op(replace(d, **delivered)) for d in (delivery_gone, delivery_kept)]
+    )
+    assert results == [False, False]
+    assert store.deliveries(kept)[0].status == "delivered"
+    assert store.deliveries(gone) == [] and store.attempts(gone) == []
+
+
 async def test_a_full_store_refuses_the_new_events_of_a_batch_not_the_outcomes_beside_them(
     tmp_path: Path,
 ) -> None:
