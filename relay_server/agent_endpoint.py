@@ -29,12 +29,12 @@ from relay_protocol.limits import (
 
 from . import tokens
 from .budget import FrameBudget
-from .config import DEFAULT_MAX_AGENTS_PER_USER, Network
+from .config import DEFAULT_MAX_AGENTS_PER_USER, DEFAULT_MAX_NAMES_PER_USER, Network
 from .connections import client_of
 from .delivery import Deliveries
 from .errors import AuthError, ConfigError, NameRefused
 from .fragments import refuse_fragments
-from .names import MAX_NAMES_PER_USER, PublicOrigin, is_valid_name, name_allowed, too_many_names
+from .names import PublicOrigin, is_valid_name, name_allowed, too_many_names
 from .public_errors import relay_error
 from .registry import InFlight, Registry
 from .session import AgentSession
@@ -66,10 +66,12 @@ class AgentEndpoint:
         trusted_proxies: tuple[Network, ...] = (),
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
         max_agents_per_user: int = DEFAULT_MAX_AGENTS_PER_USER,
+        max_names_per_user: int = DEFAULT_MAX_NAMES_PER_USER,
     ):
         self.inflight = inflight
         self.heartbeat_interval = heartbeat_interval
         self.max_agents_per_user = max_agents_per_user
+        self.max_names_per_user = max_names_per_user
         #: Agent connections past authentication, by user (none left at 0).
         self._agents: collections.Counter[str] = collections.Counter()
         #: Each user's frame budget (``budget.FrameBudget``), by user: one small object per
@@ -102,9 +104,9 @@ class AgentEndpoint:
             if owner is None and (refused := self.store.claim_refused(name, claims.user, claims.names)):
                 raise NameRefused(refused)
         for name in names:
-            owner = self.store.claim_name(name, claims.user, MAX_NAMES_PER_USER)
+            owner = self.store.claim_name(name, claims.user, self.max_names_per_user)
             if owner is None:
-                raise NameRefused(too_many_names(claims.user))
+                raise NameRefused(too_many_names(claims.user, self.max_names_per_user))
             if owner != claims.user:
                 raise NameRefused(f"name {name!r} belongs to another user")
         return list(dict.fromkeys(names))

@@ -33,9 +33,10 @@ from aiohttp import web
 
 from . import tokens
 from .attempts import is_public
+from .config import DEFAULT_MAX_NAMES_PER_USER
 from .delivery import Deliveries
 from .errors import AuthError, ConfigError, StoreError
-from .names import MAX_NAMES_PER_USER, is_valid_name, name_allowed, too_many_names
+from .names import is_valid_name, name_allowed, too_many_names
 from .public_errors import STATUS
 from .registry import Registry
 from .settings import TunnelSettings
@@ -59,11 +60,20 @@ def api_error(code: str, message: str) -> web.Response:
 
 
 class Api:
-    def __init__(self, *, secret: bytes, store: Store, registry: Registry, deliveries: Deliveries) -> None:
+    def __init__(
+        self,
+        *,
+        secret: bytes,
+        store: Store,
+        registry: Registry,
+        deliveries: Deliveries,
+        max_names_per_user: int = DEFAULT_MAX_NAMES_PER_USER,
+    ) -> None:
         self.secret = secret
         self.store = store
         self.registry = registry
         self.deliveries = deliveries
+        self.max_names_per_user = max_names_per_user
 
     def _claims(self, request: web.Request) -> tokens.Claims:
         claims = tokens.verify(self.secret, tokens.bearer(request.headers.get("Authorization")))
@@ -134,9 +144,10 @@ class Api:
                 refused = await asyncio.to_thread(self.store.claim_refused, name, claims.user, claims.names)
                 if refused is not None:
                     return api_error("conflict", refused)
-                owner = await asyncio.to_thread(self.store.claim_name, name, claims.user, MAX_NAMES_PER_USER)
+                most = self.max_names_per_user
+                owner = await asyncio.to_thread(self.store.claim_name, name, claims.user, most)
                 if owner is None:
-                    return api_error("conflict", too_many_names(claims.user))
+                    return api_error("conflict", too_many_names(claims.user, most))
             if owner != claims.user:
                 return api_error("not-found", f"you have no tunnel named {name[:64]!r}")
             self.registry.claimed(name, claims.user)  # before the settings are read

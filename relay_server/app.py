@@ -55,7 +55,13 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
     inflight = InFlight()
     commits = GroupCommitter(store)
     deliveries = Deliveries(store=store, commits=commits, registry=registry, config=config.queue)
-    api = Api(secret=secret, store=store, registry=registry, deliveries=deliveries)
+    api = Api(
+        secret=secret,
+        store=store,
+        registry=registry,
+        deliveries=deliveries,
+        max_names_per_user=config.max_names_per_user,
+    )
     agents = AgentEndpoint(
         secret=secret,
         store=store,
@@ -66,6 +72,7 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
         trusted_proxies=config.trusted_proxies,
         heartbeat_interval=config.heartbeat_interval,
         max_agents_per_user=config.max_agents_per_user,
+        max_names_per_user=config.max_names_per_user,
     )
     metrics = Metrics(registry=registry, store=store, per_tunnel=config.metrics_per_tunnel)
     deliveries.on_recorded = metrics.on_recorded

@@ -33,6 +33,7 @@ from .config import (
     DEFAULT_MAX_AGENTS_PER_USER,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+    DEFAULT_MAX_NAMES_PER_USER,
     DEFAULT_PORT,
     DEFAULT_TIMEOUT,
     MIN_ADMIN_TOKEN,
@@ -246,6 +247,14 @@ def main() -> None:
     help="Agent connections one user may hold at once; more are closed with 4029 and try again later.",
 )
 @click.option(
+    "--max-names-per-user",
+    envvar="RELAY_MAX_NAMES_PER_USER",
+    default=DEFAULT_MAX_NAMES_PER_USER,
+    type=click.IntRange(min=1),
+    show_envvar=True,
+    help="Tunnel names one user may hold; claiming one more is refused (HELLO: 4003, API: 409).",
+)
+@click.option(
     "--head-timeout",
     envvar="RELAY_HEAD_TIMEOUT",
     default=DEFAULT_HEAD_TIMEOUT,
@@ -338,6 +347,7 @@ def serve_command(
     max_connections: int,
     max_connections_per_client: int,
     max_agents_per_user: int,
+    max_names_per_user: int,
     head_timeout: float,
     tls_cert: Path | None,
     tls_key: Path | None,
@@ -384,6 +394,7 @@ def serve_command(
         max_connections=max_connections,
         max_connections_per_client=max_connections_per_client,
         max_agents_per_user=max_agents_per_user,
+        max_names_per_user=max_names_per_user,
         head_timeout=head_timeout,
         tls=tls,
         metrics_listen=_option(parse_listen, metrics_listen, "--metrics-listen") if metrics_listen else None,

@@ -34,6 +34,11 @@ DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 512
 #: open DEFAULT_MAX_CONNECTIONS_PER_CLIENT from each address it has. ngrok caps agent
 #: sessions per account the same way.
 DEFAULT_MAX_AGENTS_PER_USER = 100
+#: Tunnel names one user may hold. Each is a row (and its settings) kept until an admin
+#: releases it, and the tunnels API claims one per call: without a cap one token could fill
+#: the store with names. A fleet of one name per host raises it with the agents' cap (the
+#: bench's 10,000 agents of one user do). ngrok counts reserved domains per account.
+DEFAULT_MAX_NAMES_PER_USER = 1000
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_PORT = 8000
@@ -94,6 +99,8 @@ class ServerConfig:
     max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
     #: Agent connections one user may hold at once (``--max-agents-per-user``).
     max_agents_per_user: int = DEFAULT_MAX_AGENTS_PER_USER
+    #: Tunnel names one user may hold (``--max-names-per-user``).
+    max_names_per_user: int = DEFAULT_MAX_NAMES_PER_USER
     head_timeout: float = DEFAULT_HEAD_TIMEOUT
     #: Serve HTTPS and WSS itself (``--tls-cert``/``--tls-key``); None: plain HTTP.
     tls: ssl.SSLContext | None = None

@@ -29,12 +29,6 @@ def name_allowed(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
-#: Names one user may hold. Each is a row (and its settings) kept until an admin releases
-#: it, and the tunnels API claims one per call: without a cap, one token could fill the
-#: store with names. ngrok counts reserved domains per account the same way.
-MAX_NAMES_PER_USER = 1000
-
-
 def claim_refused(name: str, user: str, patterns: list[str], namespace: str | None) -> str | None:
     """Why ``user`` may not claim the free ``name`` its token's ``patterns`` allow; None if
     it may. ``namespace`` is the user whose own name ``name`` is or falls under
@@ -48,9 +42,9 @@ def claim_refused(name: str, user: str, patterns: list[str], namespace: str | No
     return None
 
 
-def too_many_names(user: str) -> str:
-    """Why ``user`` may claim no more names (``MAX_NAMES_PER_USER``)."""
-    return f"{user!r} holds {MAX_NAMES_PER_USER} names already, the most a user may (an admin releases them)"
+def too_many_names(user: str, most: int) -> str:
+    """Why ``user`` may claim no more names (``--max-names-per-user``: ``most``)."""
+    return f"{user!r} holds {most} names already, the most a user may (an admin releases them)"
 
 
 def default_patterns(user: str) -> list[str]:

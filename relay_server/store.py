@@ -112,6 +112,10 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE deliveries ADD COLUMN room BLOB;
     """,
+    # v6: the names a user holds, counted at every claim (``--max-names-per-user``).
+    """
+    CREATE INDEX names_by_user ON names (user);
+    """,
 ]
 
 #: Delivery states (the README defines them for users). ``pending``: waiting for

@@ -123,6 +123,7 @@ async def run(ctx: Context) -> dict[str, Any]:
         [
             *("--max-connections", room, "--max-connections-per-client", room),
             *("--max-agents-per-user", room),  # every session is the one user's
+            *("--max-names-per-user", room),  # each with a name of its own
             *cfg.server_args,
         ],
         nofile=nofile,

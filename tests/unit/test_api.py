@@ -35,7 +35,7 @@ from relay_protocol import (
     Role,
     Welcome,
 )
-from relay_server import api, names, tokens
+from relay_server import tokens
 from relay_server.api import MAX_LIST
 from relay_server.app import DELIVERIES, STORE, create_app
 from relay_server.config import ServerConfig
@@ -55,8 +55,9 @@ async def make_client(tmp_path: Path) -> AsyncIterator[MakeClient]:
     """A factory of test clients on ``create_app`` with a data dir under ``tmp_path``."""
     clients: list[TestClient] = []
 
-    async def make(queue: QueueConfig | None = None) -> TestClient:
-        config = ServerConfig(data_dir=tmp_path, public_url=PUBLIC_URL, queue=queue or QueueConfig())
+    async def make(queue: QueueConfig | None = None, **options: Any) -> TestClient:
+        queue = queue or QueueConfig()
+        config = ServerConfig(data_dir=tmp_path, public_url=PUBLIC_URL, queue=queue, **options)
         client = TestClient(TestServer(create_app(config)))
         await client.start_server()
         clients.append(client)
@@ -531,12 +532,9 @@ async def test_patch_refuses_a_name_in_another_users_namespace(client: TestClien
     assert status == 200
 
 
-async def test_patch_claims_at_most_max_names_per_user(
-    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_patch_claims_at_most_max_names_per_user(make_client: MakeClient, tmp_path: Path) -> None:
     # A review saw the API claim a name per call without end (a HELLO takes 16).
-    for module in (names, api):
-        monkeypatch.setattr(module, "MAX_NAMES_PER_USER", 3)
+    client = await make_client(max_names_per_user=3)
     token = _token(client, tmp_path, "alice")
     for i in range(3):
         assert (await _api(client, "PATCH", f"tunnels/alice-{i}", token, {}))[0] == 200

@@ -34,7 +34,7 @@ from relay_protocol import (
     encode,
 )
 from relay_protocol.frames import RESET_TARGET_TIMEOUT, RESET_TARGET_UNREACHABLE
-from relay_server import agent_endpoint, names, tokens
+from relay_server import agent_endpoint, tokens
 from relay_server.app import REGISTRY, STORE, create_app
 from relay_server.config import ServerConfig
 from relay_server.store import Store
@@ -424,13 +424,15 @@ async def test_a_name_in_another_users_namespace_is_theirs_not_a_wildcards(
     await owner.ws.close()
 
 
-async def test_one_hello_claims_no_name_past_the_cap(
-    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_one_hello_claims_no_name_past_the_cap(tmp_path: Path) -> None:
     # Found by a second review: every name of a HELLO was checked against the count held
     # before any was claimed, so 999 names and a HELLO of 16 made 1,015.
-    monkeypatch.setattr(agent_endpoint, "MAX_NAMES_PER_USER", 3)
-    monkeypatch.setattr(names, "MAX_NAMES_PER_USER", 3)
+    config = ServerConfig(data_dir=tmp_path, public_url=PUBLIC_URL, max_names_per_user=3)
+    async with TestClient(TestServer(create_app(config))) as client:
+        await _hello_past_the_cap(client, tmp_path)
+
+
+async def _hello_past_the_cap(client: TestClient, tmp_path: Path) -> None:
     _store(client).claim_name("alice-a", "alice")
     _store(client).claim_name("alice-b", "alice")
     agent = Agent(await _connect(client, _token(client, tmp_path, "alice", ["alice", "alice-*"])))
