@@ -203,15 +203,14 @@ class GroupCommitter:
             # outcomes, in the room kept for them) must not fail with them: committed
             # together, or one by one if that is still too much.
             new = [pending for pending in batch if isinstance(pending[0], NewEvent)]
-            self._fail(new, exc)
             rest = [pending for pending in batch if not isinstance(pending[0], NewEvent)]
-            if len(rest) < len(batch):
-                if rest:
-                    await self._commit(rest)
-            elif len(batch) > 1:
-                await self._one_by_one(batch)
-            else:
-                self._fail(batch, exc)
+            self._fail(new, exc)
+            if new and rest:
+                await self._commit(rest)
+            elif len(rest) > 1:
+                await self._one_by_one(rest)
+            elif rest:
+                self._fail(rest, exc)
             return
         except StoreError as exc:
             self._fail(batch, exc)

@@ -13,6 +13,7 @@ import logging
 import os
 import sqlite3
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -803,20 +804,16 @@ class Store:
             return owner
         now = time.time()
         self._write("INSERT OR IGNORE INTO users (name, created_at) VALUES (?, ?)", user, now, new=True)
-        if limit is None:
-            sql = "INSERT OR IGNORE INTO names (name, user, claimed_at) VALUES (?, ?, ?)"
-            self._write(sql, name, user, now, new=True)
-        else:
-            self._write(
-                "INSERT OR IGNORE INTO names (name, user, claimed_at) SELECT ?, ?, ?"
-                " WHERE (SELECT COUNT(*) FROM names WHERE user = ?) < ?",
-                name,
-                user,
-                now,
-                user,
-                limit,
-                new=True,
-            )
+        self._write(
+            "INSERT OR IGNORE INTO names (name, user, claimed_at) SELECT ?, ?, ?"
+            " WHERE (SELECT COUNT(*) FROM names WHERE user = ?) < ?",  # names_by_user: an index read
+            name,
+            user,
+            now,
+            user,
+            sys.maxsize if limit is None else limit,
+            new=True,
+        )
         return self.name_owner(name)
 
     def namespace_of(self, name: str) -> str | None:
