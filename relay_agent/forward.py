@@ -30,7 +30,7 @@ from relay_protocol.headers import (
     strip_hop_by_hop,
     without,
 )
-from relay_protocol.heads import Headers, encode_response_head
+from relay_protocol.heads import Headers, check_response_head_size
 from relay_protocol.limits import MAX_CONCURRENT_STREAMS, MAX_WEBSOCKET_MESSAGE
 from relay_protocol.messages import Kind, Message, MessageDecoder, encode_message
 
@@ -269,7 +269,7 @@ def _response_head(status: int, headers: Headers) -> ResponseHead:
     ``ForwardFailed`` if the protocol cannot carry it (over MAX_HEAD_SIZE, bad name)."""
     try:
         head = ResponseHead(status, strip_hop_by_hop(headers))
-        encode_response_head(head)
+        check_response_head_size(head)
     except RelayError as exc:
         raise ForwardFailed(RESET_BAD_RESPONSE, f"the response head cannot be relayed: {exc}") from exc
     return head

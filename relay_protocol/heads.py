@@ -215,13 +215,22 @@ def decode_request_head(payload: bytes) -> RequestHead:
         raise ProtocolError(str(exc)) from exc
 
 
+def response_head_size(head: ResponseHead) -> int:
+    """Bytes of ``head``'s RESPONSE payload, counted without building it."""
+    return 4 + sum(4 + len(name) + len(value) for name, value in head.headers)
+
+
+def check_response_head_size(head: ResponseHead) -> None:
+    """Raise ``HeadTooLarge`` (local) if ``head`` is over ``MAX_HEAD_SIZE`` encoded: what
+    ``encode_response_head`` will say, found before the head is queued, without encoding it."""
+    if (size := response_head_size(head)) > MAX_HEAD_SIZE:
+        raise HeadTooLarge(f"response head of {size} bytes, over the limit of {MAX_HEAD_SIZE}", "headers")
+
+
 def encode_response_head(head: ResponseHead) -> bytes:
     """The RESPONSE payload. Raises ``HeadTooLarge`` over ``MAX_HEAD_SIZE`` (local)."""
-    payload = head.status.to_bytes(2, "big") + _encode_headers(head.headers)
-    if len(payload) > MAX_HEAD_SIZE:
-        message = f"response head of {len(payload)} bytes, over the limit of {MAX_HEAD_SIZE}"
-        raise HeadTooLarge(message, "headers")
-    return payload
+    check_response_head_size(head)
+    return head.status.to_bytes(2, "big") + _encode_headers(head.headers)
 
 
 def decode_response_head(payload: bytes) -> ResponseHead:

@@ -32,7 +32,7 @@ from relay_protocol.frames import (
     decode,
     encode,
 )
-from relay_protocol.heads import RequestHead, ResponseHead
+from relay_protocol.heads import RequestHead, ResponseHead, check_response_head_size, response_head_size
 from relay_protocol.limits import (
     FRAME_HEADER_SIZE,
     MAX_DATA_SIZE,
@@ -320,6 +320,22 @@ def test_encoder_refuses_oversized_head() -> None:
         encode(Open(1, RequestHead("GET", b"/", headers)))
     assert caught.value.part == "headers"  # the ingress answers 431
     assert not isinstance(caught.value, ProtocolError)  # built here: never the peer's fault
+
+
+@pytest.mark.parametrize("count", [0, 1, 62, 63])
+def test_a_response_heads_size_is_counted_as_the_encoder_makes_it(count: int) -> None:
+    # The agent checks an app's response head with the count (not a second encoding);
+    # 63 headers of 1,050 bytes are over MAX_HEAD_SIZE (64 KiB), 62 are not.
+    head = ResponseHead(200, tuple((b"X-%d" % i, b"v" * (1046 - len(b"X-%d" % i))) for i in range(count)))
+    assert response_head_size(head) == 4 + count * 1050
+    if response_head_size(head) <= MAX_HEAD_SIZE:
+        check_response_head_size(head)
+        assert len(encode(Response(1, head))) - FRAME_HEADER_SIZE == response_head_size(head)
+    else:
+        with pytest.raises(HeadTooLarge):
+            check_response_head_size(head)
+        with pytest.raises(HeadTooLarge):
+            encode(Response(1, head))
 
 
 def test_encoder_says_when_the_target_made_the_head_too_large() -> None:
