@@ -41,11 +41,8 @@ from .frames import (
     Frame,
     Hello,
     Open,
-    Ping,
-    Pong,
     Reset,
     Response,
-    TargetUp,
     Welcome,
     Window,
     decode,
@@ -73,11 +70,17 @@ class Half(enum.Enum):
     BODY = "body"  # head sent or received, body may follow
     CLOSED = "closed"  # END_STREAM seen
 
+    # A member is equal to itself only: identity's hash, in C (Enum's own hashes the
+    # name in Python, and the state machine looks members up for every frame).
+    __hash__ = object.__hash__
+
 
 class Step(enum.Enum):
     HEAD = "head"
     DATA = "data"
     END = "end"
+
+    __hash__ = object.__hash__
 
 
 #: The state machine of one half-stream, as data: (state, step) -> next state.
@@ -100,11 +103,29 @@ class _Stream:
     granted_at: float | None = None  # when the last WINDOW was granted (the caller's clock)
 
 
-def _steps(frame: Frame) -> list[Step]:
-    if isinstance(frame, (Open, Response)):
-        return [Step.HEAD, Step.END] if frame.end_stream else [Step.HEAD]
-    assert isinstance(frame, Data)
-    return [Step.DATA, Step.END] if frame.end_stream else [Step.DATA]
+def _steps(kind: type[Frame], end_stream: bool) -> tuple[Step, ...]:
+    first = Step.DATA if kind is Data else Step.HEAD
+    return (first, Step.END) if end_stream else (first,)
+
+
+def _walk(half: Half, steps: tuple[Step, ...]) -> Half | Step:
+    """Where ``steps`` take ``half``: the state reached, or the first illegal step."""
+    for step in steps:
+        nxt = TRANSITIONS.get((half, step))
+        if nxt is None:
+            return step
+        half = nxt
+    return half
+
+
+#: ``TRANSITIONS`` walked ahead of time for every frame that moves a half-stream:
+#: (state, frame type, END_STREAM) -> the state reached, or the step that is illegal.
+_MOVES: dict[tuple[Half, type[Frame], bool], Half | Step] = {
+    (half, kind, end): _walk(half, _steps(kind, end))
+    for half in Half
+    for kind in (Open, Response, Data)
+    for end in (False, True)
+}
 
 
 class Connection:
@@ -171,6 +192,19 @@ class Connection:
         self._check_usable()
         if not isinstance(frame, self._may_send):
             raise LocalProtocolError(f"a {self.role.value} never sends {type(frame).__name__}")
+        if isinstance(frame, (Response, Data)):  # the most frequent first
+            stream = self._streams.get(frame.stream_id)
+            if stream is None:
+                raise LocalProtocolError(f"stream {frame.stream_id} is not open")
+            if isinstance(frame, Data) and len(frame.data) > stream.send_credit:
+                raise LocalProtocolError(f"{len(frame.data)} bytes over the credit of {stream.send_credit}")
+            nxt = _next_half(stream.send, frame, LocalProtocolError)
+            data = encode(frame)
+            if isinstance(frame, Data):
+                stream.send_credit -= len(frame.data)
+            stream.send = nxt
+            self._forget_if_done(frame.stream_id, stream)
+            return data
         if isinstance(frame, (Hello, Welcome)):
             if self._handshaken or (isinstance(frame, Hello) and self._hello_seen):
                 raise LocalProtocolError("handshake already done")
@@ -188,19 +222,6 @@ class Connection:
             nxt = _next_half(Half.IDLE, frame, LocalProtocolError)
             data = encode(frame)  # before any change: a head too large spends no id
             self._opened(frame.stream_id, nxt, sending=True)
-            return data
-        if isinstance(frame, (Response, Data)):
-            stream = self._streams.get(frame.stream_id)
-            if stream is None:
-                raise LocalProtocolError(f"stream {frame.stream_id} is not open")
-            if isinstance(frame, Data) and len(frame.data) > stream.send_credit:
-                raise LocalProtocolError(f"{len(frame.data)} bytes over the credit of {stream.send_credit}")
-            nxt = _next_half(stream.send, frame, LocalProtocolError)
-            data = encode(frame)
-            if isinstance(frame, Data):
-                stream.send_credit -= len(frame.data)
-            stream.send = nxt
-            self._forget_if_done(frame.stream_id, stream)
             return data
         data = encode(frame)
         if isinstance(frame, Reset):
@@ -265,16 +286,8 @@ class Connection:
         frame = decode(message)
         if not isinstance(frame, self._may_receive):
             raise ProtocolError(f"a {self.role.value} never receives {type(frame).__name__}")
-        if isinstance(frame, (Hello, Welcome)):
-            if self._handshaken or (isinstance(frame, Hello) and self._hello_seen):
-                raise ProtocolError("second handshake frame")
-            if isinstance(frame, Hello):
-                self._hello_seen = True
-            else:
-                self._handshaken = True
-            return frame
-        if isinstance(frame, (Ping, Pong, TargetUp)):
-            return frame
+        if isinstance(frame, (Data, Response, Window, Reset)):  # the most frequent first
+            return self._on_stream(frame)
         if isinstance(frame, Open):
             if frame.stream_id != self._last_stream_id + 1:
                 expected = self._last_stream_id + 1
@@ -283,6 +296,17 @@ class Connection:
                 raise ProtocolError(f"peer opened more than {self.max_streams} streams")
             self._opened(frame.stream_id, _next_half(Half.IDLE, frame, ProtocolError), sending=False)
             return frame
+        if isinstance(frame, (Hello, Welcome)):
+            if self._handshaken or (isinstance(frame, Hello) and self._hello_seen):
+                raise ProtocolError("second handshake frame")
+            if isinstance(frame, Hello):
+                self._hello_seen = True
+            else:
+                self._handshaken = True
+        return frame  # HELLO, WELCOME, PING, PONG, TARGET_UP
+
+    def _on_stream(self, frame: Data | Response | Window | Reset) -> Frame | None:
+        """A received frame on an open (or already forgotten) stream, checked and taken."""
         stream_id = frame.stream_id
         stream = self._streams.get(stream_id)
         if stream is None:
@@ -315,10 +339,9 @@ def _next_half(
     half: Half, frame: Open | Response | Data, error: type[LocalProtocolError] | type[ProtocolError]
 ) -> Half:
     """The state ``half`` moves to when ``frame`` is sent or received; raises ``error`` if illegal."""
-    for step in _steps(frame):
-        nxt = TRANSITIONS.get((half, step))
-        if nxt is None:
-            verb = "cannot send" if error is LocalProtocolError else "unexpected"
-            raise error(f"{verb} {step.value} on stream {frame.stream_id} in state {half.value}")
-        half = nxt
-    return half
+    moved = _MOVES[half, type(frame), frame.end_stream]
+    if isinstance(moved, Step):
+        verb = "cannot send" if error is LocalProtocolError else "unexpected"
+        # Only a frame's first step can be illegal: END follows HEAD or DATA legally.
+        raise error(f"{verb} {moved.value} on stream {frame.stream_id} in state {half.value}")
+    return moved

@@ -19,6 +19,7 @@ two direction unions: what an agent may send, and what a server may send.
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -232,6 +233,15 @@ def _tunnel_list(value: Any) -> tuple[dict[str, Any], ...]:
 
 
 def _payload(frame: Frame) -> bytes:
+    # The frames of every request first: a stream's DATA, RESPONSE and OPEN.
+    if isinstance(frame, Data):
+        if len(frame.data) > MAX_DATA_SIZE:  # the caller cuts bodies (Engine.send_data does)
+            raise LocalProtocolError(f"DATA of {len(frame.data)} bytes, over {MAX_DATA_SIZE}")
+        return frame.data
+    if isinstance(frame, Response):
+        return encode_response_head(frame.head)
+    if isinstance(frame, Open):
+        return encode_request_head(frame.head)
     if isinstance(frame, Hello):
         hello: dict[str, Any] = {"tunnels": list(frame.tunnels), "agent": frame.agent}
         if frame.label:
@@ -248,14 +258,6 @@ def _payload(frame: Frame) -> bytes:
         if frame.features:
             welcome["features"] = list(frame.features)
         return frame.version.to_bytes(2, "big") + _json(welcome)
-    if isinstance(frame, Open):
-        return encode_request_head(frame.head)
-    if isinstance(frame, Response):
-        return encode_response_head(frame.head)
-    if isinstance(frame, Data):
-        if len(frame.data) > MAX_DATA_SIZE:  # the caller cuts bodies (Engine.send_data does)
-            raise LocalProtocolError(f"DATA of {len(frame.data)} bytes, over {MAX_DATA_SIZE}")
-        return frame.data
     if isinstance(frame, Window):
         return frame.increment.to_bytes(4, "big")
     if isinstance(frame, Reset):
@@ -265,15 +267,17 @@ def _payload(frame: Frame) -> bytes:
     return frame.payload  # Ping, Pong
 
 
-def _stream_id(frame: Frame) -> int:
-    return getattr(frame, "stream_id", 0)
+#: A frame's header: type, flags, stream id (big-endian), FRAME_HEADER_SIZE bytes.
+_HEADER = struct.Struct("!BBI")
+#: Frames that belong to a stream (a non-zero id), and those that may end one.
+_ON_STREAM = frozenset({Open, Response, Data, Window, Reset})
+_MAY_END = frozenset({Open, Response, Data})
 
 
 def encode(frame: Frame) -> bytes:
     """Encode one frame into the bytes of one binary websocket message."""
     flags = FLAG_END_STREAM if getattr(frame, "end_stream", False) else 0
-    header = bytes((frame.TYPE, flags)) + _stream_id(frame).to_bytes(4, "big")
-    return header + _payload(frame)
+    return _HEADER.pack(frame.TYPE, flags, getattr(frame, "stream_id", 0)) + _payload(frame)
 
 
 def encode_batch(frames: list[bytes]) -> bytes:
@@ -334,26 +338,34 @@ def decode(message: bytes) -> Frame:
         raise FrameTooLarge(f"frame of {len(message)} bytes, over {MAX_FRAME_SIZE}")
     if len(message) < FRAME_HEADER_SIZE:
         raise ProtocolError("frame shorter than its header")
-    type_code, flags = message[0], message[1]
-    stream_id = int.from_bytes(message[2:6], "big")
+    type_code, flags, stream_id = _HEADER.unpack_from(message)
     payload = message[FRAME_HEADER_SIZE:]
     cls = FRAME_TYPES.get(type_code)
     if cls is None:
         raise ProtocolError(f"unknown frame type 0x{type_code:02x}")
     if flags & ~FLAG_END_STREAM:
         raise ProtocolError(f"unknown flags 0x{flags:02x}")
-    end_stream = bool(flags & FLAG_END_STREAM)
-    on_stream = cls in (Open, Response, Data, Window, Reset)
+    end_stream = flags == FLAG_END_STREAM
+    on_stream = cls in _ON_STREAM
     if on_stream and stream_id == 0:
         raise ProtocolError(f"{cls.__name__} on stream 0")
     if not on_stream and stream_id != 0:
         raise ProtocolError(f"{cls.__name__} on stream {stream_id}, expected 0")
-    if end_stream and cls not in (Open, Response, Data):
+    if end_stream and cls not in _MAY_END:
         raise ProtocolError(f"END_STREAM flag on {cls.__name__}")
     return _decode_payload(cls, stream_id, payload, end_stream)
 
 
 def _decode_payload(cls: type[Frame], stream_id: int, payload: bytes, end_stream: bool) -> Frame:
+    # The frames of every request first: a stream's DATA, RESPONSE and OPEN.
+    if cls is Data:
+        if len(payload) > MAX_DATA_SIZE:
+            raise FrameTooLarge(f"DATA of {len(payload)} bytes, over {MAX_DATA_SIZE}")
+        return Data(stream_id, payload, end_stream)
+    if cls is Response:
+        return Response(stream_id, decode_response_head(payload), end_stream)
+    if cls is Open:
+        return Open(stream_id, decode_request_head(payload), end_stream)
     if cls is Hello or cls is Welcome:
         if len(payload) < 2 or len(payload) > MAX_CONTROL_SIZE:
             raise ProtocolError(f"{cls.__name__} payload of invalid size")
@@ -372,14 +384,6 @@ def _decode_payload(cls: type[Frame], stream_id: int, payload: bytes, end_stream
         if not isinstance(session, str) or not isinstance(limits, dict):
             raise ProtocolError("WELCOME needs a session string and a limits object")
         return Welcome(version, session, tunnels, limits, tuple(features))
-    if cls is Open:
-        return Open(stream_id, decode_request_head(payload), end_stream)
-    if cls is Response:
-        return Response(stream_id, decode_response_head(payload), end_stream)
-    if cls is Data:
-        if len(payload) > MAX_DATA_SIZE:
-            raise FrameTooLarge(f"DATA of {len(payload)} bytes, over {MAX_DATA_SIZE}")
-        return Data(stream_id, payload, end_stream)
     if cls is Window:
         if len(payload) != 4:
             raise ProtocolError("WINDOW payload must be 4 bytes")
