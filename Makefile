@@ -31,8 +31,8 @@ run: $(VENV)/.run-installed
 	$(BIN)/relay-server serve --dev --port $(PORT) --data-dir $(DATA_DIR)
 
 lint: $(VENV)/.test-installed
-	$(BIN)/ruff check relay_protocol relay_web relay_server relay_agent tests bench
-	$(BIN)/mypy relay_protocol relay_web relay_server relay_agent bench
+	$(BIN)/ruff check relay_protocol relay_web relay_server relay_agent tests bench setup.py
+	$(BIN)/mypy relay_protocol relay_web relay_server relay_agent bench setup.py
 
 test: lint
 	$(BIN)/pytest -q $(PARALLEL)

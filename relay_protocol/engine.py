@@ -39,6 +39,7 @@ from collections.abc import Iterator
 from .connection import Connection, Half, Role
 from .errors import ConnectionFailed, LocalProtocolError, ProtocolError, StreamClosed
 from .frames import (
+    TYPE_CODES,
     Data,
     Frame,
     Hello,
@@ -64,7 +65,7 @@ from .limits import (
     SEND_TIMEOUT,
 )
 
-_PONG = Pong.TYPE
+_PONG = TYPE_CODES[Pong]
 
 
 class Engine:

@@ -22,7 +22,7 @@ import json
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 from .errors import FrameTooLarge, LocalProtocolError, ProtocolError
 from .heads import (
@@ -54,7 +54,6 @@ class Hello:
     ignored so later versions can add settings without a new frame.
     """
 
-    TYPE: ClassVar[int] = 0x01
     version: int
     tunnels: tuple[dict[str, Any], ...]
     agent: str = ""
@@ -70,7 +69,6 @@ class Hello:
 class Welcome:
     """Server -> agent, answer to HELLO: the granted tunnels with their public URLs."""
 
-    TYPE: ClassVar[int] = 0x02
     version: int
     session: str
     tunnels: tuple[dict[str, Any], ...]
@@ -85,7 +83,6 @@ class Welcome:
 class Open:
     """Server -> agent: a new stream carrying a public request's head."""
 
-    TYPE: ClassVar[int] = 0x03
     stream_id: int
     head: RequestHead
     end_stream: bool = False
@@ -95,7 +92,6 @@ class Open:
 class Response:
     """Agent -> server: the local service's response head on a stream."""
 
-    TYPE: ClassVar[int] = 0x04
     stream_id: int
     head: ResponseHead
     end_stream: bool = False
@@ -105,7 +101,6 @@ class Response:
 class Data:
     """Either way: body bytes on a stream, raw; ``end_stream`` closes the sender's half."""
 
-    TYPE: ClassVar[int] = 0x05
     stream_id: int
     data: bytes
     end_stream: bool = False
@@ -115,7 +110,6 @@ class Data:
 class Window:
     """Either way: the receiver grants ``increment`` more bytes of credit on a stream."""
 
-    TYPE: ClassVar[int] = 0x06
     stream_id: int
     increment: int
 
@@ -124,7 +118,6 @@ class Window:
 class Reset:
     """Either way: the stream is cancelled, both halves, with a reason code."""
 
-    TYPE: ClassVar[int] = 0x07
     stream_id: int
     code: int
     reason: str = ""
@@ -134,7 +127,6 @@ class Reset:
 class Ping:
     """Either way, stream 0: heartbeat; the peer answers with PONG and the same payload."""
 
-    TYPE: ClassVar[int] = 0x08
     payload: bytes = b""
 
 
@@ -142,7 +134,6 @@ class Ping:
 class Pong:
     """Either way, stream 0: answer to PING."""
 
-    TYPE: ClassVar[int] = 0x09
     payload: bytes = b""
 
 
@@ -151,8 +142,6 @@ class TargetUp:
     """Agent -> server, stream 0, empty: the local service, unreachable a moment
     ago, accepts connections again (deliver what waits for it now). Sent only to
     a server whose WELCOME lists the ``"target-up"`` feature."""
-
-    TYPE: ClassVar[int] = 0x0A
 
 
 #: The feature a server lists in WELCOME when it understands TARGET_UP.
@@ -168,10 +157,23 @@ Frame = Hello | Welcome | Open | Response | Data | Window | Reset | Ping | Pong 
 AgentFrame = Hello | Response | Data | Window | Reset | Ping | Pong | TargetUp
 ServerFrame = Welcome | Open | Data | Window | Reset | Ping | Pong
 
-#: The one table of type codes. Never renumber: it is the wire format.
+#: The one table of type codes. Never renumber: it is the wire format. (A table, not a
+#: class variable of each frame: mypyc takes a dataclass's ClassVar for a field,
+#: mypyc/mypyc#1122, and the protocol library may be compiled: see README.)
 FRAME_TYPES: dict[int, type[Frame]] = {
-    cls.TYPE: cls for cls in (Hello, Welcome, Open, Response, Data, Window, Reset, Ping, Pong, TargetUp)
+    0x01: Hello,
+    0x02: Welcome,
+    0x03: Open,
+    0x04: Response,
+    0x05: Data,
+    0x06: Window,
+    0x07: Reset,
+    0x08: Ping,
+    0x09: Pong,
+    0x0A: TargetUp,
 }
+#: Each frame class's type code.
+TYPE_CODES: dict[type[Frame], int] = {cls: code for code, cls in FRAME_TYPES.items()}
 AGENT_FRAMES: tuple[type[Frame], ...] = (Hello, Response, Data, Window, Reset, Ping, Pong, TargetUp)
 SERVER_FRAMES: tuple[type[Frame], ...] = (Welcome, Open, Data, Window, Reset, Ping, Pong)
 
@@ -277,7 +279,7 @@ _MAY_END = frozenset({Open, Response, Data})
 def encode(frame: Frame) -> bytes:
     """Encode one frame into the bytes of one binary websocket message."""
     flags = FLAG_END_STREAM if getattr(frame, "end_stream", False) else 0
-    return _HEADER.pack(frame.TYPE, flags, getattr(frame, "stream_id", 0)) + _payload(frame)
+    return _HEADER.pack(TYPE_CODES[type(frame)], flags, getattr(frame, "stream_id", 0)) + _payload(frame)
 
 
 def encode_batch(frames: list[bytes]) -> bytes:
@@ -428,6 +430,7 @@ __all__ = [
     "FRAME_TYPES",
     "MAX_STREAM_ID",
     "SERVER_FRAMES",
+    "TYPE_CODES",
     "AgentFrame",
     "Data",
     "Frame",

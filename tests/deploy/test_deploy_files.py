@@ -918,6 +918,7 @@ NOT_OPTIONS = {
     "RELAY_DOMAIN": "the Caddyfile's and compose.yaml's domain placeholder",
     "RELAY_UPSTREAM": "the Caddyfile's proxy target placeholder",
     "RELAY_SECRET": "relay_server.tokens.SECRET_ENV, read by the store's secret loader",
+    "RELAY_MYPYC": "setup.py's switch for the compiled build, read when the package is built",
 }
 
 
@@ -943,6 +944,7 @@ def test_not_options_are_what_they_say() -> None:
     assert tokens.SECRET_ENV == "RELAY_SECRET"
     caddyfile = (DEPLOY / "Caddyfile").read_text()
     assert "{$RELAY_DOMAIN}" in caddyfile and "{$RELAY_UPSTREAM:" in caddyfile
+    assert 'os.environ.get("RELAY_MYPYC") == "1"' in (ROOT / "setup.py").read_text()
 
 
 def test_every_relay_variable_exists() -> None:
