@@ -6,7 +6,11 @@ otherwise; the default install needs no compiler.
 Why mypyc and not code of our own: every live request crosses this library four times
 (two frames each way, encoded and decoded); compiled, a protocol round trip takes half
 the time and live req/s rise 12-16 % (docs/performance.md). It needs a C compiler and
-Python's headers where it is built; pip fetches mypy into the build environment.
+Python's headers where it is built (it stops at once, naming what is missing), and
+mypy: pip fetches it into the build environment (``MYPY``), so the build needs PyPI, or
+``--no-build-isolation`` in an environment that has mypy and setuptools 77 or later.
+Only ``RELAY_MYPYC=1`` switches it on (not "true"); ``relay-server --version`` says which
+build runs.
 
 Everything else about the package is in pyproject.toml.
 """
@@ -14,7 +18,9 @@ Everything else about the package is in pyproject.toml.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import sysconfig
 
 from setuptools import setup
 
@@ -26,6 +32,25 @@ COMPILED = [
     "relay_protocol/headers.py",
     "relay_protocol/heads.py",
 ]
+
+#: The mypy (with mypyc) the compiled build is made with: the releases it was tested with.
+MYPY = "mypy>=1.11,<3"
+
+
+def _check_toolchain() -> None:
+    """Stop the build, naming what is missing, before mypyc and the C compiler run."""
+    compiler = os.environ.get("CC") or (sysconfig.get_config_var("CC") or "cc").split()[0]
+    missing = []
+    if not shutil.which(compiler.split()[0]):
+        missing.append(f"a C compiler ({compiler})")
+    if not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
+        missing.append("Python's headers (Python.h)")
+    if missing:
+        sys.exit(
+            f"RELAY_MYPYC=1: the compiled build needs {' and '.join(missing)}: "
+            "apt-get install gcc python3-dev, or install without RELAY_MYPYC"
+        )
+
 
 #: setuptools' commands for an editable install (``pip install -e``), which runs the
 #: sources where they are: compiled modules beside them would shadow every edit.
@@ -41,8 +66,9 @@ if os.environ.get("RELAY_MYPYC") == "1":
     else:
         # setup_requires is how setuptools' build backend asks pip for mypy in an isolated
         # build, in a first pass that runs without it.
-        options["setup_requires"] = ["mypy>=1.11"]
+        options["setup_requires"] = [MYPY]
         if not any(command in sys.argv for command in QUESTIONS):
+            _check_toolchain()
             from mypyc.build import mypycify
 
             options["ext_modules"] = mypycify(COMPILED, opt_level="3")

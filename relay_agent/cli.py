@@ -24,7 +24,7 @@ from urllib.parse import urlencode
 import click
 import jwt
 
-from relay_protocol import RelayError, RequestHead, Welcome
+from relay_protocol import VERSION_MESSAGE, RelayError, RequestHead, Welcome
 from relay_protocol.limits import HEARTBEAT_INTERVAL, MAX_HEARTBEAT_INTERVAL, MIN_HEARTBEAT_INTERVAL
 from relay_web.options import Seconds
 
@@ -66,7 +66,7 @@ ca_file_option = click.option(
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.version_option(package_name="relay")
+@click.version_option(package_name="relay", message=VERSION_MESSAGE)
 def main() -> None:
     """relay-agent: receive your relay server's requests on a local service."""
 

@@ -6,6 +6,7 @@ stream engine, outgoing buffer, PING answers, heartbeat, error state) from
 their own event loop, passing it their clock.
 """
 
+from . import frames
 from .connection import Connection, Role
 from .engine import Engine
 from .errors import (
@@ -38,8 +39,16 @@ from .frames import (
 from .heads import Headers, RequestHead, ResponseHead
 from .limits import PROTOCOL_VERSION
 
+#: Which build of this library runs: "compiled with mypyc" (``RELAY_MYPYC=1`` at install,
+#: setup.py) or "plain Python". ``relay-server --version`` and ``relay-agent --version`` say it.
+BUILD = "plain Python" if frames.__file__.endswith(".py") else "compiled with mypyc"
+#: The ``--version`` line of both commands (click's message format).
+VERSION_MESSAGE = f"%(prog)s, version %(version)s (protocol library: {BUILD})"
+
 __all__ = [
+    "BUILD",
     "PROTOCOL_VERSION",
+    "VERSION_MESSAGE",
     "BadHead",
     "Connection",
     "ConnectionFailed",

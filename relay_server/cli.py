@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import click
 
-from relay_protocol import RelayError
+from relay_protocol import VERSION_MESSAGE, RelayError
 from relay_protocol.limits import HEARTBEAT_INTERVAL, MAX_HEARTBEAT_INTERVAL, MIN_HEARTBEAT_INTERVAL
 from relay_web.options import Seconds
 
@@ -75,7 +75,7 @@ def _fail(exc: Exception) -> click.ClickException:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.version_option(package_name="relay")
+@click.version_option(package_name="relay", message=VERSION_MESSAGE)
 def main() -> None:
     """relay-server: the public side of relay, a self-hosted tunnel relay for webhooks."""
 

@@ -109,6 +109,16 @@ def test_the_compiled_protocol_library_passes_the_protocol_and_relay_tests(tmp_p
     files = found.stdout.split()
     assert len(files) == len(modules) == 5, files
     assert all(f.startswith(str(tree)) and f.endswith(".so") for f in files), files
+    server = "import sys; from relay_server.cli import main; sys.exit(main())"
+    version = subprocess.run(
+        [sys.executable, "-c", server, "--version"],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "(protocol library: compiled with mypyc)" in version.stdout, version
 
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SUITES],
@@ -119,3 +129,14 @@ def test_the_compiled_protocol_library_passes_the_protocol_and_relay_tests(tmp_p
         timeout=600,
     )
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("command", ["relay-server", "relay-agent"])
+def test_version_says_which_build_runs(command: str) -> None:
+    # The development install runs the sources: plain Python.
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / command), "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{command}, version ")
+    assert result.stdout.rstrip().endswith("(protocol library: plain Python)"), result.stdout
