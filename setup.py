@@ -39,9 +39,9 @@ MYPY = "mypy>=1.11,<3"
 
 def _check_toolchain() -> None:
     """Stop the build, naming what is missing, before mypyc and the C compiler run."""
-    compiler = os.environ.get("CC") or (sysconfig.get_config_var("CC") or "cc").split()[0]
+    compiler = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
     missing = []
-    if not shutil.which(compiler.split()[0]):
+    if not shutil.which(compiler):
         missing.append(f"a C compiler ({compiler})")
     if not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
         missing.append("Python's headers (Python.h)")
