@@ -24,9 +24,9 @@ from urllib.parse import urlencode
 import click
 import jwt
 
-from relay_protocol import VERSION_MESSAGE, RelayError, RequestHead, Welcome
+from relay_protocol import BUILD, RelayError, RequestHead, Welcome
 from relay_protocol.limits import HEARTBEAT_INTERVAL, MAX_HEARTBEAT_INTERVAL, MIN_HEARTBEAT_INTERVAL
-from relay_web.options import Seconds
+from relay_web.options import Seconds, version_option
 
 from . import api_client
 from .config import DEFAULT_SERVER, AgentConfig, load_login, save_login, token_user
@@ -66,7 +66,7 @@ ca_file_option = click.option(
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.version_option(package_name="relay", message=VERSION_MESSAGE)
+@version_option(BUILD)
 def main() -> None:
     """relay-agent: receive your relay server's requests on a local service."""
 

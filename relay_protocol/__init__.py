@@ -42,13 +42,10 @@ from .limits import PROTOCOL_VERSION
 #: Which build of this library runs: "compiled with mypyc" (``RELAY_MYPYC=1`` at install,
 #: setup.py) or "plain Python". ``relay-server --version`` and ``relay-agent --version`` say it.
 BUILD = "plain Python" if frames.__file__.endswith(".py") else "compiled with mypyc"
-#: The ``--version`` line of both commands (click's message format).
-VERSION_MESSAGE = f"%(prog)s, version %(version)s (protocol library: {BUILD})"
 
 __all__ = [
     "BUILD",
     "PROTOCOL_VERSION",
-    "VERSION_MESSAGE",
     "BadHead",
     "Connection",
     "ConnectionFailed",

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, TypeVar
 
 import click
 
-from relay_protocol import VERSION_MESSAGE, RelayError
+from relay_protocol import BUILD, RelayError
 from relay_protocol.limits import HEARTBEAT_INTERVAL, MAX_HEARTBEAT_INTERVAL, MIN_HEARTBEAT_INTERVAL
-from relay_web.options import Seconds
+from relay_web.options import Seconds, version_option
 
 # Only what every command needs is imported here: aiohttp and the server's modules load
 # when `serve` or `status` runs, so `relay-server token create` starts in a third of the time.
@@ -75,7 +75,7 @@ def _fail(exc: Exception) -> click.ClickException:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.version_option(package_name="relay", message=VERSION_MESSAGE)
+@version_option(BUILD)
 def main() -> None:
     """relay-server: the public side of relay, a self-hosted tunnel relay for webhooks."""
 

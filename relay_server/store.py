@@ -761,8 +761,9 @@ class Store:
 
     def record_token(self, claims: Claims) -> None:
         now = time.time()
-        user = claims.user
-        self._write("INSERT OR IGNORE INTO users (name, created_at) VALUES (?, ?)", user, now, new=True)
+        self._write(
+            "INSERT OR IGNORE INTO users (name, created_at) VALUES (?, ?)", claims.user, now, new=True
+        )
         self._write(
             "INSERT INTO tokens (id, user, names, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
             claims.token_id,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Seconds(click.FloatRange):
@@ -20,3 +23,11 @@ class Seconds(click.FloatRange):
         if not math.isfinite(seconds):
             self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
         return seconds
+
+
+def version_option(build: str) -> Callable[[F], F]:
+    """``--version`` of both commands: the package's version, and which build of the
+    protocol library runs (``relay_protocol.BUILD``: compiled with mypyc, or plain Python)."""
+    return click.version_option(
+        package_name="relay", message=f"%(prog)s, version %(version)s (protocol library: {build})"
+    )
