@@ -28,6 +28,7 @@ from relay_protocol.headers import (
     header_value,
     is_websocket_upgrade,
     strip_hop_by_hop,
+    unsupported_transfer_coding,
     without,
 )
 from relay_protocol.heads import Headers, check_response_head_size
@@ -267,6 +268,12 @@ def outgoing_headers(head: RequestHead, config: AgentConfig) -> Headers:
 def _response_head(status: int, headers: Headers) -> ResponseHead:
     """The target's response head as it came, less hop-by-hop headers. Raises
     ``ForwardFailed`` if the protocol cannot carry it (over MAX_HEAD_SIZE, bad name)."""
+    if (coding := unsupported_transfer_coding(headers)) is not None:
+        raise ForwardFailed(
+            RESET_BAD_RESPONSE,
+            f"the response cannot be relayed: transfer coding {coding[:32].decode('latin-1')!r}"
+            " (only chunked; a compressed body is sent with Content-Encoding)",
+        )
     try:
         head = ResponseHead(status, strip_hop_by_hop(headers))
         check_response_head_size(head)

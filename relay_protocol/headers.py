@@ -73,6 +73,21 @@ def is_websocket_upgrade(method: str, headers: Headers) -> bool:
     )
 
 
+def unsupported_transfer_coding(headers: Headers) -> bytes | None:
+    """The first transfer coding in ``headers``' Transfer-Encoding fields other than
+    ``chunked`` (lower case), or None. The relay re-frames every body it carries, so it
+    removes Transfer-Encoding (a hop-by-hop field) and undoes ``chunked``; any other coding
+    (``gzip``, ``deflate``, ``compress``, an extension) would reach the other side still
+    applied to the bytes but no longer named. RFC 9112 6.1: a server that does not
+    understand a request's transfer coding answers 501; an answer with one is a 502."""
+    for name, value in headers:
+        if name.lower() == b"transfer-encoding":
+            for coding in value.split(b","):
+                if (coding := coding.strip().lower()) != b"chunked":
+                    return coding or b'""'
+    return None
+
+
 def header_value(headers: Headers, name: bytes) -> bytes | None:
     """The first value of header ``name`` (lower case), or None."""
     return next((v for n, v in headers if n.lower() == name), None)

@@ -25,6 +25,7 @@ from relay_protocol.headers import (
     header_value,
     is_websocket_upgrade,
     strip_hop_by_hop,
+    unsupported_transfer_coding,
     without,
 )
 from relay_protocol.limits import MAX_DATA_SIZE, MAX_HEAD_SIZE, MAX_HEADER_COUNT
@@ -266,6 +267,15 @@ class Ingress:
             return relay_error("headers-too-large", f"request headers over {MAX_REQUEST_HEAD} bytes")
         if (bad := _control_characters(request.raw_headers)) is not None:
             return relay_error("bad-request", f"control characters in header {bad}")
+        if "Transfer-Encoding" in request.headers and (
+            coding := unsupported_transfer_coding(tuple(request.raw_headers))
+        ):
+            refused = relay_error(
+                "unsupported-transfer-coding",
+                f"transfer coding {coding[:32].decode('latin-1')!r} is not supported: only chunked",
+            )
+            refused.force_close()  # the body is not read: nothing after it is a request
+            return refused
         try:
             host = normalize_host(_host_header(request).decode("latin-1"))
             where = route(host, raw_target, self.origin)

@@ -23,6 +23,7 @@ STATUS = {
     "too-many-requests": 429,
     "headers-too-large": 431,
     "internal-error": 500,
+    "unsupported-transfer-coding": 501,
     "local-unreachable": 502,
     "local-bad-response": 502,
     "tunnel-offline": 503,

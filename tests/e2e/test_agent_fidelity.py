@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import hashlib
 import threading
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ def _answer(*headers: bytes, status: bytes = b"HTTP/1.1 200 OK") -> bytes:
     return status + b"\r\n" + b"".join(h + b"\r\n" for h in headers) + b"Content-Length: 2\r\n\r\nok"
 
 
+GZIPPED = gzip.compress(b"coded for the transfer, not the content " * 20, mtime=0)
 #: Response header lines the relay accepts on requests (16 KiB a line, 240 fields) pass.
 BIG_LINE = b"X-Big: " + b"b" * 9000
 MANY = tuple(b"X-Field-%d: %d" % (i, i) for i in range(200))
@@ -37,12 +39,17 @@ ANSWERS = {
     b"/too-many-fields": _answer(*(b"X-F%d: v" % i for i in range(300))),
     b"/bad-status-line": b"garbage, not HTTP\r\n\r\n",
     b"/own-server": _answer(b"Server: my-app/1.0", b"Content-Type: text/plain"),
+    # A transfer coding the relay would undo without saying so: the client would get
+    # gzip bytes named as nothing (RFC 9112 6.1). Chunked, and delimited by the close.
+    b"/te-gzip-chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+    + b"%x\r\n%s\r\n0\r\n\r\n" % (len(GZIPPED), GZIPPED),
+    b"/te-gzip-close": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\n" + GZIPPED,
 }
 #: The target's own headers on its 101, besides the handshake's.
 UPGRADED = [b"Set-Cookie: a=1", b"Set-Cookie: b=2", b"X-App: caf\xe9"]
 #: Seconds for the relay to record an attempt (it records in the background).
 DELIVERED = 20.0
-BAD = [b"/too-long-line", b"/too-many-fields", b"/bad-status-line"]
+BAD = [b"/too-long-line", b"/too-many-fields", b"/bad-status-line", b"/te-gzip-chunked", b"/te-gzip-close"]
 #: RFC 6455 1.3: the GUID the accept value hashes with the key.
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -326,3 +333,34 @@ async def test_websocket_upgrade_headers_reach_the_app_unchanged(
     for name in (b"upgrade", b"connection", b"sec-websocket-key", b"sec-websocket-version"):
         assert [line.split(b":")[0].lower() for line in _header_lines(head)].count(name) == 1, head
     assert _header(head, b"sec-websocket-key") != key, head
+
+
+@pytest.mark.parametrize("name", ["alice", "alice-q"])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [b"Transfer-Encoding: gzip, chunked"],
+        [b"Transfer-Encoding: deflate, chunked"],
+        [b"Transfer-Encoding: x-custom, chunked"],
+        [b"Transfer-Encoding: identity, chunked"],  # identity left the registry (RFC 7230 8.4)
+    ],
+)
+async def test_a_request_body_in_a_transfer_coding_other_than_chunked_is_refused_501(
+    stack: dict[str, Any], http: aiohttp.ClientSession, raw_target: RawTarget, name: str, fields: list[bytes]
+) -> None:
+    """Undone on the way, the coding would reach the app applied but no longer named."""
+    server = stack["server"]
+    body = gzip.compress(b'{"event": "push"}', mtime=0)
+    request = _request(server, name, "POST", "/te-in", fields) + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    reply, _ = await raw_exchange(server.port, request)
+    assert reply.status == 501, reply
+    assert reply.relay_error == "unsupported-transfer-coding"
+    assert b"only chunked" in reply.body
+    listed = await api(http, server, stack["token"], "GET", f"events?name={name}")
+    assert [e for e in listed.json()["events"] if e["target"] == "/te-in"] == []  # nothing stored
+    # and nothing forwarded: a request the relay takes reaches the app before its answer
+    reply, _ = await raw_exchange(
+        server.port, _request(server, name, "POST", "/te-after", [b"Content-Length: 0"])
+    )
+    assert reply.status in (200, 202), reply
+    assert raw_target.seen(b"/te-in") == []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relay_protocol.headers import strip_hop_by_hop, without
+from relay_protocol.headers import strip_hop_by_hop, unsupported_transfer_coding, without
 
 
 @pytest.mark.parametrize(
@@ -89,3 +89,24 @@ def test_empty() -> None:
 def test_without() -> None:
     headers = ((b"Host", b"h"), (b"X-A", b"1"), (b"x-a", b"2"), (b"Accept", b"*/*"))
     assert without(headers, b"host", b"x-a") == ((b"Accept", b"*/*"),)
+
+
+@pytest.mark.parametrize(
+    ("fields", "coding"),
+    [
+        ([(b"Transfer-Encoding", b"chunked")], None),
+        ([(b"transfer-encoding", b" Chunked ")], None),
+        ([(b"Content-Length", b"5")], None),
+        ([], None),
+        ([(b"Transfer-Encoding", b"gzip, chunked")], b"gzip"),
+        ([(b"Transfer-Encoding", b"chunked"), (b"Transfer-Encoding", b"deflate")], b"deflate"),
+        ([(b"Transfer-Encoding", b"gzip"), (b"Transfer-Encoding", b"chunked")], b"gzip"),
+        ([(b"TRANSFER-ENCODING", b"X-Custom ,chunked")], b"x-custom"),
+        ([(b"Transfer-Encoding", b"identity, chunked")], b"identity"),
+        ([(b"Transfer-Encoding", b", chunked")], b'""'),
+    ],
+)
+def test_unsupported_transfer_coding_names_the_first_coding_but_chunked(
+    fields: list[tuple[bytes, bytes]], coding: bytes | None
+) -> None:
+    assert unsupported_transfer_coding(tuple(fields)) == coding
