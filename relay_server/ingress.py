@@ -432,7 +432,9 @@ class Ingress:
         try:
             try:
                 async with asyncio.timeout_at(deadline):
-                    response_head = await asyncio.shield(stream.head)
+                    # Not shielded: only this handler waits on the head, and a head that
+                    # comes after it gave up finds the future done and is dropped.
+                    response_head = await stream.head
             except TimeoutError:
                 stream.reset_reason = f"no response head within {self.timeout:g}s (--timeout)"
                 return self._timed_out()

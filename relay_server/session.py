@@ -21,6 +21,7 @@ keeps talking).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -72,13 +73,33 @@ class StreamFailed(RelayError):
 
 
 class Stream:
-    """One request/response exchange with the agent, seen from the ingress."""
+    """One request/response exchange with the agent, seen from the ingress.
+
+    The response body arrives as chunks in a deque, with at most one reader waiting
+    on a future (the ingress, or whoever drains an attempt's answer): lighter than an
+    ``asyncio.Queue`` and an ``asyncio.Event`` per stream, which a webhook's stream
+    never needs (measured: docs/performance.md).
+    """
+
+    __slots__ = (
+        "_chunks",
+        "_credit",
+        "_reader",
+        "failure",
+        "head",
+        "id",
+        "reset_on_finish",
+        "reset_reason",
+    )
 
     def __init__(self, stream_id: int) -> None:
         self.id = stream_id
         self.head: asyncio.Future[ResponseHead] = asyncio.get_running_loop().create_future()
-        self._chunks: asyncio.Queue[bytes | StreamFailed | None] = asyncio.Queue()
-        self.credit_changed = asyncio.Event()
+        self._chunks: collections.deque[bytes | StreamFailed | None] = collections.deque()
+        #: The one reader waiting for a chunk, if any.
+        self._reader: asyncio.Future[None] | None = None
+        #: Made by the first sender that waits for credit (a body larger than the window).
+        self._credit: asyncio.Event | None = None
         self.failure: StreamFailed | None = None
         #: Why the relay gives the stream up, sent in its RESET if it did not end normally.
         self.reset_reason = "public client went away"
@@ -88,11 +109,17 @@ class Stream:
 
     async def read(self) -> bytes:
         """The next chunk of the response body; b"" at its end. Raises ``StreamFailed``."""
-        return self._chunk(await self._chunks.get())
+        while not self._chunks:
+            self._reader = asyncio.get_running_loop().create_future()
+            try:
+                await self._reader
+            finally:
+                self._reader = None
+        return self._chunk(self._chunks.popleft())
 
     def read_nowait(self) -> bytes:
-        """``read`` when ``has_chunk`` says it would not wait (else ``asyncio.QueueEmpty``)."""
-        return self._chunk(self._chunks.get_nowait())
+        """``read`` when ``has_chunk`` says it would not wait (else ``IndexError``)."""
+        return self._chunk(self._chunks.popleft())
 
     @staticmethod
     def _chunk(item: bytes | StreamFailed | None) -> bytes:
@@ -104,14 +131,30 @@ class Stream:
 
     def has_chunk(self) -> bool:
         """True if ``read`` would return without waiting."""
-        return not self._chunks.empty()
+        return bool(self._chunks)
 
     def feed(self, data: bytes, end: bool) -> None:
         """Called by the session with body bytes from the agent."""
         if data:
-            self._chunks.put_nowait(data)
+            self._chunks.append(data)
         if end:
-            self._chunks.put_nowait(None)
+            self._chunks.append(None)
+        self._wake_reader()
+
+    def _wake_reader(self) -> None:
+        if self._reader is not None and not self._reader.done():
+            self._reader.set_result(None)
+
+    async def credit_changed(self) -> None:
+        """Wait until the agent grants credit (a WINDOW) or the stream fails."""
+        if self._credit is None:
+            self._credit = asyncio.Event()
+        self._credit.clear()
+        await self._credit.wait()
+
+    def credit_granted(self) -> None:
+        if self._credit is not None:
+            self._credit.set()
 
     def fail(self, failure: StreamFailed) -> None:
         """End the stream abnormally: every waiter (head, body, credit) gets ``failure``."""
@@ -120,8 +163,9 @@ class Stream:
             if not self.head.done():
                 self.head.set_exception(failure)
                 self.head.exception()  # retrieved here: nobody may be awaiting it any more
-            self._chunks.put_nowait(failure)
-            self.credit_changed.set()
+            self._chunks.append(failure)
+            self._wake_reader()
+            self.credit_granted()
 
 
 class AgentSession:
@@ -253,8 +297,7 @@ class AgentSession:
             if offset == len(chunk):
                 return
             if self._engine.has_room:
-                stream.credit_changed.clear()
-                await stream.credit_changed.wait()
+                await stream.credit_changed()
             else:
                 await self._wait_room()
 
@@ -401,7 +444,7 @@ class AgentSession:
                 stream.head.set_result(frame.head)
             stream.feed(b"", frame.end_stream)
         elif isinstance(frame, Window):
-            stream.credit_changed.set()
+            stream.credit_granted()
         elif isinstance(frame, Reset):
             stream.fail(StreamFailed(frame.reason or "reset by agent", frame.code))
 
