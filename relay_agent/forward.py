@@ -248,21 +248,25 @@ def client_session(config: AgentConfig) -> aiohttp.ClientSession:
 def outgoing_headers(head: RequestHead, config: AgentConfig) -> Headers:
     """The request's headers as they go to the target: hop-by-hop ones removed, Host
     set by ``--host-header`` (in the place the client's Host had), all else as sent."""
-    headers: list[tuple[bytes, bytes]] = []
-    host = None
+    headers = strip_hop_by_hop(head.headers)
+    if config.host_header == "preserve":
+        return headers
     if config.host_header == "rewrite":
         host = config.target.authority.encode("latin-1")
-    elif config.host_header != "preserve":
+    else:
         host = config.host_header.encode("utf-8")
-    for name, value in strip_hop_by_hop(head.headers):
-        if name.lower() == b"host" and host is not None:
-            if any(n.lower() == b"host" for n, _ in headers):
+    rewritten: list[tuple[bytes, bytes]] = []
+    has_host = False
+    for name, value in headers:
+        if name.lower() == b"host":
+            if has_host:
                 continue  # only ever one Host
+            has_host = True
             value = host
-        headers.append((name, value))
-    if host is not None and not any(n.lower() == b"host" for n, _ in headers):
-        headers.insert(0, (b"Host", host))
-    return tuple(headers)
+        rewritten.append((name, value))
+    if not has_host:
+        rewritten.insert(0, (b"Host", host))
+    return tuple(rewritten)
 
 
 def _response_head(status: int, headers: Headers) -> ResponseHead:

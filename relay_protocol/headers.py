@@ -35,20 +35,55 @@ def strip_hop_by_hop(
 ) -> Headers:
     """Drop hop-by-hop headers and those listed in Connection (but ``END_TO_END``), and
     those whose lower-cased name is in ``drop`` or starts with one of ``drop_prefixes``
-    (in the same pass); keep order and repeats."""
-    listed = {
-        token.strip().lower()
-        for name, value in headers
-        if name.lower() == b"connection"
-        for token in value.split(b",")
-    }
-    named = HOP_BY_HOP.union(listed - END_TO_END, drop)
-    prefixes = (b"proxy-", *drop_prefixes)
+    (in the same pass); keep order and repeats.
+
+    On every request and answer, both sides: each name is lowered once, and the set of
+    names dropped is built once per ``drop`` (a head without Connection, as most are,
+    builds nothing): 3.2 -> 1.8 us for a webhook's head (docs/performance.md)."""
+    lowered = [name.lower() for name, _ in headers]
+    prefixes = (b"proxy-", *drop_prefixes) if drop_prefixes else _PROXY_PREFIX
+    if b"connection" in lowered:
+        listed = {
+            token.strip().lower()
+            for (_, value), name in zip(headers, lowered, strict=True)
+            if name == b"connection"
+            for token in value.split(b",")
+        }
+        named = HOP_BY_HOP.union(listed - END_TO_END, drop)
+    else:
+        named = _dropped(drop)
     return tuple(
-        (name, value)
-        for name, value in headers
-        if (lowered := name.lower()) not in named and not lowered.startswith(prefixes)
+        [
+            header
+            for header, name in zip(headers, lowered, strict=True)
+            if name not in named and not name.startswith(prefixes)
+        ]
     )
+
+
+_PROXY_PREFIX = (b"proxy-",)
+#: ``HOP_BY_HOP`` with each ``drop`` collection a caller passes (a few constants).
+_DROPPED: dict[Collection[bytes], frozenset[bytes]] = {}
+
+
+def _dropped(drop: Collection[bytes]) -> frozenset[bytes]:
+    """``HOP_BY_HOP`` and ``drop``, made once per hashable ``drop``."""
+    if not drop:
+        return HOP_BY_HOP
+    try:
+        return _DROPPED[drop]
+    except KeyError:
+        named = HOP_BY_HOP.union(drop)
+        if len(_DROPPED) < _DROPPED_KEPT:
+            _DROPPED[drop] = named
+        return named
+    except TypeError:  # a list or a set: not kept
+        return HOP_BY_HOP.union(drop)
+
+
+#: Distinct ``drop`` collections kept: the callers pass constants, so a few; a bound all
+#: the same, should one ever build them per call.
+_DROPPED_KEPT = 64
 
 
 def without(headers: Headers, *names: bytes) -> Headers:
