@@ -306,9 +306,13 @@ class Deliveries:
         is taken from the budget as it comes, into ``held``. Raises ``_BodyRefused`` when
         the sender is too slow or, without a Content-Length, the budget runs out; whatever
         else the sender's connection raises (it went away) passes through."""
+        unknown_length = request.content_length is None
+        if not unknown_length and request.content.is_eof():
+            # Read whole with its head, as a webhook's body is as a rule (and it is within
+            # max_body, taken from the budget): no timer, no wait.
+            return request.content.read_nowait()
         chunks: list[bytes] = []
         size = 0
-        unknown_length = request.content_length is None
         try:
             async with asyncio.timeout(self.config.body_timeout):
                 while size <= self.config.max_body and (
@@ -367,7 +371,7 @@ class Deliveries:
             deliveries = [Delivery(0, tunnel, d, "pending", 0, lease) for d in settings.destinations]
             # The first attempt's delivery as its outcome is settled: due now (the lease is
             # no schedule: an attempt that never reached the app goes again a second later).
-            first = replace(deliveries[0], next_attempt_at=now)
+            first = Delivery(0, tunnel, settings.destinations[0], "pending", 0, now)
             # The first attempt starts before the event is committed: the sender waits
             # for the longer of the fsync and the app, not for their sum (or, when other
             # webhooks are in flight, for the app and then one write of both: see
