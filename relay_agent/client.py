@@ -211,8 +211,14 @@ class LocalConnection(asyncio.Protocol):
             self._headers = []  # an interim answer (100 Continue, 103): the final one follows
             return
         headers = tuple(self._headers)
-        self.keep_alive = status != 101 and self._parser.should_keep_alive()
         names = {name.lower() for name, _ in headers}
+        # RFC 9112 6.1: an HTTP/1.0 answer with Transfer-Encoding has faulty framing; the
+        # connection is closed after it, never used for another request.
+        self.keep_alive = (
+            status != 101
+            and self._parser.should_keep_alive()
+            and not (b"transfer-encoding" in names and self._parser.get_http_version() == "1.0")
+        )
         self._eof_body = b"content-length" not in names and b"transfer-encoding" not in names
         if not self._head.done():
             self._head.set_result((status, headers))

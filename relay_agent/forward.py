@@ -28,7 +28,7 @@ from relay_protocol.headers import (
     header_value,
     is_websocket_upgrade,
     strip_hop_by_hop,
-    unsupported_transfer_coding,
+    transfer_coding_problem,
     without,
 )
 from relay_protocol.heads import Headers, check_response_head_size
@@ -269,14 +269,16 @@ def outgoing_headers(head: RequestHead, config: AgentConfig) -> Headers:
     return tuple(rewritten)
 
 
-def _response_head(status: int, headers: Headers) -> ResponseHead:
+def _response_head(status: int, headers: Headers, *, has_body: bool = True) -> ResponseHead:
     """The target's response head as it came, less hop-by-hop headers. Raises
-    ``ForwardFailed`` if the protocol cannot carry it (over MAX_HEAD_SIZE, bad name)."""
-    if (coding := unsupported_transfer_coding(headers)) is not None:
+    ``ForwardFailed`` if the protocol cannot carry it (over MAX_HEAD_SIZE, bad name), or
+    its body is in a transfer coding the relay would undo unnamed (``has_body``: an
+    answer to HEAD, a 204 or a 304 has none, and may name one: RFC 9112 6.1)."""
+    if has_body and (problem := transfer_coding_problem(headers)):
         raise ForwardFailed(
             RESET_BAD_RESPONSE,
-            f"the response cannot be relayed: transfer coding {coding[:32].decode('latin-1')!r}"
-            " (only chunked; a compressed body is sent with Content-Encoding)",
+            f"the response cannot be relayed: {problem} (only chunked; a compressed body is"
+            " sent with Content-Encoding)",
         )
     try:
         head = ResponseHead(status, strip_hop_by_hop(headers))
@@ -399,7 +401,9 @@ async def forward(
                 retries -= 1
         try:
             no_body = head.method == "HEAD" or response.status in (204, 304)
-            await link.respond(_response_head(response.status, response.headers), end=no_body)
+            await link.respond(
+                _response_head(response.status, response.headers, has_body=not no_body), end=no_body
+            )
             if not no_body:
                 # Each chunk goes as it arrives (an event stream is never batched); the
                 # body's end rides on the last one when it came with it.
@@ -466,7 +470,7 @@ async def forward_websocket(
         # The target answered with something else than 101 (a 404, a redirect, which is
         # never followed): that answer goes back as it came, head and body.
         status, headers, body = _refusal.get() or (502, (), b"")
-        await link.respond(ResponseHead(status, strip_hop_by_hop(headers)), end=not body)
+        await link.respond(_response_head(status, headers, has_body=status not in (204, 304)), end=not body)
         if body:
             await link.send_body(body, end=True)
         return status

@@ -108,19 +108,39 @@ def is_websocket_upgrade(method: str, headers: Headers) -> bool:
     )
 
 
-def unsupported_transfer_coding(headers: Headers) -> bytes | None:
-    """The first transfer coding in ``headers``' Transfer-Encoding fields other than
-    ``chunked`` (lower case), or None. The relay re-frames every body it carries, so it
-    removes Transfer-Encoding (a hop-by-hop field) and undoes ``chunked``; any other coding
-    (``gzip``, ``deflate``, ``compress``, an extension) would reach the other side still
-    applied to the bytes but no longer named. RFC 9112 6.1: a server that does not
-    understand a request's transfer coding answers 501; an answer with one is a 502."""
+def transfer_coding_problem(headers: Headers) -> str | None:
+    """Why the body framed by ``headers``' Transfer-Encoding fields cannot cross the
+    relay, or None (no such field, or exactly ``chunked``).
+
+    The relay re-frames every body it carries: it removes Transfer-Encoding (a hop-by-hop
+    field) and takes off one ``chunked``. Any other coding (``gzip``, ``deflate``, an
+    extension), or ``chunked`` applied twice (RFC 9112 6.1 forbids it), would reach the
+    other side still applied to the bytes but no longer named. RFC 9112 6.1: a server
+    that does not understand a request's transfer coding answers 501.
+
+    What is ``chunked`` is read as llhttp (aiohttp's parser and the agent's) reads it, so
+    that this rule and the parser never disagree: spaces and tabs before a coding, spaces
+    after it (with a tab after it, llhttp does not take it for chunked), and empty list
+    elements ignored (RFC 9110 5.6.1) but after the last ``chunked``, where llhttp no
+    longer takes the body for chunked."""
+    codings: list[bytes] | None = None
     for name, value in headers:
         if name.lower() == b"transfer-encoding":
-            for coding in value.split(b","):
-                if (coding := coding.strip().lower()) != b"chunked":
-                    return coding or b'""'
-    return None
+            codings = codings or []
+            codings += [item.lstrip(b" \t").rstrip(b" ").lower() for item in value.split(b",")]
+    if codings is None:
+        return None
+    named = [coding for coding in codings if coding.strip(b" \t")]
+    if named == [b"chunked"] and codings[-1] == b"chunked":
+        return None
+    if not named:
+        return "an empty Transfer-Encoding"
+    other = next((coding for coding in named if coding != b"chunked"), None)
+    if other is not None:
+        return f"transfer coding {other[:32].decode('latin-1')!r}"
+    if len(named) > 1:
+        return "chunked applied more than once"
+    return "an empty element after chunked"  # llhttp no longer reads the body as chunked
 
 
 def header_value(headers: Headers, name: bytes) -> bytes | None:

@@ -16,7 +16,7 @@ import re
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from relay_protocol import LocalProtocolError, RelayError, RequestHead, ResponseHead, TooManyStreams
 from relay_protocol.frames import RESET_BAD_RESPONSE, RESET_TARGET_TIMEOUT, RESET_TARGET_UNREACHABLE
@@ -25,7 +25,7 @@ from relay_protocol.headers import (
     header_value,
     is_websocket_upgrade,
     strip_hop_by_hop,
-    unsupported_transfer_coding,
+    transfer_coding_problem,
     without,
 )
 from relay_protocol.limits import MAX_DATA_SIZE, MAX_HEAD_SIZE, MAX_HEADER_COUNT
@@ -152,7 +152,8 @@ def response_framing(method: str, head: ResponseHead) -> tuple[bool, int | None]
     itself: an agent cannot smuggle a second response into a client's connection.
 
     Raises ``BadResponse`` for a 1xx final status, conflicting or invalid
-    Content-Length values, or Content-Length together with Transfer-Encoding.
+    Content-Length values, Content-Length together with Transfer-Encoding, or a body in
+    a transfer coding other than chunked (``transfer_coding_problem``).
     (A 101 answering a WebSocket upgrade never gets here.)
     """
     if head.status < 200:
@@ -163,7 +164,8 @@ def response_framing(method: str, head: ResponseHead) -> tuple[bool, int | None]
         if name.lower() == b"content-length"
         for item in value.split(b",")
     }
-    if any(name.lower() == b"transfer-encoding" for name, _ in head.headers) and lengths:
+    coded = any(name.lower() == b"transfer-encoding" for name, _ in head.headers)
+    if coded and lengths:
         raise BadResponse("both Content-Length and Transfer-Encoding")
     if len(lengths) > 1:
         raise BadResponse("conflicting Content-Length values")
@@ -174,6 +176,8 @@ def response_framing(method: str, head: ResponseHead) -> tuple[bool, int | None]
             raise BadResponse(f"invalid Content-Length {text[:32]!r}")
         length = int(text)
     has_body = method != "HEAD" and head.status not in _NO_BODY_STATUSES
+    if coded and has_body and (problem := transfer_coding_problem(head.headers)):
+        raise BadResponse(problem)  # relay-agent never sends one: another agent might
     return has_body, length
 
 
@@ -267,15 +271,21 @@ class Ingress:
             return relay_error("headers-too-large", f"request headers over {MAX_REQUEST_HEAD} bytes")
         if (bad := _control_characters(request.raw_headers)) is not None:
             return relay_error("bad-request", f"control characters in header {bad}")
-        if "Transfer-Encoding" in request.headers and (
-            coding := unsupported_transfer_coding(tuple(request.raw_headers))
-        ):
-            refused = relay_error(
-                "unsupported-transfer-coding",
-                f"transfer coding {coding[:32].decode('latin-1')!r} is not supported: only chunked",
-            )
-            refused.force_close()  # the body is not read: nothing after it is a request
-            return refused
+        if "Transfer-Encoding" in request.headers:
+            if request.version < HttpVersion11:
+                # RFC 9112 6.1: its framing is faulty; a proxy that took it would desync.
+                refused = relay_error("bad-request", "Transfer-Encoding in an HTTP/1.0 request")
+            elif problem := transfer_coding_problem(tuple(request.raw_headers)):
+                refused = relay_error(
+                    "unsupported-transfer-coding", f"{problem} is not supported: only chunked"
+                )
+            else:
+                refused = None
+            if refused is not None:
+                # Nothing after this request is read as another: aiohttp reads what is left
+                # of its body (for its lingering time at most) and closes the connection.
+                refused.force_close()
+                return refused
         try:
             host = normalize_host(_host_header(request).decode("latin-1"))
             where = route(host, raw_target, self.origin)
@@ -301,6 +311,12 @@ class Ingress:
         request[TUNNEL] = where.name
         with self.inflight.track():
             upgrade = is_websocket_upgrade(request.method, tuple(request.raw_headers))
+            if upgrade and request.body_exists:
+                # RFC 9110 7.8: the protocol switches after the request's last byte. Relayed,
+                # its body would reach the stream as websocket messages of the client's making.
+                refused = relay_error("bad-request", "a WebSocket upgrade request carries no body")
+                refused.force_close()
+                return refused
             settings = await self.deliveries.settings(where.name)
             read_ahead = b""
             if self.deliveries.is_event(request, settings, upgrade):

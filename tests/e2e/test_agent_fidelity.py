@@ -44,12 +44,40 @@ ANSWERS = {
     b"/te-gzip-chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
     + b"%x\r\n%s\r\n0\r\n\r\n" % (len(GZIPPED), GZIPPED),
     b"/te-gzip-close": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\n" + GZIPPED,
+    # chunked twice (RFC 9112 6.1 forbids it): taken off once, the inner framing would
+    # reach the client as the body; in two fields, or in one.
+    b"/te-chunked-twice": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n"
+    + b"f\r\n5\r\nhello\r\n0\r\n\r\n\r\n0\r\n\r\n",
+    b"/te-chunked-two-fields": b"HTTP/1.1 200 OK\r\n"
+    + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
+    + b"f\r\n5\r\nhello\r\n0\r\n\r\n\r\n0\r\n\r\n",
+    # A tab after it: llhttp does not take it for chunked, and reads to the close.
+    b"/te-chunked-tab": b"HTTP/1.1 200 OK\r\nTransfer-Encoding:\tchunked\t\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    # Legal: no body for the coding to apply to (RFC 9112 6.1), and empty list elements.
+    b"/te-304": b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nTransfer-Encoding: gzip, chunked\r\n\r\n',
+    b"/te-head": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+    b"/te-empty-element": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: , chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    # But after chunked, llhttp no longer reads the body as chunked: to the close.
+    b"/te-chunked-comma": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked,\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    # HTTP/1.0 with Transfer-Encoding: framing faulty (RFC 9112 6.1), so never reused.
+    b"/te-http10": b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+    + b"2\r\nok\r\n0\r\n\r\n",
 }
 #: The target's own headers on its 101, besides the handshake's.
 UPGRADED = [b"Set-Cookie: a=1", b"Set-Cookie: b=2", b"X-App: caf\xe9"]
 #: Seconds for the relay to record an attempt (it records in the background).
 DELIVERED = 20.0
-BAD = [b"/too-long-line", b"/too-many-fields", b"/bad-status-line", b"/te-gzip-chunked", b"/te-gzip-close"]
+BAD = [
+    b"/too-long-line",
+    b"/too-many-fields",
+    b"/bad-status-line",
+    b"/te-gzip-chunked",
+    b"/te-gzip-close",
+    b"/te-chunked-twice",
+    b"/te-chunked-two-fields",
+    b"/te-chunked-tab",
+    b"/te-chunked-comma",
+]
 #: RFC 6455 1.3: the GUID the accept value hashes with the key.
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -72,6 +100,9 @@ class RawTarget:
     def __init__(self) -> None:
         self.heads: list[bytes] = []
         self.port = 0
+        #: Connections accepted so far, and the number of the one each head came on.
+        self.connections = 0
+        self.connection_of: list[int] = []
 
     def start(self) -> None:
         self._loop = asyncio.new_event_loop()
@@ -91,17 +122,24 @@ class RawTarget:
         return [h for h in self.heads if h.split(b" ", 2)[1] == path]
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        number = self.connections
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 self.heads.append(head)
-                if (_header(head, b"upgrade") or b"").lower() == b"websocket":
+                self.connection_of.append(number)
+                path = head.split(b" ", 2)[1]
+                if (_header(head, b"upgrade") or b"").lower() == b"websocket" and path not in ANSWERS:
                     await self._websocket(head, reader, writer)
                     break
                 for line in head.split(b"\r\n"):
                     if line.lower().startswith(b"content-length:"):
                         await reader.readexactly(int(line.split(b":", 1)[1]))
-                path = head.split(b" ", 2)[1]
+                if (_header(head, b"transfer-encoding") or b"").lower() == b"chunked":
+                    while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                        await reader.readexactly(size + 2)
+                    await reader.readuntil(b"\r\n")  # no trailers from the agent
                 writer.write(ANSWERS.get(path, _answer()))
                 await writer.drain()
                 if path in BAD:
@@ -364,3 +402,95 @@ async def test_a_request_body_in_a_transfer_coding_other_than_chunked_is_refused
     )
     assert reply.status in (200, 202), reply
     assert raw_target.seen(b"/te-in") == []
+
+
+async def test_an_apps_refusal_of_a_websocket_upgrade_in_another_transfer_coding_is_a_502(
+    stack: dict[str, Any],
+) -> None:
+    """The answer to an upgrade that is not a 101 goes back as an answer: the same rule."""
+    server = stack["server"]
+    key = base64.b64encode(b"relay-fidelity-k")
+    handshake = [b"Upgrade: websocket", b"Connection: Upgrade", b"Sec-WebSocket-Key: " + key]
+    request = _request(server, "alice", "GET", "/te-gzip-chunked", [*handshake, b"Sec-WebSocket-Version: 13"])
+    reply, _ = await raw_exchange(server.port, request)
+    assert reply.status == 502, reply
+    assert reply.relay_error == "local-bad-response"
+    assert GZIPPED not in reply.body
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [("HEAD", "/te-head", 200), ("GET", "/te-304", 304)])
+async def test_an_answer_without_a_body_may_name_a_transfer_coding(
+    stack: dict[str, Any], method: str, path: str, status: int
+) -> None:
+    server = stack["server"]
+    reply, _ = await raw_exchange(server.port, _request(server, "alice", method, path, []))
+    assert reply.status == status, reply
+    assert reply.relay_error is None
+    assert reply.header("Transfer-Encoding") is None  # hop-by-hop: never passed on as it came
+
+
+async def test_empty_elements_of_transfer_encoding_are_ignored_both_ways(
+    stack: dict[str, Any], raw_target: RawTarget
+) -> None:
+    """RFC 9110 5.6.1: ", chunked" is chunked."""
+    server = stack["server"]
+    reply, _ = await raw_exchange(server.port, _request(server, "alice", "GET", "/te-empty-element", []))
+    assert (reply.status, reply.body) == (200, b"ok"), reply
+    request = _request(server, "alice", "POST", "/te-empty-in", [b"Transfer-Encoding: , chunked"])
+    reply, _ = await raw_exchange(server.port, request + b"5\r\nhello\r\n0\r\n\r\n")
+    assert reply.status == 200, reply
+    [head] = raw_target.seen(b"/te-empty-in")
+    assert _header(head, b"transfer-encoding") == b"chunked", head  # the agent's own framing
+
+
+@pytest.mark.parametrize("name", ["alice", "alice-q"])
+async def test_transfer_encoding_in_an_http_1_0_request_is_refused_400_and_the_connection_closed(
+    stack: dict[str, Any], raw_target: RawTarget, name: str
+) -> None:
+    """RFC 9112 6.1: its framing is faulty; what follows it is never read as a request."""
+    server = stack["server"]
+    request = (
+        f"POST /t/{name}/te-10 HTTP/1.0\r\nHost: {server.apex}\r\nConnection: keep-alive\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        f"GET /t/{name}/te-10-second HTTP/1.1\r\nHost: {server.apex}\r\n\r\n"
+    ).encode()
+    reply, rest = await raw_exchange(server.port, request)
+    assert reply.status == 400, reply
+    assert reply.relay_error == "bad-request"
+    assert b"HTTP/1.0 request" in reply.body
+    assert rest == b""
+    assert raw_target.seen(b"/te-10") == raw_target.seen(b"/te-10-second") == []
+
+
+async def test_an_http_1_0_answer_with_transfer_encoding_closes_its_connection(
+    stack: dict[str, Any], raw_target: RawTarget
+) -> None:
+    server = stack["server"]
+    reply, _ = await raw_exchange(server.port, _request(server, "alice", "GET", "/te-http10", []))
+    assert (reply.status, reply.body) == (200, b"ok"), reply
+    used = raw_target.connection_of[-1]
+    for path in ("/te-after-1", "/te-after-2", "/te-after-3"):
+        reply, _ = await raw_exchange(server.port, _request(server, "alice", "GET", path, []))
+        assert reply.status == 200, reply
+    assert raw_target.connection_of[-3:].count(used) == 0  # never reused
+
+
+@pytest.mark.parametrize("body", [[b"Content-Length: 5"], [b"Transfer-Encoding: chunked"]])
+async def test_a_websocket_upgrade_request_with_a_body_is_refused_400(
+    stack: dict[str, Any], raw_target: RawTarget, body: list[bytes]
+) -> None:
+    """RFC 9110 7.8: the switch comes after the request. Its body once reached the
+    websocket stream as messages of the client's making (an attacker's review)."""
+    server = stack["server"]
+    key = base64.b64encode(b"relay-fidelity-k")
+    handshake = [b"Upgrade: websocket", b"Connection: Upgrade", b"Sec-WebSocket-Key: " + key]
+    request = _request(server, "alice", "GET", "/ws-body", [*handshake, b"Sec-WebSocket-Version: 13", *body])
+    payload = b"\x01\x00\x00\x00\x05hello"  # a message frame of the relay's own stream format
+    if body[0].startswith(b"Transfer-Encoding"):
+        payload = b"%x\r\n%s\r\n0\r\n\r\n" % (len(payload), payload)
+    else:
+        payload = payload[:5]
+    reply, _ = await raw_exchange(server.port, request + payload)
+    assert reply.status == 400, reply
+    assert reply.relay_error == "bad-request"
+    assert raw_target.seen(b"/ws-body") == []
