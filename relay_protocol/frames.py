@@ -216,7 +216,9 @@ def _json(obj: dict[str, Any]) -> bytes:
 
 def _unjson(payload: bytes) -> dict[str, Any]:
     try:
-        obj = json.loads(payload)
+        # Decoded here: json.loads guesses UTF-16 or UTF-32 (or a BOM) from bytes, and
+        # the protocol says UTF-8 (docs/protocol.md).
+        obj = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError("control payload is not JSON") from exc
     except RecursionError as exc:  # "[[[[..." fits easily in MAX_CONTROL_SIZE

@@ -210,6 +210,10 @@ REJECTED: dict[str, bytes] = {
     "HELLO without version": b"\x01\x00\x00\x00\x00\x00\x00",
     "HELLO bad JSON": b"\x01\x00\x00\x00\x00\x00\x00\x01{tunnels:[]}",
     "HELLO JSON not UTF-8": b"\x01\x00\x00\x00\x00\x00\x00\x01\xff\xfe\xfd",
+    # json.loads takes bytes in UTF-16 and UTF-32 too (it guesses): the protocol says UTF-8.
+    "HELLO JSON in UTF-16": b"\x01\x00\x00\x00\x00\x00\x00\x01" + '{"tunnels":[]}'.encode("utf-16-le"),
+    "HELLO JSON in UTF-32": b"\x01\x00\x00\x00\x00\x00\x00\x01" + '{"tunnels":[]}'.encode("utf-32"),
+    "HELLO JSON after a BOM": b"\x01\x00\x00\x00\x00\x00\x00\x01\xef\xbb\xbf" + b'{"tunnels":[]}',
     "HELLO JSON not an object": b"\x01\x00\x00\x00\x00\x00\x00\x01[]",
     "HELLO nested too deep": b"\x01\x00\x00\x00\x00\x00\x00\x01" + b"[" * 60_000,
     "HELLO without tunnels": b'\x01\x00\x00\x00\x00\x00\x00\x01{"agent":"a"}',
