@@ -23,6 +23,7 @@ from .config import DEFAULT_KEEPALIVE_TIMEOUT, ServerConfig
 from .connections import BUSY_RESPONSE, AcceptErrorLog, trusts
 from .delivery import Deliveries
 from .errors import ConfigError
+from .expect import check_expectation
 from .ingress import MAX_HEADER_LINE, MAX_REQUEST_HEADERS, Ingress
 from .metrics import Metrics
 from .names import PublicOrigin
@@ -145,7 +146,7 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
             "max_headers": MAX_REQUEST_HEADERS,
         },
     )
-    app.router.add_route("*", "/{path:.*}", _never_called)
+    app.router.add_route("*", "/{path:.*}", _never_called, expect_handler=check_expectation)
     app.on_response_prepare.append(_own_server_header)
     app[CONFIG] = config
     app[STORE] = store

@@ -42,6 +42,7 @@ from .commits import GroupCommitter
 from .config import QueueConfig
 from .dispatcher import Dispatcher
 from .errors import StoreError
+from .expect import send_continue
 from .public_errors import relay_error
 from .registry import Registry
 from .session import AgentSession, Stream
@@ -293,6 +294,7 @@ class Deliveries:
                 if not self.bodies.take(length):
                     return _busy()
                 held.size = length
+            await send_continue(request)  # a refusal above went without the body sent
             try:
                 body = await self._read_body(request, held)
             except _BodyRefused as refused:

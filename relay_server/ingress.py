@@ -35,6 +35,7 @@ from .attempts import EVENT_HEADERS
 from .config import Network
 from .connections import forwarded_client, forwarded_for, trusts
 from .delivery import Deliveries
+from .expect import send_continue
 from .names import BadHost, PublicOrigin, is_valid_name, normalize_host
 from .public_errors import relay_error
 from .registry import InFlight, Registry
@@ -73,7 +74,7 @@ REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
 _PROXY_HEADERS = (b"forwarded", b"x-real-ip")
 #: What the relay sets itself from a trusted proxy's headers (the rest of theirs pass).
 _FORWARDED_SET = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-prefix")
-# Consumed by the relay: aiohttp answers "Expect: 100-continue" itself, and the
+# Consumed by the relay: it answers "Expect: 100-continue" itself (expect.py), and the
 # X-Relay-* headers of a delivery are the relay's alone (apps deduplicate on them).
 _CONSUMED = (b"expect", *EVENT_HEADERS)
 #: Request headers never forwarded as the client sent them (besides hop-by-hop ones):
@@ -294,10 +295,12 @@ class Ingress:
         if isinstance(where, ApexRoute):
             if where.path.startswith(API_PREFIX):
                 request[ROUTE] = "api"
+                await send_continue(request)
                 return await self.api(request)
             handler = self.apex_routes.get(where.path)
             if handler is None:
                 return relay_error("not-found", "no such page on the relay server")
+            await send_continue(request)
             return await handler(request)
         request[ROUTE] = "tunnel"
         if not is_valid_name(where.name):
@@ -433,6 +436,7 @@ class Ingress:
             return _refusal(exc).response()
         pump = None
         if has_body:
+            await send_continue(request)  # the stream is open: now the body is wanted
             # A small body already read whole (a webhook, as a rule) goes out right behind
             # the OPEN, in the same pass of the writer: no task, no second wake-up.
             if not upgrade and request.content.is_eof():

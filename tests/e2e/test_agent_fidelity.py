@@ -494,3 +494,59 @@ async def test_a_websocket_upgrade_request_with_a_body_is_refused_400(
     assert reply.status == 400, reply
     assert reply.relay_error == "bad-request"
     assert raw_target.seen(b"/ws-body") == []
+
+
+async def _expecting(port: int, head: bytes, body: bytes) -> tuple[bytes, bytes]:
+    """Send ``head`` (with Expect: 100-continue), read the first answer's head; send
+    ``body`` only if that was 100 Continue, then read the rest. Returns both (the rest
+    empty when the body was not asked for)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head)
+        await writer.drain()
+        async with asyncio.timeout(10):
+            first = await reader.readuntil(b"\r\n\r\n")
+            if not first.startswith(b"HTTP/1.1 100 "):
+                return first, b""  # the body was never sent: the server closes when it gives up on it
+            writer.write(body)
+            await writer.drain()
+            return first, await reader.read()
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("name", ["alice", "alice-q"])
+async def test_expect_100_continue_is_answered_once_the_relay_takes_the_body(
+    stack: dict[str, Any], raw_target: RawTarget, name: str
+) -> None:
+    server = stack["server"]
+    body = b'{"action": "opened"}'
+    head = _request(
+        server, name, "POST", "/expected", [b"Expect: 100-continue", b"Content-Length: %d" % len(body)]
+    )
+    first, rest = await _expecting(server.port, head, body)
+    assert first.startswith(b"HTTP/1.1 100 Continue"), first
+    assert rest.startswith(b"HTTP/1.1 200 "), rest
+    [seen] = raw_target.seen(b"/expected")
+    assert _header(seen, b"expect") is None  # consumed by the relay: its own 100 answered it
+
+
+@pytest.mark.parametrize(
+    ("name", "fields", "status", "error"),
+    [
+        ("nobody", [b"Content-Length: 5"], 404, b"unknown-tunnel"),
+        ("alice", [b"Transfer-Encoding: gzip, chunked"], 501, b"unsupported-transfer-coding"),
+        ("alice-q", [b"Transfer-Encoding: gzip, chunked"], 501, b"unsupported-transfer-coding"),
+    ],
+)
+async def test_a_request_refused_before_its_body_gets_no_100_continue(
+    stack: dict[str, Any], name: str, fields: list[bytes], status: int, error: bytes
+) -> None:
+    """aiohttp answered 100 before the relay looked: the client uploaded a body that was
+    thrown away (an attacker's review)."""
+    server = stack["server"]
+    first, _ = await _expecting(
+        server.port, _request(server, name, "POST", "/x", [b"Expect: 100-continue", *fields]), b""
+    )
+    assert first.startswith(b"HTTP/1.1 %d " % status), first
+    assert _header(first, b"x-relay-error") == error

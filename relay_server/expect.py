@@ -1,0 +1,38 @@
+"""``Expect: 100-continue`` (RFC 9110 10.1.1): the interim answer goes only once the
+relay means to read the body.
+
+aiohttp answers 100 Continue before any handler runs, so a request the relay then
+refuses (an unknown or offline tunnel, a full queue, a transfer coding it cannot
+carry) had the client upload its whole body for nothing, and the connection held while
+it came. Here the route's expect handler only checks the expectation; ``send_continue``
+sends the 100 where the ingress starts reading the body.
+"""
+
+from __future__ import annotations
+
+from aiohttp import HttpVersion11, hdrs, web
+
+#: Set on a request once its 100 Continue went out.
+_ANSWERED = web.RequestKey("relay.continue_answered", bool)
+
+
+async def check_expectation(request: web.Request) -> web.StreamResponse | None:
+    """The catch-all route's ``expect_handler``: 417 for an expectation other than
+    100-continue (as aiohttp's own handler), else nothing yet (``send_continue``)."""
+    expect = request.headers.get(hdrs.EXPECT, "")
+    if request.version == HttpVersion11 and expect.lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect}")
+    return None
+
+
+async def send_continue(request: web.Request) -> None:
+    """Send 100 Continue if ``request`` asked for it and none went yet: call before
+    reading its body. Any refusal answered before this call reaches the client without
+    its body having been sent."""
+    if request.version != HttpVersion11 or request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+        return
+    if request.get(_ANSWERED) or request.writer is None:
+        return
+    request[_ANSWERED] = True
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the response has not begun (as aiohttp does)
