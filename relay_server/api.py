@@ -36,6 +36,7 @@ from .attempts import is_public
 from .config import DEFAULT_MAX_NAMES_PER_USER
 from .delivery import Deliveries
 from .errors import AuthError, ConfigError, StoreError
+from .expect import send_continue
 from .names import is_valid_name, name_allowed, too_many_names
 from .public_errors import STATUS
 from .registry import Registry
@@ -134,6 +135,7 @@ class Api:
     async def _set_tunnel(self, request: web.Request, claims: tokens.Claims, name: str) -> web.Response:
         """PATCH a tunnel's settings. A free name the token allows is claimed, but only
         for changes that are valid: a bad request claims nothing."""
+        await send_continue(request)  # authenticated: now the body is wanted
         try:
             changes = json.loads(await request.content.read(MAX_API_BODY + 1))
             if not isinstance(changes, dict):

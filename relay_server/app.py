@@ -23,7 +23,7 @@ from .config import DEFAULT_KEEPALIVE_TIMEOUT, ServerConfig
 from .connections import BUSY_RESPONSE, AcceptErrorLog, trusts
 from .delivery import Deliveries
 from .errors import ConfigError
-from .expect import check_expectation
+from .expect import check_expectation, close_if_body_unsent
 from .ingress import MAX_HEADER_LINE, MAX_REQUEST_HEADERS, Ingress
 from .metrics import Metrics
 from .names import PublicOrigin
@@ -122,6 +122,7 @@ def create_app(config: ServerConfig, store: Store | None = None) -> web.Applicat
         response: web.StreamResponse | None = None
         try:
             response = await ingress.handle(request)
+            close_if_body_unsent(request, response)
         except ConnectionResetError as exc:  # aiohttp's ClientConnectionResetError too
             # The public client went away mid-response: nobody to answer, no bug to report.
             path = loggable_path(request.raw_path)

@@ -295,12 +295,10 @@ class Ingress:
         if isinstance(where, ApexRoute):
             if where.path.startswith(API_PREFIX):
                 request[ROUTE] = "api"
-                await send_continue(request)
                 return await self.api(request)
             handler = self.apex_routes.get(where.path)
             if handler is None:
                 return relay_error("not-found", "no such page on the relay server")
-            await send_continue(request)
             return await handler(request)
         request[ROUTE] = "tunnel"
         if not is_valid_name(where.name):
@@ -435,21 +433,23 @@ class Ingress:
                 return relay_error("tunnel-offline", f"no agent is connected for {where.name!r}")
             return _refusal(exc).response()
         pump = None
-        if has_body:
-            await send_continue(request)  # the stream is open: now the body is wanted
-            # A small body already read whole (a webhook, as a rule) goes out right behind
-            # the OPEN, in the same pass of the writer: no task, no second wake-up.
-            if not upgrade and request.content.is_eof():
-                read_ahead += request.content.read_nowait()
-                try:
-                    taken = session.send_body_now(stream, read_ahead, end=True)
-                except StreamFailed:
-                    taken = -1  # the response side reports it
-                has_body = taken != len(read_ahead)  # END_STREAM went with the last byte
-                read_ahead = read_ahead[max(taken, 0) :]
-            if has_body:
-                pump = asyncio.create_task(self._pump_body(request, session, stream, read_ahead))
+        # From here on the stream is the relay's to finish, however this ends (a client
+        # gone before its 100 Continue could be written leaked it: an attacker's review).
         try:
+            if has_body:
+                await send_continue(request)  # the stream is open: now the body is wanted
+                # A small body already read whole (a webhook, as a rule) goes out right
+                # behind the OPEN, in the same pass of the writer: no task, no second wake-up.
+                if not upgrade and request.content.is_eof():
+                    read_ahead += request.content.read_nowait()
+                    try:
+                        taken = session.send_body_now(stream, read_ahead, end=True)
+                    except StreamFailed:
+                        taken = -1  # the response side reports it
+                    has_body = taken != len(read_ahead)  # END_STREAM went with the last byte
+                    read_ahead = read_ahead[max(taken, 0) :]
+                if has_body:
+                    pump = asyncio.create_task(self._pump_body(request, session, stream, read_ahead))
             try:
                 async with asyncio.timeout_at(deadline):
                     # Not shielded: only this handler waits on the head, and a head that

@@ -550,3 +550,81 @@ async def test_a_request_refused_before_its_body_gets_no_100_continue(
     )
     assert first.startswith(b"HTTP/1.1 %d " % status), first
     assert _header(first, b"x-relay-error") == error
+
+
+async def _streams_open(server: RelayServer) -> int:
+    reply, _ = await raw_exchange(
+        server.port, f"GET /metrics HTTP/1.1\r\nHost: {server.apex}\r\nConnection: close\r\n\r\n".encode()
+    )
+    [line] = [line for line in reply.body.decode().splitlines() if line.startswith("relay_streams_open ")]
+    return int(float(line.split()[1]))
+
+
+async def test_a_client_gone_before_its_100_continue_leaves_no_stream_open(stack: dict[str, Any]) -> None:
+    """A review left 1,000 streams open this way (the agent's limit: 429 for everyone),
+    each a request to the app waiting for a body: the 100 failed to write, and the stream
+    was never finished."""
+    server = stack["server"]
+    head = _request(server, "alice", "POST", "/gone", [b"Expect: 100-continue", b"Content-Length: 100"])
+    for _ in range(30):
+        _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(head)
+        writer.close()
+    opened = 0
+
+    async def none_left() -> bool:
+        nonlocal opened
+        opened = await _streams_open(server)
+        return opened == 0
+
+    await until(none_left, DELIVERED, f"every stream to be finished ({opened} open)")
+
+
+@pytest.mark.parametrize(
+    ("path", "fields", "status"),
+    [
+        ("/t/nobody/x", [b"Content-Length: 20"], 404),  # refused by the ingress
+        ("/_relay/api/tunnels/alice", [b"Content-Length: 20", b"Authorization: Bearer nope"], 401),
+        ("/healthz", [b"Content-Length: 20"], 200),  # a page that reads no body
+    ],
+)
+async def test_an_answer_given_without_100_continue_closes_the_connection(
+    stack: dict[str, Any], path: str, fields: list[bytes], status: int
+) -> None:
+    """RFC 9110 10.1.1: else a keep-alive client must upload the body all the same, and
+    its next request on the connection would be read as that body. (aiohttp still reads
+    what of the body comes for its lingering time, 10 s, before it closes.)"""
+    server = stack["server"]
+    head = b"\r\n".join(
+        [f"POST {path} HTTP/1.1".encode(), f"Host: {server.apex}".encode(), b"Expect: 100-continue", *fields]
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(head + b"\r\n\r\n")
+        await writer.drain()
+        async with asyncio.timeout(10):
+            first = await reader.readuntil(b"\r\n\r\n")
+            assert first.startswith(b"HTTP/1.1 %d " % status), first
+            # The client need not send it: the server closes once it gave up on it.
+            assert (_header(first, b"connection") or b"").lower() == b"close", first
+    finally:
+        writer.close()
+
+
+async def test_the_api_asks_for_the_body_once_the_token_is_checked(stack: dict[str, Any]) -> None:
+    server = stack["server"]
+    body = b'{"max_concurrency": 8}'
+    head = b"\r\n".join(
+        [
+            b"PATCH /_relay/api/tunnels/alice HTTP/1.1",
+            f"Host: {server.apex}".encode(),
+            f"Authorization: Bearer {stack['token']}".encode(),
+            b"Content-Type: application/json",
+            b"Expect: 100-continue",
+            b"Content-Length: %d" % len(body),
+            b"Connection: close",
+        ]
+    )
+    first, rest = await _expecting(server.port, head + b"\r\n\r\n", body)
+    assert first.startswith(b"HTTP/1.1 100 Continue"), first
+    assert rest.startswith(b"HTTP/1.1 200 "), rest
