@@ -22,12 +22,15 @@ from aiohttp import HttpVersion11, hdrs, web
 _ANSWERED = web.RequestKey("relay.continue_answered", bool)
 
 
+def _asks_for_continue(request: web.Request) -> bool:
+    return request.headers.get(hdrs.EXPECT, "").lower() == "100-continue"
+
+
 async def check_expectation(request: web.Request) -> web.StreamResponse | None:
     """The catch-all route's ``expect_handler``: 417 for an expectation other than
     100-continue (as aiohttp's own handler), else nothing yet (``send_continue``)."""
-    expect = request.headers.get(hdrs.EXPECT, "")
-    if request.version == HttpVersion11 and expect.lower() != "100-continue":
-        raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect}")
+    if request.version == HttpVersion11 and not _asks_for_continue(request):
+        raise web.HTTPExpectationFailed(text=f"Unknown Expect: {request.headers.get(hdrs.EXPECT, '')}")
     return None
 
 
@@ -35,7 +38,7 @@ async def send_continue(request: web.Request) -> None:
     """Send 100 Continue if ``request`` asked for it and none went yet: call before
     reading its body. Any refusal answered before this call reaches the client without
     its body having been sent."""
-    if request.version != HttpVersion11 or request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+    if request.version != HttpVersion11 or not _asks_for_continue(request):
         return
     if request.get(_ANSWERED) or request.writer is None:
         return
@@ -50,7 +53,7 @@ def close_if_body_unsent(request: web.Request, response: web.StreamResponse) -> 
     not send it (aiohttp reads what of it comes for its lingering time, then closes);
     kept alive, the client would have to, or its next request be read as the body."""
     if (
-        request.headers.get(hdrs.EXPECT, "").lower() == "100-continue"
+        _asks_for_continue(request)
         and request.body_exists
         and not request.get(_ANSWERED)
         and not request.content.is_eof()

@@ -272,21 +272,11 @@ class Ingress:
             return relay_error("headers-too-large", f"request headers over {MAX_REQUEST_HEAD} bytes")
         if (bad := _control_characters(request.raw_headers)) is not None:
             return relay_error("bad-request", f"control characters in header {bad}")
-        if "Transfer-Encoding" in request.headers:
-            if request.version < HttpVersion11:
-                # RFC 9112 6.1: its framing is faulty; a proxy that took it would desync.
-                refused = relay_error("bad-request", "Transfer-Encoding in an HTTP/1.0 request")
-            elif problem := transfer_coding_problem(tuple(request.raw_headers)):
-                refused = relay_error(
-                    "unsupported-transfer-coding", f"{problem} is not supported: only chunked"
-                )
-            else:
-                refused = None
-            if refused is not None:
-                # Nothing after this request is read as another: aiohttp reads what is left
-                # of its body (for its lingering time at most) and closes the connection.
-                refused.force_close()
-                return refused
+        if "Transfer-Encoding" in request.headers and (refused := _framing_refusal(request)) is not None:
+            # Nothing after this request is read as another: aiohttp reads what is left
+            # of its body (for its lingering time at most) and closes the connection.
+            refused.force_close()
+            return refused
         try:
             host = normalize_host(_host_header(request).decode("latin-1"))
             where = route(host, raw_target, self.origin)
@@ -596,6 +586,17 @@ def _control_characters(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
         return None
     name = next(name for name, value in headers if not _FIELD_VALUE.fullmatch(value))
     return name[:64].decode("latin-1")
+
+
+def _framing_refusal(request: web.Request) -> web.Response | None:
+    """The answer to a request whose Transfer-Encoding the relay cannot carry, or None:
+    400 in HTTP/1.0 (RFC 9112 6.1: its framing is faulty; a proxy that took it would
+    desync), 501 for a coding other than chunked (``transfer_coding_problem``)."""
+    if request.version < HttpVersion11:
+        return relay_error("bad-request", "Transfer-Encoding in an HTTP/1.0 request")
+    if problem := transfer_coding_problem(tuple(request.raw_headers)):
+        return relay_error("unsupported-transfer-coding", f"{problem} is not supported: only chunked")
+    return None
 
 
 def _host_header(request: web.Request) -> bytes:
