@@ -120,6 +120,11 @@ class Response:
         """True if the body's end arrived and every byte of it was read."""
         return self._connection.message_done and not self._connection._chunks
 
+    def take_whole(self, limit: int) -> bytes | None:
+        """The body's bytes not read yet, if its end arrived and they are at most ``limit``
+        bytes (``read`` then returns b""); else None, and nothing changes."""
+        return self._connection.take_whole(limit)
+
 
 class LocalConnection(asyncio.Protocol):
     """One connection to the local service; one exchange at a time."""
@@ -285,6 +290,18 @@ class LocalConnection(asyncio.Protocol):
             self._wakeup = self.loop.create_future()
             await self._wakeup
             self._wakeup = None
+
+    def take_whole(self, limit: int) -> bytes | None:
+        """``Response.take_whole``."""
+        if not self.message_done or self._queued > limit:
+            return None
+        whole = b"".join(self._chunks) if len(self._chunks) != 1 else self._chunks[0]
+        self._chunks.clear()
+        self._queued = 0
+        if self._read_paused and self.transport is not None:
+            self.transport.resume_reading()
+            self._read_paused = False
+        return whole
 
     def _done(self) -> None:
         self.message_done = True

@@ -32,7 +32,7 @@ from relay_protocol.headers import (
     without,
 )
 from relay_protocol.heads import Headers, check_response_head_size
-from relay_protocol.limits import MAX_CONCURRENT_STREAMS, MAX_WEBSOCKET_MESSAGE
+from relay_protocol.limits import MAX_CONCURRENT_STREAMS, MAX_DATA_SIZE, MAX_WEBSOCKET_MESSAGE
 from relay_protocol.messages import Kind, Message, MessageDecoder, encode_message
 
 from .client import (
@@ -90,7 +90,10 @@ _KIND_OF = {
 class Link(Protocol):
     """What the forwarder needs from the tunnel connection for one stream."""
 
-    def respond(self, head: ResponseHead, end: bool) -> Awaitable[None]: ...
+    def respond(self, head: ResponseHead, end: bool, body: bytes = b"") -> Awaitable[None]:
+        """Send the response head, and ``body`` (at most ``MAX_DATA_SIZE``) right with it;
+        ``end``: nothing follows them."""
+
     def send_body(self, chunk: bytes, end: bool = False) -> Awaitable[None]: ...
     def reset(self, code: int, reason: str) -> Awaitable[None]: ...
     def body(self) -> AsyncIterator[bytes]: ...
@@ -401,10 +404,12 @@ async def forward(
                 retries -= 1
         try:
             no_body = head.method == "HEAD" or response.status in (204, 304)
-            await link.respond(
-                _response_head(response.status, response.headers, has_body=not no_body), end=no_body
-            )
-            if not no_body:
+            response_head = _response_head(response.status, response.headers, has_body=not no_body)
+            # A small answer that came whole with its head (a webhook's, as a rule) goes
+            # back in one frame with it.
+            whole = None if no_body else response.take_whole(MAX_DATA_SIZE)
+            await link.respond(response_head, end=no_body or whole is not None, body=whole or b"")
+            if not no_body and whole is None:
                 # Each chunk goes as it arrives (an event stream is never batched); the
                 # body's end rides on the last one when it came with it.
                 while data := await response.read():

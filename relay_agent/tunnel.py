@@ -51,6 +51,7 @@ from relay_protocol.frames import (
     CLOSE_PROTOCOL_ERROR,
     CLOSE_VERSION,
     FEATURE_BATCH,
+    FEATURE_INLINE_BODY,
     FEATURE_TARGET_UP,
     RESET_BAD_RESPONSE,
     RESET_CANCEL,
@@ -87,9 +88,11 @@ class AgentStream:
         self._session = tunnel
         self.id = open_frame.stream_id
         self.head = open_frame.head
-        self.has_body = not open_frame.end_stream
+        self.has_body = bool(open_frame.body) or not open_frame.end_stream
         self._chunks: collections.deque[bytes] = collections.deque()
-        self._ended = False  # the request body's end arrived
+        if open_frame.body:  # the body's first bytes (all of it, with END_STREAM) came with the head
+            self._chunks.append(open_frame.body)
+        self._ended = open_frame.end_stream  # the request body's end arrived
         self._arrived: asyncio.Future[None] | None = None
         self.credit_changed = asyncio.Event()
         self.gone = False
@@ -135,8 +138,8 @@ class AgentStream:
         self._session.grant(self.id, len(data))
         return data
 
-    async def respond(self, head: ResponseHead, end: bool) -> None:
-        await self._session.respond(self, head, end)
+    async def respond(self, head: ResponseHead, end: bool, body: bytes = b"") -> None:
+        await self._session.respond(self, head, end, body)
 
     async def send_body(self, chunk: bytes, end: bool = False) -> None:
         await self._session.send_body(self, chunk, end)
@@ -167,14 +170,15 @@ class _Session:
     def is_open(self, stream_id: int) -> bool:
         return self.engine.is_open(stream_id)
 
-    async def respond(self, stream: AgentStream, head: ResponseHead, end: bool) -> None:
-        """Send a stream's RESPONSE head once there is room. Raises ``StreamGone``,
-        or ``BadHead`` if the head cannot travel (the stream is left as it was)."""
+    async def respond(self, stream: AgentStream, head: ResponseHead, end: bool, body: bytes = b"") -> None:
+        """Send a stream's RESPONSE head, and ``body`` (at most ``MAX_DATA_SIZE``) right
+        with it, once there is room. Raises ``StreamGone``, or ``BadHead`` if the head
+        cannot travel (the stream is left as it was)."""
         await self._wait_room()
         if stream.gone or self.closed:
             raise StreamGone()
         try:
-            self.engine.respond(stream.id, head, end, time.monotonic())
+            self.engine.respond(stream.id, head, end, time.monotonic(), body)
         except BadHead:
             raise
         except LocalProtocolError as exc:  # StreamClosed, ConnectionFailed
@@ -242,7 +246,9 @@ class _Session:
         config = self.tunnel.config
         tunnels = tuple({"name": n, **config.settings} for n in config.names)
         # Sent before the writer starts; the caller bounds the whole handshake in time.
-        hello = Hello(PROTOCOL_VERSION, tunnels, AGENT_NAME, config.label, (FEATURE_BATCH,))
+        hello = Hello(
+            PROTOCOL_VERSION, tunnels, AGENT_NAME, config.label, (FEATURE_BATCH, FEATURE_INLINE_BODY)
+        )
         self.engine.send(hello, time.monotonic())
         await self._send_now()
         message = await self.ws.recv()
@@ -257,6 +263,7 @@ class _Session:
             )
         self.features = frame.features
         self.engine.batching = FEATURE_BATCH in frame.features
+        self.engine.inline_bodies = FEATURE_INLINE_BODY in frame.features
         return frame
 
     async def run(self) -> None:

@@ -196,12 +196,12 @@ class Connection:
             stream = self._streams.get(frame.stream_id)
             if stream is None:
                 raise LocalProtocolError(f"stream {frame.stream_id} is not open")
-            if isinstance(frame, Data) and len(frame.data) > stream.send_credit:
-                raise LocalProtocolError(f"{len(frame.data)} bytes over the credit of {stream.send_credit}")
+            size = len(frame.data) if isinstance(frame, Data) else len(frame.body)
+            if size > stream.send_credit:
+                raise LocalProtocolError(f"{size} bytes over the credit of {stream.send_credit}")
             nxt = _next_half(stream.send, frame, LocalProtocolError)
             data = encode(frame)
-            if isinstance(frame, Data):
-                stream.send_credit -= len(frame.data)
+            stream.send_credit -= size
             stream.send = nxt
             self._forget_if_done(frame.stream_id, stream)
             return data
@@ -219,19 +219,22 @@ class Connection:
                 raise TooManyStreams(f"{len(self._streams)} streams open, limit {self.max_streams}")
             if frame.stream_id != self._last_stream_id + 1 or frame.stream_id > MAX_STREAM_ID:
                 raise LocalProtocolError(f"OPEN must use stream id {self._last_stream_id + 1}")
+            if len(frame.body) > INITIAL_WINDOW:
+                raise LocalProtocolError(f"{len(frame.body)} bytes over the credit of {INITIAL_WINDOW}")
             nxt = _next_half(Half.IDLE, frame, LocalProtocolError)
             data = encode(frame)  # before any change: a head too large spends no id
-            self._opened(frame.stream_id, nxt, sending=True)
+            self._opened(frame.stream_id, nxt, sending=True).send_credit -= len(frame.body)
             return data
         data = encode(frame)
         if isinstance(frame, Reset):
             self._drop(frame.stream_id)
         return data
 
-    def _opened(self, stream_id: int, half: Half, *, sending: bool) -> None:
+    def _opened(self, stream_id: int, half: Half, *, sending: bool) -> _Stream:
         stream = _Stream(send=half) if sending else _Stream(recv=half)
         self._streams[stream_id] = stream
         self._last_stream_id = stream_id
+        return stream
 
     def consumed(self, stream_id: int, size: int, now: float = 0.0) -> bytes | None:
         """Tell the connection the application has taken ``size`` body bytes at ``now``
@@ -294,7 +297,10 @@ class Connection:
                 raise ProtocolError(f"OPEN on stream {frame.stream_id}, expected {expected}")
             if len(self._streams) >= self.max_streams:
                 raise ProtocolError(f"peer opened more than {self.max_streams} streams")
-            self._opened(frame.stream_id, _next_half(Half.IDLE, frame, ProtocolError), sending=False)
+            half = _next_half(Half.IDLE, frame, ProtocolError)
+            if len(frame.body) > INITIAL_WINDOW:  # the frame's size keeps it far below
+                raise FlowControlError(f"peer overran the window of stream {frame.stream_id}")
+            self._opened(frame.stream_id, half, sending=False).recv_window -= len(frame.body)
             return frame
         if isinstance(frame, (Hello, Welcome)):
             if self._handshaken or (isinstance(frame, Hello) and self._hello_seen):
@@ -322,10 +328,10 @@ class Connection:
             stream.send_credit += frame.increment
             return frame
         nxt = _next_half(stream.recv, frame, ProtocolError)
-        if isinstance(frame, Data):
-            if len(frame.data) > stream.recv_window:
-                raise FlowControlError(f"peer overran the window of stream {frame.stream_id}")
-            stream.recv_window -= len(frame.data)
+        size = len(frame.data) if isinstance(frame, Data) else len(frame.body)
+        if size > stream.recv_window:
+            raise FlowControlError(f"peer overran the window of stream {frame.stream_id}")
+        stream.recv_window -= size
         stream.recv = nxt
         self._forget_if_done(stream_id, stream)
         return frame

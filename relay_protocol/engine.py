@@ -37,7 +37,7 @@ import itertools
 from collections.abc import Iterator
 
 from .connection import Connection, Half, Role
-from .errors import ConnectionFailed, LocalProtocolError, ProtocolError, StreamClosed
+from .errors import BodyDoesNotFit, ConnectionFailed, LocalProtocolError, ProtocolError, StreamClosed
 from .frames import (
     TYPE_CODES,
     Data,
@@ -92,6 +92,9 @@ class Engine:
         #: Hand several frames over as one BATCH message: set once both peers listed
         #: the ``"batch"`` feature in the handshake.
         self.batching = False
+        #: Send a head's body bytes in its own frame (``open``, ``respond``): set once the
+        #: peer listed the ``"inline-body"`` feature in the handshake.
+        self.inline_bodies = False
         # What ``outgoing`` handed over and ``sent`` has not confirmed: the message,
         # and how many frames of the buffer's head it carries.
         self._out: bytes | None = None
@@ -251,22 +254,59 @@ class Engine:
         """
         self._queue(self._conn.send(frame), now)
 
-    def open(self, head: RequestHead, end_stream: bool, now: float) -> int:
+    def open(self, head: RequestHead, end_stream: bool, now: float, body: bytes = b"") -> int:
         """Queue an OPEN for ``head`` on the next stream id, and return that id (server).
 
+        ``body``: the request body's first bytes, at most ``MAX_DATA_SIZE``, all queued
+        now: inside the OPEN when the peer reads such frames (``inline_bodies``) and
+        head and body fit one frame, else in a DATA frame right behind it. END_STREAM
+        (``end_stream``) goes with the body's last byte.
+
         Raises ``HeadTooLarge`` if the head cannot be encoded, ``TooManyStreams``
-        at the limit, ``ConnectionFailed`` in the error state; then no id is spent.
+        at the limit, ``ConnectionFailed`` in the error state, ``LocalProtocolError``
+        for a body over ``MAX_DATA_SIZE``; then no id is spent.
         Does not look at ``has_room``: the caller waits for room first.
         """
+        self._check_body(body)
         stream_id = self._conn.next_stream_id()
-        self._queue(self._conn.send(Open(stream_id, head, end_stream)), now)
+        self._send_head(Open(stream_id, head, end_stream, body), now)
         return stream_id
 
-    def respond(self, stream_id: int, head: ResponseHead, end_stream: bool, now: float) -> None:
-        """Queue the RESPONSE head of a stream (agent). Raises ``StreamClosed`` if the
-        stream is finished or reset, ``HeadTooLarge``, ``ConnectionFailed``."""
+    def respond(
+        self, stream_id: int, head: ResponseHead, end_stream: bool, now: float, body: bytes = b""
+    ) -> None:
+        """Queue the RESPONSE head of a stream (agent), with ``body`` as in ``open``.
+        Raises ``StreamClosed`` if the stream is finished or reset, ``HeadTooLarge``,
+        ``ConnectionFailed``, ``LocalProtocolError`` (a body over ``MAX_DATA_SIZE``)."""
+        self._check_body(body)
         self._sending(stream_id, Half.IDLE)
-        self._queue(self._conn.send(Response(stream_id, head, end_stream)), now)
+        self._send_head(Response(stream_id, head, end_stream, body), now)
+
+    @staticmethod
+    def _check_body(body: bytes) -> None:
+        if len(body) > MAX_DATA_SIZE:
+            raise LocalProtocolError(f"{len(body)} body bytes with a head, over {MAX_DATA_SIZE}")
+
+    def _send_head(self, frame: Open | Response, now: float) -> None:
+        """Queue a head frame and its body: in one frame, or in two if the peer does not
+        read bodies in heads or they do not fit one (a head never spends credit the body
+        needs: each half starts with ``INITIAL_WINDOW``, over ``MAX_DATA_SIZE``)."""
+        body, end_stream = frame.body, frame.end_stream
+        if body:
+            if self.inline_bodies:
+                try:
+                    self._queue(self._conn.send(frame), now)
+                    return
+                except BodyDoesNotFit:
+                    pass
+            frame = (
+                Open(frame.stream_id, frame.head)
+                if isinstance(frame, Open)
+                else Response(frame.stream_id, frame.head)
+            )
+        self._queue(self._conn.send(frame), now)
+        if body:
+            self._queue(self._conn.send(Data(frame.stream_id, body, end_stream)), now)
 
     def send_data(self, stream_id: int, data: bytes | memoryview, end: bool, now: float) -> int:
         """Queue as much of ``data`` as may go now; return how many bytes were taken.

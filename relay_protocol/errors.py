@@ -13,6 +13,8 @@
         │   │                       before any state changed; the caller answers 4xx (502
         │   │                       on the agent)
         │   └── HeadTooLarge        over MAX_HEAD_SIZE, MAX_HEADER_COUNT or a field's length
+        ├── BodyDoesNotFit          a body too large to ride in its head's frame (the
+        │                           engine then sends it in DATA frames)
         ├── StreamClosed            sending on a stream that is finished or reset (perhaps
         │                           by the peer a moment ago): nothing more goes on it
         └── ConnectionFailed        the connection is in its error state (the transport
@@ -82,6 +84,11 @@ class HeadTooLarge(BadHead):
     def __init__(self, message: str, part: str = "head") -> None:
         super().__init__(message)
         self.part = part
+
+
+class BodyDoesNotFit(LocalProtocolError):
+    """A head and the body bytes meant to ride with it are over one frame's payload
+    (``MAX_DATA_SIZE``): nothing was queued, and the body goes in DATA frames instead."""
 
 
 class StreamClosed(LocalProtocolError):

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import FrameTooLarge, LocalProtocolError, ProtocolError
+from .errors import BodyDoesNotFit, FrameTooLarge, LocalProtocolError, ProtocolError
 from .heads import (
     RequestHead,
     ResponseHead,
@@ -44,6 +44,10 @@ from .limits import (
 
 #: Flag bit: this frame is the last one the sender sends on its half of the stream.
 FLAG_END_STREAM = 0x01
+#: Flag bit, OPEN and RESPONSE only: body bytes follow the head in the payload (the
+#: stream's first body bytes, as if in a DATA frame right behind). Sent only to a peer
+#: that listed the ``"inline-body"`` feature.
+FLAG_BODY = 0x02
 
 
 @dataclass(frozen=True)
@@ -81,20 +85,24 @@ class Welcome:
 
 @dataclass(frozen=True)
 class Open:
-    """Server -> agent: a new stream carrying a public request's head."""
+    """Server -> agent: a new stream carrying a public request's head, and with
+    ``body`` its first body bytes (the ``"inline-body"`` feature)."""
 
     stream_id: int
     head: RequestHead
     end_stream: bool = False
+    body: bytes = b""
 
 
 @dataclass(frozen=True)
 class Response:
-    """Agent -> server: the local service's response head on a stream."""
+    """Agent -> server: the local service's response head on a stream, and with
+    ``body`` its first body bytes (the ``"inline-body"`` feature)."""
 
     stream_id: int
     head: ResponseHead
     end_stream: bool = False
+    body: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -148,6 +156,9 @@ class TargetUp:
 FEATURE_TARGET_UP = "target-up"
 #: The feature a side lists (agent: HELLO, server: WELCOME) when it reads BATCH messages.
 FEATURE_BATCH = "batch"
+#: The feature a side lists when it reads OPEN and RESPONSE frames carrying body bytes
+#: (``FLAG_BODY``): a small request or answer then crosses in one frame, not two.
+FEATURE_INLINE_BODY = "inline-body"
 #: Type code of a BATCH message (not a frame of its own: it carries frames).
 BATCH = 0x0B
 #: Bytes before each frame in a BATCH: its length (u32, big endian).
@@ -243,9 +254,9 @@ def _payload(frame: Frame) -> bytes:
             raise LocalProtocolError(f"DATA of {len(frame.data)} bytes, over {MAX_DATA_SIZE}")
         return frame.data
     if isinstance(frame, Response):
-        return encode_response_head(frame.head)
+        return _with_body(encode_response_head(frame.head), frame.body)
     if isinstance(frame, Open):
-        return encode_request_head(frame.head)
+        return _with_body(encode_request_head(frame.head), frame.body)
     if isinstance(frame, Hello):
         hello: dict[str, Any] = {"tunnels": list(frame.tunnels), "agent": frame.agent}
         if frame.label:
@@ -271,16 +282,31 @@ def _payload(frame: Frame) -> bytes:
     return frame.payload  # Ping, Pong
 
 
+def _with_body(head: bytes, body: bytes) -> bytes:
+    if not body:
+        return head
+    if len(head) + len(body) > _MAX_PAYLOAD:
+        raise BodyDoesNotFit(f"a head of {len(head)} bytes and {len(body)} body bytes, over {_MAX_PAYLOAD}")
+    return head + body
+
+
+#: Largest payload of one frame.
+_MAX_PAYLOAD = MAX_FRAME_SIZE - FRAME_HEADER_SIZE
 #: A frame's header: type, flags, stream id (big-endian), FRAME_HEADER_SIZE bytes.
 _HEADER = struct.Struct("!BBI")
+_HEAD_FLAGS = FLAG_END_STREAM | FLAG_BODY
 #: Frames that belong to a stream (a non-zero id), and those that may end one.
 _ON_STREAM = frozenset({Open, Response, Data, Window, Reset})
 _MAY_END = frozenset({Open, Response, Data})
+#: Flags a frame may carry: END_STREAM on those that may end a stream, BODY on heads.
+_FLAGS = {cls: FLAG_END_STREAM for cls in _MAY_END} | {Open: _HEAD_FLAGS, Response: _HEAD_FLAGS}
 
 
 def encode(frame: Frame) -> bytes:
     """Encode one frame into the bytes of one binary websocket message."""
     flags = FLAG_END_STREAM if getattr(frame, "end_stream", False) else 0
+    if getattr(frame, "body", b""):
+        flags |= FLAG_BODY
     return _HEADER.pack(TYPE_CODES[type(frame)], flags, getattr(frame, "stream_id", 0)) + _payload(frame)
 
 
@@ -347,29 +373,32 @@ def decode(message: bytes) -> Frame:
     cls = FRAME_TYPES.get(type_code)
     if cls is None:
         raise ProtocolError(f"unknown frame type 0x{type_code:02x}")
-    if flags & ~FLAG_END_STREAM:
+    if flags & ~(FLAG_END_STREAM | FLAG_BODY):
         raise ProtocolError(f"unknown flags 0x{flags:02x}")
-    end_stream = flags == FLAG_END_STREAM
+    if flags & ~_FLAGS.get(cls, 0):
+        flag = "END_STREAM" if flags & FLAG_END_STREAM and cls not in _MAY_END else "BODY"
+        raise ProtocolError(f"{flag} flag on {cls.__name__}")
     on_stream = cls in _ON_STREAM
     if on_stream and stream_id == 0:
         raise ProtocolError(f"{cls.__name__} on stream 0")
     if not on_stream and stream_id != 0:
         raise ProtocolError(f"{cls.__name__} on stream {stream_id}, expected 0")
-    if end_stream and cls not in _MAY_END:
-        raise ProtocolError(f"END_STREAM flag on {cls.__name__}")
-    return _decode_payload(cls, stream_id, payload, end_stream)
+    return _decode_payload(cls, stream_id, payload, flags)
 
 
-def _decode_payload(cls: type[Frame], stream_id: int, payload: bytes, end_stream: bool) -> Frame:
+def _decode_payload(cls: type[Frame], stream_id: int, payload: bytes, flags: int) -> Frame:
     # The frames of every request first: a stream's DATA, RESPONSE and OPEN.
+    end_stream = bool(flags & FLAG_END_STREAM)
     if cls is Data:
         if len(payload) > MAX_DATA_SIZE:
             raise FrameTooLarge(f"DATA of {len(payload)} bytes, over {MAX_DATA_SIZE}")
         return Data(stream_id, payload, end_stream)
     if cls is Response:
-        return Response(stream_id, decode_response_head(payload), end_stream)
+        response, carried = decode_response_head(payload, bool(flags & FLAG_BODY))
+        return Response(stream_id, response, end_stream, carried)
     if cls is Open:
-        return Open(stream_id, decode_request_head(payload), end_stream)
+        request, carried = decode_request_head(payload, bool(flags & FLAG_BODY))
+        return Open(stream_id, request, end_stream, carried)
     if cls is Hello or cls is Welcome:
         if len(payload) < 2 or len(payload) > MAX_CONTROL_SIZE:
             raise ProtocolError(f"{cls.__name__} payload of invalid size")
@@ -426,8 +455,10 @@ __all__ = [
     "CLOSE_UNSUPPORTED",
     "CLOSE_VERSION",
     "FEATURE_BATCH",
+    "FEATURE_INLINE_BODY",
     "FEATURE_TARGET_UP",
     "FINAL_CLOSE_CODES",
+    "FLAG_BODY",
     "FLAG_END_STREAM",
     "FRAME_TYPES",
     "MAX_STREAM_ID",

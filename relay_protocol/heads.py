@@ -125,10 +125,10 @@ class ResponseHead:
         _check_headers(self.headers)
 
 
-def _read_headers(data: bytes, pos: int) -> Headers:
-    """The headers field of a head that starts at ``pos`` and ends ``data``: a u16 count,
-    then each name and value as a u16 length and its bytes. Raises ``ProtocolError``
-    (truncated, or bytes after it) or ``FrameTooLarge`` (too many)."""
+def _read_headers(data: bytes, pos: int) -> tuple[Headers, int]:
+    """The headers field of a head at ``pos``: a u16 count, then each name and value as
+    a u16 length and its bytes; and the position after it. Raises ``ProtocolError``
+    (truncated) or ``FrameTooLarge`` (too many)."""
     try:
         count = data[pos] << 8 | data[pos + 1]
         if count > MAX_HEADER_COUNT:
@@ -144,9 +144,19 @@ def _read_headers(data: bytes, pos: int) -> Headers:
         raise ProtocolError("truncated head") from None
     if pos > len(data):  # a slice past the end is cut short, not an error
         raise ProtocolError("truncated head")
-    if pos < len(data):
-        raise ProtocolError("trailing bytes after head")
-    return tuple(headers)
+    return tuple(headers), pos
+
+
+def _rest(data: bytes, pos: int, body: bool) -> bytes:
+    """What follows a head that ends at ``pos``: nothing, or with ``body`` (the frame's
+    BODY flag) one or more body bytes. Raises ``ProtocolError`` otherwise."""
+    if not body:
+        if pos < len(data):
+            raise ProtocolError("trailing bytes after head")
+        return b""
+    if pos == len(data):
+        raise ProtocolError("BODY flag on a head with no body bytes after it")
+    return data[pos:]
 
 
 def _read_field(data: bytes, pos: int, len_size: int) -> tuple[bytes, int]:
@@ -200,15 +210,18 @@ def encode_request_head(head: RequestHead) -> bytes:
     return payload
 
 
-def decode_request_head(payload: bytes) -> RequestHead:
+def decode_request_head(payload: bytes, body: bool = False) -> tuple[RequestHead, bytes]:
+    """The head an OPEN payload carries, and with ``body`` (the BODY flag) the body
+    bytes after it (else b""). Raises ``ProtocolError`` or ``FrameTooLarge``."""
     data = _received(payload)
     method, pos = _read_text(data, 0)
     target, pos = _read_field(data, pos, 2)
     client, pos = _read_text(data, pos)
     event_id, pos = _read_text(data, pos)
-    headers = _read_headers(data, pos)
+    headers, pos = _read_headers(data, pos)
+    rest = _rest(data, pos, body)
     try:
-        return RequestHead(method, target, headers, client, event_id)
+        return RequestHead(method, target, headers, client, event_id), rest
     except HeadTooLarge as exc:  # built from the peer's bytes: its fault
         raise FrameTooLarge(str(exc)) from exc
     except BadHead as exc:
@@ -233,14 +246,16 @@ def encode_response_head(head: ResponseHead) -> bytes:
     return head.status.to_bytes(2, "big") + _encode_headers(head.headers)
 
 
-def decode_response_head(payload: bytes) -> ResponseHead:
+def decode_response_head(payload: bytes, body: bool = False) -> tuple[ResponseHead, bytes]:
+    """The head a RESPONSE payload carries, and its body bytes as ``decode_request_head``."""
     data = _received(payload)
     if len(data) < 2:
         raise ProtocolError("truncated head")
     status = data[0] << 8 | data[1]
-    headers = _read_headers(data, 2)
+    headers, pos = _read_headers(data, 2)
+    rest = _rest(data, pos, body)
     try:
-        return ResponseHead(status, headers)
+        return ResponseHead(status, headers), rest
     except HeadTooLarge as exc:  # built from the peer's bytes: its fault
         raise FrameTooLarge(str(exc)) from exc
     except BadHead as exc:

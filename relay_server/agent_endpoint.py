@@ -17,6 +17,7 @@ from relay_protocol.frames import (
     CLOSE_UNAUTHORIZED,
     CLOSE_VERSION,
     FEATURE_BATCH,
+    FEATURE_INLINE_BODY,
     FEATURE_TARGET_UP,
 )
 from relay_protocol.limits import (
@@ -219,7 +220,7 @@ class AgentEndpoint:
                     "initial_window": INITIAL_WINDOW,
                     "max_data": MAX_DATA_SIZE,
                 },
-                features=(FEATURE_TARGET_UP, FEATURE_BATCH),
+                features=(FEATURE_TARGET_UP, FEATURE_BATCH, FEATURE_INLINE_BODY),
             )
         )
         session.on_target_up = lambda: self.registry.target_up(session)

@@ -24,6 +24,7 @@ from yarl import URL
 from relay_protocol import BadHead, RequestHead, ResponseHead
 from relay_protocol.frames import RESET_BAD_RESPONSE, RESET_CANCEL, RESET_REFUSED
 from relay_protocol.headers import header_value, strip_hop_by_hop, without
+from relay_protocol.limits import MAX_DATA_SIZE
 
 from .retry import parse_retry_after
 from .session import AgentSession, Stream, StreamFailed
@@ -93,14 +94,16 @@ async def attempt_agent(
         return Outcome(None, f"the stored request cannot be forwarded: {exc}", final=True), None
     try:
         async with asyncio.timeout(timeout):
+            # A small body (a webhook's, as a rule) goes in the OPEN itself.
+            small = len(event.body) <= MAX_DATA_SIZE
             try:
-                stream = await session.open(head, end_stream=not event.body)
+                stream = await session.open(head, small, event.body if small else b"")
             except BadHead as exc:
                 return Outcome(None, f"the stored request cannot be forwarded: {exc}", final=True), None
-            # A body that fits goes right behind the OPEN; the rest, if any, concurrently
-            # with the wait for the head: an app may answer before it read the whole
-            # body, and that answer is a success.
-            taken = session.send_body_now(stream, event.body, end=True) if event.body else 0
+            # A larger body goes right behind the OPEN as far as credit goes; the rest
+            # concurrently with the wait for the head: an app may answer before it read
+            # the whole body, and that answer is a success.
+            taken = len(event.body) if small else session.send_body_now(stream, event.body, end=True)
             if taken < len(event.body):
                 pump = asyncio.ensure_future(_send_body(session, stream, event.body[taken:]))
             answer = await asyncio.shield(stream.head)

@@ -399,6 +399,16 @@ class Ingress:
         except Refused as exc:
             return exc.response()
         has_body = request.body_exists or bool(read_ahead)
+        whole = b""
+        if has_body and not upgrade and request.content.is_eof():
+            # A small body that came whole with its head (a webhook's, as a rule) goes in
+            # the OPEN itself: one frame, no task, no 100 Continue (RFC 9110 10.1.1: the
+            # server may omit it once the body came). A larger one is sent below.
+            rest = request.content.read_nowait()
+            if len(read_ahead) + len(rest) <= MAX_DATA_SIZE:
+                whole, read_ahead, has_body = read_ahead + rest, b"", False
+            else:
+                read_ahead += rest
         # --timeout covers opening the stream too: an agent that stops reading
         # makes ``open`` wait, and the client must still get its 504 in time.
         deadline = asyncio.get_running_loop().time() + self.timeout
@@ -406,10 +416,10 @@ class Ingress:
             # An upgrade keeps the request half open: websocket messages follow the 101.
             end_stream = not (has_body or upgrade)
             if session.can_open_now:  # no wait, no timer (a timeout is 5 % of a request)
-                stream = await session.open(head, end_stream)
+                stream = await session.open(head, end_stream, whole)
             else:
                 async with asyncio.timeout_at(deadline):
-                    stream = await session.open(head, end_stream)
+                    stream = await session.open(head, end_stream, whole)
         except TimeoutError:
             return self._timed_out()
         except StreamFailed as exc:
@@ -428,18 +438,7 @@ class Ingress:
         try:
             if has_body:
                 await send_continue(request)  # the stream is open: now the body is wanted
-                # A small body already read whole (a webhook, as a rule) goes out right
-                # behind the OPEN, in the same pass of the writer: no task, no second wake-up.
-                if not upgrade and request.content.is_eof():
-                    read_ahead += request.content.read_nowait()
-                    try:
-                        taken = session.send_body_now(stream, read_ahead, end=True)
-                    except StreamFailed:
-                        taken = -1  # the response side reports it
-                    has_body = taken != len(read_ahead)  # END_STREAM went with the last byte
-                    read_ahead = read_ahead[max(taken, 0) :]
-                if has_body:
-                    pump = asyncio.create_task(self._pump_body(request, session, stream, read_ahead))
+                pump = asyncio.create_task(self._pump_body(request, session, stream, read_ahead))
             try:
                 async with asyncio.timeout_at(deadline):
                     # Not shielded: only this handler waits on the head, and a head that

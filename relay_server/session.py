@@ -52,6 +52,7 @@ from relay_protocol.frames import (
     CLOSE_PROTOCOL_ERROR,
     CLOSE_UNSUPPORTED,
     FEATURE_BATCH,
+    FEATURE_INLINE_BODY,
     RESET_CANCEL,
 )
 from relay_protocol.limits import HEARTBEAT_INTERVAL, SEND_TIMEOUT
@@ -222,11 +223,13 @@ class AgentSession:
 
     def receive_handshake(self, message: bytes) -> Hello:
         """Decode the agent's first frame; raises ``ProtocolError`` unless it is HELLO.
-        An agent that lists ``"batch"`` gets BATCH messages from then on."""
+        An agent that lists ``"batch"`` gets BATCH messages from then on, one that lists
+        ``"inline-body"`` OPENs that carry a small body."""
         frame = self._engine.receive(message, self._loop.time())
         if not isinstance(frame, Hello):
             raise ProtocolError(f"expected HELLO, got {type(frame).__name__}")
         self._engine.batching = FEATURE_BATCH in frame.features
+        self._engine.inline_bodies = FEATURE_INLINE_BODY in frame.features
         return frame
 
     async def welcome(self, frame: Welcome) -> None:
@@ -243,8 +246,9 @@ class AgentSession:
 
     # -- used by the ingress -----------------------------------------------------
 
-    async def open(self, head: RequestHead, end_stream: bool) -> Stream:
-        """Open a stream carrying ``head``.
+    async def open(self, head: RequestHead, end_stream: bool, body: bytes = b"") -> Stream:
+        """Open a stream carrying ``head``, and ``body`` (at most ``MAX_DATA_SIZE``: the
+        request body's first bytes, or with ``end_stream`` all of it) right with it.
 
         Raises ``BadHead`` (``HeadTooLarge``: answer 431, or 414 when its
         ``part`` is ``"target"``) if the head cannot be encoded: no stream id is
@@ -257,7 +261,7 @@ class AgentSession:
         if self.closed:
             raise StreamFailed("agent disconnected")
         try:
-            stream_id = self._engine.open(head, end_stream, self._loop.time())
+            stream_id = self._engine.open(head, end_stream, self._loop.time(), body)
         except BadHead:
             raise  # the request's fault: the ingress answers it with a 4xx
         except LocalProtocolError as exc:  # TooManyStreams, ConnectionFailed
@@ -442,7 +446,7 @@ class AgentSession:
         elif isinstance(frame, Response):
             if not stream.head.done():
                 stream.head.set_result(frame.head)
-            stream.feed(b"", frame.end_stream)
+            stream.feed(frame.body, frame.end_stream)
         elif isinstance(frame, Window):
             stream.credit_granted()
         elif isinstance(frame, Reset):

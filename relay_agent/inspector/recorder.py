@@ -138,12 +138,14 @@ class RecordingLink:
     # respond, send_body and reset record, then hand back the inner link's own awaitable:
     # no coroutine of their own on the path of every stream.
 
-    def respond(self, head: ResponseHead, end: bool) -> Awaitable[None]:
+    def respond(self, head: ResponseHead, end: bool, body: bytes = b"") -> Awaitable[None]:
         # Recorded first: a head the tunnel cannot carry is worth seeing most of all.
         self.exchange.response_head = head
         self.exchange.response_after = time.monotonic() - self.exchange.started
+        if body:
+            self.recorder.keep(self.exchange.response, body)
         self.exchange.response.ended = end
-        return self.inner.respond(head, end)
+        return self.inner.respond(head, end, body)
 
     def send_body(self, chunk: bytes, end: bool = False) -> Awaitable[None]:
         if chunk:

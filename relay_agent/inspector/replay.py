@@ -194,7 +194,7 @@ class _LocalLink:
         whole, self._body = self._body, b""
         return whole
 
-    async def respond(self, head: ResponseHead, end: bool) -> None:
+    async def respond(self, head: ResponseHead, end: bool, body: bytes = b"") -> None:
         pass
 
     async def send_body(self, chunk: bytes, end: bool = False) -> None:

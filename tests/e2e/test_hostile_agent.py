@@ -39,6 +39,7 @@ from relay_protocol import (
     decode,
     encode,
 )
+from relay_protocol.frames import FEATURE_INLINE_BODY
 
 from .framework import Relay, RelayServer, Tunnel, raw_exchange
 
@@ -120,6 +121,8 @@ class HostileAgent:
 
     ws: ClientConnection
     opened: list[RequestHead] = field(default_factory=list)
+    #: Send the first chunk inside the RESPONSE (the "inline-body" feature, BODY flag).
+    inline: bool = False
 
     async def serve(self) -> None:
         with contextlib.suppress(Exception):
@@ -137,14 +140,23 @@ class HostileAgent:
         answer = SCRIPT.get(path, Answer(200, ((b"Content-Length", b"5"),), (b"alice",)))
         sid = frame.stream_id
         last = len(answer.chunks) - 1
-        await self.ws.send(encode(Response(sid, ResponseHead(answer.status, answer.headers), last < 0)))
+        head = ResponseHead(answer.status, answer.headers)
+        if self.inline and answer.chunks:
+            await self.ws.send(encode(Response(sid, head, last == 0, answer.chunks[0])))
+            for i, chunk in enumerate(answer.chunks[1:], 1):
+                await self.ws.send(encode(Data(sid, chunk, i == last)))
+            return
+        await self.ws.send(encode(Response(sid, head, last < 0)))
         for i, chunk in enumerate(answer.chunks):
             await self.ws.send(encode(Data(sid, chunk, i == last)))
 
 
 @contextlib.asynccontextmanager
-async def hostile_agent(server: RelayServer, token: str, name: str = "alice") -> AsyncIterator[HostileAgent]:
-    """Connect as ``name``'s agent (HELLO, WELCOME), answer OPENs until the block ends."""
+async def hostile_agent(
+    server: RelayServer, token: str, name: str = "alice", inline: bool = False
+) -> AsyncIterator[HostileAgent]:
+    """Connect as ``name``'s agent (HELLO, WELCOME), answer OPENs until the block ends;
+    with ``inline``, list the "inline-body" feature and answer with bodies in RESPONSE."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
@@ -156,10 +168,11 @@ async def hostile_agent(server: RelayServer, token: str, name: str = "alice") ->
         compression=None,
         max_size=None,
     )
-    await ws.send(encode(Hello(PROTOCOL_VERSION, ({"name": name},), "hostile-agent")))
+    features = (FEATURE_INLINE_BODY,) if inline else ()
+    await ws.send(encode(Hello(PROTOCOL_VERSION, ({"name": name},), "hostile-agent", features=features)))
     welcome = decode(await ws.recv())  # type: ignore[arg-type]
     assert isinstance(welcome, Welcome), welcome
-    agent = HostileAgent(ws)
+    agent = HostileAgent(ws, inline=inline)
     task = asyncio.create_task(agent.serve())
     try:
         yield agent
@@ -175,9 +188,11 @@ def bob(module_relay: Relay) -> Tunnel:
     return module_relay.tunnel(user="bob")
 
 
-@pytest.fixture
-async def alice(bob: Tunnel) -> AsyncIterator[HostileAgent]:
-    async with hostile_agent(bob.server, bob.server.token("alice")) as agent:
+@pytest.fixture(params=["data", "inline-body"])
+async def alice(bob: Tunnel, request: pytest.FixtureRequest) -> AsyncIterator[HostileAgent]:
+    """Alice's hostile agent, sending bodies in DATA frames, or (as a current agent does)
+    the first chunk inside its RESPONSE."""
+    async with hostile_agent(bob.server, bob.server.token("alice"), inline=request.param != "data") as agent:
         yield agent
 
 

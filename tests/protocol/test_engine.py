@@ -24,6 +24,7 @@ from relay_protocol.frames import (
     Data,
     Frame,
     Hello,
+    Open,
     Ping,
     Pong,
     Reset,
@@ -376,3 +377,72 @@ def test_too_many_streams_spends_no_id_either() -> None:
         server.open(HEAD, end_stream=False, now=0.0)
     assert server.reset(1, RESET_CANCEL, "", now=0.0)
     assert server.open(HEAD, end_stream=False, now=0.0) == 2
+
+
+# -- a head carrying its body (the "inline-body" feature) -----------------------------
+
+
+def inline_pair() -> tuple[Engine, Engine]:
+    server, agent = pair()
+    server.inline_bodies = agent.inline_bodies = True
+    return server, agent
+
+
+def test_a_small_request_and_its_answer_cross_in_one_frame_each() -> None:
+    server, agent = inline_pair()
+    sid = server.open(HEAD, True, 0.0, body=b'{"a":1}')
+    assert queued(server) == [Open(sid, HEAD, end_stream=True, body=b'{"a":1}')]
+    assert drain(server, agent) == [Open(sid, HEAD, end_stream=True, body=b'{"a":1}')]
+    agent.respond(sid, OK, True, 0.0, body=b"ok")
+    assert drain(agent, server) == [Response(sid, OK, end_stream=True, body=b"ok")]
+    # Both halves ended with the heads: nothing is left of the stream on either side.
+    assert not server.is_open(sid) and not agent.is_open(sid)
+    assert server.open_streams == agent.open_streams == 0
+
+
+def test_a_peer_that_did_not_list_inline_body_gets_the_body_in_data() -> None:
+    server, agent = pair()  # the feature is off on both
+    sid = server.open(HEAD, True, 0.0, body=b"hello")
+    assert drain(server, agent) == [Open(sid, HEAD), Data(sid, b"hello", end_stream=True)]
+    agent.respond(sid, OK, False, 0.0, body=b"ok")
+    assert drain(agent, server) == [Response(sid, OK), Data(sid, b"ok")]
+    assert server.is_open(sid)  # the answer's end is still to come
+
+
+def test_a_body_that_does_not_fit_beside_its_head_follows_in_data() -> None:
+    server, agent = inline_pair()
+    big_head = RequestHead("POST", b"/", ((b"X-Pad", b"p" * 60_000),))
+    body = b"x" * 10_000
+    sid = server.open(big_head, True, 0.0, body=body)
+    assert drain(server, agent) == [Open(sid, big_head), Data(sid, body, end_stream=True)]
+
+
+def test_a_body_in_a_head_spends_credit_as_data_does() -> None:
+    server, agent = inline_pair()
+    sid = server.open(HEAD, False, 0.0, body=b"x" * 1000)  # more of the body follows
+    drain(server, agent)
+    assert server.credit(sid) == INITIAL_WINDOW - 1000
+    agent.respond(sid, OK, False, 0.0, body=b"y" * 300)
+    drain(agent, server)
+    assert agent.credit(sid) == INITIAL_WINDOW - 300
+    # Taken off the receiver's hands, the head's body bytes are granted back like DATA's.
+    agent.consumed(sid, INITIAL_WINDOW // 2 - 1000, 0.0)
+    assert drain(agent, server) == []
+    server.send_data(sid, b"x" * (INITIAL_WINDOW - 1000), False, 0.0)
+    drain(server, agent)
+    agent.consumed(sid, INITIAL_WINDOW // 2 + 1000, 0.0)
+    assert [type(f) for f in drain(agent, server)] == [Window]
+
+
+def test_a_body_over_one_data_frame_is_refused_with_nothing_spent() -> None:
+    server, agent = inline_pair()
+    with pytest.raises(LocalProtocolError, match="body bytes with a head"):
+        server.open(HEAD, True, 0.0, body=b"x" * (MAX_DATA_SIZE + 1))
+    assert server.open_streams == 0 and queued(server) == []
+    sid = server.open(HEAD, True, 0.0, body=b"x")
+    assert sid == 1  # no stream id was spent
+    drain(server, agent)
+    with pytest.raises(LocalProtocolError, match="body bytes with a head"):
+        agent.respond(sid, OK, True, 0.0, body=b"x" * (MAX_DATA_SIZE + 1))
+    agent.respond(sid, OK, True, 0.0, body=b"x" * MAX_DATA_SIZE)  # with its head, over one frame
+    assert drain(agent, server) == [Response(sid, OK), Data(sid, b"x" * MAX_DATA_SIZE, end_stream=True)]

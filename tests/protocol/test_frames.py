@@ -14,7 +14,14 @@ import pytest
 
 from relay_protocol import frames
 from relay_protocol.connection import Connection, Role
-from relay_protocol.errors import BadHead, FrameTooLarge, HeadTooLarge, LocalProtocolError, ProtocolError
+from relay_protocol.errors import (
+    BadHead,
+    BodyDoesNotFit,
+    FrameTooLarge,
+    HeadTooLarge,
+    LocalProtocolError,
+    ProtocolError,
+)
 from relay_protocol.frames import (
     FLAG_END_STREAM,
     FRAME_TYPES,
@@ -95,6 +102,15 @@ WIRE: list[tuple[Frame, bytes]] = [
     (
         Response(3, ResponseHead(204, ()), end_stream=True),
         b"\x04\x01\x00\x00\x00\x03\x00\xcc\x00\x00",
+    ),
+    # Between peers that list "inline-body": a head with its body in one frame (BODY, 0x02).
+    (
+        Open(4, RequestHead("POST", b"/", ()), end_stream=True, body=b'{"a":1}'),
+        b'\x03\x03\x00\x00\x00\x04\x04POST\x00\x01/\x00\x00\x00\x00{"a":1}',
+    ),
+    (
+        Response(4, ResponseHead(200, ()), body=b"ok"),
+        b"\x04\x02\x00\x00\x00\x04\x00\xc8\x00\x00ok",
     ),
     (Data(1, b"hi"), b"\x05\x00\x00\x00\x00\x01hi"),
     (Data(1, b"", end_stream=True), b"\x05\x01\x00\x00\x00\x01"),
@@ -199,6 +215,13 @@ REJECTED: dict[str, bytes] = {
     "HELLO on stream 1": b'\x01\x00\x00\x00\x00\x01\x00\x01{"tunnels":[]}',
     "WELCOME on stream 1": b'\x02\x00\x00\x00\x00\x01\x00\x01{"session":"s","tunnels":[]}',
     "END on WINDOW": b"\x06\x01\x00\x00\x00\x01\x00\x00\x00\x01",
+    "BODY on DATA": b"\x05\x02\x00\x00\x00\x01hi",
+    "BODY on WINDOW": b"\x06\x02\x00\x00\x00\x01\x00\x00\x00\x01",
+    "BODY on RESET": b"\x07\x02\x00\x00\x00\x01\x00\x01",
+    "BODY on PING": b"\x08\x02\x00\x00\x00\x00",
+    "flag 0x04": b"\x05\x04\x00\x00\x00\x01hi",
+    "OPEN BODY without body bytes": b"\x03\x02\x00\x00\x00\x01" + HEAD_GET + b"\x00\x00",
+    "RESPONSE BODY without body bytes": b"\x04\x03\x00\x00\x00\x01\x00\xc8\x00\x00",
     "END on RESET": b"\x07\x01\x00\x00\x00\x01\x00\x01",
     "END on PING": b"\x08\x01\x00\x00\x00\x00",
     "END on HELLO": b'\x01\x01\x00\x00\x00\x00\x00\x01{"tunnels":[]}',
@@ -448,6 +471,28 @@ def test_every_cut_of_a_head_is_a_protocol_error() -> None:
                 decode(frame[:cut])
         with pytest.raises(ProtocolError, match="trailing"):
             decode(frame + b"\x00")
+
+
+def test_a_head_carrying_a_body_cut_inside_the_head_is_a_protocol_error() -> None:
+    # With BODY, the bytes after the head are the body: a cut inside the body is a
+    # shorter body, a cut inside the head is refused as any truncated head is.
+    head = RequestHead("POST", b"/hook", ((b"Content-Type", b"application/json"),), "192.0.2.1")
+    frame = encode(Open(1, head, end_stream=True, body=b"{}"))
+    head_end = len(frame) - 2
+    assert decode(frame[: head_end + 1]) == Open(1, head, end_stream=True, body=b"{")
+    for cut in range(6, head_end + 1):
+        with pytest.raises(ProtocolError):
+            decode(frame[:cut])
+
+
+def test_a_head_and_body_over_one_frame_are_refused_before_anything_is_encoded() -> None:
+    head = ResponseHead(200, ((b"X-Pad", b"p" * 1000),))
+    body = b"x" * (MAX_DATA_SIZE - 1000)
+    with pytest.raises(BodyDoesNotFit):
+        encode(Response(1, head, body=body))
+    fits = Response(1, head, body=body[: MAX_DATA_SIZE - len(encode(Response(1, head))) + 6])
+    assert len(encode(fits)) == MAX_FRAME_SIZE
+    assert decode(encode(fits)) == fits
 
 
 def test_a_bad_header_is_named_whichever_check_finds_it() -> None:

@@ -267,8 +267,9 @@ class _Link:
         self.heads: list[ResponseHead] = []
         self.body = b""
 
-    async def respond(self, head: ResponseHead, end: bool) -> None:
+    async def respond(self, head: ResponseHead, end: bool, body: bytes = b"") -> None:
         self.heads.append(head)
+        self.body += body
 
     async def send_body(self, chunk: bytes, end: bool = False) -> None:
         self.body += chunk

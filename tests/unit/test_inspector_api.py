@@ -57,7 +57,7 @@ class Far:
     def whole_body(self) -> bytes | None:
         return None
 
-    async def respond(self, head: ResponseHead, end: bool) -> None:
+    async def respond(self, head: ResponseHead, end: bool, body: bytes = b"") -> None:
         pass
 
     async def send_body(self, chunk: bytes, end: bool = False) -> None:

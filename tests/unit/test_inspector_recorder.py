@@ -30,8 +30,10 @@ class Far:
     def whole_body(self) -> bytes | None:
         return None
 
-    async def respond(self, head: ResponseHead, end: bool) -> None:
+    async def respond(self, head: ResponseHead, end: bool, body: bytes = b"") -> None:
         self.head = head
+        if body:
+            self.sent.append((body, end))
 
     async def send_body(self, chunk: bytes, end: bool = False) -> None:
         self.sent.append((chunk, end))
