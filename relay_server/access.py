@@ -57,6 +57,10 @@ class CountedResponse(web.StreamResponse):
         self.sent += len(data)
         await super().write(data)
 
+    async def write_eof(self, data: bytes | bytearray | memoryview = b"") -> None:
+        self.sent += len(data)
+        await super().write_eof(data)
+
 
 def body_bytes(response: web.StreamResponse) -> int:
     """Body bytes of ``response``: counted for a streamed one, the body's length for a

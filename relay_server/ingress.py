@@ -531,6 +531,10 @@ class Ingress:
             # Whatever body the agent sends is dropped (the stream is reset on finish).
             await response.write_eof()
             return response
+        whole = stream.take_whole(length)
+        if whole is not None:  # a small answer, come whole: head and body in one write
+            await response.write_eof(whole)
+            return response
         sent = 0
         try:
             while True:

@@ -134,6 +134,22 @@ class Stream:
         """True if ``read`` would return without waiting."""
         return bool(self._chunks)
 
+    def take_whole(self, length: int | None) -> bytes | None:
+        """The whole body, taken, if it is all here in one piece (it came in its
+        RESPONSE, as a small answer does) and is ``length`` bytes long (any length if
+        None); else None, and nothing is taken."""
+        chunks = self._chunks
+        if len(chunks) == 1 and chunks[0] is None:
+            whole = b""
+        elif len(chunks) == 2 and chunks[1] is None and isinstance(chunks[0], bytes):
+            whole = chunks[0]
+        else:
+            return None
+        if length is not None and len(whole) != length:
+            return None
+        chunks.clear()
+        return whole
+
     def feed(self, data: bytes, end: bool) -> None:
         """Called by the session with body bytes from the agent."""
         if data:
