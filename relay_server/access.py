@@ -57,7 +57,7 @@ class CountedResponse(web.StreamResponse):
         self.sent += len(data)
         await super().write(data)
 
-    async def write_eof(self, data: bytes | bytearray | memoryview = b"") -> None:
+    async def write_eof(self, data: bytes = b"") -> None:
         self.sent += len(data)
         await super().write_eof(data)
 

@@ -194,3 +194,25 @@ async def test_a_streamed_body_goes_as_it_comes() -> None:
         await client.close()
         server.close()
     assert app.requests[0].endswith(b"Content-Length: 5\r\n\r\n12345")
+
+
+async def test_a_body_that_came_whole_is_taken_in_one_piece_and_the_connection_reused() -> None:
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    app = RawApp(answer, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    client, server = await _client(app)
+    try:
+        head = request_head("GET", b"/x", ((b"Host", b"app"),), chunked=False)
+        response, _ = await client.request("GET", head, None, None)
+        async with asyncio.timeout(10):
+            while not response._connection.message_done:  # the body may come a read later
+                await asyncio.sleep(0)
+        assert response.take_whole(4) is None  # over the limit: nothing taken
+        whole = response.take_whole(1024)
+        assert whole == b"abcde"  # the chunks, joined, once
+        assert await response.read() == b"" and response.at_end()
+        client.release(response, None)
+        assert await _exchange(client) == (200, b"ok")
+    finally:
+        await client.close()
+        server.close()
+    assert app.connections == 1
