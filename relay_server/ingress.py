@@ -404,11 +404,11 @@ class Ingress:
             # A small body that came whole with its head (a webhook's, as a rule) goes in
             # the OPEN itself: one frame, no task, no 100 Continue (RFC 9110 10.1.1: the
             # server may omit it once the body came). A larger one is sent below.
-            rest = request.content.read_nowait()
-            if len(read_ahead) + len(rest) <= MAX_DATA_SIZE:
-                whole, read_ahead, has_body = read_ahead + rest, b"", False
-            else:
-                read_ahead += rest
+            read_ahead += request.content.read_nowait()
+            # An empty body (chunked, "0"): OPEN and an empty DATA, as the protocol has no
+            # other way to say a body was framed (the app then gets it chunked, as sent).
+            if 0 < len(read_ahead) <= MAX_DATA_SIZE:
+                whole, read_ahead, has_body = read_ahead, b"", False
         # --timeout covers opening the stream too: an agent that stops reading
         # makes ``open`` wait, and the client must still get its 504 in time.
         deadline = asyncio.get_running_loop().time() + self.timeout
@@ -518,6 +518,12 @@ class Ingress:
             log.info("stream %s: bad response from the agent: %s", stream.id, exc)
             return relay_error("local-bad-response", f"the local service's response cannot be relayed: {exc}")
         response = RelayedResponse(status=head.status)
+        if has_body and length is None and request.version < HttpVersion11:
+            # A body without a length to an HTTP/1.0 client ends with the connection
+            # (RFC 9112 6.3). aiohttp drops the client's "Connection: keep-alive" from the
+            # head then, but keeps the connection: the client would wait for the end, and a
+            # pipelined request's answer would run on from this body.
+            response.force_close()
         length_written = False
         for name, value in headers:
             if name.lower() == b"content-length":

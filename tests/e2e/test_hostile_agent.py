@@ -88,6 +88,7 @@ SCRIPT: dict[str, Answer] = {
     "/fine": Answer(200, ((b"Content-Length", b"4"),), (b"fi", b"ne")),
     "/fine-repeated-length": Answer(200, ((b"Content-Length", b"4"), (b"Content-Length", b"4")), (b"fine",)),
     "/unsized": Answer(200, (), (b"un", b"sized")),
+    "/unsized-whole": Answer(200, (), (b"unsized",)),
     "/relay-error": Answer(
         200, ((b"X-Relay-Error", b"tunnel-offline"), (b"Content-Length", b"4")), (b"fine",)
     ),
@@ -318,6 +319,29 @@ async def test_a_well_framed_answer_keeps_the_connection(bob: Tunnel, alice: Hos
     assert first.body in (b"fine", b"unsized")
     assert second.error is None, second
     assert_bobs_own_or_closed(second)
+
+
+@pytest.mark.parametrize("path", ["/unsized", "/unsized-whole"])
+async def test_a_body_without_a_length_ends_with_an_http10_clients_connection(
+    bob: Tunnel, alice: HostileAgent, path: str
+) -> None:
+    # HTTP/1.0 has no chunked: a body without a length ends with the connection, even if
+    # the client asked to keep it (aiohttp kept it open: a review found the client waiting
+    # for the end, and a pipelined answer running on from the body).
+    request = f"GET /t/alice{path} HTTP/1.0\r\nHost: {bob.server.apex}\r\nConnection: keep-alive\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", bob.server.port)
+    try:
+        writer.write(request.encode())
+        async with asyncio.timeout(CLIENT_TIMEOUT):
+            received = b""
+            while chunk := await reader.read():  # b"" once the relay closes the connection
+                received += chunk
+    finally:
+        writer.close()
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200"), received
+    assert b"keep-alive" not in head.lower() and b"content-length" not in head.lower()
+    assert body == b"unsized"
 
 
 async def test_an_x_relay_error_from_the_agent_is_removed(bob: Tunnel, alice: HostileAgent) -> None:

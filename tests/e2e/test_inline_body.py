@@ -27,7 +27,7 @@ from relay_protocol import (
 )
 from relay_protocol.frames import FEATURE_INLINE_BODY, Frame
 
-from .framework import RELAY_AGENT, Relay, until
+from .framework import RELAY_AGENT, Relay, raw_exchange, until
 
 WEBHOOK = b'{"action":"opened","number":7}'
 
@@ -115,3 +115,18 @@ async def test_the_agent_answers_a_server_without_the_feature_in_data(relay: Rel
         assert b"".join(f.data for f in received if isinstance(f, Data)) == WEBHOOK  # /bin echoes it
         assert target.seen("/bin")[0].body == WEBHOOK
         assert agent.running()
+
+
+async def test_an_empty_chunked_body_reaches_the_app_framed_as_it_was_sent(relay: Relay) -> None:
+    # An OPEN carries no empty body (BODY needs bytes): an empty chunked upload goes as
+    # OPEN and an empty DATA, and the app gets a chunked request with no bytes, as sent
+    # (folded into OPEN with END_STREAM it got a POST with no framing at all: a review).
+    tunnel = relay.tunnel(agent_extra=("--mode", "live"))
+    request = (
+        f"POST /t/alice/bin HTTP/1.1\r\nHost: {tunnel.server.apex}\r\nTransfer-Encoding: chunked\r\n"
+        "Connection: close\r\n\r\n0\r\n\r\n"
+    )
+    reply, _ = await raw_exchange(tunnel.server.port, request.encode())
+    assert reply.status == 200 and reply.body == b""
+    seen = tunnel.target.seen("/bin")[0]
+    assert seen.header("Transfer-Encoding") == "chunked" and seen.body == b""
