@@ -92,7 +92,7 @@ class Engine:
         #: Hand several frames over as one BATCH message: set once both peers listed
         #: the ``"batch"`` feature in the handshake.
         self.batching = False
-        #: Send a head's body bytes in its own frame (``open``, ``respond``): set once the
+        #: Send a body with its head in one frame (``open``, ``respond``): set once the
         #: peer listed the ``"inline-body"`` feature in the handshake.
         self.inline_bodies = False
         # What ``outgoing`` handed over and ``sent`` has not confirmed: the message,
