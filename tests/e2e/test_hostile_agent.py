@@ -231,6 +231,21 @@ def keep_alive_pair(server: RelayServer, method: str, path: str) -> tuple[Outcom
         conn.close()
 
 
+async def until_closed(server: RelayServer, request: str) -> bytes:
+    """Send ``request`` on a fresh connection; every byte that comes back until the relay
+    closes it (a relay that keeps it open fails the test after ``CLIENT_TIMEOUT``)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(request.encode())
+        received = b""
+        async with asyncio.timeout(CLIENT_TIMEOUT):
+            while chunk := await reader.read():
+                received += chunk
+        return received
+    finally:
+        writer.close()
+
+
 def assert_bobs_own_or_closed(second: Outcome) -> None:
     """The one acceptable fates of the bob request: bob's real answer, or a closed connection."""
     assert not isinstance(second.error, TimeoutError), "the client was left hanging"
@@ -297,15 +312,7 @@ async def test_a_body_that_does_not_match_its_length_closes_the_connection(
 ) -> None:
     # Without "Connection: close": a relay that keeps the connection open hangs raw_exchange.
     request = f"GET /t/alice{path} HTTP/1.1\r\nHost: {bob.server.apex}\r\n\r\n"
-    reader, writer = await asyncio.open_connection("127.0.0.1", bob.server.port)
-    try:
-        writer.write(request.encode())
-        async with asyncio.timeout(CLIENT_TIMEOUT):
-            received = await reader.read()  # b"" once the relay closes the connection
-            while chunk := await reader.read():
-                received += chunk
-    finally:
-        writer.close()
+    received = await until_closed(bob.server, request)
     head, _, body = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), received
     assert FORGED_BODY not in body
@@ -329,15 +336,7 @@ async def test_a_body_without_a_length_ends_with_an_http10_clients_connection(
     # the client asked to keep it (aiohttp kept it open: a review found the client waiting
     # for the end, and a pipelined answer running on from the body).
     request = f"GET /t/alice{path} HTTP/1.0\r\nHost: {bob.server.apex}\r\nConnection: keep-alive\r\n\r\n"
-    reader, writer = await asyncio.open_connection("127.0.0.1", bob.server.port)
-    try:
-        writer.write(request.encode())
-        async with asyncio.timeout(CLIENT_TIMEOUT):
-            received = b""
-            while chunk := await reader.read():  # b"" once the relay closes the connection
-                received += chunk
-    finally:
-        writer.close()
+    received = await until_closed(bob.server, request)
     head, _, body = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.0 200"), received
     assert b"keep-alive" not in head.lower() and b"content-length" not in head.lower()

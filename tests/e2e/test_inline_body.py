@@ -27,7 +27,7 @@ from relay_protocol import (
 )
 from relay_protocol.frames import FEATURE_INLINE_BODY, Frame
 
-from .framework import RELAY_AGENT, Relay, raw_exchange, until
+from .framework import Relay, raw_exchange, until
 
 WEBHOOK = b'{"action":"opened","number":7}'
 
@@ -88,21 +88,11 @@ async def old_server(body: bytes) -> AsyncIterator[tuple[int, list[Frame]]]:
 
 
 async def test_the_agent_answers_a_server_without_the_feature_in_data(relay: Relay) -> None:
-    token = relay.server(start=False).token("alice")
+    server = relay.server(start=False)
     target = relay.target()
     async with old_server(WEBHOOK) as (port, received):
-        agent = relay.spawn(
-            [
-                str(RELAY_AGENT),
-                "connect",
-                "--server",
-                f"http://127.0.0.1:{port}",
-                "--token",
-                token,
-                "--forward",
-                target.forward,
-            ],
-            "relay-agent (old server)",
+        agent = relay.agent(
+            server, server.token("alice"), target.forward, ready=False, server_url=f"http://127.0.0.1:{port}"
         )
         await until(
             lambda: any(isinstance(f, Data) and f.end_stream for f in received), 20, "the answer's last DATA"
@@ -114,7 +104,7 @@ async def test_the_agent_answers_a_server_without_the_feature_in_data(relay: Rel
         assert responses[0].head.status == 200
         assert b"".join(f.data for f in received if isinstance(f, Data)) == WEBHOOK  # /bin echoes it
         assert target.seen("/bin")[0].body == WEBHOOK
-        assert agent.running()
+        assert agent.process.running()
 
 
 async def test_an_empty_chunked_body_reaches_the_app_framed_as_it_was_sent(relay: Relay) -> None:
