@@ -27,6 +27,7 @@ import aiohttp
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidMessage, InvalidStatus
 from websockets.frames import CloseCode
+from websockets.protocol import State
 
 from relay_protocol import (
     PROTOCOL_VERSION,
@@ -183,7 +184,7 @@ class _Session:
             raise
         except LocalProtocolError as exc:  # StreamClosed, ConnectionFailed
             raise StreamGone() from exc
-        self._ready.set()
+        self._queued()
 
     async def send_body(self, stream: AgentStream, chunk: bytes, end: bool) -> None:
         """Send response body bytes, waiting for credit and room. Raises ``StreamGone``."""
@@ -197,19 +198,20 @@ class _Session:
             except LocalProtocolError as exc:  # StreamClosed, ConnectionFailed
                 raise StreamGone() from exc
             if self.engine.buffered:
-                self._ready.set()
+                self._queued()
             if offset == len(chunk):
                 return
-            if self.engine.has_room:
+            if not self.engine.credit(stream.id):
                 stream.credit_changed.clear()
                 await stream.credit_changed.wait()
-            else:
+            elif not self.engine.has_room:
                 await self._wait_room()
+            # else a message left at once (``_queued``) and made room: go on
 
     def reset(self, stream_id: int, code: int, reason: str) -> None:
         """Reset a stream if it is still open; never waits, never raises."""
         if self.engine.reset(stream_id, code, reason, time.monotonic()):
-            self._ready.set()
+            self._queued()
 
     def post(self, frame: TargetUp) -> None:
         """Queue a connection frame now, without waiting. Raises ``StreamGone`` if the connection is gone."""
@@ -229,7 +231,7 @@ class _Session:
         if size:
             self.engine.consumed(stream_id, size, time.monotonic())
             if self.engine.buffered:
-                self._ready.set()
+                self._queued()
 
     async def _wait_room(self) -> None:
         while not self.engine.has_room and not self.closed:
@@ -286,6 +288,27 @@ class _Session:
             heartbeat.cancel()
             writer.cancel()
             self._mark_closed("connection closed")
+
+    def _queued(self) -> None:
+        """Frames were queued: the writer sends them after this pass of the event loop,
+        or they go now if enough wait (``Engine.send_due``) and the transport takes them
+        without waiting (nothing of its own still to write, so a slow reader's frames
+        wait for the writer, which bounds the wait with ``SEND_TIMEOUT``). Through
+        websockets' own protocol object, as its ``send`` does, less the wait."""
+        self._ready.set()
+        engine, ws = self.engine, self.ws
+        if not engine.send_due or self.closed or ws.protocol.state is not State.OPEN:
+            return
+        transport = ws.transport
+        if ws.send_in_progress is not None or transport.is_closing() or transport.get_write_buffer_size():
+            return
+        data = engine.outgoing()
+        assert data is not None
+        ws.protocol.send_binary(data)
+        ws.send_data()
+        engine.sent()
+        if engine.has_room:
+            self._room.set()
 
     async def _write(self) -> None:
         """The one task that sends on the websocket, one frame at a time, each within SEND_TIMEOUT."""

@@ -282,7 +282,7 @@ class AgentSession:
             raise  # the request's fault: the ingress answers it with a 4xx
         except LocalProtocolError as exc:  # TooManyStreams, ConnectionFailed
             raise StreamFailed(str(exc)) from exc
-        self._ready.set()
+        self._queued()
         stream = self._streams[stream_id] = Stream(stream_id)
         return stream
 
@@ -296,7 +296,7 @@ class AgentSession:
         except LocalProtocolError as exc:  # StreamClosed, ConnectionFailed
             raise stream.failure or StreamFailed(str(exc)) from exc
         if self._engine.buffered:
-            self._ready.set()
+            self._queued()
         return taken
 
     async def send_body(self, stream: Stream, chunk: bytes, end: bool = False) -> None:
@@ -313,19 +313,20 @@ class AgentSession:
             except LocalProtocolError as exc:  # StreamClosed, ConnectionFailed
                 raise stream.failure or StreamFailed(str(exc)) from exc
             if self._engine.buffered:
-                self._ready.set()
+                self._queued()
             if offset == len(chunk):
                 return
-            if self._engine.has_room:
+            if not self._engine.credit(stream.id):
                 await stream.credit_changed()
-            else:
+            elif not self._engine.has_room:
                 await self._wait_room()
+            # else a message left at once (``_queued``) and made room: go on
 
     async def consumed(self, stream: Stream, size: int) -> None:
         """The ingress wrote ``size`` response bytes to the public client: grant credit."""
         self._engine.consumed(stream.id, size, self._loop.time())
         if self._engine.buffered:
-            self._ready.set()
+            self._queued()
 
     async def finish(self, stream: Stream) -> None:
         """Forget ``stream``; reset it first if it did not end normally (client gone, timeout).
@@ -336,7 +337,7 @@ class AgentSession:
         if stream.reset_on_finish and self._engine.reset(
             stream.id, RESET_CANCEL, stream.reset_reason, self._loop.time()
         ):
-            self._ready.set()
+            self._queued()
 
     # -- frames ----------------------------------------------------------------
 
@@ -344,6 +345,23 @@ class AgentSession:
         while not self._engine.has_room and not self.closed:
             self._room.clear()
             await self._room.wait()
+
+    def _queued(self) -> None:
+        """Frames were queued: the writer sends them after this pass of the event loop,
+        or they go now if enough wait (``Engine.send_due``) and the transport takes them
+        without waiting (nothing of its own still to write, so a slow reader's frames
+        wait for the writer, which bounds the wait with ``SEND_TIMEOUT``)."""
+        self._ready.set()
+        engine, transport = self._engine, self._transport
+        if not engine.send_due or self.closed or transport is None or transport.is_closing():
+            return
+        if not transport.get_write_buffer_size():
+            data = engine.outgoing()
+            assert data is not None
+            transport.writelines((_binary_frame_head(len(data)), data))
+            engine.sent()
+            if engine.has_room:
+                self._room.set()
 
     async def _write(self) -> None:
         """The one task that sends on the websocket, one frame at a time, each within SEND_TIMEOUT."""
@@ -505,3 +523,14 @@ class AgentSession:
         self._mark_closed(reason)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()[:120]), 5)
+
+
+def _binary_frame_head(length: int) -> bytes:
+    """The head of an unmasked, final, binary websocket frame (a server's) whose payload
+    is ``length`` bytes: RFC 6455 5.2. aiohttp's writer sends the rest (CLOSE, PONG) a
+    whole frame per write, so frames written here never cut into one of its own."""
+    if length < 126:
+        return bytes((0x82, length))
+    if length < 1 << 16:
+        return bytes((0x82, 126)) + length.to_bytes(2, "big")
+    return bytes((0x82, 127)) + length.to_bytes(8, "big")

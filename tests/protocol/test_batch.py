@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relay_protocol import PROTOCOL_VERSION, Engine, ProtocolError, RequestHead, Role
+from relay_protocol.engine import EARLY_SEND_FRAMES
 from relay_protocol.errors import ConnectionFailed, FrameTooLarge
 from relay_protocol.frames import (
     BATCH,
@@ -128,6 +129,27 @@ def test_without_the_feature_every_frame_is_its_own_message() -> None:
     messages = [_take(server), _take(server)]
     assert all(m[0] != BATCH for m in messages)
     assert [type(f).__name__ for m in messages for f in agent.receive_all(m, 0.0)] == ["Open", "Data"]
+
+
+def test_a_message_is_due_at_once_when_enough_frames_wait() -> None:
+    """``send_due``: a burst leaves in fours while the loop's pass goes on; a lone request
+    waits for the writer's turn; nothing is due while a message is out (not yet sent)."""
+    server, agent = _pair(batching=True)
+    for n in range(EARLY_SEND_FRAMES - 1):
+        server.open(HEAD, end_stream=True, now=0.0)
+        assert not server.send_due, n
+    server.open(HEAD, end_stream=True, now=0.0)
+    assert server.send_due
+    message = server.outgoing()
+    assert message is not None and not server.send_due  # out, not yet confirmed
+    for _ in range(EARLY_SEND_FRAMES):
+        server.open(HEAD, end_stream=True, now=0.0)
+    assert not server.send_due
+    server.sent()
+    assert server.send_due  # the four queued meanwhile
+    assert len(agent.receive_all(message, 0.0)) == EARLY_SEND_FRAMES
+    assert len(agent.receive_all(_take(server), 0.0)) == EARLY_SEND_FRAMES
+    assert not server.send_due and server.outgoing() is None
 
 
 def test_a_batch_before_the_handshake_ends_the_connection() -> None:
