@@ -4,7 +4,8 @@ A thin shell around ``relay_protocol.Engine``, which owns everything that is
 not I/O (stream states, credit, cutting bodies into DATA frames, the outgoing
 buffer, PING answers, the heartbeat decision, the error state). Here: a read
 loop feeding websocket messages to the engine, one writer task sending its
-``outgoing()`` frames, each websocket send bounded by ``SEND_TIMEOUT``, a
+``outgoing()`` frames, each websocket send bounded by ``SEND_TIMEOUT`` (a burst's
+frames go early, in fours, only onto an empty transport buffer: ``_queued``), a
 heartbeat task, and asyncio events for credit and room (RESPONSE and DATA wait
 while ``SEND_HIGH_WATER`` bytes are queued; control frames never do). A server
 that stops reading is aborted ``SEND_TIMEOUT`` after the oldest frame it has

@@ -10,7 +10,8 @@ out, and owns the rules in between, once, for both sides:
   count and the time the oldest was queued; with ``batching`` on (both peers
   listed the ``"batch"`` feature), ``outgoing`` hands over every frame that fits
   in one BATCH message, so what a pass of the event loop queued leaves in one
-  websocket message and one write;
+  websocket message and one write, or a burst in messages of ``EARLY_SEND_FRAMES``
+  as it is queued (``send_due``);
 - answering PING with PONG, with at most one PONG owed (a peer that pings
   faster than it reads cannot grow this side's memory);
 - the heartbeat: when to PING, when the peer is dead (silent, or not reading);

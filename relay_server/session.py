@@ -7,7 +7,9 @@ outgoing buffer, PING answers, the heartbeat decision, the error state). Here:
 - one read loop feeds each websocket message to the engine and hands what it
   returns to the ``Stream`` the ingress is waiting on;
 - one writer task sends the engine's ``outgoing()`` frames, oldest first, each
-  websocket send bounded by ``SEND_TIMEOUT``; nothing else waits on the socket;
+  websocket send bounded by ``SEND_TIMEOUT``; nothing else waits on the socket
+  (a burst's frames go early, in fours, only onto an empty transport buffer:
+  ``_queued``);
 - a heartbeat task asks the engine what to do at each deadline;
 - asyncio events wake callers waiting for credit (a WINDOW arrived) or room
   (the buffer fell below ``SEND_HIGH_WATER``: OPEN and DATA wait, control
