@@ -357,6 +357,8 @@ class AgentSession:
         engine, transport = self._engine, self._transport
         if not engine.send_due or self.closed or transport is None or transport.is_closing():
             return
+        if self.ws.closed:  # its CLOSE is out (aiohttp marks it first): no frame may follow
+            return
         if not transport.get_write_buffer_size():
             data = engine.outgoing()
             assert data is not None
