@@ -168,6 +168,7 @@ class _Session:
         self._ready = asyncio.Event()  # the engine may have frames to send
         self._room = asyncio.Event()  # the engine's buffer fell below its high-water mark
         self._room.set()
+        self._early = True  # frames may go as they are queued (``_queued``); off after a failure
 
     def is_open(self, stream_id: int) -> bool:
         return self.engine.is_open(stream_id)
@@ -207,7 +208,8 @@ class _Session:
                 await stream.credit_changed.wait()
             elif not self.engine.has_room:
                 await self._wait_room()
-            # else a message left at once (``_queued``) and made room: go on
+            else:  # a message left at once (``_queued``) and made room: go on, after the others' turn
+                await asyncio.sleep(0)
 
     def reset(self, stream_id: int, code: int, reason: str) -> None:
         """Reset a stream if it is still open; never waits, never raises."""
@@ -294,20 +296,32 @@ class _Session:
         """Frames were queued: the writer sends them after this pass of the event loop,
         or they go now if enough wait (``Engine.send_due``) and the transport takes them
         without waiting (nothing of its own still to write, so a slow reader's frames
-        wait for the writer, which bounds the wait with ``SEND_TIMEOUT``). Through
-        websockets' own protocol object, as its ``send`` does, less the wait."""
+        wait for the writer, which bounds the wait with ``SEND_TIMEOUT``). Never raises.
+
+        Through websockets' own protocol object and ``send_data``, as its ``send`` does,
+        less the wait for the transport to drain. (``send`` also waits for a fragmented
+        message being sent: this connection never sends one.) If that fails (a
+        websockets release that changed them), the writer sends everything from then on.
+        """
         self._ready.set()
         engine, ws = self.engine, self.ws
-        if not engine.send_due or self.closed or ws.protocol.state is not State.OPEN:
+        if not (engine.send_due and self._early) or self.closed:
             return
-        transport = ws.transport
-        if ws.send_in_progress is not None or transport.is_closing() or transport.get_write_buffer_size():
+        try:
+            transport = ws.transport
+            if ws.protocol.state is not State.OPEN or transport.is_closing():
+                return
+            if transport.get_write_buffer_size():
+                return
+            data = engine.outgoing()
+            assert data is not None
+            ws.protocol.send_binary(data)  # raises before it takes anything: the writer sends it
+            engine.sent()  # websockets has it now, as after its ``send``
+            ws.send_data()  # a broken transport: the read loop and the writer see it
+        except Exception as exc:
+            self._early = False
+            log.warning("sending frames early failed (%r): the writer sends them from now on", exc)
             return
-        data = engine.outgoing()
-        assert data is not None
-        ws.protocol.send_binary(data)
-        ws.send_data()
-        engine.sent()
         if engine.has_room:
             self._room.set()
 

@@ -219,6 +219,7 @@ class AgentSession:
         self._ready = asyncio.Event()  # the engine may have frames to send
         self._room = asyncio.Event()  # the engine's buffer fell below its high-water mark
         self._room.set()
+        self._early = True  # frames may go as they are queued (``_queued``); off after a failure
         self._throttled = False  # read more slowly once for being over its frame budget
         #: The frames it may be read at: its own until the agent endpoint hands it its
         #: user's, shared by all of that user's connections.
@@ -322,7 +323,8 @@ class AgentSession:
                 await stream.credit_changed()
             elif not self._engine.has_room:
                 await self._wait_room()
-            # else a message left at once (``_queued``) and made room: go on
+            else:  # a message left at once (``_queued``) and made room: go on, after the others' turn
+                await asyncio.sleep(0)
 
     async def consumed(self, stream: Stream, size: int) -> None:
         """The ingress wrote ``size`` response bytes to the public client: grant credit."""
@@ -352,20 +354,28 @@ class AgentSession:
         """Frames were queued: the writer sends them after this pass of the event loop,
         or they go now if enough wait (``Engine.send_due``) and the transport takes them
         without waiting (nothing of its own still to write, so a slow reader's frames
-        wait for the writer, which bounds the wait with ``SEND_TIMEOUT``)."""
+        wait for the writer, which bounds the wait with ``SEND_TIMEOUT``). Never raises:
+        if the write fails, the writer sends everything from then on (and meets the
+        failure itself)."""
         self._ready.set()
         engine, transport = self._engine, self._transport
-        if not engine.send_due or self.closed or transport is None or transport.is_closing():
+        if not (engine.send_due and self._early) or self.closed or transport is None:
             return
         if self.ws.closed:  # its CLOSE is out (aiohttp marks it first): no frame may follow
             return
-        if not transport.get_write_buffer_size():
+        try:
+            if transport.is_closing() or transport.get_write_buffer_size():
+                return
             data = engine.outgoing()
             assert data is not None
             transport.writelines((_binary_frame_head(len(data)), data))
-            engine.sent()
-            if engine.has_room:
-                self._room.set()
+        except Exception as exc:  # nothing taken: the message stays the writer's to send
+            self._early = False
+            log.warning("session %s: sending frames early failed (%r); the writer sends them", self.id, exc)
+            return
+        engine.sent()
+        if engine.has_room:
+            self._room.set()
 
     async def _write(self) -> None:
         """The one task that sends on the websocket, one frame at a time, each within SEND_TIMEOUT."""

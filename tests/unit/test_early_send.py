@@ -1,14 +1,20 @@
-"""The server's early send (``AgentSession._queued``): a burst's frames go to the agent
-in fours as they are queued, written straight to the transport as websocket frames,
-but only onto an empty transport buffer and never after the websocket's CLOSE."""
+"""The early send (``AgentSession._queued`` on the server, ``_Session._queued`` on the
+agent): a burst's frames go in fours as they are queued, written straight to the
+transport, but only onto an empty transport buffer, never after the websocket's
+CLOSE, and never raising: a failed write leaves the frames to the writer task."""
 
 from __future__ import annotations
 
-import pytest
+import logging
+from types import SimpleNamespace
 
+import pytest
+from websockets.protocol import State
+
+from relay_agent.tunnel import _Session
 from relay_protocol import PROTOCOL_VERSION, Engine, RequestHead, Role
 from relay_protocol.engine import EARLY_SEND_FRAMES
-from relay_protocol.frames import FEATURE_BATCH, FEATURE_INLINE_BODY, Hello, Open, Welcome
+from relay_protocol.frames import FEATURE_BATCH, FEATURE_INLINE_BODY, Hello, Open, Ping, Welcome
 from relay_server.session import AgentSession, _binary_frame_head
 
 HEAD = RequestHead("POST", b"/hook", ((b"Content-Type", b"application/json"),))
@@ -101,8 +107,86 @@ async def test_nothing_goes_early_once_the_connection_closes(why: str) -> None:
     assert transport.written == []
 
 
+async def test_a_failing_write_on_the_server_raises_nothing_and_leaves_the_frames_to_the_writer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    session, _, transport, _ = await _session()
+
+    def broken(parts: tuple[bytes, ...]) -> None:
+        raise RuntimeError("a transport that changed")
+
+    transport.writelines = broken  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING, logger="relay.server"):
+        for _ in range(2 * EARLY_SEND_FRAMES):
+            await session.open(HEAD, True, b"{}")
+    assert ["sending frames early failed" in r.getMessage() for r in caplog.records] == [True]
+    assert session._engine.outgoing() is not None  # still the writer's to send
+
+
 @pytest.mark.parametrize("length", [0, 125, 126, 65535, 65536, 70000])
 def test_frame_heads_give_each_length_its_form(length: int) -> None:
     payload = bytes(length)
     assert _payload(_binary_frame_head(length) + payload) == payload
     assert len(_binary_frame_head(length)) == (2 if length < 126 else 4 if length < 65536 else 10)
+
+
+class _Protocol:
+    """What the agent uses of websockets' protocol object."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.state = State.OPEN
+        self.sent: list[bytes] = []
+        self.fail = fail
+
+    def send_binary(self, data: bytes) -> None:
+        if self.fail:
+            raise RuntimeError("a websockets release that changed")
+        self.sent.append(data)
+
+
+class _AgentConnection:
+    """What the agent uses of a websockets ``ClientConnection``: its protocol object,
+    its transport and ``send_data``, and nothing else (websockets 14 and 15 have no
+    ``send_in_progress``, for one)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.protocol = _Protocol(fail)
+        self.transport = _Transport()
+        self.flushed = 0
+
+    def send_data(self) -> None:
+        self.flushed += 1
+
+
+def _agent_session(ws: _AgentConnection) -> _Session:
+    tunnel = SimpleNamespace(config=SimpleNamespace(heartbeat_interval=10.0))
+    session = _Session(ws, tunnel)  # type: ignore[arg-type]
+    session.engine.batching = True  # as after a WELCOME listing "batch"
+    return session
+
+
+async def test_the_agent_sends_a_burst_through_websockets_protocol_object() -> None:
+    ws = _AgentConnection()
+    session = _agent_session(ws)
+    for _ in range(EARLY_SEND_FRAMES - 1):
+        session.engine.send(Ping(b""), 0.0)
+        session._queued()
+    assert ws.protocol.sent == []
+    session.engine.send(Ping(b""), 0.0)
+    session._queued()
+    assert len(ws.protocol.sent) == 1 and ws.flushed == 1
+    assert session.engine.outgoing() is None  # taken: the writer has nothing to send again
+
+
+async def test_a_failing_early_send_raises_nothing_and_leaves_the_frames_to_the_writer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ws = _AgentConnection(fail=True)
+    session = _agent_session(ws)
+    with caplog.at_level(logging.WARNING, logger="relay.agent"):
+        for _ in range(2 * EARLY_SEND_FRAMES):
+            session.engine.send(Ping(b""), 0.0)
+            session._queued()  # as reset() and respond() call it: it must not raise
+    assert [r.getMessage().startswith("sending frames early failed") for r in caplog.records] == [True]
+    message = session.engine.outgoing()
+    assert message is not None and message == session.engine.outgoing()  # still the writer's to send
