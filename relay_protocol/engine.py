@@ -72,8 +72,9 @@ _PONG = TYPE_CODES[Pong]
 #: pass of the event loop that queued them ends. A burst of requests (16 at once from
 #: 16 senders) is otherwise all handled before the first of them leaves, and the peer
 #: waits the while: the two processes took turns, on two cores, for 1.3-1.4 of them
-#: busy. Sent in fours they work at once (1.8-1.9 cores busy, 30-50 % more requests per
-#: second at 64 senders; docs/performance.md, "Taking turns"). A lone request is not held.
+#: busy. Sent in fours they work at once (1.8-1.9 cores busy; 29 % and 79 % more requests
+#: per second at 16 and 64 senders, medians of three rounds; anything from 2 to 12 did as
+#: well: docs/performance.md, "Taking turns"). A lone request is not held.
 EARLY_SEND_FRAMES = 4
 
 
