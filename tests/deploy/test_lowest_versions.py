@@ -1,12 +1,14 @@
-"""The agent on the lowest websockets release ``pyproject.toml`` allows.
+"""Server and agent on the lowest websockets and aiohttp releases ``pyproject.toml`` allows.
 
 The agent uses more of websockets than ``send`` and ``recv``: why it was closed
 (``close_code``, ``close_reason``: since 14.1; on 14.0 every disconnect crashed the agent
 instead of reconnecting), and for the early send its protocol object, its transport and
-``send_data`` (relay_agent/tunnel.py ``_Session._queued``). So the tests that go through
-those paths run again with that release first on the path of every relay-agent they
-start: reconnecting after the server restarts or goes away, 200 requests at once (bursts
-sent early), and bodies streamed both ways under flow control.
+``send_data`` (relay_agent/tunnel.py ``_Session._queued``). The server's early send writes
+websocket frames beside aiohttp's own writer and relies on ``ws.closed`` being set before
+aiohttp's CLOSE goes (relay_server/session.py). So the tests that go through those paths
+run again with those releases first on the path of the test and of every relay-server and
+relay-agent they start: reconnecting after the server restarts or goes away, 200
+requests at once (bursts sent early), and bodies streamed both ways under flow control.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import pytest
 from .test_deploy_files import IN_CI
 
 ROOT = Path(__file__).resolve().parents[2]
+#: The libraries whose lowest allowed release is run (their ``>=`` in pyproject.toml).
+LIBRARIES = ("websockets", "aiohttp")
 SUITES = (
     "tests/e2e/test_forwarding.py",
     "tests/e2e/test_streaming.py",
@@ -46,38 +50,20 @@ def _release(version: str) -> tuple[int, ...]:
 
 
 @pytest.mark.slow(40)
-def test_the_agent_works_on_the_lowest_websockets_release(tmp_path: Path) -> None:
-    version = _lowest("websockets")
+def test_server_and_agent_work_on_the_lowest_allowed_releases(tmp_path: Path) -> None:
+    wanted = {name: _lowest(name) for name in LIBRARIES}
     target = tmp_path / "site"
-    install = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--target",
-            str(target),
-            f"websockets=={version}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    pip_install = (sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target))
+    pins = [f"{name}=={version}" for name, version in wanted.items()]
+    install = subprocess.run([*pip_install, *pins], capture_output=True, text=True, timeout=300)
     if install.returncode != 0:
         if IN_CI:
-            pytest.fail(f"websockets {version} could not be installed: {install.stderr[-2000:]}")
-        pytest.skip(f"websockets {version} could not be installed (no package index?)")
+            pytest.fail(f"{pins} could not be installed: {install.stderr[-2000:]}")
+        pytest.skip(f"{pins} could not be installed (no package index?)")
     env = {**os.environ, "PYTHONPATH": str(target)}
-    probe = subprocess.run(
-        [sys.executable, "-c", "import websockets; print(websockets.__version__)"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert _release(probe.stdout.strip()) == _release(version), probe
+    probe = "import aiohttp, websockets; print(websockets.__version__, aiohttp.__version__)"
+    found = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert list(map(_release, found.stdout.split())) == list(map(_release, wanted.values())), found
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SUITES],
         cwd=ROOT,
