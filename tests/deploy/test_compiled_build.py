@@ -58,6 +58,19 @@ def _compiled_modules() -> list[str]:
     return [path.removesuffix(".py").replace("/", ".") for path in paths]
 
 
+def run_suites(suites: tuple[str, ...], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run pytest on ``suites`` in a child process (``cwd``, ``env``: a path that puts other
+    modules first), its output kept for the caller's assertion."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *suites],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 def _copy(to: Path) -> None:
     skip = shutil.ignore_patterns("__pycache__", "*.so", ".pytest_cache")
     for name in TREE:
@@ -120,14 +133,7 @@ def test_the_compiled_protocol_library_passes_the_protocol_and_relay_tests(tmp_p
     )
     assert "(protocol library: compiled with mypyc)" in version.stdout, version
 
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SUITES],
-        cwd=tree,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    run = run_suites(SUITES, tree, env)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from .test_compiled_build import run_suites
 from .test_deploy_files import IN_CI
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,12 +65,5 @@ def test_server_and_agent_work_on_the_lowest_allowed_releases(tmp_path: Path) ->
     probe = "import aiohttp, websockets; print(websockets.__version__, aiohttp.__version__)"
     found = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
     assert list(map(_release, found.stdout.split())) == list(map(_release, wanted.values())), found
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SUITES],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    run = run_suites(SUITES, ROOT, env)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
