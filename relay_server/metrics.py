@@ -10,7 +10,9 @@ and, only with ``--metrics-per-tunnel``, the name of a claimed tunnel.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import bisect
+import itertools
+from collections.abc import Awaitable, Callable, Iterator
 
 from aiohttp import web
 from prometheus_client import (
@@ -22,6 +24,9 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from .config import Network
 from .connections import is_local
@@ -40,6 +45,92 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 ROUTES = ("tunnel", "api", "server")
 
 
+class _TunnelFigures:
+    """What ``RequestCounts`` adds up for tunnel requests (of one tunnel, with
+    ``--metrics-per-tunnel``): durations by bucket, not cumulated, and body bytes."""
+
+    __slots__ = ("buckets", "read", "seconds", "sent")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)  # the last: over every bound (+Inf)
+        self.seconds = 0.0
+        self.read = 0
+        self.sent = 0
+
+
+class RequestCounts(Collector):
+    """The public requests' counter, duration histogram and body byte counters, kept as
+    plain numbers by ``observe`` and turned into metric families by ``collect`` (a
+    prometheus_client custom collector: https://prometheus.github.io/client_python/collector/custom/).
+
+    Called on the event loop only, as the exposition is made: no lock. The series are
+    those the library's own ``Counter`` and ``Histogram`` gave (tests/e2e/test_operate.py).
+    """
+
+    def __init__(self, per_tunnel: bool) -> None:
+        self.per_tunnel = per_tunnel
+        #: Requests by (route, status class, error code[, tunnel]).
+        self.requests: dict[tuple[str, ...], int] = {}
+        #: Tunnel requests' figures by tunnel name ("" for all of them, without per-tunnel).
+        self.tunnels: dict[str, _TunnelFigures] = {} if per_tunnel else {"": _TunnelFigures()}
+
+    def observe(
+        self, route: str, status: int, error: str, tunnel: str | None, seconds: float, read: int, sent: int
+    ) -> None:
+        name = (tunnel or "") if self.per_tunnel else ""
+        key: tuple[str, ...] = (route, _STATUS_CLASSES.get(status) or f"{status // 100}xx", error)
+        if self.per_tunnel:
+            key += (name,)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        if route != "tunnel":
+            return
+        figures = self.tunnels.get(name)
+        if figures is None:
+            figures = self.tunnels[name] = _TunnelFigures()
+        # Prometheus buckets hold what is at most their bound ("le"): the first bound >= seconds.
+        figures.buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+        figures.seconds += seconds
+        figures.read += read
+        figures.sent += sent
+
+    def collect(self) -> Iterator[Metric]:
+        tunnel = ["tunnel"] if self.per_tunnel else []
+        requests = CounterMetricFamily(
+            "relay_requests",
+            "Public requests answered, by route kind, status class (2xx...) and X-Relay-Error code.",
+            labels=["route", "status_class", "error", *tunnel],
+        )
+        for key, count in self.requests.items():
+            requests.add_metric(list(key), count)
+        yield requests
+        duration = HistogramMetricFamily(
+            "relay_request_duration_seconds",
+            "Tunnel requests: seconds from the request head to the end of the response.",
+            labels=tunnel,
+        )
+        read = CounterMetricFamily(
+            "relay_request_body_bytes",
+            "Tunnel requests: body bytes received from public clients.",
+            labels=tunnel,
+        )
+        sent = CounterMetricFamily(
+            "relay_response_body_bytes", "Tunnel requests: body bytes sent to public clients.", labels=tunnel
+        )
+        for name, figures in self.tunnels.items():
+            labels = [name] if self.per_tunnel else []
+            cumulative = list(itertools.accumulate(figures.buckets))
+            duration.add_metric(labels, list(zip(_BOUNDS, cumulative, strict=True)), figures.seconds)
+            read.add_metric(labels, figures.read)
+            sent.add_metric(labels, figures.sent)
+        yield from (duration, read, sent)
+
+
+#: The buckets' "le" labels, as prometheus_client writes them.
+_BOUNDS = [*(floatToGoString(b) for b in DURATION_BUCKETS), "+Inf"]  # type: ignore[no-untyped-call]
+#: "2xx" and so on for the statuses the relay answers, made once.
+_STATUS_CLASSES = {status: f"{status // 100}xx" for status in range(100, 600)}
+
+
 class Metrics:
     """The counters; ``observe_request`` and the ``on_*`` hooks are called as things happen."""
 
@@ -52,35 +143,11 @@ class Metrics:
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        tunnel = ("tunnel",) if per_tunnel else ()
-        #: ``requests``' children by their label values: ``labels()`` checks and locks on
-        #: every call (2 % of a relayed request's CPU). As many as the series themselves.
-        self._request_counters: dict[tuple[str, ...], Counter] = {}
-        self.requests = Counter(
-            "relay_requests",
-            "Public requests answered, by route kind, status class (2xx...) and X-Relay-Error code.",
-            ("route", "status_class", "error", *tunnel),
-            registry=r,
-        )
-        self.duration = Histogram(
-            "relay_request_duration_seconds",
-            "Tunnel requests: seconds from the request head to the end of the response.",
-            tunnel,
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.bytes_in = Counter(
-            "relay_request_body_bytes",
-            "Tunnel requests: body bytes received from public clients.",
-            tunnel,
-            registry=r,
-        )
-        self.bytes_out = Counter(
-            "relay_response_body_bytes",
-            "Tunnel requests: body bytes sent to public clients.",
-            tunnel,
-            registry=r,
-        )
+        #: The figures of every public request, counted in plain numbers and read at
+        #: scrape time (prometheus_client's ``inc`` takes a lock, ``labels`` checks and
+        #: locks: 3.1 us of a relayed request's CPU for four of them, against 0.5).
+        self.request_counts = RequestCounts(per_tunnel)
+        r.register(self.request_counts)
         self.attempts = Counter(
             "relay_delivery_attempts",
             "Delivery attempts recorded, by the state they left the delivery in.",
@@ -117,22 +184,7 @@ class Metrics:
         self, *, route: str, status: int, error: str, tunnel: str | None, seconds: float, read: int, sent: int
     ) -> None:
         """One public request answered: ``tunnel`` is its claimed tunnel's name, or None."""
-        key = (route, f"{status // 100}xx", error, *((tunnel or "",) if self.per_tunnel else ()))
-        counter = self._request_counters.get(key)
-        if counter is None:
-            counter = self._request_counters[key] = self.requests.labels(*key)
-        counter.inc()
-        if route != "tunnel":
-            return
-        if self.per_tunnel:
-            name = tunnel or ""
-            self.duration.labels(name).observe(seconds)
-            self.bytes_in.labels(name).inc(read)
-            self.bytes_out.labels(name).inc(sent)
-        else:
-            self.duration.observe(seconds)
-            self.bytes_in.inc(read)
-            self.bytes_out.inc(sent)
+        self.request_counts.observe(route, status, error, tunnel, seconds, read, sent)
 
     def on_recorded(self, delivery: Delivery) -> None:
         """A delivery attempt's outcome was written."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from relay_server.access import MAX_LOGGED_PATH, loggable_path, request_id
+from relay_server.access import MAX_LOGGED_PATH, loggable_path, new_uuid4, request_id
 from relay_server.app import create_app
 from relay_server.config import ServerConfig, parse_listen
 from relay_server.connections import forwarded_client
@@ -52,6 +52,19 @@ def test_a_sane_client_request_id_is_kept(headers: list[tuple[bytes, bytes]], ke
 def test_any_other_gets_a_new_uuid(headers: list[tuple[bytes, bytes]]) -> None:
     made = request_id(headers)
     assert str(uuid.UUID(made)) == made
+
+
+def test_new_request_ids_are_random_version_4_uuids() -> None:
+    made = {new_uuid4() for _ in range(2000)}
+    assert len(made) == 2000
+    parsed = [uuid.UUID(m) for m in made]
+    assert all(str(u) == m for u, m in zip(parsed, made, strict=True))
+    assert {u.version for u in parsed} == {4} and {u.variant for u in parsed} == {uuid.RFC_4122}
+    # Every random bit varies: no bit outside the version and variant is stuck.
+    varying = 0
+    for u in parsed:
+        varying |= u.int ^ parsed[0].int
+    assert bin(varying).count("1") == 122
 
 
 def test_the_logged_path_has_no_query_and_only_printable_ascii() -> None:
