@@ -175,3 +175,67 @@ def test_check_writable_raises_on_a_closed_store(tmp_path: Path) -> None:
     store.close()
     with pytest.raises(StoreError, match="cannot be written"):
         store.check_writable()
+
+
+@pytest.mark.parametrize("per_tunnel", [False, True])
+def test_request_figures_are_exposed_as_prometheus_counts_them(per_tunnel: bool) -> None:
+    # The request metrics are plain numbers turned into families at scrape time: what a
+    # scraper parses must be what prometheus_client's own Counter and Histogram gave.
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from relay_server.metrics import DURATION_BUCKETS, Metrics
+
+    class NoSessions:
+        def sessions(self) -> list[object]:
+            return []
+
+    metrics = Metrics(registry=NoSessions(), store=None, per_tunnel=per_tunnel)  # type: ignore[arg-type]
+    observed = [  # route, status, error, tunnel, seconds, read, sent
+        ("tunnel", 200, "", "alice", 0.005, 10, 1),  # on a bound: counted in that bucket ("le")
+        ("tunnel", 200, "", "alice", 0.0051, 20, 2),
+        ("tunnel", 502, "local-unreachable", "bob", 1000.0, 30, 3),  # over every bound
+        ("server", 404, "not-found", None, 0.2, 0, 5),
+        ("tunnel", 499, "", None, 0.0, 0, 0),  # a tunnel request whose owner was never known
+    ]
+    for route, status, error, tunnel, seconds, read, sent in observed:
+        metrics.observe_request(
+            route=route, status=status, error=error, tunnel=tunnel, seconds=seconds, read=read, sent=sent
+        )
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        for s in family.samples
+    }
+
+    Key = tuple[str, tuple[tuple[str, str], ...]]
+
+    def key(name: str, *labels: tuple[str, str], tunnel: str | None = None) -> Key:
+        if per_tunnel and tunnel is not None:
+            labels += (("tunnel", tunnel),)
+        return name, tuple(sorted(labels))
+
+    ok = (("error", ""), ("route", "tunnel"), ("status_class", "2xx"))
+    if per_tunnel:
+        assert samples[key("relay_requests_total", *ok, tunnel="alice")] == 2
+        assert samples[key("relay_request_duration_seconds_count", tunnel="alice")] == 2
+        assert samples[key("relay_request_duration_seconds_bucket", ("le", "0.005"), tunnel="alice")] == 1
+        assert samples[key("relay_request_duration_seconds_bucket", ("le", "+Inf"), tunnel="bob")] == 1
+        assert samples[key("relay_request_duration_seconds_bucket", ("le", "300.0"), tunnel="bob")] == 0
+        assert samples[key("relay_request_body_bytes_total", tunnel="alice")] == 30
+        assert samples[key("relay_response_body_bytes_total", tunnel="")] == 0
+    else:
+        assert samples[key("relay_requests_total", *ok)] == 2
+        bucket = "relay_request_duration_seconds_bucket"
+        buckets = [samples[key(bucket, ("le", str(b)))] for b in DURATION_BUCKETS]
+        # 0.0 and 0.005 in the first; 1000 s over every bound
+        assert buckets[0] == 2 and buckets == sorted(buckets) and buckets[-1] == 3
+        assert samples[key("relay_request_duration_seconds_bucket", ("le", "+Inf"))] == 4
+        assert samples[key("relay_request_duration_seconds_count")] == 4
+        assert samples[key("relay_request_duration_seconds_sum")] == pytest.approx(1000.0101)
+        assert samples[key("relay_request_body_bytes_total")] == 60
+        assert samples[key("relay_response_body_bytes_total")] == 6
+    errors = (("error", "local-unreachable"), ("route", "tunnel"), ("status_class", "5xx"))
+    assert samples[key("relay_requests_total", *errors, tunnel="bob")] == 1
+    not_found = (("error", "not-found"), ("route", "server"), ("status_class", "4xx"))
+    assert samples[key("relay_requests_total", *not_found, tunnel="")] == 1
