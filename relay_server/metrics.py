@@ -63,8 +63,9 @@ class RequestCounts(Collector):
     plain numbers by ``observe`` and turned into metric families by ``collect`` (a
     prometheus_client custom collector: https://prometheus.github.io/client_python/collector/custom/).
 
-    Called on the event loop only, as the exposition is made: no lock. The series are
-    those the library's own ``Counter`` and ``Histogram`` gave (tests/e2e/test_operate.py).
+    Called on the event loop only, as the exposition is made: no lock. The series, buckets
+    and sums are those the library's own ``Counter`` and ``Histogram`` gave (a value on a
+    bound counts in that bound's bucket; tests/unit/test_operate.py).
     """
 
     def __init__(self, per_tunnel: bool) -> None:
