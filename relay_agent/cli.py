@@ -54,6 +54,25 @@ class TargetType(click.ParamType[Target]):
             self.fail(f"{value!r}: {exc.why}", param, ctx)
 
 
+class ConcurrencyType(click.ParamType[int | str]):
+    """``--max-concurrency``: ``auto`` (the relay adapts it, 8 to 64) or a number of
+    deliveries, 1 to 256 (checked here, and by the server: relay_server.settings)."""
+
+    name = "auto|1-256"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        text = str(value).strip()
+        if text == "auto":
+            return text
+        try:
+            number = int(text)
+        except ValueError:
+            self.fail(f"{value!r} is not auto or a number", param, ctx)
+        if not 1 <= number <= 256:
+            self.fail(f"{number} is not between 1 and 256", param, ctx)
+        return number
+
+
 ca_file_option = click.option(
     "--ca-file",
     envvar="RELAY_CA_FILE",
@@ -122,10 +141,11 @@ def main() -> None:
 @click.option(
     "--max-concurrency",
     envvar="RELAY_MAX_CONCURRENCY",
-    type=click.IntRange(1, 256),
+    type=ConcurrencyType(),
     default=None,
     show_envvar=True,
-    help="Queued deliveries in flight to the local service at once.  [default: keep the setting (8)]",
+    help="Queued deliveries in flight to the local service at once: a number, or auto (8 to 64,"
+    " more while the app answers as fast).  [default: keep the setting (auto)]",
 )
 @click.option(
     "--label",
@@ -193,7 +213,7 @@ def connect_command(
     names: tuple[str, ...],
     host_header: str,
     mode: str | None,
-    max_concurrency: int | None,
+    max_concurrency: int | str | None,
     label: str,
     ca_file: Path | None,
     forward_ca: Path | None,
@@ -437,7 +457,7 @@ def tunnel_show(name: str | None, as_json: bool, server: str | None, token: str 
     "--retry-on", default=None, help="Statuses of the local service that are retried: 429,502,503,504."
 )
 @click.option(
-    "--max-concurrency", type=click.IntRange(1, 256), default=None, help="Deliveries in flight at once."
+    "--max-concurrency", type=ConcurrencyType(), default=None, help="Deliveries in flight at once, or auto."
 )
 @click.option(
     "--destination",
@@ -450,7 +470,7 @@ def tunnel_set(
     name: str,
     mode: str | None,
     retry_on: str | None,
-    max_concurrency: int | None,
+    max_concurrency: int | str | None,
     destinations: tuple[str, ...],
     server: str | None,
     token: str | None,
@@ -459,7 +479,7 @@ def tunnel_set(
     changes: dict[str, Any] = {}
     if mode:
         changes["mode"] = mode
-    if max_concurrency:
+    if max_concurrency is not None:
         changes["max_concurrency"] = max_concurrency
     if destinations:
         changes["destinations"] = list(destinations)

@@ -92,6 +92,7 @@ async def attempt_agent(
         head = delivery_head(event, attempt)
     except BadHead as exc:  # with the X-Relay-* headers it no longer fits: it never will
         return Outcome(None, f"the stored request cannot be forwarded: {exc}", final=True), None
+    sent_at = time.monotonic()
     try:
         async with asyncio.timeout(timeout):
             # A small body (a webhook's, as a rule) goes in the OPEN itself.
@@ -131,7 +132,8 @@ async def attempt_agent(
     retry_after = parse_retry_after(
         (header_value(answer.headers, b"retry-after") or b"").decode("latin-1"), time.time()
     )
-    return Outcome(answer.status, None, retry_after), AgentExchange(session, stream, answer, pump)
+    outcome = Outcome(answer.status, None, retry_after, answered_in=time.monotonic() - sent_at)
+    return outcome, AgentExchange(session, stream, answer, pump)
 
 
 async def _send_body(session: AgentSession, stream: Stream, body: bytes) -> None:
@@ -212,6 +214,7 @@ async def attempt_url(
     for name, value in strip_hop_by_hop(without(head.headers, b"host", b"content-length")):
         headers.add(name.decode("latin-1"), value.decode("latin-1"))
     target = URL(url.rstrip("/") + event.target.decode("utf-8", "surrogateescape"), encoded=True)
+    sent_at = time.monotonic()
     try:
         async with (
             asyncio.timeout(timeout),
@@ -219,9 +222,10 @@ async def attempt_url(
                 event.method, target, headers=headers, data=event.body or None, allow_redirects=False
             ) as response,
         ):
+            answered_in = time.monotonic() - sent_at
             await response.read()
             retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
-            return Outcome(response.status, None, retry_after)
+            return Outcome(response.status, None, retry_after, answered_in=answered_in)
     except PrivateAddress as exc:
         return Outcome(None, str(exc))
     except TimeoutError:

@@ -385,7 +385,7 @@ class Deliveries:
             stored = None  # the first attempt's outcome, when it is stored with the event
             if slot:
                 assert session is not None
-                attempt = self._first_attempt_started(session, event)
+                attempt = self._first_attempt_started(session, event, dispatcher)
                 if self._first_attempts > 1:
                     try:
                         await asyncio.wait((attempt,), timeout=FIRST_OUTCOME_WAIT)
@@ -437,16 +437,21 @@ class Deliveries:
                 dispatcher.release(event.id)
 
     def _first_attempt_started(
-        self, session: AgentSession, event: Event
+        self, session: AgentSession, event: Event, dispatcher: Dispatcher
     ) -> asyncio.Future[tuple[Outcome, AgentExchange | None]]:
-        """Start the ingress's attempt of ``event`` (counted in ``_first_attempts`` until it ends)."""
+        """Start the ingress's attempt of ``event`` (counted in ``_first_attempts`` until it
+        ends; its outcome goes to ``dispatcher``'s slots)."""
         attempt = asyncio.ensure_future(attempt_agent(session, event, 1, self.config.timeout))
         self._first_attempts += 1
-        attempt.add_done_callback(self._first_attempt_ended)
+        attempt.add_done_callback(partial(self._first_attempt_ended, dispatcher))
         return attempt
 
-    def _first_attempt_ended(self, _attempt: asyncio.Future[tuple[Outcome, AgentExchange | None]]) -> None:
+    def _first_attempt_ended(
+        self, dispatcher: Dispatcher, attempt: asyncio.Future[tuple[Outcome, AgentExchange | None]]
+    ) -> None:
         self._first_attempts -= 1
+        if not attempt.cancelled() and attempt.exception() is None:
+            dispatcher.attempt_ended(attempt.result()[0])
 
     def _answered(
         self,

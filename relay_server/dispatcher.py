@@ -21,8 +21,9 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from .attempts import attempt_agent, attempt_url
+from .concurrency import AdaptiveLimit
 from .errors import StoreError
-from .settings import DEFAULT_MAX_CONCURRENCY, TunnelSettings
+from .settings import TunnelSettings
 from .states import Outcome
 from .store import Delivery, Event
 
@@ -66,8 +67,10 @@ class Dispatcher:
         self._reading = False
         self._ended: set[str] = set()
         self._wake = asyncio.Event()
-        #: The tunnel's limit on attempts in flight, as last read from its settings.
-        self.max_concurrency = DEFAULT_MAX_CONCURRENCY
+        #: The tunnel's limit on attempts in flight, as last read from its settings
+        #: (None: ``auto``, the adaptive limit's).
+        self.max_concurrency: int | None = None
+        self.adaptive = AdaptiveLimit()
         #: Who waits for a delivery slot, first come first served (see take_slot).
         self._slot_line: collections.deque[_SlotWaiter] = collections.deque()
         self._early = False
@@ -87,8 +90,13 @@ class Dispatcher:
         self._restart = True
         self.wake()
 
+    @property
+    def slots(self) -> int:
+        """Attempts that may be in flight now: the tunnel's number, or the adaptive limit."""
+        return self.adaptive.limit if self.max_concurrency is None else self.max_concurrency
+
     def has_slot(self) -> bool:
-        return len(self.in_flight) < self.max_concurrency
+        return len(self.in_flight) < self.slots
 
     async def take_slot(self, event_id: str, settings: TunnelSettings, timeout: float | None) -> bool:
         """Take a delivery slot for ``event_id``, waiting up to ``timeout`` seconds (None:
@@ -106,6 +114,7 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         waiter = _SlotWaiter(loop.create_future())
         self._slot_line.append(waiter)
+        self.adaptive.held_back()
         taken = False
         try:
             async with asyncio.timeout(timeout):
@@ -132,6 +141,21 @@ class Dispatcher:
     def slots_changed(self, settings: TunnelSettings) -> None:
         """The tunnel's settings changed: everyone waiting looks again (in line order)."""
         self.max_concurrency = settings.max_concurrency
+        self._wake_all()
+
+    def attempt_ended(self, outcome: Outcome) -> None:
+        """An attempt here ended with ``outcome``: an ``auto`` limit learns from it (a
+        slot it adds goes to whoever waits longest)."""
+        before = self.adaptive.limit
+        if outcome.answered_in is not None and outcome.status is not None:
+            if self.adaptive.answered(outcome.answered_in, outcome.status) and self.max_concurrency is None:
+                self._wake_next()
+        elif not outcome.final:
+            self.adaptive.failed()
+        if self.adaptive.limit != before and self.max_concurrency is None:
+            log.debug("%s/%s: %d delivery slots", self.tunnel, self.destination, self.adaptive.limit)
+
+    def _wake_all(self) -> None:
         for waiter in self._slot_line:
             if not waiter.woken.done():
                 waiter.woken.set_result(None)
@@ -291,6 +315,7 @@ class Dispatcher:
             except Exception as exc:  # a bug: count it as a failed attempt, so the schedule applies
                 log.exception("delivery of %s to %s failed", event.id, self.destination)
                 outcome = Outcome(None, f"relay error: {type(exc).__name__}")
+            self.attempt_ended(outcome)
             if outcome.reached and (outcome.status is None or outcome.status in settings.retry_on):
                 self._early = False  # the destination failed: the rest wait for their schedule
             await deliveries.record(event, delivery, outcome, settings, scheduled=scheduled)

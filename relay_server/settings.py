@@ -11,10 +11,11 @@ from .errors import ConfigError
 MODES = ("queue", "live")
 #: Statuses of the local service that mean "not now, try again later".
 DEFAULT_RETRY_ON = (429, 502, 503, 504)
-#: Deliveries in flight to one destination at once: a burst drains at the app's pace.
-DEFAULT_MAX_CONCURRENCY = 8
 #: Upper bound of --max-concurrency: a tunnel must not pin every stream of its agent.
 MAX_CONCURRENCY_LIMIT = 256
+#: ``max_concurrency`` of a tunnel that leaves its delivery slots to the relay (the
+#: default): 8 to 64, more while the app keeps answering as fast (concurrency.py).
+AUTO = "auto"
 #: Destinations of one tunnel (fan-out).
 MAX_DESTINATIONS = 16
 #: The destination of a tunnel that names none: whichever agent serves it.
@@ -25,7 +26,9 @@ ANY_AGENT = "agent:*"
 class TunnelSettings:
     mode: str = "queue"
     retry_on: tuple[int, ...] = DEFAULT_RETRY_ON
-    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
+    #: Deliveries in flight to one destination at once (a burst drains at the app's
+    #: pace): a number the user set, or None for ``"auto"`` (concurrency.py).
+    max_concurrency: int | None = None
     #: ``agent:LABEL`` (the agents connected with ``--label LABEL``), ``agent:*``
     #: (any agent of the tunnel) or an http(s) URL the server posts to itself.
     destinations: tuple[str, ...] = field(default=(ANY_AGENT,))
@@ -37,6 +40,7 @@ class TunnelSettings:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["retry_on"] = list(self.retry_on)
+        data["max_concurrency"] = AUTO if self.max_concurrency is None else self.max_concurrency
         data["destinations"] = list(self.destinations)
         return data
 
@@ -57,9 +61,16 @@ class TunnelSettings:
             _is_int(s) and 100 <= s <= 599 for s in retry_on
         ):
             raise ConfigError("retry_on must be a list of HTTP statuses")
-        concurrency = changes.get("max_concurrency", self.max_concurrency)
-        if not _is_int(concurrency) or not 1 <= concurrency <= MAX_CONCURRENCY_LIMIT:
-            raise ConfigError(f"max_concurrency must be between 1 and {MAX_CONCURRENCY_LIMIT}")
+        concurrency = self.max_concurrency
+        if "max_concurrency" in changes:
+            given = changes["max_concurrency"]
+            if isinstance(given, str) and given == AUTO:
+                concurrency = None
+            elif _is_int(given) and 1 <= given <= MAX_CONCURRENCY_LIMIT:
+                concurrency = given
+            else:
+                limit = MAX_CONCURRENCY_LIMIT
+                raise ConfigError(f'max_concurrency must be "{AUTO}" or between 1 and {limit}')
         destinations = changes.get("destinations", self.destinations)
         if not isinstance(destinations, list | tuple) or not 1 <= len(destinations) <= MAX_DESTINATIONS:
             raise ConfigError(f"destinations must be a list of 1 to {MAX_DESTINATIONS} entries")

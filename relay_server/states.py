@@ -52,6 +52,8 @@ class Outcome:
     agent was connected, the agent refused the stream, or its connection was lost
     before an answer came. ``final`` is True when no attempt can ever succeed (the
     stored request cannot be forwarded): the delivery is dead at once, ``error`` why.
+    ``answered_in`` is the seconds from sending the request to the answer's head (None
+    without an answer): what an ``auto`` tunnel's delivery slots go by (concurrency.py).
     """
 
     status: int | None
@@ -59,6 +61,7 @@ class Outcome:
     retry_after: float | None = None
     reached: bool = True
     final: bool = False
+    answered_in: float | None = None
 
 
 def settle(

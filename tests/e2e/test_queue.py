@@ -27,6 +27,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from relay_server.concurrency import AUTO_MAX, AUTO_MIN
+
 from .framework import (
     Agent,
     Relay,
@@ -58,6 +60,8 @@ class Answer:
     status: int = 200
     headers: tuple[tuple[str, str], ...] = ()
     delay: float = 0.0
+    #: Served one at a time, as a single-worker app does: each waits for the one before.
+    one_at_a_time: bool = False
 
 
 @dataclass
@@ -70,6 +74,7 @@ class ScriptedTarget(TargetService):
     arrivals: list[tuple[float, Seen]] = field(default_factory=list)
     active: int = 0
     most_active: int = 0
+    worker: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def script(self, path: str, *answers: int | Answer) -> None:
         self.scripts[path] = [a if isinstance(a, Answer) else Answer(a) for a in answers]
@@ -92,7 +97,11 @@ class ScriptedTarget(TargetService):
             answers = self.scripts.get(request.path)
             if answers:
                 answer = answers[0] if len(answers) == 1 else answers.pop(0)
-                await asyncio.sleep(answer.delay)
+                if answer.one_at_a_time:
+                    async with self.worker:
+                        await asyncio.sleep(answer.delay)
+                else:
+                    await asyncio.sleep(answer.delay)
                 return web.Response(
                     status=answer.status, text=f"scripted {answer.status}", headers=dict(answer.headers)
                 )
@@ -840,7 +849,7 @@ BURST = 2_000
 
 @pytest.mark.slow(12)
 async def test_a_burst_drains_at_the_apps_pace(relay: Relay, http: aiohttp.ClientSession) -> None:
-    stack = make_stack(relay)  # the default max-concurrency: 8
+    stack = make_stack(relay)  # the default max-concurrency: auto, 8 to 64
     senders = asyncio.Semaphore(64)
 
     async def send(i: int) -> str:
@@ -852,4 +861,21 @@ async def test_a_burst_drains_at_the_apps_pace(relay: Relay, http: aiohttp.Clien
     stack.agent()
     await until(lambda: len(set(delivered_ids(stack.target))) >= BURST, 300, "the burst to drain")
     assert set(delivered_ids(stack.target)) == set(ids)
-    assert stack.target.most_active <= 8  # at the app's pace, never all at once
+    assert stack.target.most_active <= AUTO_MAX  # at the app's pace, never all at once
+
+
+@pytest.mark.slow(6)
+async def test_an_app_that_serves_one_request_at_a_time_gets_eight_at_most(
+    relay: Relay, http: aiohttp.ClientSession
+) -> None:
+    # The default (auto) adds slots only while the app answers as fast with more in
+    # flight: a single worker answers the n-th of a burst after n service times, so its
+    # tunnel keeps the floor of 8 however fast or slow this machine is (it only makes
+    # the answers slower still).
+    stack = make_stack(relay)
+    assert "max-concurrency=auto" in stack.cli_ok("tunnel", "show", "alice")
+    stack.target.script("/serial", Answer(delay=0.05, one_at_a_time=True))
+    ids = [queued_id(await stack.post(http, "/serial", b"%d" % i)) for i in range(60)]  # no agent yet
+    stack.agent()
+    await until(lambda: set(delivered_ids(stack.target)) >= set(ids), 60, "60 deliveries to one worker")
+    assert stack.target.most_active == AUTO_MIN  # the slots were used, and never more

@@ -423,7 +423,7 @@ async def test_tunnel_settings_default_and_list(client: TestClient, tmp_path: Pa
         "settings": {
             "mode": "queue",
             "retry_on": [429, 502, 503, 504],
-            "max_concurrency": 8,
+            "max_concurrency": "auto",
             "destinations": ["agent:*"],
         },
     }
@@ -469,6 +469,10 @@ async def test_patch_claims_a_free_name_the_token_allows(client: TestClient, tmp
     assert status == 200
     assert answer["settings"]["max_concurrency"] == 2
     assert _store(client).name_owner("alice-new") == "alice"
+    # Back to the relay's choice, and it holds for a later read.
+    status, _, answer = await _api(client, "PATCH", "tunnels/alice-new", token, {"max_concurrency": "auto"})
+    assert (status, answer["settings"]["max_concurrency"]) == (200, "auto")
+    assert (await _api(client, "GET", "tunnels/alice-new", token))[2]["settings"]["max_concurrency"] == "auto"
     # Not a name the token allows, or someone else's: 404, nothing claimed or changed.
     status, _, _ = await _api(client, "PATCH", "tunnels/carol", token, {"mode": "live"})
     assert status == 404
@@ -482,6 +486,8 @@ async def test_patch_claims_a_free_name_the_token_allows(client: TestClient, tmp
     [
         ({"mode": "sometimes"}, None),
         ({"max_concurrency": 0}, None),
+        ({"max_concurrency": "AUTO"}, None),
+        ({"max_concurrency": None}, None),
         ({"destinations": []}, None),
         ({"destinations": ["agent:bad label"]}, None),
         ({"destinations": ["hooks.example.com/in"]}, None),

@@ -22,7 +22,8 @@ def test_defaults() -> None:
     settings = TunnelSettings()
     assert settings.mode == "queue"
     assert settings.retry_on == (429, 502, 503, 504)
-    assert settings.max_concurrency == 8
+    assert settings.max_concurrency is None  # "auto": the relay adapts it (concurrency.py)
+    assert settings.to_json()["max_concurrency"] == "auto"
     assert settings.destinations == ("agent:*",) == (ANY_AGENT,)
     assert settings.fan_out is False
 
@@ -35,6 +36,16 @@ def test_updated_applies_only_the_given_fields() -> None:
     assert changed.destinations == base.destinations
     assert base.mode == "queue"  # the original is untouched (frozen)
     assert base.updated({}) == base
+
+
+def test_max_concurrency_is_auto_or_a_number_and_stored_as_given() -> None:
+    fixed = TunnelSettings().updated({"max_concurrency": 8})
+    assert fixed.max_concurrency == 8
+    assert TunnelSettings.from_json(fixed.to_json()) == fixed  # a stored 8 stays a fixed 8
+    auto = fixed.updated({"max_concurrency": "auto"})
+    assert auto.max_concurrency is None and auto == TunnelSettings()
+    assert TunnelSettings.from_json(auto.to_json()) == auto
+    assert TunnelSettings.from_json({"mode": "live"}).max_concurrency is None  # not stored: auto
 
 
 def test_retry_on_is_sorted_and_deduplicated() -> None:
@@ -62,11 +73,14 @@ def test_destinations_keep_their_order_without_duplicates() -> None:
         ({"retry_on": [503.0]}, "retry_on must be a list of HTTP statuses"),
         ({"retry_on": 503}, "retry_on must be a list of HTTP statuses"),
         ({"retry_on": "503"}, "retry_on must be a list of HTTP statuses"),
-        ({"max_concurrency": 0}, f"max_concurrency must be between 1 and {MAX_CONCURRENCY_LIMIT}"),
-        ({"max_concurrency": -1}, "max_concurrency must be between"),
-        ({"max_concurrency": MAX_CONCURRENCY_LIMIT + 1}, "max_concurrency must be between"),
-        ({"max_concurrency": "8"}, "max_concurrency must be between"),
-        ({"max_concurrency": 8.0}, "max_concurrency must be between"),
+        ({"max_concurrency": 0}, f'max_concurrency must be "auto" or between 1 and {MAX_CONCURRENCY_LIMIT}'),
+        ({"max_concurrency": -1}, "max_concurrency must be"),
+        ({"max_concurrency": MAX_CONCURRENCY_LIMIT + 1}, "max_concurrency must be"),
+        ({"max_concurrency": "8"}, "max_concurrency must be"),
+        ({"max_concurrency": 8.0}, "max_concurrency must be"),
+        ({"max_concurrency": "Auto"}, "max_concurrency must be"),
+        ({"max_concurrency": None}, "max_concurrency must be"),
+        ({"max_concurrency": True}, "max_concurrency must be"),
         ({"destinations": []}, f"destinations must be a list of 1 to {MAX_DESTINATIONS} entries"),
         ({"destinations": "agent:*"}, "destinations must be a list"),
         (

@@ -1,0 +1,108 @@
+"""How many deliveries one destination gets at once when its tunnel leaves it to the relay.
+
+A tunnel with ``--max-concurrency N`` gets N, always: a number a user set is a promise to
+the app (a database pool, a single worker). A tunnel left at ``auto`` (the default) starts
+with ``AUTO_MIN`` delivery slots and gets more while its app answers as fast with more in
+flight as it did with fewer: the idea of TCP Vegas (Brakmo and Peterson, "TCP Vegas: End
+to End Congestion Avoidance on a Global Internet", IEEE JSAC 13(8), 1995), applied to
+requests as Envoy's adaptive concurrency filter and Netflix's concurrency-limits do.
+
+- An answer time is the time from an attempt's OPEN to its answer's head, in seconds.
+- Answer times are taken in rounds of ``limit`` answers. A round whose median is within
+  ``2 x fastest + GRACE`` adds one slot, up to ``AUTO_MAX``, if the limit held a delivery
+  back during the round (without a queue, more slots would prove nothing); a round whose
+  median is over it takes a quarter of the slots away, down to ``AUTO_MIN``.
+- An answer of 429 or 503 (the app says it is overloaded: RFC 6585 4, RFC 9110 15.6.4)
+  takes a quarter away at once; an attempt the app did not answer in time, or that did
+  not reach it, takes the limit back to ``AUTO_MIN``.
+- ``fastest`` is the fastest answer of the last one or two ``FASTEST_WINDOW``s, so an app
+  that became slower for good (a deploy, a new network path) is measured anew.
+
+An app that answers one request at a time answers the n-th of a burst in n service times:
+its medians are far over twice the first answer, and its tunnel stays at ``AUTO_MIN``, as
+with the fixed default before. Measured on the bench's node app (docs/performance.md,
+"Counting without locks"): the median answer rose from 2.2 ms at 8 slots to 3.1-3.4 at
+32 and 10.9-11.7 at 64, so the limit settles between them.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+#: Delivery slots of an ``auto`` tunnel to start with, and the fewest it goes down to:
+#: the fixed default before (protects a development server from a burst: README, "Bursts").
+AUTO_MIN = 8
+#: The most an ``auto`` tunnel grows to: beyond it a burst is a denial of service on the
+#: app rather than a drain, and the bench's queue mode gained nothing past 64.
+AUTO_MAX = 64
+#: Seconds an answer may take over twice the fastest and still count as "as fast": the
+#: relay's own queueing under load (a loop pass, a commit) is a few milliseconds and must
+#: not read as the app's.
+GRACE = 0.005
+#: Answers over which the fastest one is remembered (then the window before is forgotten).
+FASTEST_WINDOW = 256
+#: Statuses that say the app is overloaded.
+OVERLOADED = frozenset({429, 503})
+
+
+class AdaptiveLimit:
+    """The delivery slots of one ``auto`` destination (see the module's docstring).
+
+    ``limit`` is how many deliveries may be in flight now, ``AUTO_MIN`` to ``AUTO_MAX``.
+    Call ``held_back`` when a delivery had to wait for a slot, ``answered`` with each
+    answer time and status, ``failed`` when an attempt reached no answer. Each returns
+    True when the limit went up (whoever waits for a slot should look again).
+    """
+
+    def __init__(self) -> None:
+        self.limit = AUTO_MIN
+        self._round: list[float] = []
+        self._held_back = False
+        self._fastest_now = math.inf
+        self._fastest_before = math.inf
+        self._window = 0
+
+    @property
+    def fastest(self) -> float:
+        """The fastest answer remembered, in seconds (``inf`` before the first)."""
+        return min(self._fastest_now, self._fastest_before)
+
+    def held_back(self) -> None:
+        """A delivery waited for a slot: the limit is what bounds the work now."""
+        self._held_back = True
+
+    def answered(self, seconds: float, status: int) -> bool:
+        """The app answered ``status`` after ``seconds``."""
+        if self._window >= FASTEST_WINDOW:
+            self._fastest_before, self._fastest_now, self._window = self._fastest_now, math.inf, 0
+        self._window += 1
+        self._fastest_now = min(self._fastest_now, seconds)
+        if status in OVERLOADED:
+            self._decrease()
+            return False
+        self._round.append(seconds)
+        if len(self._round) < self.limit:
+            return False
+        median = statistics.median(self._round)
+        grow = self._held_back and median <= 2 * self.fastest + GRACE
+        shrink = median > 2 * self.fastest + GRACE
+        self._round.clear()
+        self._held_back = False
+        if grow and self.limit < AUTO_MAX:
+            self.limit += 1
+            return True
+        if shrink:
+            self._decrease()
+        return False
+
+    def failed(self) -> None:
+        """An attempt got no answer (timed out, or never reached the app): start again low."""
+        self.limit = AUTO_MIN
+        self._round.clear()
+        self._held_back = False
+
+    def _decrease(self) -> None:
+        self.limit = max(AUTO_MIN, self.limit - max(1, self.limit // 4))
+        self._round.clear()
+        self._held_back = False
