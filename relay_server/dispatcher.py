@@ -107,7 +107,7 @@ class Dispatcher:
         line, every release woke every waiter and a newcomer could take the slot first:
         at 64 senders and 8 slots some webhooks waited seconds behind later ones.
         """
-        self.max_concurrency = settings.max_concurrency
+        self._follow(settings)
         if not self._slot_line and self.has_slot():
             self.in_flight.add(event_id)
             return True
@@ -140,19 +140,27 @@ class Dispatcher:
 
     def slots_changed(self, settings: TunnelSettings) -> None:
         """The tunnel's settings changed: everyone waiting looks again (in line order)."""
-        self.max_concurrency = settings.max_concurrency
+        self._follow(settings)
         self._wake_all()
+
+    def _follow(self, settings: TunnelSettings) -> None:
+        """Take the tunnel's limit from ``settings`` (back to auto: learnt anew from the floor)."""
+        if settings.max_concurrency is None and self.max_concurrency is not None:
+            self.adaptive = AdaptiveLimit()
+        self.max_concurrency = settings.max_concurrency
 
     def attempt_ended(self, outcome: Outcome) -> None:
         """An attempt here ended with ``outcome``: an ``auto`` limit learns from it (a
         slot it adds goes to whoever waits longest)."""
+        if self.max_concurrency is not None:
+            return  # a number the tunnel set: nothing to learn (answers at N say nothing of more)
         before = self.adaptive.limit
         if outcome.answered_in is not None and outcome.status is not None:
-            if self.adaptive.answered(outcome.answered_in, outcome.status) and self.max_concurrency is None:
+            if self.adaptive.answered(outcome.answered_in, outcome.status):
                 self._wake_next()
         elif not outcome.final:
             self.adaptive.failed()
-        if self.adaptive.limit != before and self.max_concurrency is None:
+        if self.adaptive.limit != before:
             log.debug("%s/%s: %d delivery slots", self.tunnel, self.destination, self.adaptive.limit)
 
     def _wake_all(self) -> None:

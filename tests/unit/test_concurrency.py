@@ -172,3 +172,15 @@ def test_anything_else_is_a_usage_error_naming_the_value(value: str, why: str) -
     result = CliRunner().invoke(main, ["tunnel", "set", "alice", "--max-concurrency", value])
     assert result.exit_code == 2
     assert "--max-concurrency" in result.output and why in result.output
+
+
+async def test_a_tunnel_set_back_to_auto_starts_again_from_the_floor() -> None:
+    dispatcher = _dispatcher()
+    dispatcher.slots_changed(TunnelSettings())
+    dispatcher.adaptive.limit = 30  # learnt while auto
+    dispatcher.slots_changed(TunnelSettings(max_concurrency=2))
+    assert dispatcher.slots == 2
+    for _ in range(10 * AUTO_MAX):  # answers with 2 in flight say nothing of more: not learnt
+        dispatcher.attempt_ended(Outcome(200, answered_in=0.001))
+    assert await dispatcher.take_slot("e", TunnelSettings(), 0)  # back to auto, by the settings
+    assert dispatcher.slots == AUTO_MIN
