@@ -26,8 +26,9 @@ from aiohttp import web
 
 from .framework import FORWARDING, Relay, RelayServer, Reply, Seen, TargetService, fetch, until
 
-#: Deliveries in flight to one app at once (the tunnel's default max-concurrency): the most
-#: events a kill can catch between "the app got it" and "the store knows".
+#: Deliveries in flight to one app at once (the tunnel's max-concurrency, set by ``claim``:
+#: the default, auto, could grow it with a fast app): the most events a kill can catch
+#: between "the app got it" and "the store knows".
 MAX_IN_FLIGHT = 8
 #: Seconds the app gets to receive everything once the agent is back.
 DRAIN = 90.0
@@ -47,7 +48,9 @@ async def one_shot_session() -> AsyncIterator[aiohttp.ClientSession]:
 
 def claim(relay: Relay, server: RelayServer, token: str) -> None:
     """Claim alice's tunnel (queue mode) without an agent, so that it takes webhooks."""
-    result = relay.agent_cli(server, token, "tunnel", "set", "alice", "--mode", "queue")
+    result = relay.agent_cli(
+        server, token, "tunnel", "set", "alice", "--mode", "queue", "--max-concurrency", str(MAX_IN_FLIGHT)
+    )
     assert result.returncode == 0, result.stderr
 
 

@@ -671,6 +671,8 @@ async def test_a_full_store_never_causes_a_storm_and_every_outcome_is_written_la
     monkeypatch.setattr(delivery_module, "RERECORD_CAP", 0.05)
     token = _token(client, tmp_path)
     _store(client).claim_name("alice", "alice")
+    # A fixed 8: auto could add a slot on the first answers, before the failure is seen.
+    await _settings(client, token, max_concurrency=8)
     ids = []
     for _ in range(20):
         status, headers = await _post(client)  # no agent: queued
