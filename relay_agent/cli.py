@@ -424,9 +424,17 @@ def _api(
 def _settings_line(tunnel: dict[str, Any]) -> str:
     s = tunnel["settings"]
     retry = ",".join(str(code) for code in s["retry_on"])
+    # Delivery slots now (an auto tunnel's move): one number, or one per destination.
+    slots: dict[str, int] = tunnel.get("slots") or {}  # absent from servers before auto
+    if len(slots) == 1:
+        now = f" slots={next(iter(slots.values()))}"
+    elif slots:
+        now = " slots=" + ",".join(f"{destination}={n}" for destination, n in slots.items())
+    else:
+        now = ""
     return (
         f"{tunnel['name']:24} {s['mode']:6} agents={tunnel['agents']} max-concurrency={s['max_concurrency']}"
-        f" retry-on={retry} destinations={','.join(s['destinations'])}"
+        f"{now} retry-on={retry} destinations={','.join(s['destinations'])}"
     )
 
 

@@ -119,7 +119,13 @@ class Api:
     def _tunnel_json(self, name: str, settings: TunnelSettings) -> dict[str, Any]:
         agents = sum(1 for s in self.registry.sessions() if name in s.names and not s.closed)
         waiting = self.deliveries.waiting(name)
-        return {"name": name, "agents": agents, "waiting": waiting, "settings": settings.to_json()}
+        return {
+            "name": name,
+            "agents": agents,
+            "waiting": waiting,
+            "settings": settings.to_json(),
+            "slots": self.deliveries.slots(name, settings),
+        }
 
     async def _tunnels(self, claims: tokens.Claims) -> web.Response:
         rows = await asyncio.to_thread(self.store.user_tunnels, claims.user)

@@ -39,6 +39,7 @@ from relay_protocol.headers import without
 
 from .attempts import EVENT_HEADERS, AgentExchange, attempt_agent, url_client
 from .commits import GroupCommitter
+from .concurrency import AUTO_MIN
 from .config import QueueConfig
 from .dispatcher import Dispatcher
 from .errors import StoreError
@@ -256,6 +257,19 @@ class Deliveries:
         if key not in self._dispatchers:
             self._dispatchers[key] = Dispatcher(self, tunnel, destination)
         return self._dispatchers[key]
+
+    def slots(self, tunnel: str, settings: TunnelSettings) -> dict[str, int]:
+        """Deliveries each of ``tunnel``'s destinations may have in flight now: its set
+        number, or where ``auto`` stands (AUTO_MIN before its first delivery)."""
+        return {
+            destination: (
+                dispatcher.slots
+                if (dispatcher := self._dispatchers.get((tunnel, destination))) is not None
+                and dispatcher.max_concurrency == settings.max_concurrency
+                else settings.max_concurrency or AUTO_MIN
+            )
+            for destination in settings.destinations
+        }
 
     def _agent_arrived(self, session: AgentSession) -> None:
         """An agent connected, or told us its app answers again: what waits for it goes now."""

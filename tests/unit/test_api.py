@@ -426,11 +426,25 @@ async def test_tunnel_settings_default_and_list(client: TestClient, tmp_path: Pa
             "max_concurrency": "auto",
             "destinations": ["agent:*"],
         },
+        "slots": {"agent:*": 8},  # auto, before its first delivery
     }
     status, _, answer = await _api(client, "GET", "tunnels", token)
     assert [t["name"] for t in answer["tunnels"]] == ["alice"]
     status, _, _ = await _api(client, "GET", "tunnels/alice", _token(client, tmp_path, "bob"))
     assert status == 404
+
+
+async def test_a_tunnel_says_how_many_delivery_slots_it_has_now(client: TestClient, tmp_path: Path) -> None:
+    _store(client).claim_name("alice", "alice")
+    token = _token(client, tmp_path, "alice")
+    client.app[DELIVERIES].dispatcher("alice", "agent:*").adaptive.limit = 21  # auto, grown
+    assert (await _api(client, "GET", "tunnels/alice", token))[2]["slots"] == {"agent:*": 21}
+    # A number set replaces it at once; back to auto, it starts again from the floor.
+    assert (await _api(client, "PATCH", "tunnels/alice", token, {"max_concurrency": 3}))[2]["slots"] == {
+        "agent:*": 3
+    }
+    answer = (await _api(client, "PATCH", "tunnels/alice", token, {"max_concurrency": "auto"}))[2]
+    assert answer["slots"] == {"agent:*": 8}
 
 
 async def test_a_tunnel_says_how_many_events_wait(client: TestClient, tmp_path: Path) -> None:
@@ -468,6 +482,7 @@ async def test_patch_claims_a_free_name_the_token_allows(client: TestClient, tmp
     status, _, answer = await _api(client, "PATCH", "tunnels/alice-new", token, {"max_concurrency": 2})
     assert status == 200
     assert answer["settings"]["max_concurrency"] == 2
+    assert answer["slots"] == {"agent:*": 2}
     assert _store(client).name_owner("alice-new") == "alice"
     # Back to the relay's choice, and it holds for a later read.
     status, _, answer = await _api(client, "PATCH", "tunnels/alice-new", token, {"max_concurrency": "auto"})
