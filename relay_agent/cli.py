@@ -62,12 +62,11 @@ class ConcurrencyType(click.ParamType[int | str]):
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
         text = str(value).strip()
-        if text == "auto":
-            return text
-        try:
-            number = int(text)
-        except ValueError:
+        if text.lower() == "auto":  # the help shows AUTO (click's metavar is upper case)
+            return "auto"
+        if not (text.isascii() and text.isdigit()):  # int() would take "1_0" and other digits
             self.fail(f"{value!r} is not auto or a number", param, ctx)
+        number = int(text)
         if not 1 <= number <= 256:
             self.fail(f"{number} is not between 1 and 256", param, ctx)
         return number

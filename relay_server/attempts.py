@@ -214,7 +214,6 @@ async def attempt_url(
     for name, value in strip_hop_by_hop(without(head.headers, b"host", b"content-length")):
         headers.add(name.decode("latin-1"), value.decode("latin-1"))
     target = URL(url.rstrip("/") + event.target.decode("utf-8", "surrogateescape"), encoded=True)
-    sent_at = time.monotonic()
     try:
         async with (
             asyncio.timeout(timeout),
@@ -222,10 +221,11 @@ async def attempt_url(
                 event.method, target, headers=headers, data=event.body or None, allow_redirects=False
             ) as response,
         ):
-            answered_in = time.monotonic() - sent_at
             await response.read()
             retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
-            return Outcome(response.status, None, retry_after, answered_in=answered_in)
+            # No answered_in: a URL destination's auto slots stay at the floor (its attempts
+            # share the server's one connection pool with every tenant's: attempts.url_client).
+            return Outcome(response.status, None, retry_after)
     except PrivateAddress as exc:
         return Outcome(None, str(exc))
     except TimeoutError:

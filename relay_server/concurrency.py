@@ -5,7 +5,10 @@ the app (a database pool, a single worker). A tunnel left at ``auto`` (the defau
 with ``AUTO_MIN`` delivery slots and gets more while its app answers as fast with more in
 flight as it did with fewer: the idea of TCP Vegas (Brakmo and Peterson, "TCP Vegas: End
 to End Congestion Avoidance on a Global Internet", IEEE JSAC 13(8), 1995), applied to
-requests as Envoy's adaptive concurrency filter and Netflix's concurrency-limits do.
+requests as Envoy's adaptive concurrency filter and Netflix's concurrency-limits do. Only
+agent destinations grow: attempts at an ``http(s)://`` destination carry no answer time
+(they share the server's one connection pool with every tenant's), so theirs stay at
+``AUTO_MIN``.
 
 - An answer time is the time from an attempt's OPEN to its answer's head, in seconds.
 - Answer times are taken in rounds of ``limit`` answers. A round whose median is within
@@ -13,14 +16,21 @@ requests as Envoy's adaptive concurrency filter and Netflix's concurrency-limits
   back during the round (without a queue, more slots would prove nothing); a round whose
   median is over it takes a quarter of the slots away, down to ``AUTO_MIN``.
 - An answer of 429 or 503 (the app says it is overloaded: RFC 6585 4, RFC 9110 15.6.4)
-  takes a quarter away at once; an attempt the app did not answer in time, or that did
-  not reach it, takes the limit back to ``AUTO_MIN``.
-- ``fastest`` is the fastest answer of the last one or two ``FASTEST_WINDOW``s, so an app
-  that became slower for good (a deploy, a new network path) is measured anew.
+  takes a quarter away at once; an attempt that reached the app but got no answer (it
+  timed out, or the app is unreachable) takes the limit back to ``AUTO_MIN``.
+- ``fastest`` is the fastest answer since the limit started (TCP Vegas' BaseRTT): the
+  first answer of a burst to an idle app is its service time alone. It is never forgotten
+  by count: had it been (a window of answers), a single worker kept busy for a few seconds
+  at 8 would have made its 8-deep queueing time "the fastest", and grown (a review found
+  it at 53 slots). The dispatcher starts a new limit instead when the app may have
+  changed: an agent arrives, the app is reported up again, or nothing was in flight for
+  ``IDLE_FORGET`` seconds.
 
 An app that answers one request at a time answers the n-th of a burst in n service times:
 its medians are far over twice the first answer, and its tunnel stays at ``AUTO_MIN``, as
-with the fixed default before. Measured on the bench's node app (docs/performance.md,
+with the fixed default before. One that answers in well under a millisecond may go a
+little over it (the ``GRACE``: 0.5 ms a request reached 14-17), each request then
+waiting a few milliseconds more: no timeout is near. Measured on the bench's node app (docs/performance.md,
 "Counting without locks"): the median answer rose from 2.2 ms at 8 slots to 3.1-3.4 at
 32 and 10.9-11.7 at 64, so the limit settles between them.
 """
@@ -40,8 +50,10 @@ AUTO_MAX = 64
 #: relay's own queueing under load (a loop pass, a commit) is a few milliseconds and must
 #: not read as the app's.
 GRACE = 0.005
-#: Answers over which the fastest one is remembered (then the window before is forgotten).
-FASTEST_WINDOW = 256
+#: Seconds without a delivery in flight after which a destination's limit starts anew
+#: (from ``AUTO_MIN``, its fastest answer forgotten): the burst is over, and the app may
+#: be another by the next one (restarted, redeployed, another agent's).
+IDLE_FORGET = 60.0
 #: Statuses that say the app is overloaded.
 OVERLOADED = frozenset({429, 503})
 
@@ -57,16 +69,10 @@ class AdaptiveLimit:
 
     def __init__(self) -> None:
         self.limit = AUTO_MIN
+        #: The fastest answer since the limit started, in seconds (``inf`` before the first).
+        self.fastest = math.inf
         self._round: list[float] = []
         self._held_back = False
-        self._fastest_now = math.inf
-        self._fastest_before = math.inf
-        self._window = 0
-
-    @property
-    def fastest(self) -> float:
-        """The fastest answer remembered, in seconds (``inf`` before the first)."""
-        return min(self._fastest_now, self._fastest_before)
 
     def held_back(self) -> None:
         """A delivery waited for a slot: the limit is what bounds the work now."""
@@ -74,13 +80,10 @@ class AdaptiveLimit:
 
     def answered(self, seconds: float, status: int) -> bool:
         """The app answered ``status`` after ``seconds``."""
-        if self._window >= FASTEST_WINDOW:
-            self._fastest_before, self._fastest_now, self._window = self._fastest_now, math.inf, 0
-        self._window += 1
-        self._fastest_now = min(self._fastest_now, seconds)
-        if status in OVERLOADED:
+        if status in OVERLOADED:  # a rate limiter's quick refusal is no service time
             self._decrease()
             return False
+        self.fastest = min(self.fastest, seconds)
         self._round.append(seconds)
         if len(self._round) < self.limit:
             return False
@@ -97,7 +100,7 @@ class AdaptiveLimit:
         return False
 
     def failed(self) -> None:
-        """An attempt got no answer (timed out, or never reached the app): start again low."""
+        """An attempt reached the app but got no answer (timed out, unreachable): start again low."""
         self.limit = AUTO_MIN
         self._round.clear()
         self._held_back = False

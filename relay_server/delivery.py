@@ -255,7 +255,9 @@ class Deliveries:
     def dispatcher(self, tunnel: str, destination: str) -> Dispatcher:
         key = (tunnel, destination)
         if key not in self._dispatchers:
-            self._dispatchers[key] = Dispatcher(self, tunnel, destination)
+            self._dispatchers[key] = dispatcher = Dispatcher(self, tunnel, destination)
+            if (settings := self._settings.get(tunnel)) is not None:
+                dispatcher.slots_changed(settings)  # the newest, not a caller's older copy
         return self._dispatchers[key]
 
     def slots(self, tunnel: str, settings: TunnelSettings) -> dict[str, int]:
@@ -275,8 +277,9 @@ class Deliveries:
         """An agent connected, or told us its app answers again: what waits for it goes now."""
         for name in session.names:
             for destination in (ANY_AGENT, f"agent:{session.label}"):
-                if (name, destination) in self._dispatchers:
-                    self._dispatchers[name, destination].deliver_early()
+                if (dispatcher := self._dispatchers.get((name, destination))) is not None:
+                    dispatcher.fresh_start()  # another agent, or the app restarted
+                    dispatcher.deliver_early()
 
     # -- the ingress side ----------------------------------------------------------
 

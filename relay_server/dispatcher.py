@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from .attempts import attempt_agent, attempt_url
-from .concurrency import AdaptiveLimit
+from .concurrency import IDLE_FORGET, AdaptiveLimit
 from .errors import StoreError
 from .settings import TunnelSettings
 from .states import Outcome
@@ -67,10 +67,14 @@ class Dispatcher:
         self._reading = False
         self._ended: set[str] = set()
         self._wake = asyncio.Event()
-        #: The tunnel's limit on attempts in flight, as last read from its settings
-        #: (None: ``auto``, the adaptive limit's).
+        #: The tunnel's limit on attempts in flight (None: ``auto``, the adaptive limit's):
+        #: from its settings when they change (``slots_changed``), or from the first
+        #: ``take_slot``'s if none came before (a caller's copy may be older than a change).
         self.max_concurrency: int | None = None
+        self._configured = False
         self.adaptive = AdaptiveLimit()
+        #: When the last attempt in flight ended (monotonic seconds; None: one is in flight).
+        self._idle_since: float | None = time.monotonic()
         #: Who waits for a delivery slot, first come first served (see take_slot).
         self._slot_line: collections.deque[_SlotWaiter] = collections.deque()
         self._early = False
@@ -107,7 +111,12 @@ class Dispatcher:
         line, every release woke every waiter and a newcomer could take the slot first:
         at 64 senders and 8 slots some webhooks waited seconds behind later ones.
         """
-        self._follow(settings)
+        if not self._configured:
+            self._follow(settings)
+        if not self.in_flight and self._idle_since is not None:
+            if time.monotonic() - self._idle_since > IDLE_FORGET and self.max_concurrency is None:
+                self.fresh_start()  # the burst is long over: the app may be another now
+            self._idle_since = None
         if not self._slot_line and self.has_slot():
             self.in_flight.add(event_id)
             return True
@@ -135,6 +144,8 @@ class Dispatcher:
     def release(self, event_id: str) -> None:
         """An attempt on ``event_id`` is over: free its slot."""
         self.in_flight.discard(event_id)
+        if not self.in_flight:
+            self._idle_since = time.monotonic()
         self._wake_next()
         self._ended_now(event_id)
 
@@ -148,6 +159,14 @@ class Dispatcher:
         if settings.max_concurrency is None and self.max_concurrency is not None:
             self.adaptive = AdaptiveLimit()
         self.max_concurrency = settings.max_concurrency
+        self._configured = True
+
+    def fresh_start(self) -> None:
+        """The app behind this destination may have changed (an agent arrived, the app is
+        up again, a long idle time): an ``auto`` limit starts again from the floor, its
+        fastest answer forgotten."""
+        self.adaptive = AdaptiveLimit()
+        log.debug("%s/%s: delivery slots start again", self.tunnel, self.destination)
 
     def attempt_ended(self, outcome: Outcome) -> None:
         """An attempt here ended with ``outcome``: an ``auto`` limit learns from it (a
@@ -158,7 +177,7 @@ class Dispatcher:
         if outcome.answered_in is not None and outcome.status is not None:
             if self.adaptive.answered(outcome.answered_in, outcome.status):
                 self._wake_next()
-        elif not outcome.final:
+        elif outcome.reached and not outcome.final:  # the app's failure, not the relay's
             self.adaptive.failed()
         if self.adaptive.limit != before:
             log.debug("%s/%s: %d delivery slots", self.tunnel, self.destination, self.adaptive.limit)
