@@ -22,17 +22,26 @@ agent destinations grow: attempts at an ``http(s)://`` destination carry no answ
   first answer of a burst to an idle app is its service time alone. It is never forgotten
   by count: had it been (a window of answers), a single worker kept busy for a few seconds
   at 8 would have made its 8-deep queueing time "the fastest", and grown (a review found
-  it at 53 slots). The dispatcher starts a new limit instead when the app may have
-  changed: an agent arrives, the app is reported up again, or nothing was in flight for
-  ``IDLE_FORGET`` seconds.
+  it at 53 slots). It is forgotten only after ``IDLE_FORGET`` seconds with nothing in
+  flight, when the next burst's first answer comes from an app our traffic left idle; an
+  agent arriving, or the app reported up again, takes the limit back to ``AUTO_MIN`` and
+  keeps it (a slower app behind it then only grows less).
 
 An app that answers one request at a time answers the n-th of a burst in n service times:
 its medians are far over twice the first answer, and its tunnel stays at ``AUTO_MIN``, as
 with the fixed default before. One that answers in well under a millisecond may go a
 little over it (the ``GRACE``: 0.5 ms a request reached 14-17), each request then
-waiting a few milliseconds more: no timeout is near. Measured on the bench's node app (docs/performance.md,
-"Counting without locks"): the median answer rose from 2.2 ms at 8 slots to 3.1-3.4 at
-32 and 10.9-11.7 at 64, so the limit settles between them.
+waiting a few milliseconds more: no timeout is near.
+
+What the rule cannot see: a first answer that was slow for another reason (a cold start)
+while answers queue behind it. ``fastest`` is then at most the 8-deep queueing time, and
+a single worker grows to about 17 (``2 x 8`` plus the grace) until the next idle time:
+each request then waits at most 17 of its service times (a review measured 17-18 for a
+10 ms app whose first answer took 300 ms).
+
+Measured on the bench's node app (docs/performance.md, "Counting without locks"): the
+median answer rose from 2.2 ms at 8 slots to 3.1-3.4 at 32 and 10.9-11.7 at 64, so the
+limit settles between them.
 """
 
 from __future__ import annotations
@@ -99,11 +108,18 @@ class AdaptiveLimit:
             self._decrease()
         return False
 
-    def failed(self) -> None:
-        """An attempt reached the app but got no answer (timed out, unreachable): start again low."""
+    def restart(self) -> None:
+        """Back to ``AUTO_MIN``, the fastest answer kept: another agent, or the app back up
+        (most often the same app: had the fastest been forgotten, answers queued behind
+        the burst still in flight would have become "the fastest", and a single worker
+        would have grown: a second review found 18 slots)."""
         self.limit = AUTO_MIN
         self._round.clear()
         self._held_back = False
+
+    def failed(self) -> None:
+        """An attempt reached the app but got no answer (timed out, unreachable): start again low."""
+        self.restart()
 
     def _decrease(self) -> None:
         self.limit = max(AUTO_MIN, self.limit - max(1, self.limit // 4))

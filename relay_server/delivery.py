@@ -278,7 +278,7 @@ class Deliveries:
         for name in session.names:
             for destination in (ANY_AGENT, f"agent:{session.label}"):
                 if (dispatcher := self._dispatchers.get((name, destination))) is not None:
-                    dispatcher.fresh_start()  # another agent, or the app restarted
+                    dispatcher.restart_slots()  # another agent, or the app restarted
                     dispatcher.deliver_early()
 
     # -- the ingress side ----------------------------------------------------------

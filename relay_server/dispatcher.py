@@ -115,7 +115,7 @@ class Dispatcher:
             self._follow(settings)
         if not self.in_flight and self._idle_since is not None:
             if time.monotonic() - self._idle_since > IDLE_FORGET and self.max_concurrency is None:
-                self.fresh_start()  # the burst is long over: the app may be another now
+                self.adaptive = AdaptiveLimit()  # the burst is long over: measured anew
             self._idle_since = None
         if not self._slot_line and self.has_slot():
             self.in_flight.add(event_id)
@@ -161,11 +161,10 @@ class Dispatcher:
         self.max_concurrency = settings.max_concurrency
         self._configured = True
 
-    def fresh_start(self) -> None:
-        """The app behind this destination may have changed (an agent arrived, the app is
-        up again, a long idle time): an ``auto`` limit starts again from the floor, its
-        fastest answer forgotten."""
-        self.adaptive = AdaptiveLimit()
+    def restart_slots(self) -> None:
+        """An agent arrived, or the app is up again: an ``auto`` limit goes back to the
+        floor, its fastest answer kept (concurrency.py)."""
+        self.adaptive.restart()
         log.debug("%s/%s: delivery slots start again", self.tunnel, self.destination)
 
     def attempt_ended(self, outcome: Outcome) -> None:
@@ -177,8 +176,8 @@ class Dispatcher:
         if outcome.answered_in is not None and outcome.status is not None:
             if self.adaptive.answered(outcome.answered_in, outcome.status):
                 self._wake_next()
-        elif outcome.reached and not outcome.final:  # the app's failure, not the relay's
-            self.adaptive.failed()
+        elif outcome.status is None and outcome.reached and not outcome.final:
+            self.adaptive.failed()  # the app's failure (not the relay's, nor the request's)
         if self.adaptive.limit != before:
             log.debug("%s/%s: %d delivery slots", self.tunnel, self.destination, self.adaptive.limit)
 

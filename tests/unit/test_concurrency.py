@@ -227,3 +227,43 @@ async def test_a_tunnel_set_back_to_auto_starts_again_from_the_floor() -> None:
         dispatcher.attempt_ended(Outcome(200, answered_in=0.001))
     dispatcher.slots_changed(TunnelSettings())  # tunnel set --max-concurrency auto
     assert dispatcher.slots == AUTO_MIN
+
+
+def test_a_restart_keeps_the_fastest_answer_so_a_busy_single_worker_stays_at_the_floor() -> None:
+    # A second agent joins mid-burst (a zero-downtime restart) or the app is reported up
+    # again: the limit goes back to 8, but answers queued behind the burst still in
+    # flight must not become "the fastest" (a review saw a 10 ms single worker at 18).
+    service, limit = 0.01, AdaptiveLimit()
+    limit.answered(service, 200)  # the first answer, from an idle app
+    for _ in range(500):
+        limit.held_back()
+        limit.answered(limit.limit * service, 200)
+    limit.restart()
+    assert limit.limit == AUTO_MIN and limit.fastest == service
+    for _ in range(5000):
+        limit.held_back()
+        limit.answered(limit.limit * service, 200)
+        assert limit.limit == AUTO_MIN
+
+
+def test_a_slow_first_answer_lets_a_busy_single_worker_grow_to_about_twice_the_floor_at_most() -> None:
+    # What the rule cannot see (concurrency.py): a cold start's slow first answer while
+    # the rest queue behind it. The fastest is then at most the 8-deep queueing time.
+    service, limit = 0.01, AdaptiveLimit()
+    limit.answered(0.3, 200)
+    most = 0
+    for _ in range(5000):
+        limit.held_back()
+        limit.answered(limit.limit * service, 200)
+        most = max(most, limit.limit)
+    assert AUTO_MIN < most <= 2 * AUTO_MIN + 1
+
+
+async def test_an_answer_without_an_answer_time_changes_nothing() -> None:
+    # A URL destination's attempts carry none (their slots stay at the floor): a success
+    # there is not an attempt without an answer.
+    dispatcher = _dispatcher()
+    dispatcher.slots_changed(TunnelSettings())
+    dispatcher.adaptive.limit = 12
+    dispatcher.attempt_ended(Outcome(200))
+    assert dispatcher.slots == 12
