@@ -164,8 +164,9 @@ class Dispatcher:
     def restart_slots(self) -> None:
         """An agent arrived, or the app is up again: an ``auto`` limit goes back to the
         floor, its fastest answer kept (concurrency.py)."""
-        self.adaptive.restart()
-        log.debug("%s/%s: delivery slots start again", self.tunnel, self.destination)
+        if self.max_concurrency is None:
+            self.adaptive.restart()
+            log.debug("%s/%s: delivery slots start again", self.tunnel, self.destination)
 
     def attempt_ended(self, outcome: Outcome) -> None:
         """An attempt here ended with ``outcome``: an ``auto`` limit learns from it (a
