@@ -262,12 +262,14 @@ class Deliveries:
 
     def slots(self, tunnel: str, settings: TunnelSettings) -> dict[str, int]:
         """Deliveries each of ``tunnel``'s destinations may have in flight now: its set
-        number, or where ``auto`` stands (AUTO_MIN before its first delivery)."""
+        number, or where ``auto`` stands (AUTO_MIN before its first delivery, and when the
+        next one starts it anew after a long idle time)."""
         return {
             destination: (
                 dispatcher.slots
                 if (dispatcher := self._dispatchers.get((tunnel, destination))) is not None
                 and dispatcher.max_concurrency == settings.max_concurrency
+                and not dispatcher.idle_for_long()
                 else settings.max_concurrency or AUTO_MIN
             )
             for destination in settings.destinations

@@ -99,6 +99,15 @@ class Dispatcher:
         """Attempts that may be in flight now: the tunnel's number, or the adaptive limit."""
         return self.adaptive.limit if self.max_concurrency is None else self.max_concurrency
 
+    def idle_for_long(self) -> bool:
+        """True if an ``auto`` limit will start anew with the next delivery: nothing was
+        in flight for ``IDLE_FORGET`` seconds."""
+        return (
+            self.max_concurrency is None
+            and self._idle_since is not None
+            and time.monotonic() - self._idle_since > IDLE_FORGET
+        )
+
     def has_slot(self) -> bool:
         return len(self.in_flight) < self.slots
 
@@ -114,7 +123,7 @@ class Dispatcher:
         if not self._configured:
             self._follow(settings)
         if not self.in_flight and self._idle_since is not None:
-            if time.monotonic() - self._idle_since > IDLE_FORGET and self.max_concurrency is None:
+            if self.idle_for_long():
                 self.adaptive = AdaptiveLimit()  # the burst is long over: measured anew
             self._idle_since = None
         if not self._slot_line and self.has_slot():

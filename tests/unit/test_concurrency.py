@@ -173,6 +173,7 @@ async def test_a_destination_idle_for_long_starts_again_from_the_floor(
     assert dispatcher.slots == 40
     dispatcher.release("b")
     clock[0] += IDLE_FORGET + 1  # the burst is long over: the next one starts low
+    assert dispatcher.idle_for_long()  # what the tunnel API shows as its slots (8) meanwhile
     assert await dispatcher.take_slot("c", auto, 0)
     assert dispatcher.slots == AUTO_MIN and dispatcher.adaptive.fastest > 1
 
