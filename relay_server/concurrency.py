@@ -72,8 +72,8 @@ class AdaptiveLimit:
 
     ``limit`` is how many deliveries may be in flight now, ``AUTO_MIN`` to ``AUTO_MAX``.
     Call ``held_back`` when a delivery had to wait for a slot, ``answered`` with each
-    answer time and status, ``failed`` when an attempt reached no answer. Each returns
-    True when the limit went up (whoever waits for a slot should look again).
+    answer time and status (it returns True when the limit went up: whoever waits for a
+    slot should look again), ``restart`` when an attempt reached the app but no answer.
     """
 
     def __init__(self) -> None:
@@ -109,18 +109,14 @@ class AdaptiveLimit:
         return False
 
     def restart(self) -> None:
-        """Back to ``AUTO_MIN``, the fastest answer kept: another agent, or the app back up
+        """Back to ``AUTO_MIN``, the fastest answer kept: an attempt reached the app but got
+        no answer (timed out, unreachable), or another agent came, or the app is back up
         (most often the same app: had the fastest been forgotten, answers queued behind
         the burst still in flight would have become "the fastest", and a single worker
         would have grown: a second review found 18 slots)."""
         self.limit = AUTO_MIN
         self._round.clear()
         self._held_back = False
-
-    def failed(self) -> None:
-        """An attempt reached the app but got no answer (timed out, unreachable): start again low."""
-        self.restart()
-
     def _decrease(self) -> None:
         self.limit = max(AUTO_MIN, self.limit - max(1, self.limit // 4))
         self._round.clear()

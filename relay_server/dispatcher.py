@@ -187,7 +187,7 @@ class Dispatcher:
             if self.adaptive.answered(outcome.answered_in, outcome.status):
                 self._wake_next()
         elif outcome.status is None and outcome.reached and not outcome.final:
-            self.adaptive.failed()  # the app's failure (not the relay's, nor the request's)
+            self.adaptive.restart()  # the app's failure (not the relay's, nor the request's)
         if self.adaptive.limit != before:
             log.debug("%s/%s: %d delivery slots", self.tunnel, self.destination, self.adaptive.limit)
 

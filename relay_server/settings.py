@@ -64,7 +64,7 @@ class TunnelSettings:
         concurrency = self.max_concurrency
         if "max_concurrency" in changes:
             given = changes["max_concurrency"]
-            if isinstance(given, str) and given == AUTO:
+            if given == AUTO:
                 concurrency = None
             elif _is_int(given) and 1 <= given <= MAX_CONCURRENCY_LIMIT:
                 concurrency = given

@@ -83,7 +83,7 @@ def test_an_attempt_without_an_answer_starts_again_at_the_floor() -> None:
     limit = AdaptiveLimit()
     while limit.limit < 20:
         _round(limit, 0.002)
-    limit.failed()
+    limit.restart()
     assert limit.limit == AUTO_MIN
 
 
