@@ -483,10 +483,10 @@ class LocalClient:
         except TimeoutError as exc:
             why = f"no connection to {self.target.base_url} within {CONNECT_TIMEOUT:g}s"
             raise ConnectTimeout(why) from exc
-        except ssl.SSLError as exc:
-            raise TlsFailed(exc) from exc
-        except OSError as exc:
-            raise ConnectFailed(exc) from exc
+        except ssl.SSLError as tls_error:
+            raise TlsFailed(tls_error) from tls_error
+        except OSError as error:
+            raise ConnectFailed(error) from error
         return connection
 
     async def _address_infos(self, loop: asyncio.AbstractEventLoop) -> list[aiohappyeyeballs.AddrInfoType]:

@@ -7,12 +7,11 @@ import contextlib
 import contextvars
 import errno
 import re
-from collections.abc import AsyncIterator, Awaitable, Mapping
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Awaitable
+from typing import Protocol
 
 import aiohttp
 import aiohttp.http_writer
-from multidict import CIMultiDict
 from yarl import URL
 
 from relay_protocol import RelayError, RequestHead, ResponseHead
@@ -53,6 +52,7 @@ from .client import (
     request_head,
 )
 from .config import AgentConfig
+from .exact_request import ExactRequest, UnsendableHead, exact_headers, install_exact_serializer
 from .pool import connector, explain_connect_failure
 from .target import tls_name
 from .tls import speaks_tls, tls_problem
@@ -71,7 +71,6 @@ MAX_REASON = 400
 # aiohttp adds these when the request lacks them; a tunnel must not.
 _NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 # RFC 9110 5.5: a field value may not hold controls other than HTAB (nor DEL).
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
@@ -113,77 +112,6 @@ class ForwardFailed(Exception):
     def status(self) -> int:
         """The status the public client sees: 504 for a timeout, else 502."""
         return 504 if self.code == RESET_TARGET_TIMEOUT else 502
-
-
-# -- request heads, byte for byte --------------------------------------------------------
-#
-# aiohttp's client cannot send a head as it came: its session merges header names
-# that differ only in case (``X-Dup: 1`` then ``x-dup: 2`` leaves ``x-dup: 2``), and
-# it writes every name and value as UTF-8 (``caf\xe9`` read as latin-1 leaves as
-# ``caf\xc3\xa9``). So a forwarded request carries its headers past the session (a
-# context variable read by ``_ExactRequest``) in an ``_ExactHeaders``, which
-# ``_serialize_headers`` writes as latin-1: one character, one byte, as received.
-# A websocket upgrade goes the same way: ``ws_connect`` hands its own handshake
-# headers (Upgrade, Connection, Sec-WebSocket-Key/Version/Protocol) to the request,
-# and ``_ExactRequest`` appends those the forwarded head lacks after it.
-
-_exact_headers: contextvars.ContextVar[Headers | None] = contextvars.ContextVar(
-    "relay_exact_headers", default=None
-)
-
-
-class _UnsendableHead(ValueError):
-    """A header holds a byte HTTP forbids (a control character)."""
-
-
-class _ExactHeaders(CIMultiDict[str]):
-    """Headers whose names and values are latin-1 text: each character is one byte of the wire."""
-
-
-class _ExactRequest(aiohttp.ClientRequest):
-    """A client request whose headers, when a forward set them, are exactly those, in order,
-    followed by any the caller (``ws_connect``'s handshake) gave that they lack."""
-
-    def update_headers(self, headers: Any) -> None:
-        exact = _exact_headers.get()
-        if exact is None:
-            super().update_headers(headers)
-            return
-        self.headers = _ExactHeaders()
-        for name, value in exact:
-            self.headers.add(name.decode("latin-1"), value.decode("latin-1"))
-        own = headers.items() if isinstance(headers, Mapping) else (headers or ())
-        for name, value in list(own):
-            if name not in self.headers:
-                self.headers.add(name, value)
-        if "Host" not in self.headers:
-            host = self.url.host_port_subcomponent
-            assert host is not None  # an absolute URL: always the target's
-            self.headers["Host"] = host
-
-
-_aiohttp_serialize_headers = aiohttp.http_writer._serialize_headers
-
-
-def _serialize_headers(status_line: str, headers: Any) -> bytes:
-    """aiohttp's header serializer, except that ``_ExactHeaders`` are written as latin-1
-    and the request line keeps the target's bytes (``Target.url_for``)."""
-    if type(headers) is not _ExactHeaders:
-        return _aiohttp_serialize_headers(status_line, headers)
-    lines = [status_line.encode("utf-8", "surrogateescape")]
-    for name, value in headers.items():
-        lines.append(name.encode("latin-1") + b": " + value.encode("latin-1"))
-    if any(_CONTROL.search(text) for pair in headers.items() for text in pair) or _CONTROL.search(
-        status_line
-    ):
-        # As aiohttp's own serializer: never split a head or end it early.
-        raise _UnsendableHead("a control character in a header")
-    return b"\r\n".join(lines) + b"\r\n\r\n"
-
-
-def _install_exact_serializer() -> None:
-    # StreamWriter.write_headers looks the serializer up in its module at each call.
-    aiohttp.http_writer._serialize_headers = _serialize_headers
 
 
 # -- websocket upgrades: what the target answered, when it was not 101 -----------------
@@ -231,7 +159,7 @@ def _upgrade_traces() -> list[aiohttp.TraceConfig]:
 def client_session(config: AgentConfig) -> aiohttp.ClientSession:
     """The agent's aiohttp session, for WebSocket upgrades to ``config.target`` (every
     other request goes through ``client.LocalClient``)."""
-    _install_exact_serializer()
+    install_exact_serializer()
     return aiohttp.ClientSession(
         connector=connector(config.forward_tls, MAX_CONCURRENT_STREAMS),
         auto_decompress=False,  # bodies pass byte for byte, Content-Encoding and all
@@ -240,7 +168,7 @@ def client_session(config: AgentConfig) -> aiohttp.ClientSession:
         # (--timeout) and resets the stream; this only catches a dead target.
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT),
         skip_auto_headers=_NO_AUTO_HEADERS,
-        request_class=_ExactRequest,
+        request_class=ExactRequest,
         trace_configs=_upgrade_traces(),
         max_line_size=MAX_RESPONSE_HEADER_LINE,
         max_field_size=MAX_RESPONSE_HEADER_LINE,
@@ -356,7 +284,7 @@ def _failure(exc: BaseException, config: AgentConfig) -> ForwardFailed | None:
     if isinstance(exc, aiohttp.ClientError | OSError | LocalError):
         why = str(exc) or type(exc).__name__
         return ForwardFailed(RESET_TARGET_ERROR, f"the request to the local service failed: {why}")
-    if isinstance(exc, _UnsendableHead):  # a byte HTTP forbids: the relay should have refused it
+    if isinstance(exc, UnsendableHead):  # a byte HTTP forbids: the relay should have refused it
         return ForwardFailed(RESET_REFUSED, f"unforwardable request head: {exc}")
     return None
 
@@ -384,7 +312,7 @@ async def forward(
     if has_body:
         whole = link.whole_body()
         if whole is None:
-            body = _framed(link.body(), sized)
+            body = _Framed(link.body(), sized)
         else:
             body = whole if sized else (chunk(whole) if whole else b"") + chunk(b"")
     request = request_head(head.method, head.target, headers, chunked=has_body and not sized)
@@ -440,12 +368,30 @@ async def forward(
         raise failure from exc
 
 
-async def _framed(body: AsyncIterator[bytes], sized: bool) -> AsyncIterator[bytes]:
-    """A request body as it goes on the wire: as is with a Content-Length, else chunked."""
-    async for data in body:
-        yield data if sized else chunk(data)
-    if not sized:
-        yield chunk(b"")
+class _Framed:
+    """A request body as it goes on the wire: as is with a Content-Length, else chunked.
+
+    An iterator class, not an async generator: mypyc compiles no async generators."""
+
+    def __init__(self, body: AsyncIterator[bytes], sized: bool) -> None:
+        self._body = body
+        self._sized = sized
+        self._ended = False
+
+    def __aiter__(self) -> _Framed:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._ended:
+            raise StopAsyncIteration
+        try:
+            data = await anext(self._body)
+        except StopAsyncIteration:
+            self._ended = True
+            if self._sized:
+                raise
+            return chunk(b"")  # the last chunk
+        return data if self._sized else chunk(data)
 
 
 async def forward_websocket(
@@ -459,7 +405,7 @@ async def forward_websocket(
     # aiohttp runs its own handshake with the target (key, version, the offered
     # protocols); every other header goes as the client sent it, byte for byte.
     handshake = (*WEBSOCKET_HANDSHAKE, b"sec-websocket-protocol", b"upgrade")
-    exact = _exact_headers.set(without(outgoing_headers(head, config), *handshake))
+    exact = exact_headers.set(without(outgoing_headers(head, config), *handshake))
     _refusal.set(None)
     _upgraded.set(())
     try:
@@ -479,13 +425,13 @@ async def forward_websocket(
         if body:
             await link.send_body(body, end=True)
         return status
-    except (aiohttp.ClientError, OSError, TimeoutError, _UnsendableHead) as exc:
+    except (aiohttp.ClientError, OSError, TimeoutError, UnsendableHead) as exc:
         failure = _failure(exc, config)
         if failure is None:
             raise
         raise failure from exc
     finally:
-        _exact_headers.reset(exact)
+        exact_headers.reset(exact)
     async with ws:
         # The target's own 101 headers go back (a Set-Cookie, say) but for the handshake's,
         # which the relay's two handshakes make: the protocol is the one it chose.
@@ -519,7 +465,9 @@ async def _target_to_server(ws: aiohttp.ClientWebSocketResponse, link: Link) -> 
     while True:
         msg = await ws.receive()
         if msg.type in _KIND_OF:
-            data = msg.data.encode() if msg.type is aiohttp.WSMsgType.TEXT else msg.data
+            data = (
+                msg.data.encode() if msg.type is aiohttp.WSMsgType.TEXT else bytes(msg.data)
+            )  # a ping: bytearray
             await link.send_body(encode_message(Message(_KIND_OF[msg.type], data)))
             continue
         if msg.type is aiohttp.WSMsgType.CLOSE:

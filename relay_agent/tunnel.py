@@ -83,6 +83,26 @@ class StreamGone(Exception):
     """The stream was reset by the server or the connection was lost."""
 
 
+class _RequestBody:
+    """``AgentStream.body``: its chunks, each granted back to the server once the target
+    asks for the next. An iterator class, not an async generator: mypyc compiles none."""
+
+    def __init__(self, stream: AgentStream) -> None:
+        self._stream = stream
+        self._taken = 0
+
+    def __aiter__(self) -> _RequestBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        data = await self._stream.next_chunk(self._taken)
+        if data is None:
+            self._taken = 0
+            raise StopAsyncIteration
+        self._taken = len(data)
+        return data
+
+
 class AgentStream:
     """One forwarded request, seen from the agent: implements ``forward.Link``."""
 
@@ -118,19 +138,22 @@ class AgentStream:
             self.task.cancel()
 
     # forward.Link
-    async def body(self) -> AsyncIterator[bytes]:
+    def body(self) -> AsyncIterator[bytes]:
+        return _RequestBody(self)
+
+    async def next_chunk(self, taken: int) -> bytes | None:
+        """The request body's next chunk as it arrives, None after its end. ``taken``: bytes
+        of the chunk before, which the target took: the server gets that much credit."""
+        if taken:
+            await self._session.consumed(self.id, taken)
         while True:
             if self._chunks:
-                chunk = self._chunks.popleft()
-                yield chunk
-                # The target took the previous chunk: grant the server that much credit.
-                await self._session.consumed(self.id, len(chunk))
-            elif self._ended:
-                return
-            else:
-                self._arrived = asyncio.get_running_loop().create_future()
-                await self._arrived
-                self._arrived = None
+                return self._chunks.popleft()
+            if self._ended:
+                return None
+            self._arrived = asyncio.get_running_loop().create_future()
+            await self._arrived
+            self._arrived = None
 
     def whole_body(self) -> bytes | None:
         if not self._ended:
@@ -399,9 +422,9 @@ class _Session:
             if exc.code == RESET_TARGET_UNREACHABLE:
                 self.tunnel.target_unreachable()
             await stream.reset(exc.code, str(exc))
-        except BadHead as exc:  # the local app's answer cannot travel (a head over the limits)
+        except BadHead as bad_head:  # the local app's answer cannot travel (a head over the limits)
             status = 502
-            error = f"the response head cannot be relayed: {exc}"
+            error = f"the response head cannot be relayed: {bad_head}"
             await stream.reset(RESET_BAD_RESPONSE, error)
         except StreamGone:
             status = "reset"
@@ -409,9 +432,9 @@ class _Session:
         except asyncio.CancelledError:
             status = "cancelled"
             error = stream.why_gone
-        except Exception as exc:  # a bug: keep the connection and other streams alive
+        except Exception as bug:  # a bug: keep the connection and other streams alive
             log.exception("stream %d: internal error", stream.id)
-            await stream.reset(RESET_INTERNAL, f"agent error: {type(exc).__name__}")
+            await stream.reset(RESET_INTERNAL, f"agent error: {type(bug).__name__}")
         finally:
             self.streams.pop(stream.id, None)
             # Still open if answered before the request body ended: nothing more will be read.
@@ -525,10 +548,10 @@ class Tunnel:
         except InvalidStatus as exc:
             self._offline(f"server answered the upgrade with HTTP {exc.response.status_code}")
             return False
-        except (OSError, TimeoutError, InvalidHandshake, socket.gaierror) as exc:
+        except (OSError, TimeoutError, InvalidHandshake, socket.gaierror) as unreachable:
             parts = urlsplit(url)
-            problem = certificate_problem(exc, parts.hostname or url)
-            if problem is None and isinstance(exc, InvalidMessage) and parts.scheme == "ws":
+            problem = certificate_problem(unreachable, parts.hostname or url)
+            if problem is None and isinstance(unreachable, InvalidMessage) and parts.scheme == "ws":
                 # Not HTTP on an http:// URL: an HTTPS server (--tls-cert, a proxy's 443)?
                 port = parts.port or 80
                 if await speaks_tls(parts.hostname or "", port):
@@ -536,8 +559,10 @@ class Tunnel:
                         f"{parts.hostname}:{port} speaks TLS: the server URL must be https://"
                     )
             if problem is not None:
-                raise problem from exc  # configuration, not the network: never retried
-            self._offline(f"cannot connect to {self.config.server}: {str(exc) or type(exc).__name__}")
+                raise problem from unreachable  # configuration, not the network: never retried
+            self._offline(
+                f"cannot connect to {self.config.server}: {str(unreachable) or type(unreachable).__name__}"
+            )
             return False
         session = _Session(ws, self)
         welcomed = False
@@ -551,12 +576,12 @@ class Tunnel:
             await session.run()
             code = ws.close_code
             reason = ws.close_reason
-        except ConnectionClosed as exc:
-            code = exc.rcvd.code if exc.rcvd else None
-            reason = exc.rcvd.reason if exc.rcvd else None
-        except (ProtocolError, TimeoutError, OSError) as exc:
-            self._offline(f"connection failed: {str(exc) or type(exc).__name__}")
-            await ws.close(CLOSE_PROTOCOL_ERROR if isinstance(exc, ProtocolError) else CLOSE_NORMAL)
+        except ConnectionClosed as closed:
+            code = closed.rcvd.code if closed.rcvd else None
+            reason = closed.rcvd.reason if closed.rcvd else None
+        except (ProtocolError, TimeoutError, OSError) as lost:
+            self._offline(f"connection failed: {str(lost) or type(lost).__name__}")
+            await ws.close(CLOSE_PROTOCOL_ERROR if isinstance(lost, ProtocolError) else CLOSE_NORMAL)
             return welcomed
         finally:
             self._session = None

@@ -232,8 +232,8 @@ def _unjson(payload: bytes) -> dict[str, Any]:
         obj = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError("control payload is not JSON") from exc
-    except RecursionError as exc:  # "[[[[..." fits easily in MAX_CONTROL_SIZE
-        raise ProtocolError("control payload nested too deeply") from exc
+    except RecursionError as too_deep:  # "[[[[..." fits easily in MAX_CONTROL_SIZE
+        raise ProtocolError("control payload nested too deeply") from too_deep
     if not isinstance(obj, dict):
         raise ProtocolError("control payload is not a JSON object")
     return obj

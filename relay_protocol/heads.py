@@ -224,8 +224,8 @@ def decode_request_head(payload: bytes, body: bool = False) -> tuple[RequestHead
         return RequestHead(method, target, headers, client, event_id), rest
     except HeadTooLarge as exc:  # built from the peer's bytes: its fault
         raise FrameTooLarge(str(exc)) from exc
-    except BadHead as exc:
-        raise ProtocolError(str(exc)) from exc
+    except BadHead as bad_head:
+        raise ProtocolError(str(bad_head)) from bad_head
 
 
 def response_head_size(head: ResponseHead) -> int:
@@ -258,5 +258,5 @@ def decode_response_head(payload: bytes, body: bool = False) -> tuple[ResponseHe
         return ResponseHead(status, headers), rest
     except HeadTooLarge as exc:  # built from the peer's bytes: its fault
         raise FrameTooLarge(str(exc)) from exc
-    except BadHead as exc:
-        raise ProtocolError(str(exc)) from exc
+    except BadHead as bad_head:
+        raise ProtocolError(str(bad_head)) from bad_head

@@ -14,13 +14,13 @@ import os
 import re
 import time
 from collections.abc import Iterable
-from typing import Any
 
 from aiohttp import web
 
 from .config import Network
 from .connections import client_of
 from .metrics import Metrics
+from .relayed import STARTED, CountedResponse
 
 access_log = logging.getLogger("relay.access")
 
@@ -30,8 +30,6 @@ ROUTE = web.RequestKey("relay.route", str)  # one of metrics.ROUTES
 TUNNEL = web.RequestKey("relay.tunnel", str)  # the claimed tunnel's name, once its owner is known
 #: The host name a TLS ask (``/_relay/tls-ask?domain=``) asked about, for the access log.
 ASKED = web.RequestKey("relay.asked", str)
-#: The response whose head went out, if any: what the client got if it leaves before the end.
-STARTED = web.RequestKey("relay.started", web.StreamResponse)
 
 #: A client's X-Request-Id kept as it is: 1 to 128 URL-safe token characters.
 _SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._~:+/=-]{1,128}")
@@ -39,27 +37,6 @@ _SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._~:+/=-]{1,128}")
 MAX_LOGGED_PATH = 256
 #: The status an answer gets in the log and the metrics when the client left before it.
 CLIENT_CLOSED = 499  # nginx's "client closed request"
-
-
-class CountedResponse(web.StreamResponse):
-    """A streamed response that counts the body bytes written (``sent``) and notes itself
-    on its request once its head is written (``STARTED``)."""
-
-    sent = 0
-
-    async def prepare(self, request: web.BaseRequest) -> Any:
-        writer = await super().prepare(request)
-        if isinstance(request, web.Request):
-            request[STARTED] = self
-        return writer
-
-    async def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.sent += len(data)
-        await super().write(data)
-
-    async def write_eof(self, data: bytes = b"") -> None:
-        self.sent += len(data)
-        await super().write_eof(data)
 
 
 def body_bytes(response: web.StreamResponse) -> int:

@@ -196,15 +196,15 @@ class AgentEndpoint:
             return
         try:
             names = await asyncio.to_thread(self._grant, claims, hello)
-        except NameRefused as exc:
-            log.info("agent %s (user %s) refused: %s", peer, claims.user, exc)
-            await session.close(CLOSE_FORBIDDEN, str(exc))
+        except NameRefused as refused:
+            log.info("agent %s (user %s) refused: %s", peer, claims.user, refused)
+            await session.close(CLOSE_FORBIDDEN, str(refused))
             return
         self._claimed(claims.user, names)
         try:
             await self._apply_settings(claims.user, hello)
-        except ConfigError as exc:
-            await session.close(CLOSE_FORBIDDEN, f"invalid tunnel setting: {exc}")
+        except ConfigError as config_error:
+            await session.close(CLOSE_FORBIDDEN, f"invalid tunnel setting: {config_error}")
             return
         session.user, session.names = claims.user, names
         session.label = hello.label if is_valid_label(hello.label) else ""

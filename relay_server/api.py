@@ -32,7 +32,6 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from . import tokens
-from .attempts import is_public
 from .config import DEFAULT_MAX_NAMES_PER_USER
 from .delivery import Deliveries
 from .errors import AuthError, ConfigError, StoreError
@@ -41,6 +40,7 @@ from .names import is_valid_name, name_allowed, too_many_names
 from .public_errors import STATUS
 from .registry import Registry
 from .settings import TunnelSettings
+from .ssrf import is_public
 from .states import event_json
 from .store import STATUSES, Store
 

@@ -3,21 +3,18 @@
 An attempt ends in an ``Outcome``; it never raises for anything the destination or the
 network did. ``--timeout`` bounds the whole of an attempt up to the response head:
 opening the stream, sending the body and waiting for the answer, so a stuck agent costs
-a sender ``--timeout``, not the heartbeat's 30 s. The SSRF-guarded HTTP client for URL
-destinations lives here alone.
+a sender ``--timeout``, not the heartbeat's 30 s. The HTTP client for URL destinations
+and its SSRF guard are ``ssrf.py``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
-import socket
 import time
 from dataclasses import dataclass
 
 import aiohttp
-from aiohttp.abc import AbstractResolver, ResolveResult
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -28,6 +25,7 @@ from relay_protocol.limits import MAX_DATA_SIZE
 
 from .retry import parse_retry_after
 from .session import AgentSession, Stream, StreamFailed
+from .ssrf import PrivateAddress
 from .states import Outcome, clip_error, received_at_text
 from .store import Event
 
@@ -108,21 +106,21 @@ async def attempt_agent(
             if taken < len(event.body):
                 pump = asyncio.ensure_future(_send_body(session, stream, event.body[taken:]))
             answer = await asyncio.shield(stream.head)
-    except (TimeoutError, StreamFailed) as exc:
+    except (TimeoutError, StreamFailed) as failed:
         if pump is not None:
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
         if stream is not None:
-            if isinstance(exc, TimeoutError):  # the reason the agent's console shows
+            if isinstance(failed, TimeoutError):  # the reason the agent's console shows
                 stream.reset_reason = f"no answer within {timeout:g}s (--timeout)"
             await session.finish(stream)
-        if isinstance(exc, TimeoutError):
+        if isinstance(failed, TimeoutError):
             # Opened, so the agent had it: counted as the app's failure to answer.
             return Outcome(None, f"no answer within {timeout:g}s", reached=stream is not None), None
-        reached = exc.code is not None and exc.code not in _NOT_FORWARDED
-        who = "local-bad-response" if exc.code == RESET_BAD_RESPONSE else "agent"
-        return Outcome(None, f"{who}: {exc}", reached=reached), None
+        reached = failed.code is not None and failed.code not in _NOT_FORWARDED
+        who = "local-bad-response" if failed.code == RESET_BAD_RESPONSE else "agent"
+        return Outcome(None, f"{who}: {failed}", reached=reached), None
     except BaseException:
         if pump is not None:
             pump.cancel()
@@ -139,67 +137,6 @@ async def attempt_agent(
 async def _send_body(session: AgentSession, stream: Stream, body: bytes) -> None:
     with contextlib.suppress(StreamFailed):  # the head (or its absence) tells the outcome
         await session.send_body(stream, body, end=True)
-
-
-class PrivateAddress(OSError):
-    """A URL destination resolved to an address the admin did not allow."""
-
-
-class PublicOnlyResolver(AbstractResolver):
-    """Resolves like aiohttp's default resolver, then refuses loopback, private,
-    link-local and other non-public addresses: checked at connect time, so DNS
-    rebinding cannot get around it."""
-
-    def __init__(self) -> None:
-        self._inner = aiohttp.ThreadedResolver()
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        results = await self._inner.resolve(host, port, family)
-        for result in results:
-            if not is_public(result["host"]):
-                raise PrivateAddress(f"{host} resolves to the non-public address {result['host']}")
-        return results
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-
-#: IPv6 prefixes whose addresses carry an IPv4 address in their last 32 bits, which a
-#: translator on the server's network would reach: NAT64 (RFC 6052 2.1, RFC 8215),
-#: IPv4-translated (SIIT, RFC 2765 2.1) and IPv4-compatible (RFC 4291 2.5.5.1). Mapped,
-#: 6to4 and Teredo addresses are read by ``ipaddress`` itself.
-CARRIES_IPV4 = tuple(
-    ipaddress.ip_network(prefix) for prefix in ("64:ff9b::/96", "64:ff9b:1::/48", "::ffff:0:0:0/96", "::/96")
-)
-
-
-def is_public(address: str) -> bool:
-    """True if ``address`` (IPv4 or IPv6, a zone allowed) is globally reachable, and so
-    is any IPv4 address an IPv6 one carries (mapped, 6to4, Teredo, NAT64): a review
-    reached 127.0.0.1 past the check as ``[64:ff9b::7f00:1]`` and ``[2002:7f00:1::]``.
-    A translator on another prefix (an operator's own NAT64 prefix) cannot be told."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if not ip.is_global or ip.is_multicast:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address):
-        carried = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
-        if any(ip in network for network in CARRIES_IPV4):
-            carried.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-        return all(is_public(str(v4)) for v4 in carried if v4 is not None)
-    return True
-
-
-def url_client(allow_private: bool) -> aiohttp.ClientSession:
-    """The one client session for URL destinations (SSRF-guarded unless ``allow_private``)."""
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(resolver=None if allow_private else PublicOnlyResolver(), limit=100),
-        auto_decompress=False,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-    )
 
 
 async def attempt_url(
@@ -224,11 +161,11 @@ async def attempt_url(
             await response.read()
             retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
             # No answered_in: a URL destination's auto slots stay at the floor (its attempts
-            # share the server's one connection pool with every tenant's: attempts.url_client).
+            # share the server's one connection pool with every tenant's: ssrf.url_client).
             return Outcome(response.status, None, retry_after)
-    except PrivateAddress as exc:
-        return Outcome(None, str(exc))
+    except PrivateAddress as private:
+        return Outcome(None, str(private))
     except TimeoutError:
         return Outcome(None, f"no answer within {timeout:g}s")
-    except (aiohttp.ClientError, OSError) as exc:
-        return Outcome(None, clip_error(f"{type(exc).__name__}: {exc}"))
+    except (aiohttp.ClientError, OSError) as error:
+        return Outcome(None, clip_error(f"{type(error).__name__}: {error}"))

@@ -212,8 +212,8 @@ class GroupCommitter:
             elif rest:
                 self._fail(rest, exc)
             return
-        except StoreError as exc:
-            self._fail(batch, exc)
+        except StoreError as error:
+            self._fail(batch, error)
             return
         except Exception:
             # A bug in one operation rolled back the whole batch: run each alone, so

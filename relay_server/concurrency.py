@@ -117,6 +117,7 @@ class AdaptiveLimit:
         self.limit = AUTO_MIN
         self._round.clear()
         self._held_back = False
+
     def _decrease(self) -> None:
         self.limit = max(AUTO_MIN, self.limit - max(1, self.limit // 4))
         self._round.clear()

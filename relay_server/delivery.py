@@ -37,7 +37,7 @@ from aiohttp import web
 from relay_protocol import RequestHead, ResponseHead
 from relay_protocol.headers import without
 
-from .attempts import EVENT_HEADERS, AgentExchange, attempt_agent, url_client
+from .attempts import EVENT_HEADERS, AgentExchange, attempt_agent
 from .commits import GroupCommitter
 from .concurrency import AUTO_MIN
 from .config import QueueConfig
@@ -48,6 +48,7 @@ from .public_errors import relay_error
 from .registry import Registry
 from .session import AgentSession, Stream
 from .settings import ANY_AGENT, TunnelSettings
+from .ssrf import url_client
 from .states import Outcome, settle
 from .store import NAME_RELEASED, Delivery, Event, Store
 from .tasks import Tasks
@@ -805,6 +806,9 @@ async def _cut_short(attempt: asyncio.Future[tuple[Outcome, AgentExchange | None
     """End a first attempt whose event could not be stored: cancelled if it still runs,
     its stream finished if the app answered already (no answer goes back from it)."""
     attempt.cancel()
-    (result,) = await asyncio.gather(attempt, return_exceptions=True)
-    if isinstance(result, tuple) and result[1] is not None:
-        await result[1].finish()
+    await asyncio.wait([attempt])  # not gather: it gives a list, which mypyc's tuple refuses
+    if attempt.cancelled() or attempt.exception() is not None:
+        return
+    _, exchange = attempt.result()
+    if exchange is not None:
+        await exchange.finish()

@@ -256,10 +256,12 @@ class Dispatcher:
                 )  # fmt: skip
             except StoreError as exc:
                 deliveries.store_trouble(exc)
+                batch = None
                 await self._sleep(time.time() + STORE_RETRY)
-                continue
             finally:
                 self._reading = False
+            if batch is None:  # (no ``continue`` in the ``except``: mypyc compiles none there)
+                continue
             self._batch = {event.id for event, _ in batch}
             self._ended &= self._batch
             try:
@@ -267,7 +269,6 @@ class Dispatcher:
                     self._early = False
                     await self._idle(started_in_pass)
                     cursor, started_in_pass = 0, 0
-                    continue
                 for event, delivery in batch:
                     if not self._busy(event):
                         await self.take_slot(event.id, settings, None)

@@ -30,7 +30,7 @@ from relay_protocol.headers import (
 )
 from relay_protocol.limits import MAX_DATA_SIZE, MAX_HEAD_SIZE, MAX_HEADER_COUNT
 
-from .access import REQUEST_ID, ROUTE, TUNNEL, CountedResponse
+from .access import REQUEST_ID, ROUTE, TUNNEL
 from .attempts import EVENT_HEADERS
 from .config import Network
 from .connections import forwarded_client, forwarded_for, trusts
@@ -39,7 +39,7 @@ from .expect import send_continue
 from .names import BadHost, PublicOrigin, is_valid_name, normalize_host
 from .public_errors import relay_error
 from .registry import InFlight, Registry
-from .relayed import ExactHead
+from .relayed import RelayedResponse
 from .session import AgentSession, Stream, StreamFailed
 from .store import Store
 from .upgrade import relay_websocket
@@ -216,20 +216,6 @@ def route(host: str, raw_target: str, origin: PublicOrigin) -> TunnelRoute | Ape
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class RelayedResponse(ExactHead, CountedResponse):
-    """A response carrying exactly the local service's head (``relayed.ExactHead``)."""
-
-    #: The head waits for the first body bytes, to leave in one write with them; the
-    #: ingress sends it alone (``send_head``) when no body bytes are there yet.
-    _send_headers_immediately = False
-
-    def send_head(self) -> None:
-        """Send the head now if it still waits (a body that has not arrived yet, an
-        event stream: the client must see the head without waiting for it)."""
-        if self._payload_writer is not None:
-            self._payload_writer.send_headers()
-
-
 class Ingress:
     """The catch-all request handler of the public server."""
 
@@ -313,8 +299,8 @@ class Ingress:
             if self.deliveries.is_event(request, settings, upgrade):
                 try:
                     head = self._request_head(request, where, upgrade)
-                except Refused as exc:
-                    return exc.response()
+                except Refused as refused:
+                    return refused.response()
                 answer = await self.deliveries.accept(
                     request,
                     where.name,
@@ -379,8 +365,8 @@ class Ingress:
             )
         except LocalProtocolError as exc:  # BadHead: a head the protocol cannot carry
             raise _refusal(exc) from exc
-        except RelayError as exc:
-            raise Refused("bad-request", f"request cannot be forwarded: {exc}") from exc
+        except RelayError as error:
+            raise Refused("bad-request", f"request cannot be forwarded: {error}") from error
         check_head_fits(head)
         return head
 
@@ -422,16 +408,16 @@ class Ingress:
                     stream = await session.open(head, end_stream, whole)
         except TimeoutError:
             return self._timed_out()
-        except StreamFailed as exc:
+        except StreamFailed as failed:
             if session.closed:
                 return relay_error("tunnel-offline", f"no agent is connected for {where.name!r}")
-            return relay_error("too-many-requests", f"the agent is busy: {exc}")
-        except LocalProtocolError as exc:
+            return relay_error("too-many-requests", f"the agent is busy: {failed}")
+        except LocalProtocolError as unsendable:
             # Refused before a stream id was spent (the head was checked above; this
             # is the protocol's own word on it): the tunnel is untouched.
             if session.closed:
                 return relay_error("tunnel-offline", f"no agent is connected for {where.name!r}")
-            return _refusal(exc).response()
+            return _refusal(unsendable).response()
         pump = None
         # From here on the stream is the relay's to finish, however this ends (a client
         # gone before its 100 Continue could be written leaked it: an attacker's review).
@@ -447,8 +433,8 @@ class Ingress:
             except TimeoutError:
                 stream.reset_reason = f"no response head within {self.timeout:g}s (--timeout)"
                 return self._timed_out()
-            except StreamFailed as exc:
-                return self._failure_response(exc, where.name)
+            except StreamFailed as failed:
+                return self._failure_response(failed, where.name)
             if upgrade and response_head.status == 101:
                 # Checked as any relayed head is (a second review found the 101 was not):
                 # a custom agent may send what relay-agent never does.
@@ -563,10 +549,10 @@ class Ingress:
         except TimeoutError:
             stream.reset_reason = f"no body bytes for {self.idle_timeout:g}s (--idle-timeout)"
             return self._cut(request, response, stream, f"failed mid-response: {stream.reset_reason}")
-        except StreamFailed as exc:
+        except StreamFailed as failed:
             # Too late for an error status: cut the connection so the client
             # sees a truncated response instead of a complete-looking one.
-            return self._cut(request, response, stream, f"failed mid-response: {exc}")
+            return self._cut(request, response, stream, f"failed mid-response: {failed}")
         if length is not None and sent != length:
             return self._cut(request, response, stream, f"body of {sent} bytes, Content-Length {length}")
         await response.write_eof()

@@ -133,8 +133,8 @@ class PublicOrigin:
             raise ConfigError(f"public URL {url!r} must have no path, query or fragment")
         try:
             host = normalize_host(parts.netloc)
-        except BadHost as exc:
-            raise ConfigError(f"public URL {url!r} has an invalid host: {exc}") from exc
+        except BadHost as bad_host:
+            raise ConfigError(f"public URL {url!r} has an invalid host: {bad_host}") from bad_host
         return cls(parts.scheme, parts.netloc.lower(), host)
 
     def subdomain_url(self, name: str) -> str:

@@ -1,4 +1,9 @@
-"""The head of a response the relay passes on: exactly the local service's.
+"""The responses the relay writes to public clients, as aiohttp's ``StreamResponse``
+subclasses: the head of one it passes on is exactly the local service's, and each counts
+the body bytes it sent (for the access log and the metrics).
+
+A module of its own, and never compiled (setup.py): mypyc compiles classes that extend
+aiohttp's only as the interpreter's, and not with two bases.
 
 A relay must not invent or re-encode headers (README, HTTP fidelity). aiohttp's
 ``_prepare_headers`` (its hook between building a head and writing it) adds ``Content-Type:
@@ -11,9 +16,13 @@ catch any change to aiohttp's hooks.
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 from multidict import CIMultiDict
 
+#: The response whose head went out, if any: what the client got if it leaves before the end.
+STARTED = web.RequestKey("relay.started", web.StreamResponse)
 #: Headers aiohttp adds to a head that lacks them, and a relayed head keeps only if sent.
 ADDED = ("Content-Type", "Server")
 
@@ -47,3 +56,38 @@ def serialize_head(status_line: str, headers: CIMultiDict[str]) -> bytes:
     """``status_line`` and ``headers`` as they go on the wire, each character one byte."""
     lines = [status_line, *(f"{name}: {value}" for name, value in headers.items()), "", ""]
     return "\r\n".join(lines).encode("latin-1")
+
+
+class CountedResponse(web.StreamResponse):
+    """A streamed response that counts the body bytes written (``sent``) and notes itself
+    on its request once its head is written (``STARTED``)."""
+
+    sent = 0
+
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        writer = await super().prepare(request)
+        if isinstance(request, web.Request):
+            request[STARTED] = self
+        return writer
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.sent += len(data)
+        await super().write(data)
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        self.sent += len(data)
+        await super().write_eof(data)
+
+
+class RelayedResponse(ExactHead, CountedResponse):
+    """A response carrying exactly the local service's head (``relayed.ExactHead``)."""
+
+    #: The head waits for the first body bytes, to leave in one write with them; the
+    #: ingress sends it alone (``send_head``) when no body bytes are there yet.
+    _send_headers_immediately = False
+
+    def send_head(self) -> None:
+        """Send the head now if it still waits (a body that has not arrived yet, an
+        event stream: the client must see the head without waiting for it)."""
+        if self._payload_writer is not None:
+            self._payload_writer.send_headers()

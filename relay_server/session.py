@@ -445,12 +445,12 @@ class AgentSession:
             writer.cancel()
             self._mark_closed("agent disconnected")
 
-    async def _pong(self, payload: bytes) -> None:
+    async def _pong(self, payload: bytes | bytearray) -> None:
         """Answer a websocket ping (RFC 6455 5.5.2; relay-agent sends none: its heartbeat
         is the protocol's PING frame), unless the connection is going."""
         try:
             async with asyncio.timeout(SEND_TIMEOUT):
-                await self.ws.pong(payload)
+                await self.ws.pong(bytes(payload))  # aiohttp reads a ping as a bytearray
         except TimeoutError:
             self._abort(f"a pong waited {SEND_TIMEOUT:g}s to be sent: the agent does not read")
         except (ConnectionError, RuntimeError):  # closed under us

@@ -91,7 +91,9 @@ async def relay_websocket(
     finally:
         for task in (to_agent, to_public, watchdog):
             task.cancel()
-        await asyncio.gather(to_agent, to_public, watchdog, return_exceptions=True)
+        for result in await asyncio.gather(to_agent, to_public, watchdog, return_exceptions=True):
+            if isinstance(result, Exception):  # a bug: said, not swallowed (the others end quietly)
+                log.error("stream %s: the websocket relay failed", stream.id, exc_info=result)
         if not ws.closed:
             await ws.close(code=WSCloseCode.GOING_AWAY, message=b"tunnel closed")
     return ws
@@ -111,7 +113,9 @@ async def _public_to_agent(
             idle.touch()
             kind = _KIND_OF.get(msg.type)
             if kind is not None:
-                data = msg.data.encode() if msg.type is WSMsgType.TEXT else msg.data
+                data = (
+                    msg.data.encode() if msg.type is WSMsgType.TEXT else bytes(msg.data)
+                )  # a ping: bytearray
                 await _send(session, stream, Message(kind, data))
                 continue
             if msg.type is WSMsgType.CLOSE:

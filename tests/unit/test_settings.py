@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 
-from relay_server.attempts import is_public
 from relay_server.errors import ConfigError
 from relay_server.settings import (
     ANY_AGENT,
@@ -16,6 +15,7 @@ from relay_server.settings import (
     TunnelSettings,
     check_destination,
 )
+from relay_server.ssrf import is_public
 
 
 def test_defaults() -> None:
