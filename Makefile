@@ -10,7 +10,7 @@ DATA_DIR ?= relay-data
 # `make test PARALLEL=` runs it in one process.
 PARALLEL ?= -n 4 --dist worksteal
 
-.PHONY: run test lint unit e2e bench clean
+.PHONY: run test lint unit e2e bench bench-compiled clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "relay needs Python 3.11 or newer"'
@@ -50,5 +50,18 @@ BENCH_ARGS ?=
 bench: $(VENV)/.run-installed
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
+# The same benchmarks against the compiled build (setup.py, RELAY_MYPYC=1), installed in a
+# venv of its own (needs gcc and Python's headers; about two minutes to build).
+COMPILED_VENV ?= .venv-compiled
+$(COMPILED_VENV)/.installed: pyproject.toml setup.py $(wildcard relay_*/*.py relay_*/*/*.py)
+	$(PYTHON) -m venv $(COMPILED_VENV)
+	$(COMPILED_VENV)/bin/python -m pip install -q --upgrade pip
+	RELAY_MYPYC=1 $(COMPILED_VENV)/bin/pip install -q .
+	rm -rf build
+	touch $@
+
+bench-compiled: $(COMPILED_VENV)/.installed
+	$(COMPILED_VENV)/bin/python -m bench $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
+	rm -rf $(VENV) $(COMPILED_VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

@@ -1,20 +1,21 @@
-"""The optional compiled build: ``RELAY_MYPYC=1 pip install .`` compiles the protocol
-library (``relay_protocol``'s frame codec, heads, stream states, engine and header rules)
-with mypyc, the compiler that ships with mypy. The same sources run as they are
-otherwise; the default install needs no compiler.
+"""The optional compiled build: ``RELAY_MYPYC=1 pip install .`` compiles the modules every
+request runs through (``COMPILED``: the protocol library, the server's ingress, sessions
+and deliveries, the agent's tunnel, forwarding and HTTP client) with mypyc, the compiler
+that ships with mypy. The same sources run as they are otherwise; the default install
+needs no compiler.
 
-Why mypyc and not code of our own: every live request crosses this library four times
-(two frames each way, encoded and decoded); compiled, a protocol round trip takes half
-the time and live req/s rise 12-16 % (docs/performance.md). It needs a C compiler and
-Python's headers where it is built (it stops at once, naming what is missing), and
-mypy: pip fetches it into the build environment (``MYPY``), so the build needs PyPI, or
+Why mypyc and not code of our own: a request's time in each process is the relay's own
+Python, spread thin over many layers (docs/performance.md); compiled, server and agent
+run 20-25 % fewer instructions per live request. It needs a C compiler and Python's
+headers where it is built (it stops at once, naming what is missing), and mypy: pip
+fetches it into the build environment (``MYPY``), so the build needs PyPI, or
 ``--no-build-isolation`` in an environment that has mypy and setuptools 77 or later.
 Only ``RELAY_MYPYC=1`` switches it on (not "true"); ``relay-server --version`` says which
-build runs.
+build runs. ``RELAY_MYPYC_OPT`` sets the C compiler's optimization level (3 unless set;
+the tests build at 0, the same C faster: tests/deploy/test_compiled_build.py).
 
 Everything else about the package is in pyproject.toml.
 """
-
 from __future__ import annotations
 
 import os
@@ -24,13 +25,42 @@ import sysconfig
 
 from setuptools import setup
 
-#: The modules compiled: what every request runs through, on both sides.
+#: The modules compiled: what a request or a queued webhook runs through, on both sides.
+#: Not compiled, on purpose: modules that run once or rarely (the CLIs, the API, the
+#: inspector), and those holding subclasses of library classes that mypyc compiles only
+#: as the interpreter's, or not at all: ``relay_server/relayed.py`` and ``ssrf.py``
+#: (aiohttp's responses and resolver, ``OSError``), ``relay_web/guard.py`` (aiohttp's
+#: connection handler, which has ``__slots__``: the import fails) and
+#: ``relay_server/store.py`` (a ``sqlite3.Connection`` subclass: compiled, it crashes).
 COMPILED = [
     "relay_protocol/connection.py",
     "relay_protocol/engine.py",
     "relay_protocol/frames.py",
     "relay_protocol/headers.py",
     "relay_protocol/heads.py",
+    "relay_protocol/messages.py",
+    "relay_server/access.py",
+    "relay_server/agent_endpoint.py",
+    "relay_server/attempts.py",
+    "relay_server/budget.py",
+    "relay_server/commits.py",
+    "relay_server/concurrency.py",
+    "relay_server/connections.py",
+    "relay_server/delivery.py",
+    "relay_server/dispatcher.py",
+    "relay_server/expect.py",
+    "relay_server/fragments.py",
+    "relay_server/ingress.py",
+    "relay_server/metrics.py",
+    "relay_server/names.py",
+    "relay_server/registry.py",
+    "relay_server/session.py",
+    "relay_server/states.py",
+    "relay_agent/client.py",
+    "relay_agent/console.py",
+    "relay_agent/forward.py",
+    "relay_agent/pool.py",
+    "relay_agent/tunnel.py",
 ]
 
 #: The mypy (with mypyc) the compiled build is made with: the releases it was tested with.
@@ -68,9 +98,12 @@ if os.environ.get("RELAY_MYPYC") == "1":
         # build, in a first pass that runs without it.
         options["setup_requires"] = [MYPY]
         if not any(command in sys.argv for command in QUESTIONS):
+            level = os.environ.get("RELAY_MYPYC_OPT", "3")
+            if level not in ("0", "1", "2", "3"):
+                sys.exit(f"RELAY_MYPYC_OPT={level!r}: the C compiler's optimization level is 0, 1, 2 or 3")
             _check_toolchain()
             from mypyc.build import mypycify
 
-            options["ext_modules"] = mypycify(COMPILED, opt_level="3")
+            options["ext_modules"] = mypycify(COMPILED, opt_level=level)
 
 setup(**options)

@@ -422,10 +422,16 @@ class RelayServer:
         return f"ws://127.0.0.1:{self.port}/_relay/agent"
 
 
-def check_installed() -> None:
+def check_installed() -> str:
+    """Which build of relay this venv runs (``relay-server --version``: "plain Python" or
+    "compiled with mypyc"). Raises ``RunFailed`` if it is not installed."""
     for script in (RELAY_SERVER, RELAY_AGENT):
         if not script.exists():
             raise RunFailed(f"{script} is missing: run `make lint` (or pip install -e .) in this venv")
+    version = subprocess.run(
+        [str(RELAY_SERVER), "--version"], capture_output=True, text=True, timeout=COMMAND_TIMEOUT
+    ).stdout
+    return version.rstrip().rpartition("(")[2].rstrip(")") or "?"
 
 
 def create_token(processes: Processes, data_dir: Path, user: str, names: Iterable[str] = ()) -> str:

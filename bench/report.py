@@ -405,7 +405,7 @@ def render(doc: dict[str, Any], judged: list[Goal]) -> str:
     out.append(
         f"relay bench {doc['started']}  {m['cpus']} CPUs, load {m['load_before']} before,"
         f" {m['load_after']} after; load generator {tools['load_generator']}, target {tools['target']},"
-        f" transfers {tools['transfer_client']}"
+        f" transfers {tools['transfer_client']}; relay {tools.get('relay_build', '?')}"
         f"{'  [SMOKE: figures not worth reading]' if doc['options']['smoke'] else ''}"
     )
     for key, title, lines in SECTIONS:

@@ -109,7 +109,7 @@ async def _scenarios(config: BenchConfig, processes: Processes, doc: dict[str, A
 def execute(config: BenchConfig) -> int:
     """The run; 0 when every selected scenario was measured (goals missed or not), 2 if not."""
     try:
-        check_installed()
+        build = check_installed()
     except RunFailed as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
@@ -127,7 +127,7 @@ def execute(config: BenchConfig) -> int:
             "python": platform.python_version(),
             "tmp_filesystem": filesystem_of(base),
         },
-        "tools": {"load_generator": "?", "transfer_client": "?", "target": "?"},
+        "tools": {"load_generator": "?", "transfer_client": "?", "target": "?", "relay_build": build},
     }
     print(f"temp dir {base} ({filesystem_of(base)}); {os.cpu_count()} CPUs, load {_load()}", flush=True)
     code = 2

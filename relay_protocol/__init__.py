@@ -39,8 +39,9 @@ from .frames import (
 from .heads import Headers, RequestHead, ResponseHead
 from .limits import PROTOCOL_VERSION
 
-#: Which build of this library runs: "compiled with mypyc" (``RELAY_MYPYC=1`` at install,
-#: setup.py) or "plain Python". ``relay-server --version`` and ``relay-agent --version`` say it.
+#: Which build runs: "compiled with mypyc" (``RELAY_MYPYC=1`` at install: this library and
+#: the server's and agent's request paths, setup.py) or "plain Python". ``relay-server
+#: --version`` and ``relay-agent --version`` say it.
 BUILD = "plain Python" if frames.__file__.endswith(".py") else "compiled with mypyc"
 
 __all__ = [

@@ -26,8 +26,6 @@ class Seconds(click.FloatRange):
 
 
 def version_option(build: str) -> Callable[[F], F]:
-    """``--version`` of both commands: the package's version, and which build of the
-    protocol library runs (``relay_protocol.BUILD``: compiled with mypyc, or plain Python)."""
-    return click.version_option(
-        package_name="relay", message=f"%(prog)s, version %(version)s (protocol library: {build})"
-    )
+    """``--version`` of both commands: the package's version, and which build runs
+    (``relay_protocol.BUILD``: compiled with mypyc, or plain Python)."""
+    return click.version_option(package_name="relay", message=f"%(prog)s, version %(version)s ({build})")

@@ -1,5 +1,5 @@
-"""The compiled build (``RELAY_MYPYC=1``, setup.py): the protocol library compiled with
-mypyc behaves as its sources do.
+"""The compiled build (``RELAY_MYPYC=1``, setup.py): the modules compiled with mypyc behave
+as their sources do.
 
 mypyc checks declared types at run time and handles some Python features its own way
 (a dataclass's ClassVar, for one: mypyc/mypyc#1122), so the compiled modules are run
@@ -10,6 +10,9 @@ in place: what a user gets from ``RELAY_MYPYC=1 pip install .``.
 from __future__ import annotations
 
 import ast
+import enum
+import importlib
+import inspect
 import os
 import shutil
 import subprocess
@@ -37,13 +40,20 @@ TREE = (
 )
 #: Run against the compiled modules: the protocol's own tests; the real relay-server and
 #: relay-agent relaying requests, refusing a hostile agent's frames (the decoder's errors
-#: must stay ProtocolError, never a TypeError of a compiled signature), and streaming
-#: bodies under flow control (memoryview slices through the engine).
+#: must stay ProtocolError, never a TypeError of a compiled signature), streaming bodies
+#: under flow control (memoryview slices through the engine), queueing and delivering
+#: webhooks, relaying websockets (a ping's payload came as a bytearray) and the app's
+#: answers byte for byte, broken ones included (their errors cross every compiled layer).
+#: The whole suite passed against the compiled build when it was widened (2026-12-08);
+#: its unit tests that hand the relay stand-ins for its own objects cannot.
 SUITES = (
     "tests/protocol",
     "tests/e2e/test_forwarding.py",
     "tests/e2e/test_hostile_agent.py",
     "tests/e2e/test_streaming.py",
+    "tests/e2e/test_queue.py",
+    "tests/e2e/test_websocket.py",
+    "tests/e2e/test_agent_fidelity.py",
 )
 
 
@@ -58,11 +68,15 @@ def _compiled_modules() -> list[str]:
     return [path.removesuffix(".py").replace("/", ".") for path in paths]
 
 
-def run_suites(suites: tuple[str, ...], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def run_suites(
+    suites: tuple[str, ...], cwd: Path, env: dict[str, str], workers: int = 0
+) -> subprocess.CompletedProcess[str]:
     """Run pytest on ``suites`` in a child process (``cwd``, ``env``: a path that puts other
-    modules first), its output kept for the caller's assertion."""
+    modules first; ``workers``: pytest-xdist's, for suites that mostly wait), its output
+    kept for the caller's assertion."""
+    parallel = ["-n", str(workers)] if workers else []
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *suites],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *parallel, *suites],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -81,8 +95,9 @@ def _copy(to: Path) -> None:
             shutil.copy2(source, to / name)
 
 
-@pytest.mark.slow(45)
-def test_the_compiled_protocol_library_passes_the_protocol_and_relay_tests(tmp_path: Path) -> None:
+@pytest.mark.slow(150)
+@pytest.mark.timeout(600)
+def test_the_compiled_build_passes_the_protocol_and_relay_tests(tmp_path: Path) -> None:
     pytest.importorskip("mypyc", reason="mypyc comes with mypy, a test dependency")
     _tool("cc")  # and Python's headers: .ci/run installs both (gcc, python3-dev)
     if not Path(sysconfig.get_paths()["include"], "Python.h").exists():
@@ -99,7 +114,8 @@ def test_the_compiled_protocol_library_passes_the_protocol_and_relay_tests(tmp_p
     build = subprocess.run(
         [*pip_wheel, "-w", str(tmp_path / "wheel"), str(tree)],
         cwd=tmp_path,
-        env={**env, "RELAY_MYPYC": "1"},
+        # At the C compiler's -O0: the same C, built in a third of the time.
+        env={**env, "RELAY_MYPYC": "1", "RELAY_MYPYC_OPT": "0"},
         capture_output=True,
         text=True,
         timeout=600,
@@ -120,7 +136,7 @@ def test_the_compiled_protocol_library_passes_the_protocol_and_relay_tests(tmp_p
     )
     assert found.returncode == 0, found.stderr
     files = found.stdout.split()
-    assert len(files) == len(modules) == 5, files
+    assert len(files) == len(modules) > 20, files
     assert all(f.startswith(str(tree)) and f.endswith(".so") for f in files), files
     server = "import sys; from relay_server.cli import main; sys.exit(main())"
     version = subprocess.run(
@@ -131,10 +147,65 @@ def test_the_compiled_protocol_library_passes_the_protocol_and_relay_tests(tmp_p
         text=True,
         timeout=60,
     )
-    assert "(protocol library: compiled with mypyc)" in version.stdout, version
+    assert "(compiled with mypyc)" in version.stdout, version
 
-    run = run_suites(SUITES, tree, env)
+    run = run_suites(SUITES, tree, env, workers=3)  # the queue's tests mostly wait on retries
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+
+
+def test_no_compiled_function_names_two_kinds_of_exception_alike() -> None:
+    # mypyc gives a local one type: ``except Refused as exc`` then ``except StreamFailed
+    # as exc`` in one function made the second a TypeError, and the relay answered 500
+    # where it owed a 502 (found running the whole suite against the compiled build).
+    clashes = []
+    for module in _compiled_modules():
+        path = ROOT / (module.replace(".", "/") + ".py")
+        for function in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            kinds: dict[str, set[str]] = {}
+            for node in ast.walk(function):
+                if isinstance(node, ast.ExceptHandler) and node.name:
+                    kind = ast.unparse(node.type) if node.type else "BaseException"
+                    kinds.setdefault(node.name, set()).add(kind)
+            clashes += [
+                f"{path.name}:{function.lineno} {name}: {sorted(k)}"
+                for name, k in kinds.items()
+                if len(k) > 1
+            ]
+    assert not clashes, clashes
+
+
+def _unextendable(base: type) -> str | None:
+    """Why a class mypyc compiles may not extend ``base`` (its docs, "Native classes"), or None."""
+    if base is object or base.__module__ == "typing":  # Generic, Protocol: mypyc's own
+        return None
+    if base.__module__ == "builtins":  # dict and the exceptions it takes; the rest fail to compile
+        return None if base is dict or issubclass(base, BaseException) else "a builtin type"
+    try:
+        inspect.getsource(base)
+    except (TypeError, OSError):  # a C type: compiled, it crashed (sqlite3.Connection, CIMultiDict)
+        return "a C type"
+    if getattr(base, "__slots__", ()):  # the import fails (aiohttp's RequestHandler)
+        return "a class with __slots__"
+    return None
+
+
+def test_no_compiled_class_extends_a_type_mypyc_cannot() -> None:
+    # The store's sqlite3.Connection subclass and the agent's CIMultiDict one compiled
+    # without a word from mypyc, then crashed the process (found running the suite
+    # against the compiled build); such classes live in modules left as they are.
+    compiled = set(_compiled_modules())
+    problems = []
+    for name in compiled:
+        module = importlib.import_module(name)
+        for value in vars(module).values():
+            # (mypyc leaves an enum a class of the interpreter's: IntEnum's int is no matter)
+            if isinstance(value, type) and value.__module__ == name and not issubclass(value, enum.Enum):
+                for base in value.__mro__[1:]:
+                    if base.__module__ not in compiled and (why := _unextendable(base)):
+                        problems.append(f"{name}.{value.__name__} extends {base.__qualname__}: {why}")
+    assert not problems, problems
 
 
 @pytest.mark.parametrize("command", ["relay-server", "relay-agent"])
@@ -145,4 +216,4 @@ def test_version_says_which_build_runs(command: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"{command}, version ")
-    assert result.stdout.rstrip().endswith("(protocol library: plain Python)"), result.stdout
+    assert result.stdout.rstrip().endswith("(plain Python)"), result.stdout
