@@ -16,6 +16,7 @@ the tests build at 0, the same C faster: tests/deploy/test_compiled_build.py).
 
 Everything else about the package is in pyproject.toml.
 """
+
 from __future__ import annotations
 
 import os

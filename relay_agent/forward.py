@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Protocol
 
 import aiohttp
-import aiohttp.http_writer
 from yarl import URL
 
 from relay_protocol import RelayError, RequestHead, ResponseHead
@@ -358,7 +357,7 @@ async def forward(
     except (LocalError, OSError) as exc:
         failure = _failure(exc, config)
         if failure is None:
-            raise
+            raise exc  # named, as every raise in a handler that awaits (a bare one can crash compiled)
         target = config.target
         # Not HTTP on an http:// target: an HTTPS dev server behind the wrong scheme?
         not_http = isinstance(exc, ClosedUnanswered | BadResponse) and target.scheme == "http"
@@ -428,7 +427,7 @@ async def forward_websocket(
     except (aiohttp.ClientError, OSError, TimeoutError, UnsendableHead) as exc:
         failure = _failure(exc, config)
         if failure is None:
-            raise
+            raise exc  # named, as every raise in a handler that awaits (a bare one can crash compiled)
         raise failure from exc
     finally:
         exact_headers.reset(exact)

@@ -121,12 +121,12 @@ async def attempt_agent(
         reached = failed.code is not None and failed.code not in _NOT_FORWARDED
         who = "local-bad-response" if failed.code == RESET_BAD_RESPONSE else "agent"
         return Outcome(None, f"{who}: {failed}", reached=reached), None
-    except BaseException:
+    except BaseException as leaving:
         if pump is not None:
             pump.cancel()
         if stream is not None:
             await session.finish(stream)
-        raise
+        raise leaving  # named: compiled by mypyc, a bare raise after an await crashed
     retry_after = parse_retry_after(
         (header_value(answer.headers, b"retry-after") or b"").decode("latin-1"), time.time()
     )

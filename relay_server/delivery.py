@@ -438,7 +438,7 @@ class Deliveries:
                 if attempt is not None:  # in a task: a sender leaving now cannot stop it halfway
                     await asyncio.shield(self.tasks.spawn(_cut_short(attempt), f"unstored {event.id}"))
                 if not isinstance(exc, StoreError):
-                    raise
+                    raise exc  # named: compiled by mypyc, a bare raise after an await crashed
                 self.store_trouble(exc)
                 return relay_error(
                     "store-unavailable", "the relay cannot store this request now; retry later"

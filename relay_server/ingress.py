@@ -299,8 +299,8 @@ class Ingress:
             if self.deliveries.is_event(request, settings, upgrade):
                 try:
                     head = self._request_head(request, where, upgrade)
-                except Refused as refused:
-                    return refused.response()
+                except Refused as refusal:
+                    return refusal.response()
                 answer = await self.deliveries.accept(
                     request,
                     where.name,
