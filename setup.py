@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import sysconfig
+import tomllib
 
 from setuptools import setup
 
@@ -68,6 +69,14 @@ COMPILED = [
 MYPY = "mypy>=1.11,<3"
 
 
+def build_requirements() -> list[str]:
+    """What the compiled build needs where it is built: mypy, and the package's own
+    dependencies (pyproject.toml), whose types mypyc compiles against. Without aiohttp
+    there, an isolated build (pip's default) saw its classes as ``Any`` and stopped."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "pyproject.toml"), "rb") as file:
+        return [MYPY, *tomllib.load(file)["project"]["dependencies"]]
+
+
 def _check_toolchain() -> None:
     """Stop the build, naming what is missing, before mypyc and the C compiler run."""
     compiler = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
@@ -95,9 +104,9 @@ if os.environ.get("RELAY_MYPYC") == "1":
     if any(command in sys.argv for command in EDITABLE):
         print("RELAY_MYPYC=1 ignored: an editable install runs the sources as they are", file=sys.stderr)
     else:
-        # setup_requires is how setuptools' build backend asks pip for mypy in an isolated
-        # build, in a first pass that runs without it.
-        options["setup_requires"] = [MYPY]
+        # setup_requires is how setuptools' build backend asks pip for mypy (and the
+        # dependencies) in an isolated build, in a first pass that runs without them.
+        options["setup_requires"] = build_requirements()
         if not any(command in sys.argv for command in QUESTIONS):
             level = os.environ.get("RELAY_MYPYC_OPT", "3")
             if level not in ("0", "1", "2", "3"):
