@@ -95,9 +95,9 @@ class _RequestBody:
         return self
 
     async def __anext__(self) -> bytes:
-        data = await self._stream.next_chunk(self._taken)
+        taken, self._taken = self._taken, 0  # granted once, even if this call is cancelled
+        data = await self._stream.next_chunk(taken)
         if data is None:
-            self._taken = 0
             raise StopAsyncIteration
         self._taken = len(data)
         return data

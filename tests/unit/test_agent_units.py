@@ -18,8 +18,9 @@ from relay_agent.config import AgentConfig, load_login, login_file, save_login
 from relay_agent.errors import AgentConfigError
 from relay_agent.forward import MAX_RESPONSE_HEADER_LINE, ForwardFailed, client_session, forward
 from relay_agent.target import Target, parse_target
+from relay_agent.tunnel import AgentStream
 from relay_protocol import RequestHead, ResponseHead
-from relay_protocol.frames import RESET_BAD_RESPONSE
+from relay_protocol.frames import RESET_BAD_RESPONSE, Open
 
 # -- parse_target --------------------------------------------------------------
 
@@ -337,3 +338,56 @@ async def test_forward_resets_on_a_response_it_cannot_parse() -> None:
     assert isinstance(failed, ForwardFailed)
     assert failed.code == RESET_BAD_RESPONSE
     assert str(failed).startswith("the agent cannot parse the response")
+
+
+class _CreditLog:
+    """A stand-in for the agent's session: what ``AgentStream`` grants the server."""
+
+    def __init__(self) -> None:
+        self.granted: list[int] = []
+
+    async def consumed(self, stream_id: int, size: int) -> None:
+        self.granted.append(size)
+
+
+@pytest.mark.parametrize("first", [b"", b"ab"])
+async def test_a_request_body_is_granted_back_chunk_by_chunk_once_the_target_takes_the_next(
+    first: bytes,
+) -> None:
+    # The body's iterator replaced an async generator (mypyc compiles none): each chunk's
+    # credit goes back only when the target asks for the one after it, the last at the end.
+    credit = _CreditLog()
+    head = RequestHead("POST", b"/hook", ((b"Host", b"app"),))
+    stream = AgentStream(credit, Open(1, head, end_stream=False, body=first))  # type: ignore[arg-type]
+    body = aiter(stream.body())
+    chunks = [first] if first else []
+    for data in (b"cde", b"fghi"):
+        stream.feed(data, end=False)
+        chunks.append(data)
+    taken = [await anext(body) for _ in chunks]
+    assert taken == chunks
+    assert credit.granted == [len(c) for c in chunks[:-1]]  # the last one not asked past yet
+    stream.feed(b"", end=True)
+    with pytest.raises(StopAsyncIteration):
+        await anext(body)
+    assert credit.granted == [len(c) for c in chunks]
+    with pytest.raises(StopAsyncIteration):
+        await anext(body)  # and nothing granted twice
+    assert credit.granted == [len(c) for c in chunks]
+
+
+async def test_a_request_body_waits_for_its_next_chunk_and_a_cancelled_wait_grants_nothing_twice() -> None:
+    credit = _CreditLog()
+    stream = AgentStream(credit, Open(1, RequestHead("POST", b"/", ()), end_stream=False))  # type: ignore[arg-type]
+    body = aiter(stream.body())
+    stream.feed(b"one", end=False)
+    assert await anext(body) == b"one"
+    waiting = asyncio.ensure_future(anext(body))
+    await asyncio.sleep(0)
+    assert credit.granted == [3] and not waiting.done()
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    stream.feed(b"two", end=True)
+    assert await anext(body) == b"two"
+    assert credit.granted == [3]  # "one" once, though asked past twice
