@@ -23,6 +23,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from e2e.framework import PORT_BLOCKS_FROM
 
 from .test_deploy_files import IN_CI, _tool
 
@@ -76,6 +77,8 @@ def run_suites(
     modules first; ``workers``: pytest-xdist's, for suites that mostly wait), its output
     kept for the caller's assertion."""
     parallel = ["-n", str(workers)] if workers else []
+    if workers:  # its gw0... must not take the ports of this run's gw0...
+        env = {**env, PORT_BLOCKS_FROM: os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")}
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *parallel, *suites],
         cwd=cwd,

@@ -62,6 +62,10 @@ REQUEST_LINE = r"^\d\d:\d\d:\d\d {method}\s+{path} {status} \d+ms(?: .+)?$"
 #: has a block of its own, so two workers never hand out the same port, with no state shared.
 PORT_BASE = 20000
 PORT_BLOCK = 1000
+#: Set by a test that runs suites in a pytest of its own with workers of its own
+#: (tests/deploy/test_compiled_build.py): its ``gwN`` takes block ``FROM + N``, past the
+#: blocks of the run that started it, whose workers are called ``gw0``... too.
+PORT_BLOCKS_FROM = "RELAY_TEST_PORT_BLOCKS_FROM"
 
 
 def _ephemeral_low() -> int:
@@ -72,9 +76,11 @@ def _ephemeral_low() -> int:
 
 
 def _worker_block() -> range:
-    """This process's ports: block N for xdist worker ``gwN`` (block 0 without xdist)."""
+    """This process's ports: block N for xdist worker ``gwN`` (block 0 without xdist),
+    shifted by ``PORT_BLOCKS_FROM``."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
     index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+    index += int(os.environ.get(PORT_BLOCKS_FROM, "0"))
     blocks = max(1, (_ephemeral_low() - PORT_BASE) // PORT_BLOCK)
     start = PORT_BASE + PORT_BLOCK * (index % blocks)
     return range(start, start + PORT_BLOCK)
