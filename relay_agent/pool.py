@@ -37,6 +37,7 @@ import asyncio
 import ipaddress
 import os
 import re
+import select
 import socket
 import ssl
 
@@ -115,6 +116,14 @@ def closed_by_peer(transport: asyncio.BaseTransport | None) -> bool:
     raw = transport.get_extra_info("socket") if transport is not None else None
     if raw is None:
         return False  # not a socket: aiohttp's own check (the transport's state) stands
+    # Asked first, as most are idle and open: poll(2) says so in 0.6 us, where the peek
+    # below raises BlockingIOError and takes 4.2 us (once per reused connection: 6 % of
+    # the agent's instructions per live request, docs/performance.md). poll, as select(2)
+    # refuses descriptors over 1023, which an agent holding many tunnels reaches.
+    readiness = select.poll()
+    readiness.register(raw.fileno(), select.POLLIN)
+    if not readiness.poll(0):
+        return False  # nothing to read, no hang-up, no error: idle and open
     # A plain socket object over the transport's descriptor (asyncio's and uvloop's
     # wrappers have no recv), detached again so that it never closes the descriptor.
     # Family, type and protocol given: otherwise each is asked of the kernel (three

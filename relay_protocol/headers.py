@@ -37,33 +37,80 @@ def strip_hop_by_hop(
     those whose lower-cased name is in ``drop`` or starts with one of ``drop_prefixes``
     (in the same pass); keep order and repeats.
 
-    On every request and answer, both sides: each name is lowered once, and the set of
-    names dropped is built once per ``drop`` (a head without Connection, as most are,
-    builds nothing): 3.2 -> 1.8 us for a webhook's head (docs/performance.md)."""
-    lowered = [name.lower() for name, _ in headers]
+    On every request and answer, both sides. What each name means is looked up, not
+    worked out: the verdicts on names seen before are kept (``_Verdicts``), so a head
+    without Connection (as a request's mostly is) costs a dict lookup a header; with
+    one, the names it lists are dropped too, in a second pass (docs/performance.md)."""
     prefixes = (b"proxy-", *drop_prefixes) if drop_prefixes else _PROXY_PREFIX
-    if b"connection" in lowered:
-        listed = {
-            token.strip().lower()
-            for (_, value), name in zip(headers, lowered, strict=True)
-            if name == b"connection"
-            for token in value.split(b",")
-        }
-        named = HOP_BY_HOP.union(listed - END_TO_END, drop)
-    else:
-        named = _dropped(drop)
-    return tuple(
-        [
-            header
-            for header, name in zip(headers, lowered, strict=True)
-            if name not in named and not name.startswith(prefixes)
-        ]
-    )
+    verdicts = _verdicts(_dropped(drop), prefixes)
+    kept = []
+    listed: set[bytes] | None = None
+    for header in headers:
+        verdict = verdicts.of(header[0])
+        if verdict is _KEEP:
+            kept.append(header)
+        elif verdict is _CONNECTION:
+            tokens = {token.strip().lower() for token in header[1].split(b",")}
+            listed = tokens if listed is None else listed | tokens
+    if listed and (listed := listed - _NOT_LISTED):  # names beyond the usual keep-alive
+        return tuple([header for header in kept if header[0].lower() not in listed])
+    return tuple(kept)
+
+
+#: What a Connection header lists that need not be looked for among the kept: the
+#: names dropped anyway, and ``END_TO_END``.
+_NOT_LISTED = HOP_BY_HOP | END_TO_END
+#: A name's verdict: kept, dropped, or the Connection header (dropped, and what it lists).
+_KEEP, _DROP, _CONNECTION = "keep", "drop", "connection"
+#: Names longer than this are judged each time, never kept: a verdict costs what its name
+#: holds, and names come from anyone who sends a request.
+_VERDICT_NAME_MAX = 64
+#: Verdicts kept for each ``(drop, prefixes)``: the names real clients and apps send are a
+#: few dozen; a sender inventing new ones each time fills this and is then judged by hand.
+_VERDICTS_KEPT = 2048
+
+
+class _Verdicts:
+    """What each header name means to ``strip_hop_by_hop`` for one ``(named, prefixes)``:
+    the names as sent (any case) mapped to ``_KEEP``, ``_DROP`` or ``_CONNECTION``."""
+
+    def __init__(self, named: frozenset[bytes], prefixes: tuple[bytes, ...]) -> None:
+        self.named = named
+        self.prefixes = prefixes
+        self.known: dict[bytes, str] = {}
+
+    def of(self, name: bytes) -> str:
+        verdict = self.known.get(name)
+        if verdict is None:
+            lowered = name.lower()
+            if lowered == b"connection":
+                verdict = _CONNECTION
+            elif lowered in self.named or lowered.startswith(self.prefixes):
+                verdict = _DROP
+            else:
+                verdict = _KEEP
+            if len(name) <= _VERDICT_NAME_MAX and len(self.known) < _VERDICTS_KEPT:
+                self.known[name] = verdict
+        return verdict
 
 
 _PROXY_PREFIX = (b"proxy-",)
 #: ``HOP_BY_HOP`` with each ``drop`` collection a caller passes (a few constants).
 _DROPPED: dict[Collection[bytes], frozenset[bytes]] = {}
+#: The verdicts for each ``(named, prefixes)`` the callers pass (a few constants).
+_VERDICT_TABLES: dict[tuple[frozenset[bytes], tuple[bytes, ...]], _Verdicts] = {}
+
+
+def _verdicts(named: frozenset[bytes], prefixes: tuple[bytes, ...]) -> _Verdicts:
+    """The kept verdicts for ``(named, prefixes)``; a new table, not kept, past
+    ``_DROPPED_KEPT`` of them."""
+    key = (named, prefixes)
+    table = _VERDICT_TABLES.get(key)
+    if table is None:
+        table = _Verdicts(named, prefixes)
+        if len(_VERDICT_TABLES) < _DROPPED_KEPT:
+            _VERDICT_TABLES[key] = table
+    return table
 
 
 def _dropped(drop: Collection[bytes]) -> frozenset[bytes]:

@@ -43,12 +43,13 @@ def _check_headers(headers: Headers) -> None:
     """Raises ``BadHead`` (a local error): heads are checked where they are built.
 
     All names and all values are checked at once (a scan of each joined together, in
-    C); only a head that fails is walked header by header, to name the culprit."""
+    C); only a head that fails is walked header by header, to name the culprit. Names
+    and values are gathered by two comprehensions: ``zip(*headers)`` took 1.7 us for a
+    webhook's head compiled, these 1.0 us, and no longer plain (docs/performance.md)."""
     if len(headers) > MAX_HEADER_COUNT:
         raise HeadTooLarge(f"{len(headers)} headers, over the limit of {MAX_HEADER_COUNT}", "headers")
-    if not headers:
-        return
-    names, values = zip(*headers, strict=True)
+    names = [name for name, _ in headers]
+    values = [value for _, value in headers]
     joined_names, joined_values = b"".join(names), b"".join(values)
     if (
         not all(names)

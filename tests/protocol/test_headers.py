@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from relay_protocol.headers import strip_hop_by_hop, transfer_coding_problem, without
+from relay_protocol import headers as header_rules
+from relay_protocol.headers import END_TO_END, HOP_BY_HOP, strip_hop_by_hop, transfer_coding_problem, without
 
 
 @pytest.mark.parametrize(
@@ -84,6 +87,67 @@ def test_end_to_end_headers_that_look_similar_are_kept() -> None:
 
 def test_empty() -> None:
     assert strip_hop_by_hop(()) == ()
+
+
+def test_a_header_named_close_goes_with_connection_close() -> None:
+    """RFC 9110 7.6.1: every field named by a connection option goes, ``close`` too."""
+    headers = ((b"Connection", b"close"), (b"Close", b"1"), (b"X-End", b"2"))
+    assert strip_hop_by_hop(headers) == ((b"X-End", b"2"),)
+
+
+def _stripped_by_hand(
+    headers: tuple[tuple[bytes, bytes], ...], drop: frozenset[bytes], prefixes: tuple[bytes, ...]
+) -> tuple[tuple[bytes, bytes], ...]:
+    """RFC 9110 7.6.1 read plainly, each name lowered and judged every time: what the
+    kept verdicts of ``strip_hop_by_hop`` must always agree with."""
+    listed = {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == b"connection"
+        for token in value.split(b",")
+    }
+    named = HOP_BY_HOP | (listed - END_TO_END) | drop
+    return tuple(
+        (name, value)
+        for name, value in headers
+        if name.lower() not in named and not name.lower().startswith((b"proxy-", *prefixes))
+    )
+
+
+_NAMES = st.sampled_from(
+    [b"Host", b"host", b"HOST", b"Connection", b"connection", b"Keep-Alive", b"X-A", b"x-a",
+     b"X-B", b"Close", b"Proxy-Thing", b"X-Forwarded-For", b"x-forwarded-host", b"TE", b"Accept"]
+)  # fmt: skip
+_VALUES = st.sampled_from([b"", b"x", b"close", b"keep-alive", b"X-A", b"x-a, X-B", b"host", b" te , ,x-b"])
+
+
+@given(
+    headers=st.lists(st.tuples(_NAMES, _VALUES), max_size=12).map(tuple),
+    drop=st.sampled_from([frozenset(), frozenset({b"x-b"}), frozenset({b"accept", b"x-a"})]),
+    prefixes=st.sampled_from([(), (b"x-forwarded-",)]),
+)
+def test_kept_verdicts_always_agree_with_judging_every_name(
+    headers: tuple[tuple[bytes, bytes], ...], drop: frozenset[bytes], prefixes: tuple[bytes, ...]
+) -> None:
+    expected = _stripped_by_hand(headers, drop, prefixes)
+    for _ in range(2):  # judged, then looked up
+        assert strip_hop_by_hop(headers, drop=drop, drop_prefixes=prefixes) == expected
+
+
+def test_verdicts_kept_are_bounded_and_names_past_the_bound_still_judged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Names come from anyone who sends a request: a sender inventing new ones (or long
+    ones) fills no memory, and is judged all the same."""
+    monkeypatch.setattr(header_rules, "_VERDICT_TABLES", {})
+    for batch in range(3):
+        invented = tuple((b"X-Invented-%d-%d" % (batch, i), b"1") for i in range(header_rules._VERDICTS_KEPT))
+        assert strip_hop_by_hop((*invented, (b"Keep-Alive", b"5"))) == invented
+    long_name = b"X-" + b"a" * header_rules._VERDICT_NAME_MAX
+    assert strip_hop_by_hop(((long_name, b"1"), (b"Proxy-" + long_name, b"2"))) == ((long_name, b"1"),)
+    (table,) = header_rules._VERDICT_TABLES.values()
+    assert len(table.known) == header_rules._VERDICTS_KEPT
+    assert long_name not in table.known
 
 
 def test_without() -> None:
