@@ -28,7 +28,6 @@ import os
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from functools import partial
 
 import aiohttp
@@ -50,7 +49,7 @@ from .session import AgentSession, Stream
 from .settings import ANY_AGENT, TunnelSettings
 from .ssrf import url_client
 from .states import Outcome, settle
-from .store import NAME_RELEASED, Delivery, Event, Store
+from .store import NAME_RELEASED, Delivery, Event, Store, changed
 from .tasks import Tasks
 
 log = logging.getLogger("relay.server")
@@ -443,12 +442,12 @@ class Deliveries:
                 return relay_error(
                     "store-unavailable", "the relay cannot store this request now; retry later"
                 )
-            event = replace(event, seq=seq)
+            event = changed(event, seq=seq)
             if attempt is None:
                 self._wake_dispatchers(tunnel, settings)
                 return self._queued(event)
             handed_over = True  # the first attempt owns the slot from here
-            delivery = replace(stored or first, event_seq=seq)
+            delivery = changed(stored or first, event_seq=seq)
             return await self._first_attempt(
                 attempt, event, delivery, settings, write_response, stored=stored is not None
             )
@@ -614,8 +613,8 @@ class Deliveries:
             dispatcher.release(event.id)
             self.store_trouble(exc)
             return
-        event = replace(event, seq=seq)
-        delivery = replace(stored or delivery, event_seq=seq)
+        event = changed(event, seq=seq)
+        delivery = changed(stored or delivery, event_seq=seq)
         await self._abandoned(attempt, event, delivery, settings, dispatcher, stored=stored is not None)
 
     async def _abandoned(
@@ -693,7 +692,7 @@ class Deliveries:
         )
         if updated.waiting and self.registry.owner_changed(event.tunnel, event.user):
             # The name was released while this attempt ran: never a retry for a new owner.
-            updated = replace(updated, status="dead", dead_reason=NAME_RELEASED, next_attempt_at=None)
+            updated = changed(updated, status="dead", dead_reason=NAME_RELEASED, next_attempt_at=None)
         return updated
 
     def _recorded(self, event: Event, updated: Delivery) -> None:
@@ -793,7 +792,7 @@ class Deliveries:
         still running would overwrite the replay when it records its outcome."""
         now = time.time()
         for delivery in deliveries:
-            pending = replace(
+            pending = changed(
                 delivery, status="pending", next_attempt_at=now, failures=0, dead_reason=None, since=now
             )
             # Back in the quota with the write that finds nothing of it waiting.

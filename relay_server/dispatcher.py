@@ -17,7 +17,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .attempts import attempt_agent, attempt_url
@@ -25,7 +25,7 @@ from .concurrency import IDLE_FORGET, AdaptiveLimit
 from .errors import StoreError
 from .settings import TunnelSettings
 from .states import Outcome
-from .store import Delivery, Event
+from .store import Delivery, Event, changed
 
 if TYPE_CHECKING:
     from .delivery import Deliveries
@@ -340,7 +340,7 @@ class Dispatcher:
             try:
                 if body is None:
                     raise StoreError("the event's body could not be read")
-                event = replace(event, body=body)
+                event = changed(event, body=body)
                 if self.label is None:
                     outcome = await attempt_url(
                         deliveries.url_client(), self.destination, event, attempt, deliveries.config.timeout

@@ -17,9 +17,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import names
 from .errors import NoRoomForEvents, StoreError, StoreFull
@@ -232,6 +232,29 @@ class Delivery:
     @property
     def waiting(self) -> bool:
         return self.status in ("pending", "retrying")
+
+
+Record = TypeVar("Record", bound=Event | Delivery)
+#: Each record's field names: what ``changed`` accepts.
+_FIELDS: dict[type, frozenset[str]] = {
+    kind: frozenset(field.name for field in fields(kind)) for kind in (Event, Delivery)
+}
+
+
+def changed(record: Record, **changes: Any) -> Record:
+    """``dataclasses.replace`` for an ``Event`` or a ``Delivery``: a copy with ``changes``.
+    Raises ``TypeError`` for a name that is not a field, as ``replace`` does.
+
+    In a third to a half of its time (0.9 against 2.6 us for an event's ``seq``, 1.2
+    against 2.7 us for an attempt's outcome): ``replace`` gathers every field and runs the
+    frozen class's ``__init__`` again, which sets each through ``object.__setattr__``;
+    these records check nothing there, so their fields are copied as they are. A queued
+    webhook takes three (docs/performance.md)."""
+    if unknown := changes.keys() - _FIELDS[type(record)]:
+        raise TypeError(f"{type(record).__name__} has no field {min(unknown)!r}")
+    copy = object.__new__(type(record))
+    copy.__dict__.update(record.__dict__, **changes)
+    return copy
 
 
 @dataclass(frozen=True)

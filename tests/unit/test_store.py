@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from relay_server.errors import StoreError
-from relay_server.store import DB_FILE, MIGRATIONS, NameRecord, Store
+from relay_server.store import DB_FILE, MIGRATIONS, Delivery, Event, NameRecord, Store, changed
 from relay_server.tokens import Claims
 
 
@@ -185,3 +187,33 @@ def test_concurrent_claims_have_one_winner(store: Store) -> None:
     assert len(owners) == 8
     assert len(set(owners)) == 1
     assert owners[0] == store.name_owner("shared")
+
+
+@pytest.mark.parametrize(
+    ("record", "changes"),
+    [
+        (Event(0, "evt_1", "bob", "u", 1.5, "POST", b"/x", ((b"A", b"1"),), "c", b"body"), {"seq": 7}),
+        (Event(3, "evt_2", "bob", "u", 1.5, "GET", b"/", (), "", b""), {"body": b"again", "seq": 4}),
+        (Delivery(0, "bob", "agent:any", "pending", 0, 2.0), {"event_seq": 9}),
+        (
+            Delivery(5, "bob", "agent:any", "retrying", 2, 3.0, 503, None, 2),
+            {"attempts": 3, "last_status": 200, "last_error": None, "status": "delivered"},
+        ),
+    ],
+)
+def test_changed_is_dataclasses_replace(record: Event | Delivery, changes: dict[str, Any]) -> None:
+    before = dataclasses.astuple(record)
+    copy = changed(record, **changes)
+    assert copy == dataclasses.replace(record, **changes)
+    assert type(copy) is type(record) and copy is not record
+    assert dataclasses.astuple(record) == before  # the original is left as it was
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        copy.status = "x"  # type: ignore[misc, union-attr]
+
+
+def test_changed_refuses_what_is_not_a_field_as_replace_does() -> None:
+    delivery = Delivery(0, "bob", "agent:any", "pending")
+    with pytest.raises(TypeError, match="no field 'colour'"):
+        changed(delivery, colour="red")
+    with pytest.raises(TypeError):
+        dataclasses.replace(delivery, colour="red")  # type: ignore[call-arg]
