@@ -51,7 +51,7 @@ bench: $(VENV)/.run-installed
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # The same benchmarks against the compiled build (setup.py, RELAY_MYPYC=1), installed in a
-# venv of its own (needs gcc and Python's headers; about two minutes to build).
+# venv of its own (needs gcc and Python's headers; about a minute and a half to build).
 COMPILED_VENV ?= .venv-compiled
 $(COMPILED_VENV)/.installed: pyproject.toml setup.py $(wildcard relay_*/*.py relay_*/*/*.py)
 	$(PYTHON) -m venv $(COMPILED_VENV)

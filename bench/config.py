@@ -41,7 +41,7 @@ class BenchConfig:
 
 #: What ``--smoke`` changes: a few seconds in all, every scenario, no figure worth reading.
 SMOKE = {
-    "duration": 1.0,
+    "duration": 0.5,
     "warmup": 0.0,
     "concurrency": (1, 16),
     "large_body": 2 * MIB,

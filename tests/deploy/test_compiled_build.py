@@ -86,17 +86,13 @@ def _compiled_modules() -> list[str]:
     return [path.removesuffix(".py").replace("/", ".") for path in paths]
 
 
-def run_suites(
-    suites: tuple[str, ...], cwd: Path, env: dict[str, str], workers: int = 0
-) -> subprocess.CompletedProcess[str]:
+def run_suites(suites: tuple[str, ...], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """Run pytest on ``suites`` in a child process (``cwd``, ``env``: a path that puts other
-    modules first; ``workers``: pytest-xdist's, for suites that mostly wait), its output
-    kept for the caller's assertion."""
-    parallel = ["-n", str(workers)] if workers else []
-    if workers:  # its gw0... must not take the ports of this run's gw0...
-        env = {**env, PORT_BLOCKS_FROM: os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")}
+    modules first), its output kept for the caller's assertion. The child takes the port
+    block past this run's workers' (it inherits its worker's ``gwN``)."""
+    env = {**env, PORT_BLOCKS_FROM: os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")}
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *parallel, *suites],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *suites],
         cwd=cwd,
         env=env,
         capture_output=True,

@@ -62,9 +62,9 @@ REQUEST_LINE = r"^\d\d:\d\d:\d\d {method}\s+{path} {status} \d+ms(?: .+)?$"
 #: has a block of its own, so two workers never hand out the same port, with no state shared.
 PORT_BASE = 20000
 PORT_BLOCK = 1000
-#: Set by a test that runs suites in a pytest of its own with workers of its own
-#: (tests/deploy/test_compiled_build.py): its ``gwN`` takes block ``FROM + N``, past the
-#: blocks of the run that started it, whose workers are called ``gw0``... too.
+#: Set by a test that runs suites in a pytest of its own (tests/deploy/test_compiled_build.py
+#: ``run_suites``): that pytest, which inherits its worker's ``gwN``, takes block ``FROM + N``,
+#: past the blocks of the run that started it.
 PORT_BLOCKS_FROM = "RELAY_TEST_PORT_BLOCKS_FROM"
 
 
