@@ -66,7 +66,9 @@ _KEEP, _DROP, _CONNECTION = "keep", "drop", "connection"
 #: holds, and names come from anyone who sends a request.
 _VERDICT_NAME_MAX = 64
 #: Verdicts kept for each ``(drop, prefixes)``: the names real clients and apps send are a
-#: few dozen; a sender inventing new ones each time fills this and is then judged by hand.
+#: few dozen. The table is shared by every tenant (names are kept as sent, any case), so
+#: one that fills it (inventing names, or a name's case variants) only empties it: the
+#: names in use are learnt again, and no one's answer ever depends on it, only its speed.
 _VERDICTS_KEPT = 2048
 
 
@@ -89,7 +91,9 @@ class _Verdicts:
                 verdict = _DROP
             else:
                 verdict = _KEEP
-            if len(name) <= _VERDICT_NAME_MAX and len(self.known) < _VERDICTS_KEPT:
+            if len(name) <= _VERDICT_NAME_MAX:
+                if len(self.known) >= _VERDICTS_KEPT:
+                    self.known.clear()  # a sender that filled it does not keep it full
                 self.known[name] = verdict
         return verdict
 

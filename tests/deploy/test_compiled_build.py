@@ -21,6 +21,7 @@ import sysconfig
 import tomllib
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from e2e.framework import PORT_BLOCKS_FROM
@@ -48,15 +49,19 @@ TREE = (
 #: answers byte for byte, broken ones included (their errors cross every compiled layer).
 #: The whole suite passed against the compiled build when it was widened (2026-12-08);
 #: its unit tests that hand the relay stand-ins for its own objects cannot. Of the queue's
-#: tests (a third of what this test cost, 66 s of CPU on its own), those that take each
-#: path a webhook can: answered inline, queued and delivered later, retried, dead and
-#: replayed, its agent killed mid-request, its sender gone, the store failing, fanned out,
-#: held to the tunnel's concurrency.
+#: 28 tests (a third of what this test cost, 66 s of CPU on their own), twelve that take
+#: the main paths a webhook can: answered inline, queued and delivered later, retried,
+#: dead at once (410), dead and replayed, refused over quota (429), its agent killed
+#: mid-request, its sender gone, the store failing, fanned out, held to a fixed concurrency.
+#: Not taken: Retry-After, bodies over the queue limit going live, adaptive concurrency,
+#: connect-mode live (the whole suite runs them against the sources).
 QUEUE_TESTS = (
     "test_transparent_when_the_app_is_up",
     "test_offline_webhooks_are_queued_then_delivered_in_arrival_order",
     "test_app_answering_503_is_retried_until_it_recovers",
+    "test_410_gone_makes_the_event_dead_at_once",
     "test_exhausted_event_is_dead_and_replay_delivers_it",
+    "test_full_quota_answers_429_and_drops_nothing",
     "test_app_down_or_too_slow_gives_202_and_it_is_delivered_later",
     "test_agent_killed_mid_request_gives_202_and_the_next_agent_gets_it",
     "test_a_sender_that_gives_up_does_not_strand_its_event",
@@ -75,21 +80,37 @@ SUITES = (
 )
 
 
-def _compiled_modules() -> list[str]:
-    """The modules setup.py compiles (its ``COMPILED``), as dotted names."""
+def _setup_constant(name: str) -> Any:
+    """The literal setup.py assigns to ``name`` (setup.py is a script: not imported)."""
     tree = ast.parse((ROOT / "setup.py").read_text())
-    (paths,) = (
+    (value,) = (
         ast.literal_eval(node.value)
         for node in tree.body
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "COMPILED" for t in node.targets)
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == name for t in node.targets)
     )
-    return [path.removesuffix(".py").replace("/", ".") for path in paths]
+    return value
 
 
-def run_suites(suites: tuple[str, ...], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def _compiled_modules() -> list[str]:
+    """The modules setup.py compiles (its ``COMPILED``), as dotted names."""
+    return [path.removesuffix(".py").replace("/", ".") for path in _setup_constant("COMPILED")]
+
+
+#: Seconds for the wheel's build (30-100 s here), then for the suites' run (about 120 s
+#: alone): together under the test's own timeout, so that a slow day fails with the
+#: child's output, not the outer timeout's kill.
+BUILD_TIMEOUT = 240
+SUITES_TIMEOUT = 330
+
+
+def run_suites(
+    suites: tuple[str, ...], cwd: Path, env: dict[str, str], timeout: float
+) -> subprocess.CompletedProcess[str]:
     """Run pytest on ``suites`` in a child process (``cwd``, ``env``: a path that puts other
-    modules first), its output kept for the caller's assertion. The child takes the port
-    block past this run's workers' (it inherits its worker's ``gwN``)."""
+    modules first) for at most ``timeout`` seconds (less than what is left of the caller's
+    own, so that a slow run fails with the child's output), its output kept for the
+    caller's assertion. The child takes the port block past this run's workers' (it
+    inherits its worker's ``gwN``)."""
     env = {**env, PORT_BLOCKS_FROM: os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")}
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *suites],
@@ -97,7 +118,7 @@ def run_suites(suites: tuple[str, ...], cwd: Path, env: dict[str, str]) -> subpr
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
 
 
@@ -134,7 +155,7 @@ def test_the_compiled_build_passes_the_protocol_and_relay_tests(tmp_path: Path) 
         env={**env, "RELAY_MYPYC": "1", "RELAY_MYPYC_OPT": "0"},
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=BUILD_TIMEOUT,
     )
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = (tmp_path / "wheel").glob("relay-*.whl")
@@ -165,8 +186,35 @@ def test_the_compiled_build_passes_the_protocol_and_relay_tests(tmp_path: Path) 
     )
     assert "(compiled with mypyc)" in version.stdout, version
 
-    run = run_suites(SUITES, tree, env)
+    run = run_suites(SUITES, tree, env, SUITES_TIMEOUT)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+
+
+#: C the build's flags must refuse (mypyc compiles with ``-Werror``; ``-Wno-all``, which
+#: spares gcc most of the build's time, would let each of these through).
+FAULTY_C = {
+    "undeclared function": "int f(void) { return undeclared(1); }",
+    "no value returned": "int f(int x) { if (x) return 1; }",
+    "integer taken for a pointer": "char *f(long x) { return x; }",
+    "incompatible pointer": "int *f(char *p) { return p; }",
+}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTY_C))
+def test_the_build_flags_still_refuse_c_with_real_faults(fault: str, tmp_path: Path) -> None:
+    cc = _tool("cc")
+    flags = [*sysconfig.get_config_var("CFLAGS").split(), "-O0", "-Werror", *_setup_constant("C_FLAGS")]
+    assert "-Wno-all" in flags  # what this test is about
+    source = tmp_path / "unit.c"
+    for text, refused in (("int f(int x) { return x + 1; }", False), (FAULTY_C[fault], True)):
+        source.write_text(text + "\n")
+        built = subprocess.run(
+            [cc, *flags, "-c", str(source), "-o", str(tmp_path / "unit.o")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert (built.returncode != 0) == refused, (text, built.stderr)
 
 
 def test_an_isolated_build_gets_the_dependencies_mypyc_compiles_against() -> None:

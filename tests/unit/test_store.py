@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from relay_server import store as store_module
 from relay_server.errors import StoreError
 from relay_server.store import DB_FILE, MIGRATIONS, Delivery, Event, NameRecord, Store, changed
 from relay_server.tokens import Claims
@@ -217,3 +219,31 @@ def test_changed_refuses_what_is_not_a_field_as_replace_does() -> None:
         changed(delivery, colour="red")
     with pytest.raises(TypeError):
         dataclasses.replace(delivery, colour="red")  # type: ignore[call-arg]
+
+
+def test_changed_copies_a_subclass_as_replace_does() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class Marked(Delivery):
+        mark: str = ""
+
+    delivery = Marked(0, "bob", "agent:any", "pending", mark="m")
+    assert changed(delivery, status="delivered") == dataclasses.replace(delivery, status="delivered")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"__post_init__": lambda self: None},
+        {"waiting": functools.cached_property(lambda self: True)},
+    ],
+)
+def test_a_record_that_is_no_longer_plain_is_refused_at_import(extra: dict[str, Any]) -> None:
+    """``changed`` copies fields as they are: a record that runs code when built, or keeps
+    more than its fields, must make the store fail to import, not copy it wrongly."""
+    kind = dataclasses.dataclass(frozen=True)(type("Grown", (), {"__annotations__": {"a": "int"}, **extra}))
+    with pytest.raises(TypeError, match="no longer a plain record"):
+        store_module._plain_fields(kind)
+    with pytest.raises(TypeError, match="no longer a plain record"):
+        store_module._plain_fields(
+            dataclasses.make_dataclass("Factory", [("a", list, dataclasses.field(default_factory=list))])
+        )
