@@ -41,8 +41,7 @@ def strip_hop_by_hop(
     worked out: the verdicts on names seen before are kept (``_Verdicts``), so a head
     without Connection (as a request's mostly is) costs a dict lookup a header; with
     one, the names it lists are dropped too, in a second pass (docs/performance.md)."""
-    prefixes = (b"proxy-", *drop_prefixes) if drop_prefixes else _PROXY_PREFIX
-    verdicts = _verdicts(_dropped(drop), prefixes)
+    verdicts = _verdicts(drop, drop_prefixes)
     kept = []
     listed: set[bytes] | None = None
     for header in headers:
@@ -98,43 +97,26 @@ class _Verdicts:
         return verdict
 
 
-_PROXY_PREFIX = (b"proxy-",)
-#: ``HOP_BY_HOP`` with each ``drop`` collection a caller passes (a few constants).
-_DROPPED: dict[Collection[bytes], frozenset[bytes]] = {}
-#: The verdicts for each ``(named, prefixes)`` the callers pass (a few constants).
-_VERDICT_TABLES: dict[tuple[frozenset[bytes], tuple[bytes, ...]], _Verdicts] = {}
+#: The verdicts for each ``(drop, drop_prefixes)`` the callers pass (a few constants).
+_VERDICT_TABLES: dict[tuple[Collection[bytes], tuple[bytes, ...]], _Verdicts] = {}
+#: Distinct ``(drop, drop_prefixes)`` kept: the callers pass constants, so a few; a bound
+#: all the same, should one ever build them per call.
+_TABLES_KEPT = 64
 
 
-def _verdicts(named: frozenset[bytes], prefixes: tuple[bytes, ...]) -> _Verdicts:
-    """The kept verdicts for ``(named, prefixes)``; a new table, not kept, past
-    ``_DROPPED_KEPT`` of them."""
-    key = (named, prefixes)
-    table = _VERDICT_TABLES.get(key)
+def _verdicts(drop: Collection[bytes], drop_prefixes: tuple[bytes, ...]) -> _Verdicts:
+    """The kept verdicts for ``strip_hop_by_hop``'s ``drop`` and ``drop_prefixes``; a new
+    table, not kept, for an unhashable ``drop`` (a list, a set) or past ``_TABLES_KEPT``."""
+    key = (drop, drop_prefixes)
+    try:
+        table = _VERDICT_TABLES.get(key)
+    except TypeError:  # unhashable: judged afresh each time
+        return _Verdicts(HOP_BY_HOP.union(drop), (b"proxy-", *drop_prefixes))
     if table is None:
-        table = _Verdicts(named, prefixes)
-        if len(_VERDICT_TABLES) < _DROPPED_KEPT:
+        table = _Verdicts(HOP_BY_HOP.union(drop), (b"proxy-", *drop_prefixes))
+        if len(_VERDICT_TABLES) < _TABLES_KEPT:
             _VERDICT_TABLES[key] = table
     return table
-
-
-def _dropped(drop: Collection[bytes]) -> frozenset[bytes]:
-    """``HOP_BY_HOP`` and ``drop``, made once per hashable ``drop``."""
-    if not drop:
-        return HOP_BY_HOP
-    try:
-        return _DROPPED[drop]
-    except KeyError:
-        named = HOP_BY_HOP.union(drop)
-        if len(_DROPPED) < _DROPPED_KEPT:
-            _DROPPED[drop] = named
-        return named
-    except TypeError:  # a list or a set: not kept
-        return HOP_BY_HOP.union(drop)
-
-
-#: Distinct ``drop`` collections kept: the callers pass constants, so a few; a bound all
-#: the same, should one ever build them per call.
-_DROPPED_KEPT = 64
 
 
 def without(headers: Headers, *names: bytes) -> Headers:
